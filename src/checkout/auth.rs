@@ -1,0 +1,322 @@
+//! Who we are to a git server: the host keys we trust and the keys we offer.
+//!
+//! For an SSH URL every key is tried on a connection of its own, user key
+//! first: the certificate callback checks the server's host key against the
+//! pinned known_hosts before any credential is offered, and the credential
+//! callback offers exactly one key. A key that is refused (`Permission
+//! denied (publickey)`) and a key that is accepted but reads no such
+//! repository (a deploy key used on another repository: the server prints
+//! "ERROR: Repository not found." and closes) both move on to the next key;
+//! only when every key failed does the checkout fail, with a sentence that
+//! says which keys were tried and what to do.
+
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use git2::{CertificateCheckStatus, Cred, CredentialType, ErrorCode, RemoteCallbacks};
+
+use super::CheckoutError;
+use crate::job::state::FailureKind;
+use crate::ssh::known_hosts::{self, HostKeyCheck, KnownHosts};
+pub use crate::ssh::{Key, KeyKind};
+
+/// The keys (user key first) and pinned host keys of a job.
+#[derive(Debug, Default)]
+pub struct Auth {
+    keys: Vec<Key>,
+    known_hosts: KnownHosts,
+}
+
+/// Where an SSH URL points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SshTarget {
+    pub user: Option<String>,
+    pub host: String,
+    pub port: u16,
+}
+
+/// `url` as libgit2 should see it.
+pub(crate) fn git_url(url: &str) -> String {
+    url.to_string()
+}
+
+/// The SSH host of `url`, or `None` when it does not use SSH.
+pub(crate) fn ssh_target(url: &str) -> Option<SshTarget> {
+    let split_user = |s: &str| match s.rsplit_once('@') {
+        Some((u, h)) => (Some(u.to_string()), h.to_string()),
+        None => (None, s.to_string()),
+    };
+    for scheme in ["ssh://", "git+ssh://", "ssh+git://"] {
+        if let Some(rest) = url.strip_prefix(scheme) {
+            let authority = rest.split('/').next().unwrap_or("");
+            let (user, hostport) = split_user(authority);
+            let (host, port) = crate::ssh::keyscan::split_host_port(&hostport)?;
+            return Some(SshTarget { user, host, port });
+        }
+    }
+    if url.contains("://") || url.starts_with('/') || url.starts_with('.') {
+        return None;
+    }
+    // scp-like: [user@]host:path, with no '/' before the ':'.
+    let (before, _) = url.split_once(':')?;
+    if before.is_empty() || before.contains('/') {
+        return None;
+    }
+    let (user, host) = split_user(before);
+    Some(SshTarget {
+        user,
+        host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+        port: 22,
+    })
+}
+
+/// One connection attempt with (at most) one key.
+pub(crate) struct Attempt<'a> {
+    key: Option<&'a Key>,
+    known_hosts: &'a KnownHosts,
+    target: Option<SshTarget>,
+    cred_calls: Cell<u32>,
+    host_key_error: RefCell<Option<String>>,
+}
+
+impl<'a> Attempt<'a> {
+    /// The callbacks for a fetch: host key pinning, the key, cancellation.
+    pub(crate) fn callbacks(&'a self, cancel: &'a AtomicBool) -> RemoteCallbacks<'a> {
+        let mut cb = RemoteCallbacks::new();
+        cb.certificate_check(move |cert, host| {
+            let Some(hostkey) = cert.as_hostkey() else {
+                // A TLS certificate (https): libgit2 verifies it against the system CAs.
+                return Ok(CertificateCheckStatus::CertificatePassthrough);
+            };
+            let port = self.target.as_ref().map(|t| t.port).unwrap_or(22);
+            let Some(blob) = hostkey.hostkey() else {
+                *self.host_key_error.borrow_mut() =
+                    Some(format!("{host}:{port} presented no host key runnel could read"));
+                return Err(git2::Error::from_str("no raw host key"));
+            };
+            match self.known_hosts.check(host, port, blob) {
+                HostKeyCheck::Pinned => Ok(CertificateCheckStatus::CertificateOk),
+                verdict => {
+                    *self.host_key_error.borrow_mut() =
+                        Some(host_key_message(host, port, blob, &verdict));
+                    Err(git2::Error::from_str("host key refused"))
+                }
+            }
+        });
+        cb.credentials(move |_url, username_from_url, allowed| {
+            let user = self
+                .target
+                .as_ref()
+                .and_then(|t| t.user.clone())
+                .or_else(|| username_from_url.map(str::to_string))
+                .unwrap_or_else(|| "git".to_string());
+            if allowed.contains(CredentialType::USERNAME) {
+                return Cred::username(&user);
+            }
+            if !allowed.intersects(CredentialType::SSH_KEY | CredentialType::SSH_MEMORY) {
+                return Err(git2::Error::from_str(
+                    "the server asked for a kind of credential runnel does not offer",
+                ));
+            }
+            // Called again only after the server refused the key: never loop.
+            self.cred_calls.set(self.cred_calls.get() + 1);
+            match self.key {
+                Some(k) if self.cred_calls.get() == 1 => {
+                    let private = k.private.expose_str().unwrap_or_default();
+                    Cred::ssh_key_from_memory(&user, Some(&k.public), private, None)
+                }
+                Some(_) => Err(git2::Error::from_str("Permission denied (publickey)")),
+                None => Err(git2::Error::from_str("no SSH key was given")),
+            }
+        });
+        cb.transfer_progress(move |_| !cancel.load(Ordering::Relaxed));
+        cb
+    }
+
+    fn key_refused(&self, e: &git2::Error) -> bool {
+        self.cred_calls.get() >= 2
+            || e.code() == ErrorCode::Auth
+            || e.message().contains("authentication")
+            || e.message().contains("Permission denied")
+    }
+
+    /// Logged in, then the server had no such repository for this key.
+    fn repo_missing(&self, e: &git2::Error) -> bool {
+        self.cred_calls.get() == 1
+            && (e.code() == ErrorCode::Eof
+                || e.message().contains("not found")
+                || e.message().contains("does not appear to be a git repository"))
+    }
+}
+
+fn host_key_message(host: &str, port: u16, blob: &[u8], verdict: &HostKeyCheck) -> String {
+    let presented = known_hosts::describe(blob);
+    let line = known_hosts::line_for(host, port, blob);
+    let name = known_hosts::lookup_name(host, port);
+    match verdict {
+        HostKeyCheck::NotPinned => format!(
+            "host key of {name} is not pinned: the server presented {presented}, and \
+             ssh.known_hosts has no entry for {name}; no key was offered. If that is the \
+             server's key, pin it: `{line}` (`runnel keyscan {host}:{port}` prints it)"
+        ),
+        HostKeyCheck::Mismatch { pinned } => format!(
+            "host key of {name} differs from the pinned one: the server presented {presented}, \
+             but ssh.known_hosts pins another {} key for {name}; no key was offered. The \
+             server's key changed or someone is in between: check before pinning `{line}`",
+            pinned.join("/")
+        ),
+        HostKeyCheck::Revoked => format!(
+            "host key of {name} is revoked in ssh.known_hosts: the server presented {presented}; \
+             no key was offered"
+        ),
+        HostKeyCheck::Pinned => String::new(),
+    }
+}
+
+impl Auth {
+    pub fn new(keys: Vec<Key>, known_hosts: KnownHosts) -> Self {
+        let mut keys = keys;
+        // The user key first, whatever order they came in.
+        keys.sort_by_key(|k| k.kind != KeyKind::User);
+        Auth { keys, known_hosts }
+    }
+
+    /// Runs `op` (a fetch of `url`, `what` naming it for messages) once per
+    /// key until one works. Returns the key the server accepted (`None`
+    /// when `url` does not use SSH).
+    pub(crate) fn with_each_key(
+        &self,
+        url: &str,
+        what: &str,
+        mut op: impl FnMut(&Attempt<'_>) -> Result<(), git2::Error>,
+    ) -> Result<Option<&Key>, CheckoutError> {
+        let target = ssh_target(url);
+        fn attempt<'k>(auth: &'k Auth, key: Option<&'k Key>, target: &Option<SshTarget>) -> Attempt<'k> {
+            Attempt {
+                key,
+                known_hosts: &auth.known_hosts,
+                target: target.clone(),
+                cred_calls: Cell::new(0),
+                host_key_error: RefCell::new(None),
+            }
+        }
+        let Some(t) = &target else {
+            return match op(&attempt(self, None, &target)) {
+                Ok(()) => Ok(None),
+                Err(e) => Err(plain_error(&e, url, what)),
+            };
+        };
+        let keys: Vec<Option<&Key>> = if self.keys.is_empty() {
+            vec![None]
+        } else {
+            self.keys.iter().map(Some).collect()
+        };
+        let mut refused: Vec<&Key> = Vec::new();
+        let mut not_found: Vec<&Key> = Vec::new();
+        for key in keys {
+            let a = attempt(self, key, &target);
+            let Err(e) = op(&a) else {
+                return Ok(key);
+            };
+            if let Some(msg) = a.host_key_error.take() {
+                return Err(CheckoutError::new(FailureKind::HostKey, format!("{what}: {msg}")));
+            }
+            let Some(key) = key else {
+                return Err(CheckoutError::new(
+                    FailureKind::Auth,
+                    format!(
+                        "{what}: {url} needs an SSH key and the job has none; set ssh.user_key \
+                         or ssh.deploy_key"
+                    ),
+                ));
+            };
+            if a.key_refused(&e) {
+                refused.push(key);
+            } else if a.repo_missing(&e) {
+                not_found.push(key);
+            } else {
+                return Err(CheckoutError::new(
+                    FailureKind::Checkout,
+                    format!("{what}: cannot fetch {url} with the {}: {}", key.kind.label(), e.message()),
+                ));
+            }
+        }
+        Err(all_keys_failed(what, url, &t.host, &refused, &not_found))
+    }
+}
+
+fn describe_keys(keys: &[&Key]) -> String {
+    keys.iter()
+        .map(|k| format!("{} {}", k.kind.label(), k.fingerprint))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn all_keys_failed(
+    what: &str,
+    url: &str,
+    host: &str,
+    refused: &[&Key],
+    not_found: &[&Key],
+) -> CheckoutError {
+    if not_found.is_empty() {
+        return CheckoutError::new(
+            FailureKind::Auth,
+            format!(
+                "{what}: Permission denied (publickey): {host} accepted none of the keys offered \
+                 for {url} ({}). Add the deploy key to the repository's access keys, or the user \
+                 key to the (machine) user's account",
+                describe_keys(refused)
+            ),
+        );
+    }
+    let only_deploy = not_found.iter().all(|k| k.kind == KeyKind::Deploy);
+    let advice = if only_deploy {
+        "A deploy key reads one repository only: to check out submodules or other private \
+         repositories, add a user key of a (machine) user that can read them"
+    } else {
+        "The repository does not exist, or the user key's account cannot read it"
+    };
+    let mut msg = format!(
+        "{what}: ERROR: Repository not found: {host} accepted the {} but gives it no access \
+         to {url}. {advice}",
+        describe_keys(not_found)
+    );
+    if !refused.is_empty() {
+        msg.push_str(&format!(" ({} was refused)", describe_keys(refused)));
+    }
+    CheckoutError::new(FailureKind::RepoNotFound, msg)
+}
+
+/// A failure of a fetch that used no SSH key (a path, file://, https).
+fn plain_error(e: &git2::Error, url: &str, what: &str) -> CheckoutError {
+    let kind = if e.code() == ErrorCode::NotFound || e.message().contains("not found") {
+        FailureKind::RepoNotFound
+    } else {
+        FailureKind::Checkout
+    };
+    CheckoutError::new(kind, format!("{what}: cannot fetch {url}: {}", e.message()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ssh_targets() {
+        let t = |u: &str| ssh_target(u).map(|t| (t.user, t.host, t.port));
+        assert_eq!(
+            t("ssh://git@127.0.0.1:2222/org/app.git"),
+            Some((Some("git".into()), "127.0.0.1".into(), 2222))
+        );
+        assert_eq!(t("ssh://host/app"), Some((None, "host".into(), 22)));
+        assert_eq!(
+            t("git@bitbucket.org:org/app.git"),
+            Some((Some("git".into()), "bitbucket.org".into(), 22))
+        );
+        assert_eq!(t("file:///srv/app"), None);
+        assert_eq!(t("/srv/app"), None);
+        assert_eq!(t("./app"), None);
+        assert_eq!(t("https://example.org/app.git"), None);
+    }
+}

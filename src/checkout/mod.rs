@@ -1,0 +1,267 @@
+//! Checking out a job's repository and its submodules with libgit2, in the
+//! agent (never in the container). Owns the clone/fetch, revision
+//! resolution, submodule recursion and the mapping of git failures to a
+//! [`FailureKind`] and a sentence a person can act on. Which SSH key to offer
+//! and which host keys to trust is decided by [`Auth`] (`auth.rs`).
+
+mod auth;
+mod submodules;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use git2::{FetchOptions, Oid, Repository};
+use serde::{Deserialize, Serialize};
+
+use crate::job::spec::CheckoutSpec;
+use crate::job::state::FailureKind;
+
+pub use auth::{Auth, KeyKind};
+
+/// What was checked out, for the CheckoutDone event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckoutDone {
+    pub commit: String,
+    /// The key the server accepted.
+    pub key: KeyKind,
+    /// "SHA256:..." as `ssh-keygen -lf` prints it; empty without SSH.
+    pub key_fingerprint: String,
+    pub submodules: Vec<SubmoduleDone>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmoduleDone {
+    pub path: String,
+    pub url: String,
+    pub commit: String,
+    pub key: KeyKind,
+}
+
+/// A checkout that failed, with the sentence the user sees.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CheckoutError {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl CheckoutError {
+    pub(crate) fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        CheckoutError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Sets libgit2's process-wide options so that nothing of the agent's own
+/// home (its `~/.ssh/known_hosts`, its `~/.gitconfig`) changes what a job
+/// gets: libgit2 reorders the host-key algorithms it asks for by what it
+/// finds in `$HOME/.ssh/known_hosts`, which breaks pinning. Call once.
+pub fn isolate_libgit2(empty_home: &Path) -> Result<(), git2::Error> {
+    std::fs::create_dir_all(empty_home).map_err(|e| git2::Error::from_str(&e.to_string()))?;
+    let home = std::ffi::CString::new(empty_home.as_os_str().as_encoded_bytes())
+        .map_err(|_| git2::Error::from_str("home path contains a NUL byte"))?;
+    // SAFETY: git_libgit2_opts is variadic; GIT_OPT_SET_HOMEDIR takes one
+    // `const char *`, which libgit2 copies. It is called before any thread
+    // uses libgit2 (at agent start), as libgit2 requires for its options.
+    let rc = unsafe {
+        libgit2_sys::init();
+        libgit2_sys::git_libgit2_opts(libgit2_sys::GIT_OPT_SET_HOMEDIR as libc::c_int, home.as_ptr())
+    };
+    if rc < 0 {
+        return Err(git2::Error::last_error(rc));
+    }
+    for level in [
+        git2::ConfigLevel::System,
+        git2::ConfigLevel::XDG,
+        git2::ConfigLevel::Global,
+        git2::ConfigLevel::ProgramData,
+    ] {
+        // SAFETY: as above, process-wide options set once at start.
+        unsafe { git2::opts::set_search_path(level, empty_home)? };
+    }
+    Ok(())
+}
+
+/// Clones `spec.repo_url` into `workspace` (which must be empty) at
+/// `spec.revision`, with submodules if asked. Blocking; `cancel` aborts a
+/// transfer in progress.
+pub fn checkout(
+    spec: &CheckoutSpec,
+    workspace: &Path,
+    auth: &Auth,
+    cancel: &AtomicBool,
+) -> Result<CheckoutDone, CheckoutError> {
+    let url = spec.repo_url.trim();
+    let repo = Repository::init(workspace).map_err(|e| {
+        CheckoutError::new(
+            FailureKind::Agent,
+            format!("cannot create the workspace repository: {}", e.message()),
+        )
+    })?;
+    let key = fetch(&repo, url, spec.depth, auth, cancel, "the repository")?;
+    let (oid, branch) = resolve(&repo, url, &spec.revision)?;
+    check_out(&repo, oid, branch.as_deref())?;
+    let submodules = if spec.submodules {
+        let mut done = Vec::new();
+        submodules::update(&repo, url, workspace, spec.depth, auth, cancel, "", &mut done)?;
+        done
+    } else {
+        Vec::new()
+    };
+    Ok(CheckoutDone {
+        commit: oid.to_string(),
+        key: key.map(|k| k.kind).unwrap_or(KeyKind::None),
+        key_fingerprint: key.map(|k| k.fingerprint.clone()).unwrap_or_default(),
+        submodules,
+    })
+}
+
+/// Fetches every branch and tag of `url` into `repo` as `origin`, trying
+/// the keys of `auth` in order. Returns the key the server accepted.
+fn fetch<'a>(
+    repo: &Repository,
+    url: &str,
+    depth: u32,
+    auth: &'a Auth,
+    cancel: &AtomicBool,
+    what: &str,
+) -> Result<Option<&'a auth::Key>, CheckoutError> {
+    let git_url = auth::git_url(url);
+    let mut remote = match repo.find_remote("origin") {
+        Ok(r) => r,
+        Err(_) => repo.remote("origin", &git_url).map_err(|e| {
+            CheckoutError::new(
+                FailureKind::BadSpec,
+                format!("{url:?} is not a repository URL libgit2 understands: {}", e.message()),
+            )
+        })?,
+    };
+    let refspecs = [
+        "+refs/heads/*:refs/remotes/origin/*",
+        "+refs/tags/*:refs/tags/*",
+        "+HEAD:refs/remotes/origin/HEAD",
+    ];
+    auth.with_each_key(url, what, |session| {
+        let mut opts = FetchOptions::new();
+        opts.remote_callbacks(session.callbacks(cancel));
+        opts.download_tags(git2::AutotagOption::None);
+        if depth > 0 {
+            opts.depth(depth as i32);
+        }
+        remote.fetch(&refspecs, Some(&mut opts), None)
+    })
+    .map_err(|e| {
+        if cancel.load(Ordering::Relaxed) {
+            CheckoutError::new(FailureKind::Cancelled, "the checkout was cancelled")
+        } else {
+            e
+        }
+    })
+}
+
+/// The commit to check out, and the branch it is the tip of, if any.
+fn resolve(
+    repo: &Repository,
+    url: &str,
+    revision: &str,
+) -> Result<(Oid, Option<String>), CheckoutError> {
+    let peel = |r: git2::Reference| r.peel_to_commit().map(|c| c.id()).ok();
+    if revision.is_empty() {
+        let head = repo
+            .find_reference("refs/remotes/origin/HEAD")
+            .ok()
+            .and_then(peel)
+            .ok_or_else(|| {
+                CheckoutError::new(
+                    FailureKind::Revision,
+                    format!("{url} has no HEAD to check out (an empty repository?); name a revision"),
+                )
+            })?;
+        // Name the branch HEAD points at, if one has that commit.
+        let branch = repo
+            .references_glob("refs/remotes/origin/*")
+            .ok()
+            .and_then(|refs| {
+                refs.flatten()
+                    .filter(|r| r.name().ok() != Some("refs/remotes/origin/HEAD"))
+                    .find(|r| r.target() == Some(head))
+                    .and_then(|r| r.shorthand().ok().map(|s| s.trim_start_matches("origin/").to_string()))
+            });
+        return Ok((head, branch));
+    }
+    if let Some(oid) = repo
+        .find_reference(&format!("refs/remotes/origin/{revision}"))
+        .ok()
+        .and_then(peel)
+    {
+        return Ok((oid, Some(revision.to_string())));
+    }
+    if let Some(oid) = repo
+        .find_reference(&format!("refs/tags/{revision}"))
+        .ok()
+        .and_then(peel)
+    {
+        return Ok((oid, None));
+    }
+    let looks_like_sha = revision.len() >= 4 && revision.chars().all(|c| c.is_ascii_hexdigit());
+    if looks_like_sha
+        && let Ok(commit) = repo.revparse_single(revision).and_then(|o| o.peel_to_commit())
+    {
+        return Ok((commit.id(), None));
+    }
+    Err(CheckoutError::new(
+        FailureKind::Revision,
+        format!(
+            "revision {revision:?} not found in {url}: no branch, tag or commit of that name \
+             (is it pushed?)"
+        ),
+    ))
+}
+
+/// Checks out `oid` in the work tree; on a local branch when `branch` names one.
+fn check_out(repo: &Repository, oid: Oid, branch: Option<&str>) -> Result<(), CheckoutError> {
+    let fail = |e: git2::Error| {
+        CheckoutError::new(
+            FailureKind::Checkout,
+            format!("cannot check out {oid}: {}", e.message()),
+        )
+    };
+    let commit = repo.find_commit(oid).map_err(fail)?;
+    match branch {
+        Some(name) if git2::Branch::name_is_valid(name).unwrap_or(false) => {
+            repo.branch(name, &commit, true).map_err(fail)?;
+            repo.checkout_tree(commit.as_object(), Some(git2::build::CheckoutBuilder::new().force()))
+                .map_err(fail)?;
+            repo.set_head(&format!("refs/heads/{name}")).map_err(fail)?;
+            if let Ok(mut b) = repo.find_branch(name, git2::BranchType::Local) {
+                let _ = b.set_upstream(Some(&format!("origin/{name}")));
+            }
+        }
+        _ => {
+            repo.checkout_tree(commit.as_object(), Some(git2::build::CheckoutBuilder::new().force()))
+                .map_err(fail)?;
+            repo.set_head_detached(oid).map_err(fail)?;
+        }
+    }
+    Ok(())
+}
+
+/// Joins `rel` onto `base` and checks it stays inside `base`, without
+/// touching the file system (the path may not exist yet).
+pub(crate) fn contained_path(base: &Path, rel: &str) -> Option<PathBuf> {
+    let rel_path = Path::new(rel);
+    if rel.is_empty() || rel_path.is_absolute() {
+        return None;
+    }
+    let mut out = base.to_path_buf();
+    for c in rel_path.components() {
+        match c {
+            std::path::Component::Normal(part) => out.push(part),
+            std::path::Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    (out != base).then_some(out)
+}

@@ -1,0 +1,177 @@
+//! Recursive submodule checkout with the job's keys and pinned hosts.
+//! Relative URLs resolve against the superproject's URL (as git does); a
+//! submodule whose path or name would leave the workspace is refused before
+//! anything is written for it.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use git2::{FetchOptions, Repository, SubmoduleUpdateOptions};
+
+use super::auth::Auth;
+use super::{CheckoutError, SubmoduleDone, contained_path};
+use crate::job::state::FailureKind;
+
+/// Resolves a submodule URL from `.gitmodules` against the superproject's.
+pub(crate) fn resolve_url(base: &str, url: &str) -> String {
+    if !(url.starts_with("./") || url.starts_with("../")) {
+        return url.to_string();
+    }
+    let mut base = base.trim_end_matches('/').to_string();
+    let mut rel = url;
+    loop {
+        if let Some(r) = rel.strip_prefix("./") {
+            rel = r;
+        } else if let Some(r) = rel.strip_prefix("../") {
+            rel = r;
+            match base.rfind(['/', ':']) {
+                Some(i) if &base[i..=i] == ":" => base.truncate(i + 1),
+                Some(i) => base.truncate(i),
+                None => base.clear(),
+            }
+        } else {
+            break;
+        }
+    }
+    if base.ends_with(':') || base.is_empty() {
+        format!("{base}{rel}")
+    } else {
+        format!("{base}/{rel}")
+    }
+}
+
+fn refuse(what: String) -> CheckoutError {
+    CheckoutError::new(FailureKind::Checkout, what)
+}
+
+/// Checks out every submodule of `repo` (whose URL is `repo_url`), then
+/// theirs. `prefix` is the path of `repo` inside the workspace.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn update(
+    repo: &Repository,
+    repo_url: &str,
+    workspace: &Path,
+    depth: u32,
+    auth: &Auth,
+    cancel: &AtomicBool,
+    prefix: &str,
+    done: &mut Vec<SubmoduleDone>,
+) -> Result<(), CheckoutError> {
+    let _ = depth; // submodules are fetched in full: a pinned commit may be deep in history
+    let git_err = |what: &str, e: git2::Error| {
+        CheckoutError::new(FailureKind::Checkout, format!("{what}: {}", e.message()))
+    };
+    let workdir = repo
+        .workdir()
+        .ok_or_else(|| refuse(format!("{prefix}: a bare repository has no submodules to check out")))?
+        .to_path_buf();
+    let submodules = repo
+        .submodules()
+        .map_err(|e| git_err("cannot read .gitmodules", e))?;
+    for mut sm in submodules {
+        let name = sm.name().unwrap_or("").to_string();
+        let rel = sm.path().to_string_lossy().to_string();
+        let shown = format!("{prefix}{rel}");
+        let what = format!("submodule {shown}");
+        let Some(dest) = contained_path(&workdir, &rel) else {
+            return Err(refuse(format!(
+                "{what}: its path {rel:?} leaves the workspace; refusing to check it out"
+            )));
+        };
+        if contained_path(&repo.path().join("modules"), &name).is_none() {
+            return Err(refuse(format!(
+                "{what}: its name {name:?} would leave the repository's .git/modules; refusing it"
+            )));
+        }
+        refuse_symlinks_on_the_way(&workdir, &rel).map_err(|why| refuse(format!("{what}: {why}")))?;
+        if !dest.starts_with(workspace) {
+            return Err(refuse(format!("{what}: path leaves the workspace")));
+        }
+        let raw_url = sm
+            .url()
+            .ok()
+            .flatten()
+            .ok_or_else(|| refuse(format!("{what}: has no URL in .gitmodules")))?
+            .to_string();
+        let url = resolve_url(repo_url, &raw_url);
+        sm.init(true).map_err(|e| git_err(&what, e))?;
+        repo.config()
+            .and_then(|mut c| c.set_str(&format!("submodule.{name}.url"), &url))
+            .map_err(|e| git_err(&what, e))?;
+        sm.reload(true).map_err(|e| git_err(&what, e))?;
+        let modules_dir = repo.path().join("modules").join(&name);
+        let key = auth.with_each_key(&url, &what, |attempt| {
+            // A failed attempt may leave a half-made clone behind.
+            let _ = std::fs::remove_dir_all(&modules_dir);
+            let _ = std::fs::remove_dir_all(&dest);
+            let mut fetch = FetchOptions::new();
+            fetch.remote_callbacks(attempt.callbacks(cancel));
+            let mut opts = SubmoduleUpdateOptions::new();
+            opts.fetch(fetch);
+            sm.update(true, Some(&mut opts))
+        })?;
+        let sub = sm.open().map_err(|e| git_err(&what, e))?;
+        let commit = sub
+            .head()
+            .ok()
+            .and_then(|h| h.target())
+            .map(|o| o.to_string())
+            .unwrap_or_default();
+        done.push(SubmoduleDone {
+            path: shown.clone(),
+            url: url.clone(),
+            commit,
+            key: key.map(|k| k.kind).unwrap_or(crate::ssh::KeyKind::None),
+        });
+        update(&sub, &url, workspace, depth, auth, cancel, &format!("{shown}/"), done)?;
+    }
+    Ok(())
+}
+
+/// A committed symlink on a submodule's path could point the clone
+/// anywhere on the host.
+fn refuse_symlinks_on_the_way(workdir: &Path, rel: &str) -> Result<(), String> {
+    let mut p = workdir.to_path_buf();
+    for c in Path::new(rel).components() {
+        p.push(c);
+        if let Ok(m) = std::fs::symlink_metadata(&p)
+            && m.file_type().is_symlink()
+        {
+            return Err(format!(
+                "{} is a symbolic link; refusing to check a submodule out through it",
+                p.strip_prefix(workdir).unwrap_or(&p).display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_urls_resolve_like_git() {
+        assert_eq!(
+            resolve_url("ssh://git@h:2222/org/app.git", "../lib.git"),
+            "ssh://git@h:2222/org/lib.git"
+        );
+        assert_eq!(
+            resolve_url("ssh://git@h:2222/org/app.git", "../../other/lib.git"),
+            "ssh://git@h:2222/other/lib.git"
+        );
+        assert_eq!(resolve_url("git@h:org/app.git", "../lib.git"), "git@h:org/lib.git");
+        assert_eq!(resolve_url("git@h:app.git", "../lib.git"), "git@h:lib.git");
+        assert_eq!(resolve_url("/srv/app/", "./sub"), "/srv/app/sub");
+        assert_eq!(resolve_url("/srv/app", "git@h:x.git"), "git@h:x.git");
+    }
+
+    #[test]
+    fn contained_paths() {
+        let base = Path::new("/w");
+        assert!(contained_path(base, "lib/x").is_some());
+        for bad in ["../x", "/etc", "a/../../x", "", "."] {
+            assert!(contained_path(base, bad).is_none(), "{bad}");
+        }
+    }
+}

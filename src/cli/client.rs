@@ -1,0 +1,227 @@
+//! Clients of a running agent: submit, jobs, logs, cancel, info.
+
+use std::path::Path;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use super::{Failure, Remote, print};
+use crate::api::pb;
+use crate::api::pb::agent_client::AgentClient;
+
+type Client = AgentClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+fn token(remote: &Remote) -> Result<BearerToken, Failure> {
+    let token = match (&remote.token_file, &remote.token) {
+        (Some(f), _) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| Failure::input(format!("cannot read token file {}: {e}", f.display())))?
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with('#'))
+                .ok_or_else(|| Failure::input(format!("token file {} holds no token", f.display())))?
+                .to_string(),
+        ),
+        (None, Some(t)) => Some(t.trim().to_string()),
+        (None, None) => None,
+    };
+    let value = token
+        .map(|t| {
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| Failure::input("the token holds characters not allowed in metadata"))
+        })
+        .transpose()?;
+    Ok(BearerToken(value))
+}
+
+async fn connect(remote: &Remote) -> Result<Client, Failure> {
+    let addr = if remote.addr.contains("://") {
+        remote.addr.clone()
+    } else {
+        format!("http://{}", remote.addr)
+    };
+    let endpoint = Endpoint::from_shared(addr.clone())
+        .map_err(|e| Failure::input(format!("{addr:?} is not an agent address: {e}")))?
+        .connect_timeout(Duration::from_secs(10));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Failure::remote(format!("cannot reach the agent at {addr}: {e}")))?;
+    Ok(AgentClient::with_interceptor(channel, token(remote)?))
+}
+
+fn refused(s: Status) -> Failure {
+    Failure::remote(format!("{}: {}", s.code().description(), s.message()))
+}
+
+fn state_name(s: i32) -> String {
+    pb::JobState::try_from(s)
+        .map(|s| s.as_str_name().trim_start_matches("JOB_STATE_").to_string())
+        .unwrap_or_else(|_| s.to_string())
+}
+
+pub async fn submit(remote: &Remote, job: &Path, follow: bool) -> Result<(), Failure> {
+    let spec = crate::job::file::load(job).map_err(Failure::input)?;
+    let mut client = connect(remote).await?;
+    let status = client
+        .submit_job(pb::SubmitJobRequest {
+            job: Some((&spec).into()),
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    eprintln!("runnel: job {} {}", status.job_id, state_name(status.state));
+    if follow {
+        return follow_logs(&mut client, &status.job_id, 0).await;
+    }
+    println!("{}", status.job_id);
+    Ok(())
+}
+
+pub async fn jobs(remote: &Remote) -> Result<(), Failure> {
+    let mut client = connect(remote).await?;
+    let jobs = client
+        .list_jobs(pb::ListJobsRequest {})
+        .await
+        .map_err(refused)?
+        .into_inner()
+        .jobs;
+    println!("{:<32} {:<10} {:<15} MESSAGE", "JOB", "STATE", "FAILURE");
+    for j in jobs {
+        let failure = pb::FailureKind::try_from(j.failure)
+            .map(|f| f.as_str_name().trim_start_matches("FAILURE_KIND_").replace("UNSPECIFIED", "-"))
+            .unwrap_or_default();
+        println!("{:<32} {:<10} {:<15} {}", j.job_id, state_name(j.state), failure, j.message);
+    }
+    Ok(())
+}
+
+pub async fn logs(remote: &Remote, job: &str, after: u64, follow: bool) -> Result<(), Failure> {
+    let mut client = connect(remote).await?;
+    if follow {
+        return follow_logs(&mut client, job, after).await;
+    }
+    let mut stream = client
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.to_string(),
+            after_seq: after,
+            follow: false,
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    while let Some(e) = stream.next().await {
+        print::event(&e.map_err(refused)?);
+    }
+    Ok(())
+}
+
+/// Follows a job until it ends, reconnecting after a dropped connection
+/// and resuming after the last seq printed: nothing missed, nothing twice.
+async fn follow_logs(client: &mut Client, job: &str, after: u64) -> Result<(), Failure> {
+    let mut last = after;
+    let mut retry = Duration::from_millis(200);
+    let mut end = None;
+    while end.is_none() {
+        let call = client
+            .watch_job(pb::WatchJobRequest {
+                job_id: job.to_string(),
+                after_seq: last,
+                follow: true,
+            })
+            .await;
+        let mut stream = match call {
+            Ok(s) => s.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown => {
+                eprintln!("runnel: connection lost ({}); retrying in {retry:?}", s.message());
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(Duration::from_secs(10));
+                continue;
+            }
+            Err(s) => return Err(refused(s)),
+        };
+        loop {
+            match stream.next().await {
+                Some(Ok(e)) => {
+                    last = e.seq;
+                    retry = Duration::from_millis(200);
+                    if let Some(state) = print::event(&e) {
+                        end = Some(state);
+                    }
+                }
+                Some(Err(s)) => {
+                    eprintln!("runnel: connection lost ({}); resuming after event {last}", s.message());
+                    tokio::time::sleep(retry).await;
+                    break;
+                }
+                None => break,
+            }
+        }
+        if end.is_none() {
+            // The stream ended without a final state: the job ended before we
+            // asked (nothing after `last`), or the connection was cut.
+            let status = client
+                .get_job(pb::GetJobRequest { job_id: job.to_string() })
+                .await
+                .map(|s| s.into_inner());
+            if let Ok(s) = status
+                && s.last_seq <= last
+                && s.finished.is_some()
+            {
+                end = pb::JobState::try_from(s.state).ok();
+            }
+        }
+    }
+    match end {
+        Some(pb::JobState::Succeeded) => Ok(()),
+        _ => Err(Failure::job_failed()),
+    }
+}
+
+pub async fn cancel(remote: &Remote, job: &str) -> Result<(), Failure> {
+    let mut client = connect(remote).await?;
+    let status = client
+        .cancel_job(pb::CancelJobRequest { job_id: job.to_string() })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    println!("{} {}", status.job_id, state_name(status.state));
+    Ok(())
+}
+
+pub async fn info(remote: &Remote) -> Result<(), Failure> {
+    let mut client = connect(remote).await?;
+    let i = client
+        .get_agent_info(pb::GetAgentInfoRequest {})
+        .await
+        .map_err(refused)?
+        .into_inner();
+    println!("agent_id:     {}", i.agent_id);
+    println!("version:      {}", i.version);
+    println!("runtime:      {}", i.runtime);
+    println!("jobs:         {} running of {}", i.running_jobs, i.max_jobs);
+    println!("draining:     {}", i.draining);
+    let mut labels: Vec<_> = i.labels.into_iter().collect();
+    labels.sort();
+    for (k, v) in labels {
+        println!("label:        {k}={v}");
+    }
+    Ok(())
+}

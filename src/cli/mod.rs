@@ -1,0 +1,258 @@
+//! The `runnel` command line: argument parsing and the subcommands, thin
+//! over the library. Errors become exit codes here, in one place.
+
+mod client;
+mod print;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// A CI build agent: SSH-keyed checkouts, clean containers, live logs.
+#[derive(Debug, Parser)]
+#[command(name = "runnel", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where a running agent is and how to prove who we are.
+#[derive(Debug, clap::Args)]
+pub struct Remote {
+    /// The agent's address.
+    #[arg(long, env = "RUNNEL_ADDR", default_value = "http://127.0.0.1:7450", global = true)]
+    addr: String,
+    /// A file holding the token to present.
+    #[arg(long, env = "RUNNEL_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// The token itself (prefer --token-file: arguments are visible to other users).
+    #[arg(long, env = "RUNNEL_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent daemon.
+    Agent {
+        /// Config file (default /etc/runnel/agent.toml; every key has a default).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run one job locally, without a daemon, printing its output as it comes.
+    Run {
+        /// The job file (TOML).
+        job: PathBuf,
+        /// Agent config to take runtime defaults from.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Keep state (logs, status) here instead of a temporary directory.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Submit a job file to a running agent.
+    Submit {
+        job: PathBuf,
+        /// Follow the job's output until it ends.
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List the agent's jobs.
+    Jobs {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print a job's output; with -f, follow it until the job ends.
+    Logs {
+        job: String,
+        #[arg(short, long)]
+        follow: bool,
+        /// Start after this event seq.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Cancel a job.
+    Cancel {
+        job: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show the agent's identity and load.
+    Info {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print an SSH server's host keys as known_hosts lines, for pinning.
+    Keyscan {
+        /// HOST or HOST:PORT.
+        host: String,
+        /// Seconds to wait for the server.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// The embedded OCI runtime (used by the agent itself).
+    #[command(hide = true)]
+    Oci {
+        #[arg(long)]
+        root: PathBuf,
+        #[command(subcommand)]
+        op: OciOp,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OciOp {
+    Run {
+        #[arg(long)]
+        bundle: PathBuf,
+        #[arg(long)]
+        pid_file: PathBuf,
+        id: String,
+    },
+    Exec {
+        #[arg(long)]
+        process: PathBuf,
+        id: String,
+    },
+    Kill {
+        id: String,
+        #[arg(default_value = "TERM")]
+        signal: String,
+    },
+    Delete {
+        #[arg(long)]
+        force: bool,
+        id: String,
+    },
+    State {
+        id: String,
+    },
+}
+
+/// A failure of the command itself, with its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    /// Bad input: a job file, a config, an argument.
+    fn input(message: impl ToString) -> Failure {
+        Failure {
+            code: 2,
+            message: message.to_string(),
+        }
+    }
+
+    /// The agent could not be reached or refused the call.
+    fn remote(message: impl ToString) -> Failure {
+        Failure {
+            code: 3,
+            message: message.to_string(),
+        }
+    }
+
+    /// runnel itself could not do its part.
+    fn internal(message: impl ToString) -> Failure {
+        Failure {
+            code: 4,
+            message: message.to_string(),
+        }
+    }
+
+    /// The job ran and did not succeed (its story is already printed).
+    fn job_failed() -> Failure {
+        Failure {
+            code: 1,
+            message: String::new(),
+        }
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUNNEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::internal(format!("cannot start the async runtime: {e}")))
+}
+
+/// Runs the command line; the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Oci { root, op } => return oci(&root, op),
+        Command::Agent { config } => {
+            init_tracing("info");
+            runtime().and_then(|rt| rt.block_on(run::agent(config)))
+        }
+        Command::Run { job, config, state_dir } => {
+            init_tracing("warn");
+            runtime().and_then(|rt| rt.block_on(run::local(&job, config, state_dir)))
+        }
+        Command::Keyscan { host, timeout } => keyscan(&host, timeout),
+        Command::Submit { job, follow, remote } => runtime().and_then(|rt| rt.block_on(client::submit(&remote, &job, follow))),
+        Command::Jobs { remote } => runtime().and_then(|rt| rt.block_on(client::jobs(&remote))),
+        Command::Logs { job, follow, after, remote } => {
+            runtime().and_then(|rt| rt.block_on(client::logs(&remote, &job, after, follow)))
+        }
+        Command::Cancel { job, remote } => runtime().and_then(|rt| rt.block_on(client::cancel(&remote, &job))),
+        Command::Info { remote } => runtime().and_then(|rt| rt.block_on(client::info(&remote))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if !f.message.is_empty() {
+                eprintln!("runnel: {}", f.message);
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn keyscan(host: &str, timeout: u64) -> Result<(), Failure> {
+    let (h, port) = crate::ssh::keyscan::split_host_port(host)
+        .ok_or_else(|| Failure::input(format!("{host:?} is not HOST or HOST:PORT")))?;
+    let lines = crate::ssh::keyscan::keyscan(&h, port, std::time::Duration::from_secs(timeout))
+        .map_err(Failure::remote)?;
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(())
+}
+
+fn oci(root: &std::path::Path, op: OciOp) -> ExitCode {
+    use crate::runtime::embedded;
+    let result = match op {
+        OciOp::Run { bundle, pid_file, id } => embedded::run(root, &bundle, &pid_file, &id),
+        OciOp::Exec { process, id } => embedded::exec(root, &process, &id),
+        OciOp::Kill { id, signal } => embedded::kill(root, &id, &signal).map(|_| 0),
+        OciOp::Delete { force, id } => embedded::delete(root, &id, force).map(|_| 0),
+        OciOp::State { id } => embedded::state(root, &id).map(|s| {
+            println!("{s}");
+            0
+        }),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("runnel oci: {e}");
+            ExitCode::from(255)
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! The agent's TOML configuration: one validated [`Config`], with every
+//! default in one place. Raw serde structs reject unknown keys; `Config::load`
+//! turns them into values the rest of the agent can trust (parsed addresses,
+//! loaded tokens), naming the key at fault when something is wrong.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::job::spec::Network;
+use crate::secret::Secret;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/runnel/agent.toml";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/runnel";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The raw file, as written by the operator.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    agent_id: Option<String>,
+    listen: Option<String>,
+    state_dir: Option<PathBuf>,
+    max_jobs: Option<u32>,
+    drain_timeout: Option<String>,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    scheduler_tokens_file: Option<PathBuf>,
+    operator_tokens_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    kind: Option<String>,
+    path: Option<PathBuf>,
+    image: Option<String>,
+    network: Option<String>,
+    memory_bytes: Option<u64>,
+    max_pids: Option<u32>,
+    cpu_millis: Option<u32>,
+    grace_period: Option<String>,
+    job_timeout: Option<String>,
+}
+
+/// Which OCI runtime runs the containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeKind {
+    /// youki's libcontainer, inside the runnel binary (the default).
+    Embedded,
+    Runc,
+    Crun,
+}
+
+impl RuntimeKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RuntimeKind::Embedded => "libcontainer",
+            RuntimeKind::Runc => "runc",
+            RuntimeKind::Crun => "crun",
+        }
+    }
+}
+
+/// Defaults for every job's container, each overridable per job.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub kind: RuntimeKind,
+    /// The runtime binary for `runc`/`crun`; found on PATH when unset.
+    pub path: Option<PathBuf>,
+    pub image: String,
+    pub network: Network,
+    pub memory_bytes: Option<u64>,
+    pub max_pids: Option<u32>,
+    pub cpu_millis: Option<u32>,
+    /// Between SIGTERM and SIGKILL when a container is stopped.
+    pub grace_period: Duration,
+    pub job_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    pub scheduler_tokens: Vec<Secret>,
+    pub operator_tokens: Vec<Secret>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub agent_id: String,
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub max_jobs: u32,
+    /// How long a stopping agent lets running jobs finish.
+    pub drain_timeout: Duration,
+    pub auth: AuthConfig,
+    pub runtime: RuntimeConfig,
+    pub labels: BTreeMap<String, String>,
+    /// Paths on the host that hold agent secrets (token files): hidden from
+    /// containers that see the host's root filesystem.
+    pub private_paths: Vec<PathBuf>,
+}
+
+impl Config {
+    /// Reads `path`. The default path may be absent (every key has a
+    /// default); an explicitly given one must exist.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (path, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let mut config = Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.clone(),
+                message,
+            },
+            other => other,
+        })?;
+        config.private_paths.push(path);
+        Ok(config)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        Self::validate(raw)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+        let listen = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen: SocketAddr = listen.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("{listen:?} is not an address:port such as \"127.0.0.1:7450\""),
+            )
+        })?;
+        let state_dir = raw
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        if !state_dir.is_absolute() {
+            return Err(invalid("state_dir", "must be an absolute path"));
+        }
+        let max_jobs = raw.max_jobs.unwrap_or(4);
+        if max_jobs == 0 || max_jobs > 1024 {
+            return Err(invalid("max_jobs", "must be between 1 and 1024"));
+        }
+        let agent_id = match raw.agent_id {
+            Some(id) if id.trim().is_empty() => {
+                return Err(invalid("agent_id", "must not be empty"));
+            }
+            Some(id) => id,
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "runnel".to_string()),
+        };
+
+        let mut private_paths = vec![state_dir.clone()];
+        let mut auth = AuthConfig::default();
+        if let Some(p) = &raw.auth.scheduler_tokens_file {
+            auth.scheduler_tokens = read_tokens(p, "auth.scheduler_tokens_file")?;
+            private_paths.push(p.clone());
+        }
+        if let Some(p) = &raw.auth.operator_tokens_file {
+            auth.operator_tokens = read_tokens(p, "auth.operator_tokens_file")?;
+            private_paths.push(p.clone());
+        }
+
+        let r = raw.runtime;
+        let kind = match r.kind.as_deref().unwrap_or("libcontainer") {
+            "libcontainer" | "embedded" | "youki" => RuntimeKind::Embedded,
+            "runc" => RuntimeKind::Runc,
+            "crun" => RuntimeKind::Crun,
+            other => {
+                return Err(invalid(
+                    "runtime.kind",
+                    format!("{other:?} is not one of \"libcontainer\", \"runc\", \"crun\""),
+                ));
+            }
+        };
+        let network = match r.network.as_deref().unwrap_or("host") {
+            "host" => Network::Host,
+            "none" => Network::None,
+            other => {
+                return Err(invalid(
+                    "runtime.network",
+                    format!("{other:?} is not \"host\" or \"none\""),
+                ));
+            }
+        };
+        if r.memory_bytes.is_some_and(|m| m < crate::job::spec::MIN_MEMORY_BYTES) {
+            return Err(invalid("runtime.memory_bytes", "must be at least 4 MiB"));
+        }
+        if r.max_pids == Some(0) {
+            return Err(invalid("runtime.max_pids", "must be at least 1"));
+        }
+        if r.cpu_millis == Some(0) {
+            return Err(invalid("runtime.cpu_millis", "must be at least 1"));
+        }
+        let grace_period =
+            parse_duration(r.grace_period.as_deref(), "runtime.grace_period", "10s")?;
+        let job_timeout = parse_duration(r.job_timeout.as_deref(), "runtime.job_timeout", "1h")?;
+        let drain_timeout = parse_duration(raw.drain_timeout.as_deref(), "drain_timeout", "10m")?;
+        if job_timeout.is_zero() {
+            return Err(invalid("runtime.job_timeout", "must be more than zero"));
+        }
+        Ok(Config {
+            agent_id,
+            listen,
+            state_dir,
+            max_jobs,
+            drain_timeout,
+            auth,
+            runtime: RuntimeConfig {
+                kind,
+                path: r.path,
+                image: r.image.unwrap_or_else(|| "host".to_string()),
+                network,
+                memory_bytes: r.memory_bytes,
+                max_pids: Some(r.max_pids.unwrap_or(4096)),
+                cpu_millis: r.cpu_millis,
+                grace_period,
+                job_timeout,
+            },
+            labels: raw.labels,
+            private_paths,
+        })
+    }
+}
+
+fn parse_duration(
+    text: Option<&str>,
+    key: &'static str,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    let text = text.unwrap_or(default);
+    humantime::parse_duration(text)
+        .map_err(|e| invalid(key, format!("{text:?} is not a duration such as \"30s\": {e}")))
+}
+
+/// One token per line; blank lines and `#` comments are ignored.
+fn read_tokens(path: &Path, key: &'static str) -> Result<Vec<Secret>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    let tokens: Vec<Secret> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| Secret::new(l.as_bytes().to_vec()))
+        .collect();
+    if tokens.is_empty() {
+        return Err(invalid(key, format!("{} holds no token", path.display())));
+    }
+    Ok(tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_has_every_default() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.runtime.kind, RuntimeKind::Embedded);
+        assert_eq!(c.runtime.image, "host");
+        assert_eq!(c.runtime.grace_period, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        for (text, key) in [
+            ("listen = \"nope\"", "listen"),
+            ("max_jobs = 0", "max_jobs"),
+            ("[runtime]\nkind = \"docker\"", "runtime.kind"),
+            ("[runtime]\ngrace_period = \"soon\"", "runtime.grace_period"),
+            ("state_dir = \"relative\"", "state_dir"),
+        ] {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::from_toml("lisen = \"127.0.0.1:1\"").unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn tokens_files_are_loaded_and_must_hold_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        std::fs::write(&p, "# comment\n\n  abc \n").unwrap();
+        let c = Config::from_toml(&format!(
+            "[auth]\nscheduler_tokens_file = {:?}",
+            p.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(c.auth.scheduler_tokens[0].expose(), b"abc");
+        std::fs::write(&p, "# none\n").unwrap();
+        let err = Config::from_toml(&format!(
+            "[auth]\noperator_tokens_file = {:?}",
+            p.display().to_string()
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("auth.operator_tokens_file"));
+    }
+}

@@ -1,0 +1,294 @@
+//! The TOML job file of `runnel run` and `runnel submit`: the fields of
+//! `JobSpec` with the same names, plus keys and known_hosts given as files.
+//! Relative paths (a local repository, key files) are relative to the job
+//! file's directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::spec::{CheckoutSpec, ContainerSpec, JobSpec, Network, Resources, SecretVar, SpecError, Step};
+use crate::secret::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobFileError {
+    #[error("cannot read job file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("job file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("job file {path}: {source}")]
+    Invalid { path: PathBuf, source: SpecError },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    job_id: Option<String>,
+    checkout: Option<RawCheckout>,
+    #[serde(default)]
+    ssh: RawSsh,
+    #[serde(default)]
+    container: RawContainer,
+    #[serde(default)]
+    steps: Vec<RawStep>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    secrets: Vec<RawSecret>,
+    timeout: Option<RawDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheckout {
+    repo_url: String,
+    #[serde(default)]
+    revision: String,
+    #[serde(default)]
+    submodules: bool,
+    #[serde(default)]
+    depth: u32,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSsh {
+    deploy_key: Option<String>,
+    deploy_key_file: Option<PathBuf>,
+    user_key: Option<String>,
+    user_key_file: Option<PathBuf>,
+    #[serde(default)]
+    known_hosts: Vec<String>,
+    known_hosts_file: Option<PathBuf>,
+    passphrase: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawContainer {
+    #[serde(default)]
+    image: String,
+    #[serde(default)]
+    resources: RawResources,
+    network: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResources {
+    memory_bytes: Option<u64>,
+    max_pids: Option<u32>,
+    cpu_millis: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    #[serde(default)]
+    name: String,
+    run: String,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    timeout: Option<RawDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    name: String,
+    value: String,
+}
+
+/// `30` (seconds) or `"1m30s"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawDuration {
+    Seconds(u64),
+    Text(String),
+}
+
+fn duration(field: &str, d: Option<RawDuration>) -> Result<Option<Duration>, SpecError> {
+    match d {
+        None => Ok(None),
+        Some(RawDuration::Seconds(s)) => Ok(Some(Duration::from_secs(s))),
+        Some(RawDuration::Text(t)) => humantime::parse_duration(&t).map(Some).map_err(|e| SpecError {
+            field: field.to_string(),
+            reason: format!("{t:?} is not a duration such as \"90s\" or \"10m\": {e}"),
+        }),
+    }
+}
+
+/// Reads and validates a job file. Without a `job_id`, one is made up.
+pub fn load(path: &Path) -> Result<JobSpec, JobFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| JobFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+    let invalid = |source| JobFileError::Invalid {
+        path: path.to_path_buf(),
+        source,
+    };
+    let raw: RawJob = toml::from_str(&text).map_err(|e| JobFileError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut spec = from_raw(raw, &base).map_err(invalid)?;
+    spec.validate().map_err(invalid)?;
+    Ok(spec)
+}
+
+fn read_beside(base: &Path, field: &str, file: &Path) -> Result<Vec<u8>, SpecError> {
+    let p = base.join(file);
+    std::fs::read(&p).map_err(|e| SpecError {
+        field: field.to_string(),
+        reason: format!("cannot read {}: {e}", p.display()),
+    })
+}
+
+fn key(base: &Path, field: &str, inline: Option<String>, file: Option<PathBuf>) -> Result<Option<Secret>, SpecError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(SpecError {
+            field: field.to_string(),
+            reason: format!("give either {field} or {field}_file, not both"),
+        }),
+        (Some(k), None) => Ok(Some(Secret::from(k))),
+        (None, Some(f)) => Ok(Some(Secret::new(read_beside(base, &format!("{field}_file"), &f)?))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// A repository given as a relative path is relative to the job file.
+fn repo_url(base: &Path, url: &str) -> String {
+    let looks_remote = url.contains("://") || (url.contains(':') && !url.starts_with('.') && !url.starts_with('/'));
+    if looks_remote || Path::new(url).is_absolute() {
+        return url.to_string();
+    }
+    let p = base.join(url);
+    std::fs::canonicalize(&p).unwrap_or(p).to_string_lossy().into_owned()
+}
+
+fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
+    let job_id = raw.job_id.unwrap_or_else(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        format!("local-{}-{}", t.as_secs(), std::process::id())
+    });
+    let mut known_hosts = raw.ssh.known_hosts;
+    if let Some(f) = raw.ssh.known_hosts_file {
+        let text = read_beside(base, "ssh.known_hosts_file", &f)?;
+        known_hosts.extend(String::from_utf8_lossy(&text).lines().map(str::to_string));
+    }
+    let network = match raw.container.network.as_deref() {
+        None | Some("") => Network::Default,
+        Some("host") => Network::Host,
+        Some("none") => Network::None,
+        Some(other) => {
+            return Err(SpecError {
+                field: "container.network".into(),
+                reason: format!("{other:?} is not \"host\" or \"none\""),
+            });
+        }
+    };
+    let mut steps = Vec::new();
+    for (i, s) in raw.steps.into_iter().enumerate() {
+        steps.push(Step {
+            name: s.name,
+            run: s.run,
+            env: s.env,
+            timeout: duration(&format!("steps[{i}].timeout"), s.timeout)?,
+        });
+    }
+    Ok(JobSpec {
+        job_id,
+        checkout: raw.checkout.map(|c| CheckoutSpec {
+            repo_url: repo_url(base, &c.repo_url),
+            revision: c.revision,
+            submodules: c.submodules,
+            depth: c.depth,
+        }),
+        ssh: super::spec::SshCredentials {
+            deploy_key: key(base, "ssh.deploy_key", raw.ssh.deploy_key, raw.ssh.deploy_key_file)?,
+            user_key: key(base, "ssh.user_key", raw.ssh.user_key, raw.ssh.user_key_file)?,
+            known_hosts,
+            passphrase: raw.ssh.passphrase.map(Secret::from),
+        },
+        container: ContainerSpec {
+            image: raw.container.image,
+            resources: Resources {
+                memory_bytes: raw.container.resources.memory_bytes.filter(|&m| m > 0),
+                max_pids: raw.container.resources.max_pids.filter(|&p| p > 0),
+                cpu_millis: raw.container.resources.cpu_millis.filter(|&c| c > 0),
+            },
+            network,
+        },
+        steps,
+        env: raw.env,
+        secrets: raw
+            .secrets
+            .into_iter()
+            .map(|s| SecretVar {
+                name: s.name,
+                value: Secret::from(s.value),
+            })
+            .collect(),
+        timeout: duration("timeout", raw.timeout)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str) -> Result<JobSpec, JobFileError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("job.toml");
+        std::fs::write(&p, text).unwrap();
+        load(&p)
+    }
+
+    #[test]
+    fn a_full_job_file() {
+        let spec = load_str(
+            r#"
+job_id = "j1"
+timeout = "10m"
+env = { A = "1" }
+[checkout]
+repo_url = "."
+revision = "main"
+[container]
+network = "none"
+[[steps]]
+name = "hi"
+run = "echo hi"
+timeout = 30
+[[secrets]]
+name = "TOKEN"
+value = "s3cret"
+"#,
+        )
+        .unwrap();
+        assert_eq!(spec.job_id, "j1");
+        assert_eq!(spec.timeout, Some(Duration::from_secs(600)));
+        assert_eq!(spec.steps[0].timeout, Some(Duration::from_secs(30)));
+        assert_eq!(spec.container.network, Network::None);
+        assert!(Path::new(&spec.checkout.unwrap().repo_url).is_absolute());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = load_str("[[steps]]\nrun = \"x\"\ntimeout = \"soon\"").unwrap_err();
+        assert!(e.to_string().contains("steps[0].timeout"), "{e}");
+        let e = load_str("steps = []").unwrap_err();
+        assert!(e.to_string().contains("steps"), "{e}");
+        let e = load_str("[[steps]]\nrun = \"x\"\n[ssh]\nuser_key_file = \"nope\"").unwrap_err();
+        assert!(e.to_string().contains("ssh.user_key_file"), "{e}");
+        let e = load_str("[[steps]]\nrn = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("rn"), "{e}");
+    }
+}

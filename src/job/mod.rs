@@ -1,0 +1,349 @@
+//! Jobs: the model ([`spec`], [`state`]), the registry of jobs with its
+//! slots, and the lifecycle that takes one job from QUEUED to its end
+//! ([`lifecycle`]) — the only place that calls across the other modules.
+
+pub mod file;
+mod lifecycle;
+pub mod spec;
+pub mod state;
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
+
+use futures::Stream;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::logs::{Event, EventKind, EventLog, Masker, Stream as Out};
+use crate::runtime::Runtime;
+use spec::JobSpec;
+use state::{FailureKind, JobState, JobStatus};
+
+const STATUS_FILE: &str = "status.json";
+const EVENTS_FILE: &str = "events.log";
+/// The per-run part of a job directory: keys, workspace, container root.
+/// Removed when the job ends; status and events stay.
+const RUN_DIR: &str = "run";
+
+/// Why a job could not be accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("every job slot is busy ({0} jobs running)")]
+    Busy(u32),
+    #[error("the agent is draining and takes no new jobs")]
+    Draining,
+    #[error("cannot set up the job: {0}")]
+    Internal(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot use state directory {path}: {source}")]
+    StateDir { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
+    #[error("cannot isolate libgit2 from the agent's home: {0}")]
+    Git(#[from] git2::Error),
+}
+
+/// A job the agent knows: running, or ended and kept for its logs.
+#[derive(Debug)]
+pub struct Job {
+    pub id: String,
+    dir: PathBuf,
+    status: Mutex<JobStatus>,
+    log: EventLog,
+    masker: OnceLock<Arc<Masker>>,
+    cancel: CancellationToken,
+}
+
+impl Job {
+    /// The job's status, complete up to the last event.
+    pub fn status(&self) -> JobStatus {
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        s.last_seq = self.log.tip().seq;
+        s
+    }
+
+    pub fn watch(&self, after_seq: u64, follow: bool) -> impl Stream<Item = io::Result<Event>> + use<> {
+        self.log.watch(after_seq, follow)
+    }
+
+    fn is_final(&self) -> bool {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).state.is_final()
+    }
+
+    /// Changes the job's status and records the change as an event.
+    fn transition(&self, change: impl FnOnce(&mut JobStatus)) {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut status);
+        if let Some(m) = self.masker.get() {
+            status.message = String::from_utf8_lossy(&m.mask_all(status.message.as_bytes())).into_owned();
+        }
+        let result = self.log.append_with(|seq| {
+            status.last_seq = seq;
+            EventKind::State(status.clone())
+        });
+        if let Err(e) = result {
+            tracing::error!(job_id = %self.id, error = %e, "cannot append to the event log");
+        }
+        if let Err(e) = write_status(&self.dir, &status) {
+            tracing::error!(job_id = %self.id, error = %e, "cannot write the job's status file");
+        }
+    }
+
+    fn emit(&self, kind: EventKind) {
+        if let Err(e) = self.log.append(kind) {
+            tracing::error!(job_id = %self.id, error = %e, "cannot append to the event log");
+        }
+    }
+
+    /// A line of the agent's own about the job, in its log.
+    fn system_line(&self, step: u32, text: &str) {
+        let mut data = format!("{text}\n").into_bytes();
+        if let Some(m) = self.masker.get() {
+            data = m.mask_all(&data);
+        }
+        self.emit(EventKind::Log {
+            step,
+            stream: Out::System,
+            data,
+        });
+    }
+}
+
+fn write_status(dir: &Path, status: &JobStatus) -> io::Result<()> {
+    let tmp = dir.join(".status.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(status)?)?;
+    std::fs::rename(&tmp, dir.join(STATUS_FILE))
+}
+
+/// The jobs of this agent, its slots and what runs them.
+#[derive(Debug)]
+pub struct Registry {
+    config: Config,
+    runtime: Runtime,
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    slots: Arc<Semaphore>,
+    tasks: TaskTracker,
+    draining: AtomicBool,
+}
+
+/// What GetAgentInfo reports.
+#[derive(Debug, Clone)]
+pub struct AgentInfo {
+    pub agent_id: String,
+    pub version: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub max_jobs: u32,
+    pub running_jobs: u32,
+    pub draining: bool,
+    pub runtime: String,
+}
+
+impl Registry {
+    /// Opens the state directory, cleans up after a previous run of the
+    /// agent (containers, mounts, keys of jobs that were running: those
+    /// jobs end LOST) and loads the jobs it kept.
+    pub async fn open(config: Config) -> Result<Arc<Registry>, AgentError> {
+        let state_err = |source| AgentError::StateDir {
+            path: config.state_dir.clone(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(config.state_dir.join("jobs"))
+            .map_err(state_err)?;
+        crate::checkout::isolate_libgit2(&config.state_dir.join("home"))?;
+        let runtime = Runtime::new(&config.runtime, &config.state_dir)?;
+        for id in runtime.remove_leftovers().await {
+            tracing::warn!(container = %id, "removed a container left by a previous run of the agent");
+        }
+        let jobs = recover_jobs(&config.state_dir.join("jobs")).map_err(state_err)?;
+        let slots = Arc::new(Semaphore::new(config.max_jobs as usize));
+        Ok(Arc::new(Registry {
+            runtime,
+            jobs: Mutex::new(jobs),
+            slots,
+            tasks: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+            config,
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Accepts a validated job and starts it; a job id already known
+    /// returns that job's status and runs nothing.
+    pub fn submit(self: &Arc<Self>, spec: JobSpec) -> Result<JobStatus, SubmitError> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(job) = jobs.get(&spec.job_id) {
+            return Ok(job.status());
+        }
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(SubmitError::Draining);
+        }
+        let permit = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SubmitError::Busy(self.config.max_jobs))?;
+        let dir = self.config.state_dir.join("jobs").join(&spec.job_id);
+        let job = create_job(&dir, &spec.job_id).map_err(|e| {
+            SubmitError::Internal(format!("cannot create the job directory {}: {e}", dir.display()))
+        })?;
+        let job = Arc::new(job);
+        jobs.insert(spec.job_id.clone(), job.clone());
+        drop(jobs);
+        tracing::info!(job_id = %job.id, steps = spec.steps.len(), "job accepted");
+        let status = job.status();
+        let registry = self.clone();
+        self.tasks.spawn(async move {
+            lifecycle::run(&registry, &job, spec).await;
+            drop(permit);
+        });
+        Ok(status)
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Job>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+
+    /// Cancels a queued or running job; an ended job is left as it is.
+    pub fn cancel(&self, id: &str) -> Option<JobStatus> {
+        let job = self.get(id)?;
+        if !job.is_final() {
+            tracing::info!(job_id = %id, "cancel requested");
+            job.cancel.cancel();
+        }
+        Some(job.status())
+    }
+
+    /// Every job known, oldest first.
+    pub fn list(&self) -> Vec<JobStatus> {
+        let jobs: Vec<Arc<Job>> = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut out: Vec<JobStatus> = jobs.iter().map(|j| j.status()).collect();
+        out.sort_by(|a, b| a.created.cmp(&b.created).then(a.job_id.cmp(&b.job_id)));
+        out
+    }
+
+    pub fn info(&self) -> AgentInfo {
+        AgentInfo {
+            agent_id: self.config.agent_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            labels: self.config.labels.clone(),
+            max_jobs: self.config.max_jobs,
+            running_jobs: self.config.max_jobs - self.slots.available_permits() as u32,
+            draining: self.draining.load(Ordering::SeqCst),
+            runtime: self.runtime.name().to_string(),
+        }
+    }
+
+    /// Stops taking jobs.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Cancels every job still running and waits for all to end.
+    pub async fn shutdown(&self) {
+        self.drain();
+        let jobs: Vec<Arc<Job>> = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for job in jobs {
+            job.cancel.cancel();
+        }
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Waits until every job started so far has ended.
+    pub async fn wait_idle(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.tasks.reopen();
+    }
+}
+
+fn create_job(dir: &Path, id: &str) -> io::Result<Job> {
+    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+    let log = EventLog::create(&dir.join(EVENTS_FILE))?;
+    let job = Job {
+        id: id.to_string(),
+        dir: dir.to_path_buf(),
+        status: Mutex::new(JobStatus::new(id.to_string())),
+        log,
+        masker: OnceLock::new(),
+        cancel: CancellationToken::new(),
+    };
+    job.transition(|_| {});
+    Ok(job)
+}
+
+/// Loads the jobs under `jobs_dir`. A job that was not over when the agent
+/// stopped is cleaned up (keys wiped, mounts and workspace removed) and
+/// ends LOST, with that as the last event of its log.
+fn recover_jobs(jobs_dir: &Path) -> io::Result<HashMap<String, Arc<Job>>> {
+    let mut out = HashMap::new();
+    for entry in std::fs::read_dir(jobs_dir)? {
+        let entry = entry?;
+        let dir = entry.path();
+        let id = entry.file_name().to_string_lossy().to_string();
+        if spec::validate_job_id(&id).is_err() || !dir.is_dir() {
+            continue;
+        }
+        let run = dir.join(RUN_DIR);
+        if run.exists() {
+            lifecycle::remove_run_dir(&run);
+            tracing::warn!(job_id = %id, "removed the keys, mounts and workspace of a job cut short by an agent stop");
+        }
+        let status: Option<JobStatus> = std::fs::read(dir.join(STATUS_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let events = dir.join(EVENTS_FILE);
+        if !events.exists() {
+            continue;
+        }
+        let job = match status {
+            Some(s) if s.state.is_final() => Job {
+                id: id.clone(),
+                dir: dir.clone(),
+                status: Mutex::new(s),
+                log: EventLog::open_closed(&events)?,
+                masker: OnceLock::new(),
+                cancel: CancellationToken::new(),
+            },
+            status => {
+                let job = Job {
+                    id: id.clone(),
+                    dir: dir.clone(),
+                    status: Mutex::new(status.unwrap_or_else(|| JobStatus::new(id.clone()))),
+                    log: EventLog::reopen(&events)?,
+                    masker: OnceLock::new(),
+                    cancel: CancellationToken::new(),
+                };
+                job.transition(|s| {
+                    s.state = JobState::Lost;
+                    s.failure = FailureKind::Agent;
+                    s.message = "the agent stopped while this job ran; its container was removed \
+                                 and its keys wiped. Submit it again under a new job id"
+                        .to_string();
+                    s.finished = Some(SystemTime::now());
+                });
+                job.log.close();
+                tracing::warn!(job_id = %id, "job marked LOST after an agent restart");
+                job
+            }
+        };
+        out.insert(id, Arc::new(job));
+    }
+    Ok(out)
+}

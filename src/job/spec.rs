@@ -1,0 +1,293 @@
+//! What a job asks for, as plain Rust, and the one place it is validated.
+//! Both edges (the gRPC API and the TOML job file) build a [`JobSpec`] and
+//! call [`JobSpec::validate`]; nothing past it re-checks.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::secret::Secret;
+
+pub const MAX_JOB_ID_LEN: usize = 128;
+pub const MIN_MEMORY_BYTES: u64 = 4 << 20;
+
+#[derive(Debug, Clone, Default)]
+pub struct JobSpec {
+    pub job_id: String,
+    pub checkout: Option<CheckoutSpec>,
+    pub ssh: SshCredentials,
+    pub container: ContainerSpec,
+    pub steps: Vec<Step>,
+    pub env: BTreeMap<String, String>,
+    pub secrets: Vec<SecretVar>,
+    /// `None` = the agent's default.
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CheckoutSpec {
+    pub repo_url: String,
+    pub revision: String,
+    pub submodules: bool,
+    pub depth: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SshCredentials {
+    pub deploy_key: Option<Secret>,
+    pub user_key: Option<Secret>,
+    pub known_hosts: Vec<String>,
+    pub passphrase: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ContainerSpec {
+    /// Empty = the agent's default.
+    pub image: String,
+    pub resources: Resources,
+    pub network: Network,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub memory_bytes: Option<u64>,
+    pub max_pids: Option<u32>,
+    pub cpu_millis: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Network {
+    #[default]
+    Default,
+    Host,
+    None,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Step {
+    pub name: String,
+    pub run: String,
+    pub env: BTreeMap<String, String>,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SecretVar {
+    pub name: String,
+    pub value: Secret,
+}
+
+/// A spec that cannot run, with the field at fault named as in the proto
+/// (`steps[1].run`), so the scheduler's author knows what to fix.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {reason}")]
+pub struct SpecError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn err(field: impl Into<String>, reason: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// 1 to 128 of `[A-Za-z0-9._-]`, and not `.` or `..` (it names a directory).
+pub fn validate_job_id(id: &str) -> Result<(), SpecError> {
+    if id.is_empty() {
+        return Err(err("job_id", "must not be empty"));
+    }
+    if id.len() > MAX_JOB_ID_LEN {
+        return Err(err(
+            "job_id",
+            format!("is {} characters long; at most {MAX_JOB_ID_LEN}", id.len()),
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(err(
+            "job_id",
+            format!("contains {c:?}; only A-Z, a-z, 0-9, '.', '_' and '-' are allowed"),
+        ));
+    }
+    if id == "." || id == ".." {
+        return Err(err("job_id", "must not be \".\" or \"..\""));
+    }
+    Ok(())
+}
+
+fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), SpecError> {
+    for (name, value) in env {
+        validate_env_name(&format!("{field}[{name:?}]"), name)?;
+        if value.contains('\0') {
+            return Err(err(format!("{field}[{name:?}]"), "value contains a NUL byte"));
+        }
+    }
+    Ok(())
+}
+
+fn validate_env_name(field: &str, name: &str) -> Result<(), SpecError> {
+    let mut chars = name.chars();
+    let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(err(
+            field,
+            format!("{name:?} is not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)"),
+        ))
+    }
+}
+
+fn validate_timeout(field: &str, t: Option<Duration>) -> Result<(), SpecError> {
+    match t {
+        Some(t) if t.is_zero() => Err(err(field, "must be more than zero (or unset for the default)")),
+        _ => Ok(()),
+    }
+}
+
+impl JobSpec {
+    /// Checks the whole spec, and fills in what has a derived default (step
+    /// names). Returns the first problem found.
+    pub fn validate(&mut self) -> Result<(), SpecError> {
+        validate_job_id(&self.job_id)?;
+        if let Some(c) = &self.checkout {
+            if c.repo_url.trim().is_empty() {
+                return Err(err("checkout.repo_url", "must not be empty"));
+            }
+            if c.repo_url.contains('\0') || c.revision.contains('\0') {
+                return Err(err("checkout", "contains a NUL byte"));
+            }
+            if c.revision.starts_with('-') {
+                return Err(err("checkout.revision", "must not start with '-'"));
+            }
+        }
+        for (i, line) in self.ssh.known_hosts.iter().enumerate() {
+            if line.contains('\n') || line.contains('\0') {
+                return Err(err(
+                    format!("ssh.known_hosts[{i}]"),
+                    "holds more than one line; give one known_hosts line per entry",
+                ));
+            }
+        }
+        for (field, key) in [
+            ("ssh.deploy_key", &self.ssh.deploy_key),
+            ("ssh.user_key", &self.ssh.user_key),
+        ] {
+            if key.as_ref().is_some_and(Secret::is_empty) {
+                return Err(err(field, "is empty; leave it unset instead"));
+            }
+        }
+        let r = &self.container.resources;
+        if r.memory_bytes.is_some_and(|m| m < MIN_MEMORY_BYTES) {
+            return Err(err("container.resources.memory_bytes", "must be at least 4 MiB"));
+        }
+        if self.steps.is_empty() {
+            return Err(err("steps", "a job needs at least one step"));
+        }
+        for (i, step) in self.steps.iter_mut().enumerate() {
+            let field = format!("steps[{i}]");
+            if step.run.trim().is_empty() {
+                return Err(err(format!("{field}.run"), "must not be empty"));
+            }
+            if step.run.contains('\0') {
+                return Err(err(format!("{field}.run"), "contains a NUL byte"));
+            }
+            if step.name.is_empty() {
+                step.name = format!("step {}", i + 1);
+            }
+            validate_env(&format!("{field}.env"), &step.env)?;
+            validate_timeout(&format!("{field}.timeout"), step.timeout)?;
+        }
+        validate_env("env", &self.env)?;
+        for (i, s) in self.secrets.iter().enumerate() {
+            validate_env_name(&format!("secrets[{i}].name"), &s.name)?;
+            if s.value.is_empty() {
+                return Err(err(format!("secrets[{i}].value"), "must not be empty"));
+            }
+            if s.value.expose().contains(&0) {
+                return Err(err(format!("secrets[{i}].value"), "contains a NUL byte"));
+            }
+        }
+        validate_timeout("timeout", self.timeout)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> JobSpec {
+        JobSpec {
+            job_id: "j-1".into(),
+            steps: vec![Step {
+                run: "true".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn field_of(mut spec: JobSpec) -> String {
+        spec.validate().unwrap_err().field
+    }
+
+    #[test]
+    fn a_minimal_spec_is_valid_and_gets_step_names() {
+        let mut s = valid();
+        s.validate().unwrap();
+        assert_eq!(s.steps[0].name, "step 1");
+    }
+
+    #[test]
+    fn job_ids() {
+        for bad in ["", ".", "..", "a/b", "a b", "ä", &"x".repeat(129)] {
+            assert!(validate_job_id(bad).is_err(), "{bad:?}");
+        }
+        for good in ["a", "A.b_c-9", &"x".repeat(128)] {
+            validate_job_id(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn each_problem_names_its_field() {
+        let mut s = valid();
+        s.steps.clear();
+        assert_eq!(field_of(s), "steps");
+
+        let mut s = valid();
+        s.steps[0].run = " ".into();
+        assert_eq!(field_of(s), "steps[0].run");
+
+        let mut s = valid();
+        s.timeout = Some(Duration::ZERO);
+        assert_eq!(field_of(s), "timeout");
+
+        let mut s = valid();
+        s.steps[0].timeout = Some(Duration::ZERO);
+        assert_eq!(field_of(s), "steps[0].timeout");
+
+        let mut s = valid();
+        s.env.insert("1BAD".into(), "x".into());
+        assert_eq!(field_of(s), "env[\"1BAD\"]");
+
+        let mut s = valid();
+        s.secrets.push(SecretVar {
+            name: "TOKEN".into(),
+            value: Secret::default(),
+        });
+        assert_eq!(field_of(s), "secrets[0].value");
+
+        let mut s = valid();
+        s.checkout = Some(CheckoutSpec::default());
+        assert_eq!(field_of(s), "checkout.repo_url");
+
+        let mut s = valid();
+        s.ssh.known_hosts.push("a\nb".into());
+        assert_eq!(field_of(s), "ssh.known_hosts[0]");
+    }
+}

@@ -1,0 +1,125 @@
+//! A job's observable state: where it is in its lifecycle, why it failed,
+//! and the results of its steps. Serialisable, as it is kept on disk.
+
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Preparing,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+    Lost,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded
+                | JobState::Failed
+                | JobState::Cancelled
+                | JobState::TimedOut
+                | JobState::Lost
+        )
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "QUEUED",
+            JobState::Preparing => "PREPARING",
+            JobState::Running => "RUNNING",
+            JobState::Succeeded => "SUCCEEDED",
+            JobState::Failed => "FAILED",
+            JobState::Cancelled => "CANCELLED",
+            JobState::TimedOut => "TIMED_OUT",
+            JobState::Lost => "LOST",
+        }
+    }
+}
+
+/// Why a job failed, for schedulers to act on without parsing text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    #[default]
+    None,
+    BadSpec,
+    HostKey,
+    Auth,
+    RepoNotFound,
+    Revision,
+    Checkout,
+    Image,
+    Step,
+    Timeout,
+    Cancelled,
+    Agent,
+}
+
+impl FailureKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureKind::None => "",
+            FailureKind::BadSpec => "BAD_SPEC",
+            FailureKind::HostKey => "HOST_KEY",
+            FailureKind::Auth => "AUTH",
+            FailureKind::RepoNotFound => "REPO_NOT_FOUND",
+            FailureKind::Revision => "REVISION",
+            FailureKind::Checkout => "CHECKOUT",
+            FailureKind::Image => "IMAGE",
+            FailureKind::Step => "STEP",
+            FailureKind::Timeout => "TIMEOUT",
+            FailureKind::Cancelled => "CANCELLED",
+            FailureKind::Agent => "AGENT",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepResult {
+    pub index: u32,
+    pub name: String,
+    pub state: JobState,
+    /// -1 when killed by a signal.
+    pub exit_code: i32,
+    pub signal: i32,
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub job_id: String,
+    pub state: JobState,
+    pub failure: FailureKind,
+    /// A sentence for a person: what went wrong and what to do about it.
+    pub message: String,
+    pub created: SystemTime,
+    pub started: Option<SystemTime>,
+    pub finished: Option<SystemTime>,
+    /// The last event's seq.
+    pub last_seq: u64,
+    pub steps: Vec<StepResult>,
+}
+
+impl JobStatus {
+    pub fn new(job_id: String) -> Self {
+        JobStatus {
+            job_id,
+            state: JobState::Queued,
+            failure: FailureKind::None,
+            message: String::new(),
+            created: SystemTime::now(),
+            started: None,
+            finished: None,
+            last_seq: 0,
+            steps: Vec::new(),
+        }
+    }
+}

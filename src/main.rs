@@ -1,0 +1,5 @@
+//! The `runnel` binary: everything lives in the library.
+
+fn main() -> std::process::ExitCode {
+    runnel::cli::main()
+}

@@ -1,0 +1,384 @@
+//! Containers for jobs. Owns the OCI bundle of a job, the runtime that runs
+//! it, and the lifetime of everything in it: one container per job whose
+//! PID 1 is runnel's static init, steps exec'd into it, and on stop SIGTERM
+//! to every process, a grace period, then SIGKILL.
+//!
+//! Every runtime is driven through the same runc-style command line
+//! (`run`, `exec`, `kill`, `delete`): `runc`, `crun`, or the runnel binary
+//! itself (`runnel oci ...`, youki's libcontainer, see `embedded.rs`). A
+//! process per container keeps libcontainer's process-wide side effects
+//! (it `chdir`s) out of the agent, and containers reapable across an agent
+//! restart. This module never reads a job's output and never decides a
+//! job's state.
+
+pub mod embedded;
+pub mod rootfs;
+pub mod spec;
+
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use oci_spec::runtime::{Process, Spec};
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use crate::config::{RuntimeConfig, RuntimeKind};
+
+/// The static init, built by build.rs from `init.c`.
+const INIT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/runnel-init"));
+
+/// How long a container may take to start before we give up.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("runtime.kind = {kind:?}, but no `{kind}` binary was found on PATH; install it or set runtime.path")]
+    NotInstalled { kind: &'static str },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("the container did not start: {0}")]
+    Start(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
+    let what = what.into();
+    move |source| RuntimeError::Io { what, source }
+}
+
+/// A configured OCI runtime.
+#[derive(Debug)]
+pub struct Runtime {
+    kind: RuntimeKind,
+    program: PathBuf,
+    prefix: Vec<OsString>,
+    root: PathBuf,
+    init: PathBuf,
+    /// Tells this agent's cgroups apart from another agent's.
+    cgroup_parent: String,
+}
+
+impl Runtime {
+    /// Prepares the runtime: its state root and the init binary under
+    /// `state_dir`.
+    pub fn new(config: &RuntimeConfig, state_dir: &Path) -> Result<Runtime, RuntimeError> {
+        let (program, prefix) = match config.kind {
+            RuntimeKind::Embedded => (
+                std::env::current_exe().map_err(io_err("cannot find the runnel binary"))?,
+                vec![OsString::from("oci")],
+            ),
+            kind => {
+                let name = kind.name();
+                let program = match &config.path {
+                    Some(p) => p.clone(),
+                    None => find_on_path(name).ok_or(RuntimeError::NotInstalled { kind: name })?,
+                };
+                (program, Vec::new())
+            }
+        };
+        let root = state_dir.join("runtime").join(config.kind.name());
+        std::fs::create_dir_all(&root).map_err(io_err(format!("cannot create {}", root.display())))?;
+        let bin = state_dir.join("bin");
+        std::fs::create_dir_all(&bin).map_err(io_err(format!("cannot create {}", bin.display())))?;
+        let init = bin.join("runnel-init");
+        write_executable(&init, INIT_BINARY)?;
+        let digest = {
+            use sha2::Digest;
+            let d = sha2::Sha256::digest(state_dir.as_os_str().as_encoded_bytes());
+            d.iter().take(4).map(|b| format!("{b:02x}")).collect::<String>()
+        };
+        Ok(Runtime {
+            kind: config.kind,
+            program,
+            prefix,
+            root,
+            init,
+            cgroup_parent: format!("/runnel.{digest}"),
+        })
+    }
+
+    /// The runtime's name, as AgentInfo reports it.
+    pub fn name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    pub fn init_path(&self) -> &Path {
+        &self.init
+    }
+
+    pub fn cgroup_path(&self, id: &str) -> String {
+        format!("{}/{id}", self.cgroup_parent)
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.prefix).arg("--root").arg(&self.root);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs a short runtime command to completion; its stderr on failure.
+    async fn run_command(&self, args: &[&str]) -> Result<(), String> {
+        let out = self
+            .command()
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .await
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    /// Writes `spec` into `bundle` and starts the container `id`. Returns
+    /// once its init runs.
+    pub async fn start(&self, id: &str, bundle: &Path, spec: &Spec) -> Result<Container, RuntimeError> {
+        let config = bundle.join("config.json");
+        spec.save(&config)
+            .map_err(|e| RuntimeError::Start(format!("cannot write {}: {e}", config.display())))?;
+        let pid_file = bundle.join("init.pid");
+        let mut child = self
+            .command()
+            .arg("run")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg(id)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io_err(format!("cannot run {}", self.program.display())))?;
+        let mut stderr = child.stderr.take().expect("stderr is piped");
+        let stderr_task = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let _ = (&mut stderr).take(16 * 1024).read_to_end(&mut buf).await;
+            buf
+        });
+        let mut container = Container {
+            id: id.to_string(),
+            runtime: RuntimeHandle {
+                program: self.program.clone(),
+                prefix: self.prefix.clone(),
+                root: self.root.clone(),
+            },
+            bundle: bundle.to_path_buf(),
+            init: child,
+            init_stderr: Some(stderr_task),
+            execs: AtomicU32::new(0),
+            removed: false,
+        };
+        container.wait_started(&pid_file).await?;
+        Ok(container)
+    }
+
+    /// Removes every container a previous run of this agent left behind.
+    /// Returns their ids.
+    pub async fn remove_leftovers(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut removed = Vec::new();
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().to_string();
+            if let Err(e) = self.run_command(&["delete", "--force", &id]).await {
+                tracing::warn!(container = %id, error = %e, "could not delete a leftover container");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+            removed.push(id);
+        }
+        removed
+    }
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn write_executable(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::read(path).is_ok_and(|b| b == bytes) {
+        return Ok(());
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)))
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(io_err(format!("cannot write {}", path.display())))
+}
+
+/// What a container needs of its runtime to manage itself.
+#[derive(Debug, Clone)]
+struct RuntimeHandle {
+    program: PathBuf,
+    prefix: Vec<OsString>,
+    root: PathBuf,
+}
+
+impl RuntimeHandle {
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.prefix).arg("--root").arg(&self.root);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    fn command_sync(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new(&self.program);
+        cmd.args(&self.prefix).arg("--root").arg(&self.root);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd
+    }
+}
+
+/// A running job container. Removed (killed and deleted) on drop if
+/// [`Container::remove`] was not awaited.
+#[derive(Debug)]
+pub struct Container {
+    id: String,
+    runtime: RuntimeHandle,
+    bundle: PathBuf,
+    /// The runtime's foreground `run` process: it lives as long as init.
+    init: Child,
+    init_stderr: Option<tokio::task::JoinHandle<Vec<u8>>>,
+    execs: AtomicU32,
+    removed: bool,
+}
+
+impl Container {
+    async fn wait_started(&mut self, pid_file: &Path) -> Result<(), RuntimeError> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if std::fs::metadata(pid_file).is_ok_and(|m| m.len() > 0) {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.init.try_wait() {
+                let stderr = self.runtime_stderr().await;
+                return Err(RuntimeError::Start(format!("the runtime exited ({status}): {stderr}")));
+            }
+            if Instant::now() > deadline {
+                return Err(RuntimeError::Start(format!(
+                    "no init after {}s",
+                    START_TIMEOUT.as_secs()
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Starts `process` in the container with the given stdout and stderr.
+    /// The returned child is the runtime's exec process; its exit status is
+    /// the process's (128 + n when killed by signal n).
+    pub fn exec(&self, process: &Process, stdout: OwnedFd, stderr: OwnedFd) -> Result<Child, RuntimeError> {
+        let n = self.execs.fetch_add(1, Ordering::Relaxed);
+        let path = self.bundle.join(format!("process-{n}.json"));
+        let json = serde_json::to_vec(process).expect("a process spec serialises");
+        std::fs::write(&path, json).map_err(io_err(format!("cannot write {}", path.display())))?;
+        self.runtime
+            .command()
+            .arg("exec")
+            .arg("--process")
+            .arg(&path)
+            .arg(&self.id)
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io_err("cannot start the runtime's exec"))
+    }
+
+    /// Whether init still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.init.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM to every process of the container, up to `grace` for them to
+    /// end, then SIGKILL. Returns once init is gone.
+    pub async fn stop(&mut self, grace: Duration) {
+        if !self.is_running() {
+            return;
+        }
+        // init passes SIGTERM to every process and exits when none is left.
+        let _ = self.signal("TERM").await;
+        if tokio::time::timeout(grace, self.init.wait()).await.is_ok() {
+            return;
+        }
+        tracing::info!(container = %self.id, "grace period over; killing the container");
+        let _ = self.signal("KILL").await;
+        if tokio::time::timeout(Duration::from_secs(10), self.init.wait()).await.is_err() {
+            let _ = self.init.start_kill();
+        }
+    }
+
+    async fn signal(&self, sig: &str) -> Result<(), String> {
+        let out = self
+            .runtime
+            .command()
+            .args(["kill", &self.id, sig])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .await
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    }
+
+    /// Stops (if needed) and deletes the container.
+    pub async fn remove(mut self, grace: Duration) {
+        self.stop(grace).await;
+        let _ = self
+            .runtime
+            .command()
+            .args(["delete", "--force", &self.id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await;
+        if let Some(t) = self.init_stderr.take() {
+            t.abort();
+        }
+        self.removed = true;
+    }
+
+    /// What the runtime printed on its stderr, for error messages.
+    pub async fn runtime_stderr(&mut self) -> String {
+        match self.init_stderr.take() {
+            Some(t) => String::from_utf8_lossy(&t.await.unwrap_or_default()).trim().to_string(),
+            None => String::new(),
+        }
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if !self.removed {
+            // The job's task was cut short (a panic, a dropped future).
+            let _ = self.runtime.command_sync().args(["delete", "--force", &self.id]).status();
+        }
+    }
+}

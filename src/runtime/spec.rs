@@ -1,0 +1,292 @@
+//! The OCI runtime spec of a job container and the process spec of a step:
+//! own mount, PID, IPC, UTS and cgroup namespaces (and network, unless the
+//! job shares the host's), no new privileges, a reduced capability set, a
+//! fresh `/tmp`, the workspace at `/workspace`, the job's ssh directory
+//! read-only at `$HOME/.ssh`, agent paths masked, and resource limits.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{
+    Capability, LinuxBuilder, LinuxCapabilities, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
+    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
+    LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType, Process,
+    ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+};
+
+use crate::job::spec::{Network, Resources};
+
+/// Where runnel's init is mounted in every container.
+pub const INIT_PATH: &str = "/dev/.runnel-init";
+pub const WORKSPACE: &str = "/workspace";
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+#[derive(Debug, Clone)]
+pub struct ContainerConfig {
+    pub hostname: String,
+    /// The prepared root filesystem (a fresh writable layer over the image).
+    pub rootfs: PathBuf,
+    pub workspace: PathBuf,
+    /// Mounted read-only at `$HOME/.ssh`.
+    pub ssh_dir: Option<PathBuf>,
+    pub home: String,
+    /// The static init on the host.
+    pub init: PathBuf,
+    pub network: Network,
+    pub resources: Resources,
+    /// Absolute cgroup path, e.g. `/runnel.abcd/job-1`.
+    pub cgroup_path: String,
+    /// Host paths to hide inside the container (the agent's state, tokens).
+    pub masked: Vec<PathBuf>,
+}
+
+/// A build needs these; the rest (SYS_ADMIN, NET_ADMIN, SYS_PTRACE, ...) are
+/// dropped. The same set Docker grants by default.
+const CAPABILITIES: &[Capability] = &[
+    Capability::AuditWrite,
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fowner,
+    Capability::Fsetid,
+    Capability::Kill,
+    Capability::Mknod,
+    Capability::NetBindService,
+    Capability::NetRaw,
+    Capability::Setfcap,
+    Capability::Setgid,
+    Capability::Setpcap,
+    Capability::Setuid,
+    Capability::SysChroot,
+];
+
+fn capabilities() -> LinuxCapabilities {
+    let set: oci_spec::runtime::Capabilities = CAPABILITIES.iter().copied().collect();
+    LinuxCapabilitiesBuilder::default()
+        .bounding(set.clone())
+        .effective(set.clone())
+        .permitted(set)
+        .build()
+        .expect("capability sets are complete")
+}
+
+fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Mount {
+    MountBuilder::default()
+        .destination(dest)
+        .typ(typ)
+        .source(source)
+        .options(options.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .build()
+        .expect("mount fields are complete")
+}
+
+fn bind(source: &Path, dest: &str, readonly: bool) -> Mount {
+    let mut opts = vec!["rbind", "nosuid", "nodev"];
+    opts.push(if readonly { "ro" } else { "rw" });
+    mount(dest, "bind", &source.to_string_lossy(), &opts)
+}
+
+/// A process running as root in the container with our capability set.
+pub fn process(args: Vec<String>, env: &BTreeMap<String, String>, cwd: &str) -> Process {
+    let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    ProcessBuilder::default()
+        .terminal(false)
+        .user(UserBuilder::default().uid(0u32).gid(0u32).build().expect("uid and gid set"))
+        .args(args)
+        .env(env)
+        .cwd(cwd)
+        .capabilities(capabilities())
+        .no_new_privileges(true)
+        .rlimits(vec![
+            PosixRlimitBuilder::default()
+                .typ(PosixRlimitType::RlimitNofile)
+                .soft(65536u64)
+                .hard(65536u64)
+                .build()
+                .expect("rlimit fields set"),
+        ])
+        .build()
+        .expect("process fields are complete")
+}
+
+pub fn container_spec(c: &ContainerConfig) -> Spec {
+    let mut mounts = vec![
+        mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
+        mount(
+            "/dev",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "strictatime", "mode=755", "size=65536k"],
+        ),
+        mount(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            &["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+        ),
+        mount("/dev/shm", "tmpfs", "shm", &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
+        mount("/dev/mqueue", "mqueue", "mqueue", &["nosuid", "noexec", "nodev"]),
+        mount("/tmp", "tmpfs", "tmpfs", &["nosuid", "nodev", "mode=1777"]),
+    ];
+    // sysfs can only be mounted in a network namespace of our own.
+    if c.network == Network::None {
+        mounts.push(mount("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev", "ro"]));
+    } else {
+        mounts.push(mount("/sys", "bind", "/sys", &["rbind", "nosuid", "noexec", "nodev", "ro"]));
+    }
+    mounts.push(mount(
+        "/sys/fs/cgroup",
+        "cgroup",
+        "cgroup",
+        &["nosuid", "noexec", "nodev", "relatime", "ro"],
+    ));
+    mounts.push(bind(&c.init, INIT_PATH, true));
+    mounts.push(bind(&c.workspace, WORKSPACE, false));
+    if let Some(ssh) = &c.ssh_dir {
+        mounts.push(bind(ssh, &format!("{}/.ssh", c.home.trim_end_matches('/')), true));
+    }
+
+    let mut namespaces = vec![
+        LinuxNamespaceType::Pid,
+        LinuxNamespaceType::Ipc,
+        LinuxNamespaceType::Uts,
+        LinuxNamespaceType::Mount,
+        LinuxNamespaceType::Cgroup,
+    ];
+    if c.network == Network::None {
+        namespaces.push(LinuxNamespaceType::Network);
+    }
+    let namespaces: Vec<_> = namespaces
+        .into_iter()
+        .map(|t| LinuxNamespaceBuilder::default().typ(t).build().expect("namespace type set"))
+        .collect();
+
+    let mut resources = LinuxResourcesBuilder::default();
+    if let Some(m) = c.resources.memory_bytes {
+        resources = resources.memory(
+            LinuxMemoryBuilder::default()
+                .limit(m as i64)
+                .swap(m as i64)
+                .build()
+                .expect("memory fields set"),
+        );
+    }
+    if let Some(p) = c.resources.max_pids {
+        resources = resources.pids(LinuxPidsBuilder::default().limit(p as i64).build().expect("pids set"));
+    }
+    if let Some(millis) = c.resources.cpu_millis {
+        resources = resources.cpu(
+            LinuxCpuBuilder::default()
+                .period(100_000u64)
+                .quota(millis as i64 * 100)
+                .build()
+                .expect("cpu fields set"),
+        );
+    }
+
+    let mut masked: Vec<String> = [
+        "/proc/acpi",
+        "/proc/asound",
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/latency_stats",
+        "/proc/timer_list",
+        "/proc/timer_stats",
+        "/proc/sched_debug",
+        "/proc/scsi",
+        "/sys/firmware",
+        "/sys/devices/virtual/powercap",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    masked.extend(c.masked.iter().map(|p| p.to_string_lossy().to_string()));
+
+    let linux = LinuxBuilder::default()
+        .namespaces(namespaces)
+        .cgroups_path(PathBuf::from(&c.cgroup_path))
+        .resources(resources.build().expect("resources are complete"))
+        .masked_paths(masked)
+        .readonly_paths(
+            ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .build()
+        .expect("linux fields are complete");
+
+    let mut env = BTreeMap::new();
+    env.insert("PATH".to_string(), DEFAULT_PATH.to_string());
+    SpecBuilder::default()
+        .version("1.0.2")
+        .hostname(c.hostname.clone())
+        .root(
+            RootBuilder::default()
+                .path(&c.rootfs)
+                .readonly(false)
+                .build()
+                .expect("root fields set"),
+        )
+        .process(process(vec![INIT_PATH.to_string()], &env, "/"))
+        .mounts(mounts)
+        .linux(linux)
+        .build()
+        .expect("spec fields are complete")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ContainerConfig {
+        ContainerConfig {
+            hostname: "job".into(),
+            rootfs: "/r".into(),
+            workspace: "/w".into(),
+            ssh_dir: Some("/s".into()),
+            home: "/root".into(),
+            init: "/i".into(),
+            network: Network::None,
+            resources: Resources {
+                memory_bytes: Some(64 << 20),
+                max_pids: Some(100),
+                cpu_millis: Some(500),
+            },
+            cgroup_path: "/runnel.x/job".into(),
+            masked: vec!["/var/lib/runnel".into()],
+        }
+    }
+
+    #[test]
+    fn the_spec_isolates_and_limits() {
+        let spec = container_spec(&config());
+        let json = serde_json::to_value(&spec).unwrap();
+        let linux = &json["linux"];
+        let ns: Vec<&str> = linux["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        for want in ["pid", "ipc", "uts", "mount", "network"] {
+            assert!(ns.contains(&want), "{ns:?}");
+        }
+        assert_eq!(linux["resources"]["memory"]["limit"], 64 << 20);
+        assert_eq!(linux["resources"]["pids"]["limit"], 100);
+        assert_eq!(linux["resources"]["cpu"]["quota"], 50_000);
+        assert!(linux["maskedPaths"].to_string().contains("/var/lib/runnel"));
+        assert_eq!(json["process"]["noNewPrivileges"], true);
+        let caps = json["process"]["capabilities"]["bounding"].to_string();
+        assert!(!caps.contains("CAP_SYS_ADMIN") && caps.contains("CAP_CHOWN"), "{caps}");
+        let mounts = json["mounts"].to_string();
+        assert!(mounts.contains("\"/workspace\"") && mounts.contains("\"/root/.ssh\""));
+    }
+
+    #[test]
+    fn host_network_has_no_network_namespace() {
+        let mut c = config();
+        c.network = Network::Host;
+        let json = serde_json::to_value(container_spec(&c)).unwrap();
+        assert!(!json["linux"]["namespaces"].to_string().contains("network"));
+    }
+}
