@@ -362,8 +362,7 @@ async fn run_steps(
         let (result, end) = run_step(job, container, index, step, env, masker, limits, grace)
             .instrument(span)
             .await;
-        job.emit(EventKind::StepFinished(result.clone()));
-        job.transition(|s| s.steps.push(result));
+        job.step_finished(result);
         if let Some(end) = end {
             return end;
         }
@@ -411,7 +410,7 @@ async fn run_step(
         Ok(p) => p,
         Err(e) => return fail(result, format!("cannot create pipes for {what}: {e}")),
     };
-    let mut child = match container.exec(&process, out_w, err_w) {
+    let (mut child, _process_file) = match container.exec(&process, out_w, err_w) {
         Ok(c) => c,
         Err(e) => return fail(result, format!("cannot start {what}: {e}")),
     };

@@ -99,6 +99,17 @@ impl Job {
         }
     }
 
+    /// Records a finished step: its event, and its result in the status
+    /// (which is not a change of state, so no state event).
+    fn step_finished(&self, result: state::StepResult) {
+        self.emit(EventKind::StepFinished(result.clone()));
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        status.steps.push(result);
+        if let Err(e) = write_status(&self.dir, &status) {
+            tracing::error!(job_id = %self.id, error = %e, "cannot write the job's status file");
+        }
+    }
+
     fn emit(&self, kind: EventKind) {
         if let Err(e) = self.log.append(kind) {
             tracing::error!(job_id = %self.id, error = %e, "cannot append to the event log");

@@ -27,7 +27,11 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+
 use crate::config::{RuntimeConfig, RuntimeKind};
+use crate::secret::WipeOnDrop;
 
 /// The static init, built by build.rs from `init.c`.
 const INIT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/runnel-init"));
@@ -289,13 +293,23 @@ impl Container {
 
     /// Starts `process` in the container with the given stdout and stderr.
     /// The returned child is the runtime's exec process; its exit status is
-    /// the process's (128 + n when killed by signal n).
-    pub fn exec(&self, process: &Process, stdout: OwnedFd, stderr: OwnedFd) -> Result<Child, RuntimeError> {
+    /// the process's (128 + n when killed by signal n). The process spec
+    /// holds the step's environment (secrets too): it is wiped when the
+    /// returned guard is dropped.
+    pub fn exec(&self, process: &Process, stdout: OwnedFd, stderr: OwnedFd) -> Result<(Child, WipeOnDrop), RuntimeError> {
         let n = self.execs.fetch_add(1, Ordering::Relaxed);
         let path = self.bundle.join(format!("process-{n}.json"));
         let json = serde_json::to_vec(process).expect("a process spec serialises");
-        std::fs::write(&path, json).map_err(io_err(format!("cannot write {}", path.display())))?;
-        self.runtime
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(format!("cannot write {}", path.display())))?;
+        let guard = WipeOnDrop(path.clone());
+        file.write_all(&json).map_err(io_err(format!("cannot write {}", path.display())))?;
+        drop(file);
+        let child = self.runtime
             .command()
             .arg("exec")
             .arg("--process")
@@ -305,7 +319,8 @@ impl Container {
             .stderr(Stdio::from(stderr))
             .kill_on_drop(true)
             .spawn()
-            .map_err(io_err("cannot start the runtime's exec"))
+            .map_err(io_err("cannot start the runtime's exec"))?;
+        Ok((child, guard))
     }
 
     /// Whether init still runs.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilities, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
     LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
-    LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType, Process,
+    LinuxResourcesBuilder, Mount, MountBuilder, Process,
     ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 
@@ -96,14 +96,6 @@ pub fn process(args: Vec<String>, env: &BTreeMap<String, String>, cwd: &str) -> 
         .cwd(cwd)
         .capabilities(capabilities())
         .no_new_privileges(true)
-        .rlimits(vec![
-            PosixRlimitBuilder::default()
-                .typ(PosixRlimitType::RlimitNofile)
-                .soft(65536u64)
-                .hard(65536u64)
-                .build()
-                .expect("rlimit fields set"),
-        ])
         .build()
         .expect("process fields are complete")
 }

@@ -100,12 +100,7 @@ pub fn wipe_dir(dir: &Path) -> io::Result<()> {
         if meta.is_dir() {
             wipe_dir(&path)?;
         } else {
-            if meta.is_file() && meta.len() > 0 {
-                let mut f = OpenOptions::new().write(true).open(&path)?;
-                f.write_all(&vec![0u8; meta.len() as usize])?;
-                f.sync_all()?;
-            }
-            fs::remove_file(&path)?;
+            crate::secret::wipe_file(&path)?;
         }
     }
     fs::remove_dir(dir)

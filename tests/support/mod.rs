@@ -1,0 +1,335 @@
+//! Test support: starts the real `runnel` binary as an agent on a free
+//! loopback port with tokens and a private state directory, and talks to it
+//! with the generated tonic client. Everything started here is stopped and
+//! removed on drop.
+#![allow(dead_code)]
+
+
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use runnel::api::pb;
+use runnel::api::pb::agent_client::AgentClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub const SCHEDULER_TOKEN: &str = "sched-token-for-tests";
+pub const OPERATOR_TOKEN: &str = "oper-token-for-tests";
+
+pub fn runnel_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_runnel")
+}
+
+/// Containers, mounts and cgroups need root: fail with the reason, never skip.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests start containers and must run as root (run `bash scripts/test` as root)"
+    );
+}
+
+/// Waits for `cond` with a deadline; panics with `what` when it never holds.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Agent {
+    child: Option<Child>,
+    pub addr: String,
+    pub state: tempfile::TempDir,
+    pub config_path: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+#[derive(Clone)]
+pub struct Bearer(Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        Ok(req)
+    }
+}
+
+pub type Client = AgentClient<InterceptedService<Channel, Bearer>>;
+
+impl Agent {
+    /// Starts an agent whose config is the defaults plus `extra` (TOML).
+    pub fn start(extra: &str) -> Agent {
+        require_root();
+        let state = tempfile::Builder::new().prefix("runnel-test.").tempdir().unwrap();
+        let dir = state.path();
+        std::fs::write(dir.join("scheduler.tokens"), format!("{SCHEDULER_TOKEN}\n")).unwrap();
+        std::fs::write(dir.join("operator.tokens"), format!("# operators\n{OPERATOR_TOKEN}\n")).unwrap();
+        let config = format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n{extra}\n[auth]\nscheduler_tokens_file = \"{}\"\noperator_tokens_file = \"{}\"\n",
+            dir.join("state").display(),
+            dir.join("scheduler.tokens").display(),
+            dir.join("operator.tokens").display(),
+        );
+        let config_path = dir.join("agent.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut agent = Agent {
+            child: None,
+            addr: String::new(),
+            state,
+            config_path,
+            log: Arc::new(Mutex::new(Vec::new())),
+        };
+        agent.launch();
+        agent
+    }
+
+    /// (Re)starts the agent process on the same state directory.
+    pub fn launch(&mut self) {
+        let mut child = Command::new(runnel_bin())
+            .arg("agent")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUNNEL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start runnel agent");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(i) = line.find("addr=") {
+                    let addr = line[i + 5..].split_whitespace().next().unwrap_or("").to_string();
+                    let _ = tx.send(addr);
+                }
+                log.lock().unwrap().push(line);
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            panic!("the agent did not start listening; its log:\n{}", self.log.lock().unwrap().join("\n"))
+        });
+        self.addr = format!("http://{addr}");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.state.path().join("state")
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Sends a signal to the agent process.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig).unwrap();
+    }
+
+    /// Waits for the agent to exit; its exit status.
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                self.child = None;
+                return s;
+            }
+            assert!(Instant::now() < deadline, "the agent did not exit; its log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn client(&self, token: Option<&str>) -> Client {
+        let channel = tonic::transport::Endpoint::from_shared(self.addr.clone())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the agent");
+        AgentClient::with_interceptor(channel, Bearer(token.map(str::to_string)))
+    }
+
+    pub async fn scheduler(&self) -> Client {
+        self.client(Some(SCHEDULER_TOKEN)).await
+    }
+
+    pub async fn operator(&self) -> Client {
+        self.client(Some(OPERATOR_TOKEN)).await
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGINT);
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // A failed test may leave mounts behind; never leave them to the next.
+        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let base = self.state.path().to_string_lossy().to_string();
+            for mp in info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&base)) {
+                let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+/// A job of shell steps.
+pub fn job(id: &str, steps: &[&str]) -> pb::JobSpec {
+    pb::JobSpec {
+        job_id: id.to_string(),
+        steps: steps
+            .iter()
+            .enumerate()
+            .map(|(i, run)| pb::Step {
+                name: format!("s{i}"),
+                run: run.to_string(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+pub async fn submit(c: &mut Client, spec: pb::JobSpec) -> pb::JobStatus {
+    c.submit_job(pb::SubmitJobRequest { job: Some(spec) })
+        .await
+        .expect("SubmitJob")
+        .into_inner()
+}
+
+/// Every event after `after`, following until the job ends.
+pub async fn watch(c: &mut Client, id: &str, after: u64) -> Vec<pb::JobEvent> {
+    let mut s = c
+        .watch_job(pb::WatchJobRequest {
+            job_id: id.to_string(),
+            after_seq: after,
+            follow: true,
+        })
+        .await
+        .expect("WatchJob")
+        .into_inner();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    while let Some(e) = tokio::time::timeout_at(deadline, s.next()).await.expect("the job ended in time") {
+        out.push(e.expect("event"));
+    }
+    out
+}
+
+/// The job's final status (from its last event).
+pub fn final_status(events: &[pb::JobEvent]) -> pb::JobStatus {
+    match events.last().and_then(|e| e.event.clone()) {
+        Some(pb::job_event::Event::State(s)) => s,
+        other => panic!("the last event is not a state: {other:?}"),
+    }
+}
+
+/// All output of `stream` (stdout = 1, stderr = 2, system = 3), concatenated.
+pub fn output(events: &[pb::JobEvent], stream: pb::Stream) -> String {
+    let mut out = Vec::new();
+    for e in events {
+        if let Some(pb::job_event::Event::Log(l)) = &e.event
+            && l.stream == stream as i32
+        {
+            out.extend_from_slice(&l.data);
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub async fn run_job(agent: &Agent, spec: pb::JobSpec) -> (pb::JobStatus, Vec<pb::JobEvent>) {
+    let mut c = agent.scheduler().await;
+    let id = spec.job_id.clone();
+    submit(&mut c, spec).await;
+    let events = watch(&mut c, &id, 0).await;
+    (final_status(&events), events)
+}
+
+pub fn state(s: &pb::JobStatus) -> pb::JobState {
+    pb::JobState::try_from(s.state).unwrap()
+}
+
+pub fn failure(s: &pb::JobStatus) -> pb::FailureKind {
+    pb::FailureKind::try_from(s.failure).unwrap()
+}
+
+/// Host processes whose command line contains `needle`.
+pub fn host_processes_with(needle: &str) -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Every regular file under `dir` whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            let Ok(m) = std::fs::symlink_metadata(&p) else { continue };
+            if m.is_dir() {
+                stack.push(p);
+            } else if m.is_file()
+                && let Ok(bytes) = std::fs::read(&p)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Resident set size of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
