@@ -104,6 +104,7 @@ pub(super) fn update(
             // A failed attempt may leave a half-made clone behind.
             let _ = std::fs::remove_dir_all(&modules_dir);
             let _ = std::fs::remove_dir_all(&dest);
+            std::fs::create_dir_all(&dest).map_err(|e| git2::Error::from_str(&e.to_string()))?;
             let mut fetch = FetchOptions::new();
             fetch.remote_callbacks(attempt.callbacks(cancel));
             let mut opts = SubmoduleUpdateOptions::new();

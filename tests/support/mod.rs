@@ -4,7 +4,7 @@
 //! removed on drop.
 #![allow(dead_code)]
 
-
+pub mod sshd;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
