@@ -20,10 +20,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/runnel";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config key `{key}`: {message}")]
@@ -173,9 +170,7 @@ impl Config {
                 format!("{listen:?} is not an address:port such as \"127.0.0.1:7450\""),
             )
         })?;
-        let state_dir = raw
-            .state_dir
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         if !state_dir.is_absolute() {
             return Err(invalid("state_dir", "must be an absolute path"));
         }
@@ -227,7 +222,9 @@ impl Config {
                 ));
             }
         };
-        if r.memory_bytes.is_some_and(|m| m < crate::job::spec::MIN_MEMORY_BYTES) {
+        if r.memory_bytes
+            .is_some_and(|m| m < crate::job::spec::MIN_MEMORY_BYTES)
+        {
             return Err(invalid("runtime.memory_bytes", "must be at least 4 MiB"));
         }
         if r.max_pids == Some(0) {
@@ -236,8 +233,7 @@ impl Config {
         if r.cpu_millis == Some(0) {
             return Err(invalid("runtime.cpu_millis", "must be at least 1"));
         }
-        let grace_period =
-            parse_duration(r.grace_period.as_deref(), "runtime.grace_period", "10s")?;
+        let grace_period = parse_duration(r.grace_period.as_deref(), "runtime.grace_period", "10s")?;
         let job_timeout = parse_duration(r.job_timeout.as_deref(), "runtime.job_timeout", "1h")?;
         let drain_timeout = parse_duration(raw.drain_timeout.as_deref(), "drain_timeout", "10m")?;
         if job_timeout.is_zero() {
@@ -267,11 +263,7 @@ impl Config {
     }
 }
 
-fn parse_duration(
-    text: Option<&str>,
-    key: &'static str,
-    default: &str,
-) -> Result<Duration, ConfigError> {
+fn parse_duration(text: Option<&str>, key: &'static str, default: &str) -> Result<Duration, ConfigError> {
     let text = text.unwrap_or(default);
     humantime::parse_duration(text)
         .map_err(|e| invalid(key, format!("{text:?} is not a duration such as \"30s\": {e}")))

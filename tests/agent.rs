@@ -17,7 +17,10 @@ async fn a_job_runs_in_a_container_and_its_output_streams_back() {
         &agent,
         job(
             "hello",
-            &["echo hello from $RUNNEL_JOB_ID; echo to-stderr >&2", "echo CI=$CI RUNNEL=$RUNNEL; pwd"],
+            &[
+                "echo hello from $RUNNEL_JOB_ID; echo to-stderr >&2",
+                "echo CI=$CI RUNNEL=$RUNNEL; pwd",
+            ],
         ),
     )
     .await;
@@ -47,7 +50,9 @@ async fn a_job_runs_in_a_container_and_its_output_streams_back() {
     // GetJob agrees; ListJobs lists it; AgentInfo names the runtime.
     let mut op = agent.operator().await;
     let got = op
-        .get_job(pb::GetJobRequest { job_id: "hello".into() })
+        .get_job(pb::GetJobRequest {
+            job_id: "hello".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -55,7 +60,11 @@ async fn a_job_runs_in_a_container_and_its_output_streams_back() {
     assert_eq!(got.last_seq, events.len() as u64);
     let list = op.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner();
     assert!(list.jobs.iter().any(|j| j.job_id == "hello"));
-    let info = op.get_agent_info(pb::GetAgentInfoRequest {}).await.unwrap().into_inner();
+    let info = op
+        .get_agent_info(pb::GetAgentInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.runtime, "libcontainer");
     assert_eq!(info.running_jobs, 0);
 }
@@ -84,7 +93,14 @@ async fn resubmitting_a_job_id_never_runs_it_twice() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_watcher_resuming_from_a_seq_gets_exactly_the_rest() {
     let agent = Agent::start("");
-    let (_, all) = run_job(&agent, job("resume", &["for i in 1 2 3 4 5; do echo line $i; done", "echo done"])).await;
+    let (_, all) = run_job(
+        &agent,
+        job(
+            "resume",
+            &["for i in 1 2 3 4 5; do echo line $i; done", "echo done"],
+        ),
+    )
+    .await;
     assert!(all.len() > 6);
     let mut op = agent.operator().await;
     for mid in [1, all.len() as u64 / 2, all.len() as u64 - 1, all.len() as u64] {
@@ -113,19 +129,37 @@ async fn tokens_decide_who_may_call_what() {
     let spec = job("authz", &["true"]);
 
     let mut anon = agent.client(None).await;
-    let e = anon.submit_job(pb::SubmitJobRequest { job: Some(spec.clone()) }).await.unwrap_err();
+    let e = anon
+        .submit_job(pb::SubmitJobRequest {
+            job: Some(spec.clone()),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     let e = anon.list_jobs(pb::ListJobsRequest {}).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
 
     let mut wrong = agent.client(Some("not-a-token")).await;
-    let e = wrong.get_agent_info(pb::GetAgentInfoRequest {}).await.unwrap_err();
+    let e = wrong
+        .get_agent_info(pb::GetAgentInfoRequest {})
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
 
     let mut op = agent.operator().await;
-    let e = op.submit_job(pb::SubmitJobRequest { job: Some(spec.clone()) }).await.unwrap_err();
+    let e = op
+        .submit_job(pb::SubmitJobRequest {
+            job: Some(spec.clone()),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let e = op.cancel_job(pb::CancelJobRequest { job_id: "authz".into() }).await.unwrap_err();
+    let e = op
+        .cancel_job(pb::CancelJobRequest {
+            job_id: "authz".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     op.list_jobs(pb::ListJobsRequest {}).await.unwrap();
     op.get_agent_info(pb::GetAgentInfoRequest {}).await.unwrap();
@@ -135,7 +169,12 @@ async fn tokens_decide_who_may_call_what() {
     // An operator may watch and get.
     let events = watch(&mut op, "authz", 0).await;
     assert_eq!(state(&final_status(&events)), pb::JobState::Succeeded);
-    let e = op.get_job(pb::GetJobRequest { job_id: "nope".into() }).await.unwrap_err();
+    let e = op
+        .get_job(pb::GetJobRequest {
+            job_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 }
 
@@ -164,11 +203,17 @@ async fn a_bad_spec_is_refused_naming_the_field() {
         (bad_env, "env"),
     ];
     for (spec, field) in cases {
-        let e = c.submit_job(pb::SubmitJobRequest { job: Some(spec) }).await.unwrap_err();
+        let e = c
+            .submit_job(pb::SubmitJobRequest { job: Some(spec) })
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
         assert!(e.message().contains(field), "{field}: {}", e.message());
     }
-    let e = c.submit_job(pb::SubmitJobRequest { job: None }).await.unwrap_err();
+    let e = c
+        .submit_job(pb::SubmitJobRequest { job: None })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     // Nothing was created for any of them.
     let list = c.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner();
@@ -178,7 +223,11 @@ async fn a_bad_spec_is_refused_naming_the_field() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_step_ends_the_job_with_its_exit_code() {
     let agent = Agent::start("");
-    let (status, events) = run_job(&agent, job("fails", &["echo first", "echo boom >&2; exit 3", "echo never"])).await;
+    let (status, events) = run_job(
+        &agent,
+        job("fails", &["echo first", "echo boom >&2; exit 3", "echo never"]),
+    )
+    .await;
     assert_eq!(state(&status), pb::JobState::Failed);
     assert_eq!(failure(&status), pb::FailureKind::Step);
     assert!(status.message.contains("exit status 3"), "{}", status.message);
@@ -198,7 +247,10 @@ async fn a_step_timeout_kills_the_whole_container() {
     assert_eq!(failure(&status), pb::FailureKind::Timeout);
     assert!(status.message.contains("timeout of 1s"), "{}", status.message);
     assert_eq!(status.steps[0].exit_code, -1);
-    assert!(host_processes_with("1000.11").is_empty(), "a step's process outlived the job");
+    assert!(
+        host_processes_with("1000.11").is_empty(),
+        "a step's process outlived the job"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -208,7 +260,11 @@ async fn a_job_timeout_ends_it_timed_out() {
     spec.timeout = Some(prost_types::Duration { seconds: 2, nanos: 0 });
     let (status, _) = run_job(&agent, spec).await;
     assert_eq!(state(&status), pb::JobState::TimedOut, "{status:?}");
-    assert!(status.message.contains("the job exceeded its timeout of 2s"), "{}", status.message);
+    assert!(
+        status.message.contains("the job exceeded its timeout of 2s"),
+        "{}",
+        status.message
+    );
     assert!(host_processes_with("1000.221").is_empty());
 }
 
@@ -216,7 +272,14 @@ async fn a_job_timeout_ends_it_timed_out() {
 async fn cancel_kills_a_running_step_even_one_that_ignores_sigterm() {
     let agent = Agent::start("[runtime]\ngrace_period = \"1s\"");
     let mut c = agent.scheduler().await;
-    submit(&mut c, job("cancel-me", &["trap '' TERM; echo started; sleep 1000.331; sleep 1000.332"])).await;
+    submit(
+        &mut c,
+        job(
+            "cancel-me",
+            &["trap '' TERM; echo started; sleep 1000.331; sleep 1000.332"],
+        ),
+    )
+    .await;
     // Wait until the step runs, then cancel.
     let mut s = c
         .watch_job(pb::WatchJobRequest {
@@ -234,8 +297,16 @@ async fn cancel_kills_a_running_step_even_one_that_ignores_sigterm() {
             break;
         }
     }
-    wait_for("the sleep to start", Duration::from_secs(30), || !host_processes_with("1000.331").is_empty());
-    let st = c.cancel_job(pb::CancelJobRequest { job_id: "cancel-me".into() }).await.unwrap().into_inner();
+    wait_for("the sleep to start", Duration::from_secs(30), || {
+        !host_processes_with("1000.331").is_empty()
+    });
+    let st = c
+        .cancel_job(pb::CancelJobRequest {
+            job_id: "cancel-me".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(st.job_id, "cancel-me");
     let events = watch(&mut c, "cancel-me", 0).await;
     let status = final_status(&events);
@@ -243,7 +314,13 @@ async fn cancel_kills_a_running_step_even_one_that_ignores_sigterm() {
     assert_eq!(failure(&status), pb::FailureKind::Cancelled);
     assert!(host_processes_with("1000.33").is_empty());
     // Cancelling an ended job is a no-op returning its status.
-    let again = c.cancel_job(pb::CancelJobRequest { job_id: "cancel-me".into() }).await.unwrap().into_inner();
+    let again = c
+        .cancel_job(pb::CancelJobRequest {
+            job_id: "cancel-me".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(state(&again), pb::JobState::Cancelled);
 }
 
@@ -252,9 +329,7 @@ async fn a_secret_is_masked_even_split_across_writes_and_never_stored() {
     let agent = Agent::start("");
     let mut spec = job(
         "masked",
-        &[
-            "printf 'token=hun'; sleep 0.3; printf 'ter2-xyz\\n'; echo \"env=$MY_TOKEN\" >&2",
-        ],
+        &["printf 'token=hun'; sleep 0.3; printf 'ter2-xyz\\n'; echo \"env=$MY_TOKEN\" >&2"],
     );
     spec.secrets.push(pb::Secret {
         name: "MY_TOKEN".into(),
@@ -266,7 +341,10 @@ async fn a_secret_is_masked_even_split_across_writes_and_never_stored() {
     assert_eq!(output(&events, pb::Stream::Stderr), "env=[MASKED]\n");
     let leaks = files_containing(&agent.state_dir(), b"hunter2-xyz");
     assert!(leaks.is_empty(), "the secret is stored in {leaks:?}");
-    assert!(!agent.log().contains("hunter2"), "the secret is in the agent's log");
+    assert!(
+        !agent.log().contains("hunter2"),
+        "the secret is in the agent's log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -274,7 +352,14 @@ async fn a_stalled_watcher_does_not_grow_the_agent() {
     let agent = Agent::start("");
     let mut c = agent.scheduler().await;
     let before = rss_bytes(agent.pid());
-    submit(&mut c, job("flood", &["head -c 200000000 /dev/zero | tr '\\0' 'x' | fold -w 100"])).await;
+    submit(
+        &mut c,
+        job(
+            "flood",
+            &["head -c 200000000 /dev/zero | tr '\\0' 'x' | fold -w 100"],
+        ),
+    )
+    .await;
     // A watcher that asks for everything and then reads nothing.
     let mut stalled = agent.operator().await;
     let _held = stalled
@@ -290,18 +375,30 @@ async fn a_stalled_watcher_does_not_grow_the_agent() {
     let mut op = agent.operator().await;
     loop {
         peak = peak.max(rss_bytes(agent.pid()));
-        let s = op.get_job(pb::GetJobRequest { job_id: "flood".into() }).await.unwrap().into_inner();
+        let s = op
+            .get_job(pb::GetJobRequest {
+                job_id: "flood".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
         if s.finished.is_some() {
             assert_eq!(state(&s), pb::JobState::Succeeded, "{s:?}");
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let size = std::fs::metadata(agent.state_dir().join("jobs/flood/events.log")).unwrap().len();
+    let size = std::fs::metadata(agent.state_dir().join("jobs/flood/events.log"))
+        .unwrap()
+        .len();
     assert!(size > 200_000_000, "the log holds all output ({size} bytes)");
     let growth = peak.saturating_sub(before);
     println!("agent RSS before {} MB, peak {} MB", before >> 20, peak >> 20);
-    assert!(growth < 40 << 20, "agent RSS grew by {} MB while a watcher stalled", growth >> 20);
+    assert!(
+        growth < 40 << 20,
+        "agent RSS grew by {} MB while a watcher stalled",
+        growth >> 20
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -315,7 +412,10 @@ async fn a_step_sees_its_workspace_and_cannot_touch_the_host() {
             &[
                 "test \"$(pwd)\" = /workspace && touch /workspace/built && echo ws-ok",
                 &format!("echo x > {marker} && echo wrote-in-container"),
-                &format!("ls {} >/dev/null 2>&1 && echo SEES-STATE || echo state-hidden", agent.state_dir().display()),
+                &format!(
+                    "ls {} >/dev/null 2>&1 && echo SEES-STATE || echo state-hidden",
+                    agent.state_dir().display()
+                ),
                 "echo $$; ps -e -o pid= | wc -l",
             ],
         ),
@@ -324,7 +424,10 @@ async fn a_step_sees_its_workspace_and_cannot_touch_the_host() {
     assert_eq!(state(&status), pb::JobState::Succeeded, "{status:?}");
     let out = output(&events, pb::Stream::Stdout);
     assert!(out.contains("ws-ok\nwrote-in-container\nstate-hidden\n"), "{out}");
-    assert!(!std::path::Path::new(&marker).exists(), "the step wrote the host's /usr");
+    assert!(
+        !std::path::Path::new(&marker).exists(),
+        "the step wrote the host's /usr"
+    );
     // The container is gone, and its run directory with it.
     assert!(!agent.state_dir().join("jobs/isolated/run").exists());
 }
@@ -332,12 +435,23 @@ async fn a_step_sees_its_workspace_and_cannot_touch_the_host() {
 #[tokio::test(flavor = "multi_thread")]
 async fn runc_runs_the_same_bundle() {
     let agent = Agent::start("[runtime]\nkind = \"runc\"");
-    let (status, events) = run_job(&agent, job("with-runc", &["echo via runc; cat /proc/1/cmdline | tr '\\0' ' '"])).await;
+    let (status, events) = run_job(
+        &agent,
+        job(
+            "with-runc",
+            &["echo via runc; cat /proc/1/cmdline | tr '\\0' ' '"],
+        ),
+    )
+    .await;
     assert_eq!(state(&status), pb::JobState::Succeeded, "{status:?}");
     let out = output(&events, pb::Stream::Stdout);
     assert!(out.starts_with("via runc\n/dev/.runnel-init"), "{out}");
     let mut op = agent.operator().await;
-    let info = op.get_agent_info(pb::GetAgentInfoRequest {}).await.unwrap().into_inner();
+    let info = op
+        .get_agent_info(pb::GetAgentInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.runtime, "runc");
 }
 
@@ -353,7 +467,11 @@ async fn busy_slots_answer_resource_exhausted() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
-    c.cancel_job(pb::CancelJobRequest { job_id: "long".into() }).await.unwrap();
+    c.cancel_job(pb::CancelJobRequest {
+        job_id: "long".into(),
+    })
+    .await
+    .unwrap();
     let events = watch(&mut c, "long", 0).await;
     assert_eq!(state(&final_status(&events)), pb::JobState::Cancelled);
     wait_for("the slot to be free", Duration::from_secs(10), || {
@@ -361,7 +479,12 @@ async fn busy_slots_answer_resource_exhausted() {
         let mut c2 = c.clone();
         std::thread::spawn(move || {
             rt.block_on(async {
-                c2.get_agent_info(pb::GetAgentInfoRequest {}).await.unwrap().into_inner().running_jobs == 0
+                c2.get_agent_info(pb::GetAgentInfoRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .running_jobs
+                    == 0
             })
         })
         .join()

@@ -33,18 +33,44 @@ impl Fixture {
         server.create_repo("org/deep.git", |w| write(&w.join("deep.txt"), "deep\n"));
         server.create_repo("org/lib.git", |w| {
             write(&w.join("lib.txt"), "lib\n");
-            git(w, &["submodule", "add", "-q", repos.join("org/deep.git").to_str().unwrap(), "deep"]);
-            git(w, &["config", "-f", ".gitmodules", "submodule.deep.url", "../deep.git"]);
+            git(
+                w,
+                &[
+                    "submodule",
+                    "add",
+                    "-q",
+                    repos.join("org/deep.git").to_str().unwrap(),
+                    "deep",
+                ],
+            );
+            git(
+                w,
+                &["config", "-f", ".gitmodules", "submodule.deep.url", "../deep.git"],
+            );
         });
         let app = server.create_repo("org/app.git", |w| {
             write(&w.join("app.txt"), "app v1\n");
             write(&w.join("src/main.c"), "int main(void) { return 0; }\n");
-            git(w, &["submodule", "add", "-q", repos.join("org/lib.git").to_str().unwrap(), "lib"]);
-            git(w, &["config", "-f", ".gitmodules", "submodule.lib.url", "../lib.git"]);
+            git(
+                w,
+                &[
+                    "submodule",
+                    "add",
+                    "-q",
+                    repos.join("org/lib.git").to_str().unwrap(),
+                    "lib",
+                ],
+            );
+            git(
+                w,
+                &["config", "-f", ".gitmodules", "submodule.lib.url", "../lib.git"],
+            );
         });
         git(&app, &["tag", "v1"]);
         git(&app, &["push", "-q", "--tags", "origin", "main"]);
-        server.create_repo("org/dep.git", |w| write(&w.join("dep.txt"), "a private dependency\n"));
+        server.create_repo("org/dep.git", |w| {
+            write(&w.join("dep.txt"), "a private dependency\n")
+        });
         Fixture {
             server,
             keys,
@@ -64,7 +90,11 @@ impl Fixture {
         });
         spec.ssh = Some(pb::SshCredentials {
             user_key: if user { self.user.private_bytes() } else { vec![] },
-            deploy_key: if deploy { self.deploy.private_bytes() } else { vec![] },
+            deploy_key: if deploy {
+                self.deploy.private_bytes()
+            } else {
+                vec![]
+            },
             known_hosts: vec![self.server.known_hosts_line.clone()],
             passphrase: String::new(),
         });
@@ -91,7 +121,11 @@ fn key_line(key: &KeyPair) -> Vec<u8> {
 fn assert_no_key_bytes(agent: &Agent, keys: &[&KeyPair]) {
     for k in keys {
         let found = files_containing(&agent.state_dir(), &key_line(k));
-        assert!(found.is_empty(), "key bytes of {} left in {found:?}", k.fingerprint);
+        assert!(
+            found.is_empty(),
+            "key bytes of {} left in {found:?}",
+            k.fingerprint
+        );
         assert!(!agent.log().contains(std::str::from_utf8(&key_line(k)).unwrap()));
     }
 }
@@ -117,19 +151,29 @@ async fn the_user_key_wins_and_nested_submodules_are_checked_out() {
     assert_eq!(done.key, pb::KeyKind::User as i32);
     assert_eq!(done.key_fingerprint, f.user.fingerprint);
     assert_eq!(done.commit, head(&f.app));
-    let subs: Vec<(&str, &str, i32)> = done.submodules.iter().map(|s| (s.path.as_str(), s.url.as_str(), s.key)).collect();
+    let subs: Vec<(&str, &str, i32)> = done
+        .submodules
+        .iter()
+        .map(|s| (s.path.as_str(), s.url.as_str(), s.key))
+        .collect();
     let lib_url = f.server.url("org/lib.git");
     let deep_url = f.server.url("org/deep.git");
     assert_eq!(
         subs,
-        vec![("lib", lib_url.as_str(), pb::KeyKind::User as i32), ("lib/deep", deep_url.as_str(), pb::KeyKind::User as i32)]
+        vec![
+            ("lib", lib_url.as_str(), pb::KeyKind::User as i32),
+            ("lib/deep", deep_url.as_str(), pb::KeyKind::User as i32)
+        ]
     );
     let out = output(&events, pb::Stream::Stdout);
     assert_eq!(out, format!("app v1\nlib\ndeep\n{}\nmain\n", head(&f.app)));
     // The server saw the user key, and never the deploy key.
     let log = f.server.log();
     assert!(log.contains("Accepted publickey"), "{log}");
-    assert!(!log.contains(&f.deploy.fingerprint), "the deploy key was offered:\n{log}");
+    assert!(
+        !log.contains(&f.deploy.fingerprint),
+        "the deploy key was offered:\n{log}"
+    );
     assert_no_key_bytes(&agent, &[&f.user, &f.deploy]);
 }
 
@@ -137,7 +181,17 @@ async fn the_user_key_wins_and_nested_submodules_are_checked_out() {
 async fn a_deploy_key_alone_checks_out_its_repository() {
     let f = Fixture::new();
     let agent = Agent::start("");
-    let (status, events) = run_job(&agent, f.spec("deploy-only", false, true, false, &["cat app.txt; test ! -e lib/lib.txt"])).await;
+    let (status, events) = run_job(
+        &agent,
+        f.spec(
+            "deploy-only",
+            false,
+            true,
+            false,
+            &["cat app.txt; test ! -e lib/lib.txt"],
+        ),
+    )
+    .await;
     assert_eq!(state(&status), pb::JobState::Succeeded, "{status:?}");
     let done = checkout_done(&events);
     assert_eq!(done.key, pb::KeyKind::Deploy as i32);
@@ -152,7 +206,12 @@ async fn a_deploy_key_cannot_read_a_submodule_and_the_user_is_told_why() {
     let agent = Agent::start("");
     let (status, _) = run_job(&agent, f.spec("deploy-submodule", false, true, true, &["true"])).await;
     assert_eq!(state(&status), pb::JobState::Failed);
-    assert_eq!(failure(&status), pb::FailureKind::RepoNotFound, "{}", status.message);
+    assert_eq!(
+        failure(&status),
+        pb::FailureKind::RepoNotFound,
+        "{}",
+        status.message
+    );
     let m = &status.message;
     assert!(m.starts_with("submodule lib: "), "{m}");
     assert!(m.contains("Repository not found"), "{m}");
@@ -171,8 +230,16 @@ async fn an_unknown_key_is_permission_denied_naming_the_keys_tried() {
     spec.ssh.as_mut().unwrap().user_key = stranger.private_bytes();
     let (status, _) = run_job(&agent, spec).await;
     assert_eq!(failure(&status), pb::FailureKind::Auth, "{}", status.message);
-    assert!(status.message.contains("Permission denied (publickey)"), "{}", status.message);
-    assert!(status.message.contains(&stranger.fingerprint), "{}", status.message);
+    assert!(
+        status.message.contains("Permission denied (publickey)"),
+        "{}",
+        status.message
+    );
+    assert!(
+        status.message.contains(&stranger.fingerprint),
+        "{}",
+        status.message
+    );
     assert_no_key_bytes(&agent, &[&stranger]);
 }
 
@@ -188,16 +255,31 @@ async fn an_unpinned_or_changed_host_key_is_refused_before_any_key_is_offered() 
     let m = &status.message;
     assert!(m.contains("is not pinned"), "{m}");
     assert!(m.contains(&f.server.host_key_fingerprint), "{m}");
-    assert!(m.contains(&format!("runnel keyscan 127.0.0.1:{}", f.server.port)), "{m}");
-    assert!(m.contains(&format!("[127.0.0.1]:{} ssh-ed25519", f.server.port)), "{m}");
+    assert!(
+        m.contains(&format!("runnel keyscan 127.0.0.1:{}", f.server.port)),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!("[127.0.0.1]:{} ssh-ed25519", f.server.port)),
+        "{m}"
+    );
 
     let other = KeyPair::generate(f.keys.path(), "other_host", "ed25519", "", &[]);
     let mut changed = f.spec("changed", true, true, false, &["true"]);
-    let other_b64 = other.public_line.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    let other_b64 = other
+        .public_line
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
     changed.ssh.as_mut().unwrap().known_hosts = vec![format!("[127.0.0.1]:{} {other_b64}", f.server.port)];
     let (status, _) = run_job(&agent, changed).await;
     assert_eq!(failure(&status), pb::FailureKind::HostKey, "{}", status.message);
-    assert!(status.message.contains("differs from the pinned one"), "{}", status.message);
+    assert!(
+        status.message.contains("differs from the pinned one"),
+        "{}",
+        status.message
+    );
 
     // A portless entry does not pin a non-22 port (OpenSSH's rule).
     let mut portless = f.spec("portless", true, true, false, &["true"]);
@@ -207,7 +289,10 @@ async fn an_unpinned_or_changed_host_key_is_refused_before_any_key_is_offered() 
     assert_eq!(failure(&status), pb::FailureKind::HostKey, "{}", status.message);
 
     let log = f.server.log();
-    assert!(!log.contains("publickey"), "a key was offered to an unverified host:\n{log}");
+    assert!(
+        !log.contains("publickey"),
+        "a key was offered to an unverified host:\n{log}"
+    );
     assert_no_key_bytes(&agent, &[&f.user, &f.deploy]);
 }
 
@@ -218,9 +303,17 @@ async fn hashed_and_bracketed_known_hosts_entries_match() {
     let kh = f.keys.path().join("known_hosts");
     std::fs::write(&kh, format!("{}\n", f.server.known_hosts_line)).unwrap();
     sh(Command::new("ssh-keygen").arg("-H").arg("-f").arg(&kh));
-    let hashed = std::fs::read_to_string(&kh).unwrap().lines().next().unwrap().to_string();
+    let hashed = std::fs::read_to_string(&kh)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
     assert!(hashed.starts_with("|1|"), "{hashed}");
-    for (id, line) in [("hashed", hashed), ("bracketed", f.server.known_hosts_line.clone())] {
+    for (id, line) in [
+        ("hashed", hashed),
+        ("bracketed", f.server.known_hosts_line.clone()),
+    ] {
         let mut spec = f.spec(id, true, false, false, &["true"]);
         spec.ssh.as_mut().unwrap().known_hosts = vec!["# a comment".into(), line];
         let (status, _) = run_job(&agent, spec).await;
@@ -252,21 +345,37 @@ async fn keys_of_every_kind_and_encrypted_ones() {
         });
         s
     };
-    for (id, key, pass) in [("rsa-pem", &rsa_pem, ""), ("ecdsa", &ecdsa, ""), ("encrypted", &encrypted, "open sesame")] {
+    for (id, key, pass) in [
+        ("rsa-pem", &rsa_pem, ""),
+        ("ecdsa", &ecdsa, ""),
+        ("encrypted", &encrypted, "open sesame"),
+    ] {
         let (status, events) = run_job(&agent, spec(id, key, pass)).await;
         assert_eq!(state(&status), pb::JobState::Succeeded, "{id}: {status:?}");
         assert_eq!(checkout_done(&events).key_fingerprint, key.fingerprint, "{id}");
     }
-    for (id, pass, want) in [("no-pass", "", "no passphrase was given"), ("wrong-pass", "nope", "wrong passphrase")] {
+    for (id, pass, want) in [
+        ("no-pass", "", "no passphrase was given"),
+        ("wrong-pass", "nope", "wrong passphrase"),
+    ] {
         let (status, _) = run_job(&agent, spec(id, &encrypted, pass)).await;
         assert_eq!(failure(&status), pb::FailureKind::BadSpec, "{id}");
-        assert!(status.message.contains("ssh.user_key") && status.message.contains(want), "{id}: {}", status.message);
+        assert!(
+            status.message.contains("ssh.user_key") && status.message.contains(want),
+            "{id}: {}",
+            status.message
+        );
     }
     let mut garbage = spec("garbage", &ecdsa, "");
-    garbage.ssh.as_mut().unwrap().deploy_key = b"-----BEGIN OPENSSH PRIVATE KEY-----\nnot a key\n-----END OPENSSH PRIVATE KEY-----\n".to_vec();
+    garbage.ssh.as_mut().unwrap().deploy_key =
+        b"-----BEGIN OPENSSH PRIVATE KEY-----\nnot a key\n-----END OPENSSH PRIVATE KEY-----\n".to_vec();
     let (status, _) = run_job(&agent, garbage).await;
     assert_eq!(failure(&status), pb::FailureKind::BadSpec);
-    assert!(status.message.starts_with("ssh.deploy_key:"), "{}", status.message);
+    assert!(
+        status.message.starts_with("ssh.deploy_key:"),
+        "{}",
+        status.message
+    );
     assert_no_key_bytes(&agent, &[&rsa_pem, &ecdsa, &encrypted]);
 }
 
@@ -275,7 +384,9 @@ async fn revisions_by_sha_branch_and_tag() {
     let f = Fixture::new();
     let first = head(&f.app);
     git(&f.app, &["checkout", "-q", "-b", "feature"]);
-    f.server.push(&f.app, "on a branch", |w| write(&w.join("app.txt"), "app on feature\n"));
+    f.server.push(&f.app, "on a branch", |w| {
+        write(&w.join("app.txt"), "app on feature\n")
+    });
     let feature = head(&f.app);
     git(&f.app, &["tag", "-a", "v2", "-m", "annotated"]);
     git(&f.app, &["push", "-q", "--tags", "origin", "feature"]);
@@ -288,12 +399,22 @@ async fn revisions_by_sha_branch_and_tag() {
         ("v2", feature.as_str(), "app on feature"),
         ("", first.as_str(), "app v1"),
     ] {
-        let mut spec = f.spec(&format!("rev-{}", if rev.is_empty() { "head" } else { rev }), true, false, false, &["cat app.txt; git rev-parse HEAD"]);
+        let mut spec = f.spec(
+            &format!("rev-{}", if rev.is_empty() { "head" } else { rev }),
+            true,
+            false,
+            false,
+            &["cat app.txt; git rev-parse HEAD"],
+        );
         spec.checkout.as_mut().unwrap().revision = rev.into();
         let (status, events) = run_job(&agent, spec).await;
         assert_eq!(state(&status), pb::JobState::Succeeded, "{rev}: {status:?}");
         assert_eq!(checkout_done(&events).commit, want, "{rev}");
-        assert_eq!(output(&events, pb::Stream::Stdout), format!("{text}\n{want}\n"), "{rev}");
+        assert_eq!(
+            output(&events, pb::Stream::Stdout),
+            format!("{text}\n{want}\n"),
+            "{rev}"
+        );
     }
     let mut missing = f.spec("rev-missing", true, false, false, &["true"]);
     missing.checkout.as_mut().unwrap().revision = "no-such-branch".into();
@@ -316,7 +437,11 @@ async fn a_submodule_that_escapes_the_workspace_is_refused() {
     assert_eq!(failure(&status), pb::FailureKind::Checkout, "{}", status.message);
     // libgit2 refuses such a name already when it checks out the tree; ours
     // is the second line of defence (unit-tested in checkout::submodules).
-    assert!(status.message.contains("submodule name: '../../../../escaped'"), "{}", status.message);
+    assert!(
+        status.message.contains("submodule name: '../../../../escaped'"),
+        "{}",
+        status.message
+    );
     assert!(!agent.state_dir().join("jobs/escaped").exists());
     assert!(!agent.state_dir().join("escaped").exists());
 }
@@ -338,13 +463,24 @@ async fn a_step_clones_a_private_dependency_with_the_jobs_keys() {
         ],
     );
     let (status, events) = run_job(&agent, spec).await;
-    assert_eq!(state(&status), pb::JobState::Succeeded, "{status:?}\n{}", output(&events, pb::Stream::Stderr));
+    assert_eq!(
+        state(&status),
+        pb::JobState::Succeeded,
+        "{status:?}\n{}",
+        output(&events, pb::Stream::Stderr)
+    );
     let out = output(&events, pb::Stream::Stdout);
     assert!(out.contains("a private dependency\n"), "{out}");
-    assert!(out.contains("-rw------- id_user") && out.contains("-rw------- id_deploy"), "{out}");
+    assert!(
+        out.contains("-rw------- id_user") && out.contains("-rw------- id_deploy"),
+        "{out}"
+    );
     assert!(out.contains("read-only"), "{out}");
     // Printing the key shows no key material.
-    assert!(!out.contains(std::str::from_utf8(&key_line(&f.user)).unwrap()), "{out}");
+    assert!(
+        !out.contains(std::str::from_utf8(&key_line(&f.user)).unwrap()),
+        "{out}"
+    );
     assert!(out.contains("[MASKED]"), "{out}");
     assert_no_key_bytes(&agent, &[&f.user, &f.deploy]);
 }
@@ -367,10 +503,18 @@ async fn the_checkout_equals_git_clone_recurse_submodules_file_for_file() {
         kh.display()
     );
     sh(Command::new("git")
-        .args(["clone", "-q", "--recurse-submodules", &f.server.url("org/app.git")])
+        .args([
+            "clone",
+            "-q",
+            "--recurse-submodules",
+            &f.server.url("org/app.git"),
+        ])
         .arg(clone.path().join("app"))
         .env("GIT_SSH_COMMAND", ssh));
-    let theirs = sh(Command::new("sh").arg("-c").arg(list).current_dir(clone.path().join("app")));
+    let theirs = sh(Command::new("sh")
+        .arg("-c")
+        .arg(list)
+        .current_dir(clone.path().join("app")));
     assert_eq!(ours, theirs);
     assert!(theirs.contains("./lib/deep/deep.txt"), "{theirs}");
 }
@@ -379,10 +523,23 @@ async fn the_checkout_equals_git_clone_recurse_submodules_file_for_file() {
 fn keyscan_prints_pinnable_lines_with_fingerprints() {
     let f = Fixture::new();
     let out = sh(Command::new(runnel_bin()).args(["keyscan", &format!("127.0.0.1:{}", f.server.port)]));
-    let line = out.lines().find(|l| l.contains("ssh-ed25519")).expect("an ed25519 line");
-    assert!(line.starts_with(&f.server.known_hosts_line), "{line}\n{}", f.server.known_hosts_line);
-    assert!(line.ends_with(&format!("# {}", f.server.host_key_fingerprint)), "{line}");
-    let failed = Command::new(runnel_bin()).args(["keyscan", "127.0.0.1:1"]).output().unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.contains("ssh-ed25519"))
+        .expect("an ed25519 line");
+    assert!(
+        line.starts_with(&f.server.known_hosts_line),
+        "{line}\n{}",
+        f.server.known_hosts_line
+    );
+    assert!(
+        line.ends_with(&format!("# {}", f.server.host_key_fingerprint)),
+        "{line}"
+    );
+    let failed = Command::new(runnel_bin())
+        .args(["keyscan", "127.0.0.1:1"])
+        .output()
+        .unwrap();
     assert!(!failed.status.success());
     assert!(String::from_utf8_lossy(&failed.stderr).contains("cannot connect to 127.0.0.1:1"));
 }

@@ -91,14 +91,25 @@ mod tests {
     #[test]
     fn roles() {
         let t = tokens();
-        assert_eq!(t.check(&req(Some("Bearer sched")), Role::Scheduler).unwrap(), Role::Scheduler);
-        assert_eq!(t.check(&req(Some("Bearer oper")), Role::Operator).unwrap(), Role::Operator);
         assert_eq!(
-            t.check(&req(Some("Bearer oper")), Role::Scheduler).unwrap_err().code(),
+            t.check(&req(Some("Bearer sched")), Role::Scheduler).unwrap(),
+            Role::Scheduler
+        );
+        assert_eq!(
+            t.check(&req(Some("Bearer oper")), Role::Operator).unwrap(),
+            Role::Operator
+        );
+        assert_eq!(
+            t.check(&req(Some("Bearer oper")), Role::Scheduler)
+                .unwrap_err()
+                .code(),
             tonic::Code::PermissionDenied
         );
         for bad in [None, Some("Bearer nope"), Some("sched"), Some("Bearer ")] {
-            assert_eq!(t.check(&req(bad), Role::Operator).unwrap_err().code(), tonic::Code::Unauthenticated);
+            assert_eq!(
+                t.check(&req(bad), Role::Operator).unwrap_err().code(),
+                tonic::Code::Unauthenticated
+            );
         }
     }
 }

@@ -6,7 +6,9 @@ use std::time::{Duration, SystemTime};
 use super::pb;
 use crate::checkout::{CheckoutDone, SubmoduleDone};
 use crate::job::AgentInfo;
-use crate::job::spec::{CheckoutSpec, ContainerSpec, JobSpec, Network, Resources, SecretVar, SpecError, SshCredentials, Step};
+use crate::job::spec::{
+    CheckoutSpec, ContainerSpec, JobSpec, Network, Resources, SecretVar, SpecError, SshCredentials, Step,
+};
 use crate::job::state::{FailureKind, JobState, JobStatus, StepResult};
 use crate::logs::{Event, EventKind, Stream};
 use crate::secret::Secret;
@@ -50,7 +52,12 @@ impl TryFrom<pb::JobSpec> for JobSpec {
             Ok(pb::Network::Unspecified) => Network::Default,
             Ok(pb::Network::Host) => Network::Host,
             Ok(pb::Network::None) => Network::None,
-            Err(_) => return Err(err("container.network", format!("{} is not a Network value", container.network))),
+            Err(_) => {
+                return Err(err(
+                    "container.network",
+                    format!("{} is not a Network value", container.network),
+                ));
+            }
         };
         let resources = container.resources.unwrap_or_default();
         let mut steps = Vec::with_capacity(p.steps.len());
@@ -323,7 +330,10 @@ mod tests {
     #[test]
     fn bad_values_name_the_field() {
         let mut p = spec();
-        p.timeout = Some(prost_types::Duration { seconds: -1, nanos: 0 });
+        p.timeout = Some(prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        });
         assert_eq!(JobSpec::try_from(p).unwrap_err().field, "timeout");
         let mut p = spec();
         p.container = Some(pb::Container {

@@ -65,7 +65,10 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Sen
 
 #[tonic::async_trait]
 impl Agent for AgentService {
-    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
         self.tokens.check(&req, Role::Scheduler)?;
         let spec = req
             .into_inner()
@@ -90,7 +93,10 @@ impl Agent for AgentService {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
         self.tokens.check(&req, Role::Scheduler)?;
         let id = req.into_inner().job_id;
         let status = self.registry.cancel(&id).ok_or_else(|| not_found(&id))?;
@@ -104,13 +110,19 @@ impl Agent for AgentService {
         Ok(Response::new((&job.status()).into()))
     }
 
-    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
         self.tokens.check(&req, Role::Operator)?;
         let jobs = self.registry.list().iter().map(Into::into).collect();
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
 
-    async fn get_agent_info(&self, req: Request<pb::GetAgentInfoRequest>) -> Result<Response<pb::AgentInfo>, Status> {
+    async fn get_agent_info(
+        &self,
+        req: Request<pb::GetAgentInfoRequest>,
+    ) -> Result<Response<pb::AgentInfo>, Status> {
         self.tokens.check(&req, Role::Operator)?;
         Ok(Response::new(self.registry.info().into()))
     }
@@ -129,7 +141,9 @@ pub async fn serve(
     let addr: SocketAddr = listener.local_addr()?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<AgentService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -150,7 +164,9 @@ pub async fn serve(
     tracing::info!("shutting down: draining");
     registry.drain();
     health.set_not_serving::<AgentServer<AgentService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     let drain = registry.config().drain_timeout;
     tokio::select! {
         _ = registry.wait_idle() => {}

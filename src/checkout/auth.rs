@@ -97,8 +97,7 @@ impl<'a> Attempt<'a> {
             match self.known_hosts.check(host, port, blob) {
                 HostKeyCheck::Pinned => Ok(CertificateCheckStatus::CertificateOk),
                 verdict => {
-                    *self.host_key_error.borrow_mut() =
-                        Some(host_key_message(host, port, blob, &verdict));
+                    *self.host_key_error.borrow_mut() = Some(host_key_message(host, port, blob, &verdict));
                     Err(git2::Error::from_str("host key refused"))
                 }
             }
@@ -237,7 +236,11 @@ impl Auth {
             } else {
                 return Err(CheckoutError::new(
                     FailureKind::Checkout,
-                    format!("{what}: cannot fetch {url} with the {}: {}", key.kind.label(), e.message()),
+                    format!(
+                        "{what}: cannot fetch {url} with the {}: {}",
+                        key.kind.label(),
+                        e.message()
+                    ),
                 ));
             }
         }
@@ -252,13 +255,7 @@ fn describe_keys(keys: &[&Key]) -> String {
         .join(", ")
 }
 
-fn all_keys_failed(
-    what: &str,
-    url: &str,
-    host: &str,
-    refused: &[&Key],
-    not_found: &[&Key],
-) -> CheckoutError {
+fn all_keys_failed(what: &str, url: &str, host: &str, refused: &[&Key], not_found: &[&Key]) -> CheckoutError {
     if not_found.is_empty() {
         return CheckoutError::new(
             FailureKind::Auth,

@@ -134,7 +134,10 @@ fn fetch<'a>(
         Err(_) => repo.remote("origin", &git_url).map_err(|e| {
             CheckoutError::new(
                 FailureKind::BadSpec,
-                format!("{url:?} is not a repository URL libgit2 understands: {}", e.message()),
+                format!(
+                    "{url:?} is not a repository URL libgit2 understands: {}",
+                    e.message()
+                ),
             )
         })?,
     };
@@ -162,11 +165,7 @@ fn fetch<'a>(
 }
 
 /// The commit to check out, and the branch it is the tip of, if any.
-fn resolve(
-    repo: &Repository,
-    url: &str,
-    revision: &str,
-) -> Result<(Oid, Option<String>), CheckoutError> {
+fn resolve(repo: &Repository, url: &str, revision: &str) -> Result<(Oid, Option<String>), CheckoutError> {
     let peel = |r: git2::Reference| r.peel_to_commit().map(|c| c.id()).ok();
     if revision.is_empty() {
         let head = repo
@@ -187,7 +186,11 @@ fn resolve(
                 refs.flatten()
                     .filter(|r| r.name().ok() != Some("refs/remotes/origin/HEAD"))
                     .find(|r| r.target() == Some(head))
-                    .and_then(|r| r.shorthand().ok().map(|s| s.trim_start_matches("origin/").to_string()))
+                    .and_then(|r| {
+                        r.shorthand()
+                            .ok()
+                            .map(|s| s.trim_start_matches("origin/").to_string())
+                    })
             });
         return Ok((head, branch));
     }
@@ -206,9 +209,7 @@ fn resolve(
         return Ok((oid, None));
     }
     let looks_like_sha = revision.len() >= 4 && revision.chars().all(|c| c.is_ascii_hexdigit());
-    if looks_like_sha
-        && let Ok(commit) = repo.revparse_single(revision).and_then(|o| o.peel_to_commit())
-    {
+    if looks_like_sha && let Ok(commit) = repo.revparse_single(revision).and_then(|o| o.peel_to_commit()) {
         return Ok((commit.id(), None));
     }
     Err(CheckoutError::new(
@@ -232,16 +233,22 @@ fn check_out(repo: &Repository, oid: Oid, branch: Option<&str>) -> Result<(), Ch
     match branch {
         Some(name) if git2::Branch::name_is_valid(name).unwrap_or(false) => {
             repo.branch(name, &commit, true).map_err(fail)?;
-            repo.checkout_tree(commit.as_object(), Some(git2::build::CheckoutBuilder::new().force()))
-                .map_err(fail)?;
+            repo.checkout_tree(
+                commit.as_object(),
+                Some(git2::build::CheckoutBuilder::new().force()),
+            )
+            .map_err(fail)?;
             repo.set_head(&format!("refs/heads/{name}")).map_err(fail)?;
             if let Ok(mut b) = repo.find_branch(name, git2::BranchType::Local) {
                 let _ = b.set_upstream(Some(&format!("origin/{name}")));
             }
         }
         _ => {
-            repo.checkout_tree(commit.as_object(), Some(git2::build::CheckoutBuilder::new().force()))
-                .map_err(fail)?;
+            repo.checkout_tree(
+                commit.as_object(),
+                Some(git2::build::CheckoutBuilder::new().force()),
+            )
+            .map_err(fail)?;
             repo.set_head_detached(oid).map_err(fail)?;
         }
     }

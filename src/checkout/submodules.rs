@@ -63,7 +63,11 @@ pub(super) fn update(
     };
     let workdir = repo
         .workdir()
-        .ok_or_else(|| refuse(format!("{prefix}: a bare repository has no submodules to check out")))?
+        .ok_or_else(|| {
+            refuse(format!(
+                "{prefix}: a bare repository has no submodules to check out"
+            ))
+        })?
         .to_path_buf();
     let submodules = repo
         .submodules()
@@ -124,7 +128,16 @@ pub(super) fn update(
             commit,
             key: key.map(|k| k.kind).unwrap_or(crate::ssh::KeyKind::None),
         });
-        update(&sub, &url, workspace, depth, auth, cancel, &format!("{shown}/"), done)?;
+        update(
+            &sub,
+            &url,
+            workspace,
+            depth,
+            auth,
+            cancel,
+            &format!("{shown}/"),
+            done,
+        )?;
     }
     Ok(())
 }
@@ -161,7 +174,10 @@ mod tests {
             resolve_url("ssh://git@h:2222/org/app.git", "../../other/lib.git"),
             "ssh://git@h:2222/other/lib.git"
         );
-        assert_eq!(resolve_url("git@h:org/app.git", "../lib.git"), "git@h:org/lib.git");
+        assert_eq!(
+            resolve_url("git@h:org/app.git", "../lib.git"),
+            "git@h:org/lib.git"
+        );
         assert_eq!(resolve_url("git@h:app.git", "../lib.git"), "git@h:lib.git");
         assert_eq!(resolve_url("/srv/app/", "./sub"), "/srv/app/sub");
         assert_eq!(resolve_url("/srv/app", "git@h:x.git"), "git@h:x.git");

@@ -106,9 +106,19 @@ pub async fn jobs(remote: &Remote) -> Result<(), Failure> {
     println!("{:<32} {:<10} {:<15} MESSAGE", "JOB", "STATE", "FAILURE");
     for j in jobs {
         let failure = pb::FailureKind::try_from(j.failure)
-            .map(|f| f.as_str_name().trim_start_matches("FAILURE_KIND_").replace("UNSPECIFIED", "-"))
+            .map(|f| {
+                f.as_str_name()
+                    .trim_start_matches("FAILURE_KIND_")
+                    .replace("UNSPECIFIED", "-")
+            })
             .unwrap_or_default();
-        println!("{:<32} {:<10} {:<15} {}", j.job_id, state_name(j.state), failure, j.message);
+        println!(
+            "{:<32} {:<10} {:<15} {}",
+            j.job_id,
+            state_name(j.state),
+            failure,
+            j.message
+        );
     }
     Ok(())
 }
@@ -167,7 +177,10 @@ async fn follow_logs(client: &mut Client, job: &str, after: u64) -> Result<(), F
                     }
                 }
                 Some(Err(s)) => {
-                    eprintln!("runnel: connection lost ({}); resuming after event {last}", s.message());
+                    eprintln!(
+                        "runnel: connection lost ({}); resuming after event {last}",
+                        s.message()
+                    );
                     tokio::time::sleep(retry).await;
                     break;
                 }
@@ -178,7 +191,9 @@ async fn follow_logs(client: &mut Client, job: &str, after: u64) -> Result<(), F
             // The stream ended without a final state: the job ended before we
             // asked (nothing after `last`), or the connection was cut.
             let status = client
-                .get_job(pb::GetJobRequest { job_id: job.to_string() })
+                .get_job(pb::GetJobRequest {
+                    job_id: job.to_string(),
+                })
                 .await
                 .map(|s| s.into_inner());
             if let Ok(s) = status
@@ -198,7 +213,9 @@ async fn follow_logs(client: &mut Client, job: &str, after: u64) -> Result<(), F
 pub async fn cancel(remote: &Remote, job: &str) -> Result<(), Failure> {
     let mut client = connect(remote).await?;
     let status = client
-        .cancel_job(pb::CancelJobRequest { job_id: job.to_string() })
+        .cancel_job(pb::CancelJobRequest {
+            job_id: job.to_string(),
+        })
         .await
         .map_err(refused)?
         .into_inner();

@@ -22,7 +22,12 @@ pub struct Cli {
 #[derive(Debug, clap::Args)]
 pub struct Remote {
     /// The agent's address.
-    #[arg(long, env = "RUNNEL_ADDR", default_value = "http://127.0.0.1:7450", global = true)]
+    #[arg(
+        long,
+        env = "RUNNEL_ADDR",
+        default_value = "http://127.0.0.1:7450",
+        global = true
+    )]
     addr: String,
     /// A file holding the token to present.
     #[arg(long, env = "RUNNEL_TOKEN_FILE", global = true)]
@@ -202,17 +207,28 @@ pub fn main() -> ExitCode {
             init_tracing("info");
             runtime().and_then(|rt| rt.block_on(run::agent(config)))
         }
-        Command::Run { job, config, state_dir } => {
+        Command::Run {
+            job,
+            config,
+            state_dir,
+        } => {
             init_tracing("warn");
             runtime().and_then(|rt| rt.block_on(run::local(&job, config, state_dir)))
         }
         Command::Keyscan { host, timeout } => keyscan(&host, timeout),
-        Command::Submit { job, follow, remote } => runtime().and_then(|rt| rt.block_on(client::submit(&remote, &job, follow))),
-        Command::Jobs { remote } => runtime().and_then(|rt| rt.block_on(client::jobs(&remote))),
-        Command::Logs { job, follow, after, remote } => {
-            runtime().and_then(|rt| rt.block_on(client::logs(&remote, &job, after, follow)))
+        Command::Submit { job, follow, remote } => {
+            runtime().and_then(|rt| rt.block_on(client::submit(&remote, &job, follow)))
         }
-        Command::Cancel { job, remote } => runtime().and_then(|rt| rt.block_on(client::cancel(&remote, &job))),
+        Command::Jobs { remote } => runtime().and_then(|rt| rt.block_on(client::jobs(&remote))),
+        Command::Logs {
+            job,
+            follow,
+            after,
+            remote,
+        } => runtime().and_then(|rt| rt.block_on(client::logs(&remote, &job, after, follow))),
+        Command::Cancel { job, remote } => {
+            runtime().and_then(|rt| rt.block_on(client::cancel(&remote, &job)))
+        }
         Command::Info { remote } => runtime().and_then(|rt| rt.block_on(client::info(&remote))),
     };
     match result {

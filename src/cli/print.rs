@@ -25,13 +25,21 @@ pub fn event(e: &pb::JobEvent) -> Option<pb::JobState> {
             let _ = writeln!(err, "runnel: ── step {} \"{}\"", s.index + 1, s.name);
         }
         Event::StepFinished(r) => {
-            let secs = r.duration.map(|d| d.seconds as f64 + d.nanos as f64 / 1e9).unwrap_or(0.0);
+            let secs = r
+                .duration
+                .map(|d| d.seconds as f64 + d.nanos as f64 / 1e9)
+                .unwrap_or(0.0);
             let how = match (r.exit_code, r.signal) {
                 (0, _) => "succeeded".to_string(),
                 (-1, s) if s > 0 => format!("killed (signal {s})"),
                 (c, _) => format!("failed: exit status {c}"),
             };
-            let _ = writeln!(err, "runnel: step {} \"{}\" {how} in {secs:.2}s", r.index + 1, r.name);
+            let _ = writeln!(
+                err,
+                "runnel: step {} \"{}\" {how} in {secs:.2}s",
+                r.index + 1,
+                r.name
+            );
         }
         Event::Checkout(_) => {}
         Event::State(s) => {

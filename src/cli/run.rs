@@ -30,7 +30,9 @@ fn on_signals(first: CancellationToken, second: CancellationToken) -> Result<(),
 pub async fn agent(config: Option<PathBuf>) -> Result<(), Failure> {
     let config = Config::load(config.as_deref()).map_err(Failure::input)?;
     if config.auth.scheduler_tokens.is_empty() {
-        tracing::warn!("no scheduler token is configured ([auth] scheduler_tokens_file): every SubmitJob will be refused");
+        tracing::warn!(
+            "no scheduler token is configured ([auth] scheduler_tokens_file): every SubmitJob will be refused"
+        );
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -93,6 +95,8 @@ pub async fn local(job: &Path, config: Option<PathBuf>, state_dir: Option<PathBu
     match end {
         Some(api::pb::JobState::Succeeded) => Ok(()),
         Some(_) => Err(Failure::job_failed()),
-        None => Err(Failure::internal("the job's event log ended without a final state")),
+        None => Err(Failure::internal(
+            "the job's event log ended without a final state",
+        )),
     }
 }

@@ -127,7 +127,11 @@ pub fn load(path: &Path) -> Result<JobSpec, JobFileError> {
         source,
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+    let base = if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base
+    };
     let invalid = |source| JobFileError::Invalid {
         path: path.to_path_buf(),
         source,
@@ -149,26 +153,39 @@ fn read_beside(base: &Path, field: &str, file: &Path) -> Result<Vec<u8>, SpecErr
     })
 }
 
-fn key(base: &Path, field: &str, inline: Option<String>, file: Option<PathBuf>) -> Result<Option<Secret>, SpecError> {
+fn key(
+    base: &Path,
+    field: &str,
+    inline: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Option<Secret>, SpecError> {
     match (inline, file) {
         (Some(_), Some(_)) => Err(SpecError {
             field: field.to_string(),
             reason: format!("give either {field} or {field}_file, not both"),
         }),
         (Some(k), None) => Ok(Some(Secret::from(k))),
-        (None, Some(f)) => Ok(Some(Secret::new(read_beside(base, &format!("{field}_file"), &f)?))),
+        (None, Some(f)) => Ok(Some(Secret::new(read_beside(
+            base,
+            &format!("{field}_file"),
+            &f,
+        )?))),
         (None, None) => Ok(None),
     }
 }
 
 /// A repository given as a relative path is relative to the job file.
 fn repo_url(base: &Path, url: &str) -> String {
-    let looks_remote = url.contains("://") || (url.contains(':') && !url.starts_with('.') && !url.starts_with('/'));
+    let looks_remote =
+        url.contains("://") || (url.contains(':') && !url.starts_with('.') && !url.starts_with('/'));
     if looks_remote || Path::new(url).is_absolute() {
         return url.to_string();
     }
     let p = base.join(url);
-    std::fs::canonicalize(&p).unwrap_or(p).to_string_lossy().into_owned()
+    std::fs::canonicalize(&p)
+        .unwrap_or(p)
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
@@ -212,7 +229,12 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
             depth: c.depth,
         }),
         ssh: super::spec::SshCredentials {
-            deploy_key: key(base, "ssh.deploy_key", raw.ssh.deploy_key, raw.ssh.deploy_key_file)?,
+            deploy_key: key(
+                base,
+                "ssh.deploy_key",
+                raw.ssh.deploy_key,
+                raw.ssh.deploy_key_file,
+            )?,
             user_key: key(base, "ssh.user_key", raw.ssh.user_key, raw.ssh.user_key_file)?,
             known_hosts,
             passphrase: raw.ssh.passphrase.map(Secret::from),

@@ -22,9 +22,9 @@ use super::{Job, RUN_DIR, Registry};
 use crate::checkout::{self, Auth};
 use crate::logs::output::{CHUNK_CAP, Chunker, pump};
 use crate::logs::{EventKind, Masker, Stream as Out};
+use crate::runtime::Container;
 use crate::runtime::rootfs::{self, Rootfs};
 use crate::runtime::spec::{self as oci, ContainerConfig, WORKSPACE};
-use crate::runtime::Container;
 use crate::secret::Secret;
 use crate::ssh::{self, KeyKind, KnownHosts, SshDir};
 
@@ -81,7 +81,10 @@ impl Interrupt {
             Interrupt::StepTimeout(t) => End {
                 state: JobState::TimedOut,
                 failure: FailureKind::Timeout,
-                message: format!("{during} exceeded its timeout of {}", humantime::format_duration(t)),
+                message: format!(
+                    "{during} exceeded its timeout of {}",
+                    humantime::format_duration(t)
+                ),
             },
         }
     }
@@ -116,7 +119,10 @@ pub(super) async fn run(registry: &Arc<Registry>, job: &Arc<Job>, spec: JobSpec)
             .catch_unwind()
             .await
             .unwrap_or_else(|_| {
-                End::failed(FailureKind::Agent, "runnel itself failed while running this job (a bug); see the agent's log")
+                End::failed(
+                    FailureKind::Agent,
+                    "runnel itself failed while running this job (a bug); see the agent's log",
+                )
             });
         tracing::info!(
             state = end.state.name(),
@@ -194,7 +200,12 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
 
     let run_dir = match RunDir::create(job.dir.join(RUN_DIR)) {
         Ok(d) => d,
-        Err(e) => return End::failed(FailureKind::Agent, format!("cannot create the job's run directory: {e}")),
+        Err(e) => {
+            return End::failed(
+                FailureKind::Agent,
+                format!("cannot create the job's run directory: {e}"),
+            );
+        }
     };
     let workspace = run_dir.0.join("workspace");
     let ssh_dir = if prepared.keys.is_empty() && prepared.known_hosts.is_empty() {
@@ -202,11 +213,19 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
     } else {
         match SshDir::write(&run_dir.0.join("ssh"), &prepared.keys, &prepared.known_hosts) {
             Ok(d) => Some(d),
-            Err(e) => return End::failed(FailureKind::Agent, format!("cannot write the job's ssh directory: {e}")),
+            Err(e) => {
+                return End::failed(
+                    FailureKind::Agent,
+                    format!("cannot write the job's ssh directory: {e}"),
+                );
+            }
         }
     };
     for k in &prepared.keys {
-        job.system_line(0, &format!("runnel: {} {} {}", k.kind.label(), k.algorithm, k.fingerprint));
+        job.system_line(
+            0,
+            &format!("runnel: {} {} {}", k.kind.label(), k.algorithm, k.fingerprint),
+        );
     }
 
     if let Some(co) = &spec.checkout {
@@ -234,7 +253,15 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
                 };
                 job.system_line(0, &format!("runnel: checked out {}{key}", done.commit));
                 for sm in &done.submodules {
-                    job.system_line(0, &format!("runnel: submodule {} at {} ({})", sm.path, sm.commit, sm.key.label()));
+                    job.system_line(
+                        0,
+                        &format!(
+                            "runnel: submodule {} at {} ({})",
+                            sm.path,
+                            sm.commit,
+                            sm.key.label()
+                        ),
+                    );
                 }
                 job.emit(EventKind::Checkout(done));
             }
@@ -252,12 +279,19 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
     if image != "host" {
         return End::failed(
             FailureKind::Image,
-            format!("image {image:?}: this agent runs jobs on the \"host\" image only (container.image = \"host\")"),
+            format!(
+                "image {image:?}: this agent runs jobs on the \"host\" image only (container.image = \"host\")"
+            ),
         );
     }
     let rootfs = match Rootfs::overlay(&run_dir.0, &[Path::new("/")]) {
         Ok(r) => r,
-        Err(e) => return End::failed(FailureKind::Image, format!("cannot prepare the root filesystem: {e}")),
+        Err(e) => {
+            return End::failed(
+                FailureKind::Image,
+                format!("cannot prepare the root filesystem: {e}"),
+            );
+        }
     };
     let r = &spec.container.resources;
     let d = &config.runtime;
@@ -289,12 +323,29 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
     };
     let mut container = match container {
         Ok(c) => c,
-        Err(e) => return End::failed(FailureKind::Agent, format!("cannot start the job's container ({}): {e}", registry.runtime.name())),
+        Err(e) => {
+            return End::failed(
+                FailureKind::Agent,
+                format!(
+                    "cannot start the job's container ({}): {e}",
+                    registry.runtime.name()
+                ),
+            );
+        }
     };
 
     job.transition(|s| s.state = JobState::Running);
     let env = base_env(spec, &job.id);
-    let end = run_steps(job, &mut container, spec, &env, &masker, &limits, config.runtime.grace_period).await;
+    let end = run_steps(
+        job,
+        &mut container,
+        spec,
+        &env,
+        &masker,
+        &limits,
+        config.runtime.grace_period,
+    )
+    .await;
     container.remove(config.runtime.grace_period).await;
     drop(rootfs);
     drop(ssh_dir);
@@ -319,18 +370,27 @@ fn prepare_keys(spec: &JobSpec) -> Result<PreparedKeys, String> {
     ] {
         let Some(bytes) = bytes else { continue };
         mask.extend(ssh::keys::mask_values(bytes, None));
-        let key = ssh::keys::parse(kind, field, bytes, spec.ssh.passphrase.as_ref()).map_err(|e| e.to_string())?;
+        let key =
+            ssh::keys::parse(kind, field, bytes, spec.ssh.passphrase.as_ref()).map_err(|e| e.to_string())?;
         mask.extend(ssh::keys::mask_values(bytes, Some(&key)));
         keys.push(key);
     }
     if let Some(p) = &spec.ssh.passphrase {
         mask.push(p.clone());
     }
-    Ok(PreparedKeys { keys, known_hosts, mask })
+    Ok(PreparedKeys {
+        keys,
+        known_hosts,
+        mask,
+    })
 }
 
 fn secrets_of(spec: &JobSpec, extra: &[Secret]) -> Vec<Secret> {
-    spec.secrets.iter().map(|s| s.value.clone()).chain(extra.iter().cloned()).collect()
+    spec.secrets
+        .iter()
+        .map(|s| s.value.clone())
+        .chain(extra.iter().cloned())
+        .collect()
 }
 
 fn base_env(spec: &JobSpec, job_id: &str) -> BTreeMap<String, String> {
@@ -342,7 +402,10 @@ fn base_env(spec: &JobSpec, job_id: &str) -> BTreeMap<String, String> {
     env.insert("RUNNEL_JOB_ID".into(), job_id.into());
     env.extend(spec.env.clone());
     for s in &spec.secrets {
-        env.insert(s.name.clone(), String::from_utf8_lossy(s.value.expose()).into_owned());
+        env.insert(
+            s.name.clone(),
+            String::from_utf8_lossy(s.value.expose()).into_owned(),
+        );
     }
     env
 }
@@ -403,7 +466,11 @@ async fn run_step(
     let mut env = base_env.clone();
     env.extend(step.env.clone());
     env.insert("RUNNEL_STEP".into(), step.name.clone());
-    let process = oci::process(vec!["/bin/sh".into(), "-c".into(), step.run.clone()], &env, WORKSPACE);
+    let process = oci::process(
+        vec!["/bin/sh".into(), "-c".into(), step.run.clone()],
+        &env,
+        WORKSPACE,
+    );
     let pipes = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .and_then(|o| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map(|e| (o, e)));
     let ((out_r, out_w), (err_r, err_w)) = match pipes {
@@ -417,7 +484,13 @@ async fn run_step(
     let exited = CancellationToken::new();
     let sink = |stream: Out| {
         let job = job.clone();
-        move |data: Vec<u8>| job.emit(EventKind::Log { step: index, stream, data })
+        move |data: Vec<u8>| {
+            job.emit(EventKind::Log {
+                step: index,
+                stream,
+                data,
+            })
+        }
     };
     let work = async {
         let wait = async {
@@ -427,8 +500,18 @@ async fn run_step(
         };
         let (status, _, _) = tokio::join!(
             wait,
-            pump(out_r, Chunker::new(masker.clone(), CHUNK_CAP), exited.clone(), sink(Out::Stdout)),
-            pump(err_r, Chunker::new(masker.clone(), CHUNK_CAP), exited.clone(), sink(Out::Stderr)),
+            pump(
+                out_r,
+                Chunker::new(masker.clone(), CHUNK_CAP),
+                exited.clone(),
+                sink(Out::Stdout)
+            ),
+            pump(
+                err_r,
+                Chunker::new(masker.clone(), CHUNK_CAP),
+                exited.clone(),
+                sink(Out::Stderr)
+            ),
         );
         status
     };
@@ -462,7 +545,11 @@ async fn run_step(
     result.state = end.state;
     result.exit_code = -1;
     result.signal = match status {
-        Ok(Ok(s)) => s.code().filter(|c| *c > 128).map(|c| c - 128).unwrap_or(libc::SIGKILL),
+        Ok(Ok(s)) => s
+            .code()
+            .filter(|c| *c > 128)
+            .map(|c| c - 128)
+            .unwrap_or(libc::SIGKILL),
         _ => libc::SIGKILL,
     };
     (result, Some(end))

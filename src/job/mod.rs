@@ -77,7 +77,11 @@ impl Job {
     }
 
     fn is_final(&self) -> bool {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).state.is_final()
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state
+            .is_final()
     }
 
     /// Changes the job's status and records the change as an event.
@@ -227,7 +231,11 @@ impl Registry {
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Job>> {
-        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
     }
 
     /// Cancels a queued or running job; an ended job is left as it is.
@@ -242,7 +250,13 @@ impl Registry {
 
     /// Every job known, oldest first.
     pub fn list(&self) -> Vec<JobStatus> {
-        let jobs: Vec<Arc<Job>> = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let jobs: Vec<Arc<Job>> = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
         let mut out: Vec<JobStatus> = jobs.iter().map(|j| j.status()).collect();
         out.sort_by(|a, b| a.created.cmp(&b.created).then(a.job_id.cmp(&b.job_id)));
         out
@@ -268,7 +282,13 @@ impl Registry {
     /// Cancels every job still running and waits for all to end.
     pub async fn shutdown(&self) {
         self.drain();
-        let jobs: Vec<Arc<Job>> = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let jobs: Vec<Arc<Job>> = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
         for job in jobs {
             job.cancel.cancel();
         }

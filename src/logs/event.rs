@@ -24,8 +24,15 @@ pub enum Stream {
 pub enum EventKind {
     State(JobStatus),
     Checkout(CheckoutDone),
-    StepStarted { index: u32, name: String },
-    Log { step: u32, stream: Stream, data: Vec<u8> },
+    StepStarted {
+        index: u32,
+        name: String,
+    },
+    Log {
+        step: u32,
+        stream: Stream,
+        data: Vec<u8>,
+    },
     StepFinished(StepResult),
 }
 
@@ -113,9 +120,7 @@ impl Event {
                     name: b.name,
                 }
             }
-            TAG_STEP_FINISHED => {
-                EventKind::StepFinished(serde_json::from_slice(body).map_err(bad)?)
-            }
+            TAG_STEP_FINISHED => EventKind::StepFinished(serde_json::from_slice(body).map_err(bad)?),
             TAG_LOG if body.len() >= 5 => EventKind::Log {
                 step: u32::from_le_bytes(body[0..4].try_into().unwrap()),
                 stream: match body[4] {

@@ -39,10 +39,7 @@ const BATCH_BYTES: usize = 256 * 1024;
 impl EventLog {
     /// Starts a new, empty log.
     pub fn create(path: &Path) -> io::Result<EventLog> {
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(path)?;
+        let file = OpenOptions::new().create_new(true).append(true).open(path)?;
         Ok(EventLog {
             path: path.to_path_buf(),
             writer: Mutex::new(Some(file)),
@@ -213,7 +210,10 @@ impl Reader {
             if next > end {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("event log {}: record {seq} runs past the end", self.path.display()),
+                    format!(
+                        "event log {}: record {seq} runs past the end",
+                        self.path.display()
+                    ),
                 ));
             }
             if seq <= self.after_seq {
@@ -222,8 +222,7 @@ impl Reader {
                 let mut rec = vec![0u8; len as usize];
                 rec[..HEADER_LEN - 4].copy_from_slice(&header[4..]);
                 file.read_exact(&mut rec[HEADER_LEN - 4..])?;
-                let event = Event::decode(&rec)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let event = Event::decode(&rec).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 bytes += rec.len();
                 self.after_seq = seq;
                 out.push(event);
@@ -270,10 +269,7 @@ mod tests {
     }
 
     async fn seqs(log: &EventLog, after: u64, follow: bool) -> Vec<u64> {
-        log.watch(after, follow)
-            .map(|e| e.unwrap().seq)
-            .collect()
-            .await
+        log.watch(after, follow).map(|e| e.unwrap().seq).collect().await
     }
 
     #[tokio::test]

@@ -87,11 +87,7 @@ impl Masker {
             if !self.starts[suffix[0] as usize] {
                 continue;
             }
-            if self
-                .patterns
-                .iter()
-                .any(|p| p.len() > k && p.starts_with(suffix))
-            {
+            if self.patterns.iter().any(|p| p.len() > k && p.starts_with(suffix)) {
                 return k;
             }
         }
@@ -137,10 +133,7 @@ impl MaskStream {
         if let Some(&(s, _)) = intervals.iter().find(|&&(s, e)| s < boundary && e > boundary) {
             boundary = s;
         }
-        let done: Vec<(usize, usize)> = intervals
-            .into_iter()
-            .filter(|&(_, e)| e <= boundary)
-            .collect();
+        let done: Vec<(usize, usize)> = intervals.into_iter().filter(|&(_, e)| e <= boundary).collect();
         self.masker.emit(&self.held[..boundary], &done, out);
         self.held.drain(..boundary);
     }

@@ -146,10 +146,7 @@ mod tests {
     #[test]
     fn cuts_at_the_cap() {
         let mut c = chunker(&[], 4);
-        assert_eq!(
-            c.push(b"abcdefghij"),
-            vec![b"abcd".to_vec(), b"efgh".to_vec()]
-        );
+        assert_eq!(c.push(b"abcdefghij"), vec![b"abcd".to_vec(), b"efgh".to_vec()]);
         assert_eq!(c.finish(), Some(b"ij".to_vec()));
     }
 
@@ -171,11 +168,9 @@ mod tests {
             f.write_all(b"o\n").unwrap();
         });
         let mut got = Vec::new();
-        let n = pump(r, chunker(&[], 1024), CancellationToken::new(), |c| {
-            got.extend(c)
-        })
-        .await
-        .unwrap();
+        let n = pump(r, chunker(&[], 1024), CancellationToken::new(), |c| got.extend(c))
+            .await
+            .unwrap();
         writer.join().unwrap();
         assert_eq!(n, 8);
         assert_eq!(got, b"one\ntwo\n");

@@ -26,7 +26,12 @@ fn err(what: &str) -> impl FnOnce(libcontainer::error::LibcontainerError) -> Str
 pub fn run(root: &Path, bundle: &Path, pid_file: &Path, id: &str) -> Result<i32> {
     // Block the signals we pass on before init exists, so none is lost.
     let mut forwarded = SigSet::empty();
-    for s in [NixSignal::SIGTERM, NixSignal::SIGINT, NixSignal::SIGHUP, NixSignal::SIGCHLD] {
+    for s in [
+        NixSignal::SIGTERM,
+        NixSignal::SIGINT,
+        NixSignal::SIGHUP,
+        NixSignal::SIGCHLD,
+    ] {
         forwarded.add(s);
     }
     let mut container = ContainerBuilder::new(id.to_string(), SyscallType::default())
@@ -124,7 +129,8 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
 /// `state ID`: the container's state as JSON.
 pub fn state(root: &Path, id: &str) -> Result<String> {
     let mut c = load(root, id)?;
-    c.refresh_status().map_err(err("cannot read the container's status"))?;
+    c.refresh_status()
+        .map_err(err("cannot read the container's status"))?;
     Ok(serde_json::json!({
         "id": id,
         "status": format!("{:?}", c.status()).to_lowercase(),

@@ -41,13 +41,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("runtime.kind = {kind:?}, but no `{kind}` binary was found on PATH; install it or set runtime.path")]
+    #[error(
+        "runtime.kind = {kind:?}, but no `{kind}` binary was found on PATH; install it or set runtime.path"
+    )]
     NotInstalled { kind: &'static str },
     #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    Io { what: String, source: std::io::Error },
     #[error("the container did not start: {0}")]
     Start(String),
 }
@@ -208,7 +207,8 @@ impl Runtime {
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     std::env::split_paths(&path)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
@@ -245,7 +245,9 @@ impl RuntimeHandle {
     fn command_sync(&self) -> std::process::Command {
         let mut cmd = std::process::Command::new(&self.program);
         cmd.args(&self.prefix).arg("--root").arg(&self.root);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         cmd
     }
 }
@@ -274,7 +276,9 @@ impl Container {
             }
             if let Ok(Some(status)) = self.init.try_wait() {
                 let stderr = self.runtime_stderr().await;
-                return Err(RuntimeError::Start(format!("the runtime exited ({status}): {stderr}")));
+                return Err(RuntimeError::Start(format!(
+                    "the runtime exited ({status}): {stderr}"
+                )));
             }
             if Instant::now() > deadline {
                 return Err(RuntimeError::Start(format!(
@@ -296,7 +300,12 @@ impl Container {
     /// the process's (128 + n when killed by signal n). The process spec
     /// holds the step's environment (secrets too): it is wiped when the
     /// returned guard is dropped.
-    pub fn exec(&self, process: &Process, stdout: OwnedFd, stderr: OwnedFd) -> Result<(Child, WipeOnDrop), RuntimeError> {
+    pub fn exec(
+        &self,
+        process: &Process,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    ) -> Result<(Child, WipeOnDrop), RuntimeError> {
         let n = self.execs.fetch_add(1, Ordering::Relaxed);
         let path = self.bundle.join(format!("process-{n}.json"));
         let json = serde_json::to_vec(process).expect("a process spec serialises");
@@ -307,9 +316,11 @@ impl Container {
             .open(&path)
             .map_err(io_err(format!("cannot write {}", path.display())))?;
         let guard = WipeOnDrop(path.clone());
-        file.write_all(&json).map_err(io_err(format!("cannot write {}", path.display())))?;
+        file.write_all(&json)
+            .map_err(io_err(format!("cannot write {}", path.display())))?;
         drop(file);
-        let child = self.runtime
+        let child = self
+            .runtime
             .command()
             .arg("exec")
             .arg("--process")
@@ -341,7 +352,10 @@ impl Container {
         }
         tracing::info!(container = %self.id, "grace period over; killing the container");
         let _ = self.signal("KILL").await;
-        if tokio::time::timeout(Duration::from_secs(10), self.init.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), self.init.wait())
+            .await
+            .is_err()
+        {
             let _ = self.init.start_kill();
         }
     }
@@ -383,7 +397,9 @@ impl Container {
     /// What the runtime printed on its stderr, for error messages.
     pub async fn runtime_stderr(&mut self) -> String {
         match self.init_stderr.take() {
-            Some(t) => String::from_utf8_lossy(&t.await.unwrap_or_default()).trim().to_string(),
+            Some(t) => String::from_utf8_lossy(&t.await.unwrap_or_default())
+                .trim()
+                .to_string(),
             None => String::new(),
         }
     }
@@ -393,7 +409,11 @@ impl Drop for Container {
     fn drop(&mut self) {
         if !self.removed {
             // The job's task was cut short (a panic, a dropped future).
-            let _ = self.runtime.command_sync().args(["delete", "--force", &self.id]).status();
+            let _ = self
+                .runtime
+                .command_sync()
+                .args(["delete", "--force", &self.id])
+                .status();
         }
     }
 }

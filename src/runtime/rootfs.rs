@@ -41,7 +41,12 @@ impl Rootfs {
             MsFlags::empty(),
             Some(data.as_str()),
         )
-        .map_err(|e| io::Error::other(format!("cannot mount the overlay root at {}: {e}", mountpoint.display())))?;
+        .map_err(|e| {
+            io::Error::other(format!(
+                "cannot mount the overlay root at {}: {e}",
+                mountpoint.display()
+            ))
+        })?;
         Ok(Rootfs {
             dir: dir.to_path_buf(),
             mountpoint,

@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilities, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
-    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
-    LinuxResourcesBuilder, Mount, MountBuilder, Process,
-    ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder,
+    Mount, MountBuilder, Process, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 
 use crate::job::spec::{Network, Resources};
@@ -90,7 +89,13 @@ pub fn process(args: Vec<String>, env: &BTreeMap<String, String>, cwd: &str) -> 
     let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     ProcessBuilder::default()
         .terminal(false)
-        .user(UserBuilder::default().uid(0u32).gid(0u32).build().expect("uid and gid set"))
+        .user(
+            UserBuilder::default()
+                .uid(0u32)
+                .gid(0u32)
+                .build()
+                .expect("uid and gid set"),
+        )
         .args(args)
         .env(env)
         .cwd(cwd)
@@ -115,15 +120,30 @@ pub fn container_spec(c: &ContainerConfig) -> Spec {
             "devpts",
             &["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
         ),
-        mount("/dev/shm", "tmpfs", "shm", &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
+        mount(
+            "/dev/shm",
+            "tmpfs",
+            "shm",
+            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        ),
         mount("/dev/mqueue", "mqueue", "mqueue", &["nosuid", "noexec", "nodev"]),
         mount("/tmp", "tmpfs", "tmpfs", &["nosuid", "nodev", "mode=1777"]),
     ];
     // sysfs can only be mounted in a network namespace of our own.
     if c.network == Network::None {
-        mounts.push(mount("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev", "ro"]));
+        mounts.push(mount(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        ));
     } else {
-        mounts.push(mount("/sys", "bind", "/sys", &["rbind", "nosuid", "noexec", "nodev", "ro"]));
+        mounts.push(mount(
+            "/sys",
+            "bind",
+            "/sys",
+            &["rbind", "nosuid", "noexec", "nodev", "ro"],
+        ));
     }
     mounts.push(mount(
         "/sys/fs/cgroup",
@@ -149,7 +169,12 @@ pub fn container_spec(c: &ContainerConfig) -> Spec {
     }
     let namespaces: Vec<_> = namespaces
         .into_iter()
-        .map(|t| LinuxNamespaceBuilder::default().typ(t).build().expect("namespace type set"))
+        .map(|t| {
+            LinuxNamespaceBuilder::default()
+                .typ(t)
+                .build()
+                .expect("namespace type set")
+        })
         .collect();
 
     let mut resources = LinuxResourcesBuilder::default();
@@ -163,7 +188,12 @@ pub fn container_spec(c: &ContainerConfig) -> Spec {
         );
     }
     if let Some(p) = c.resources.max_pids {
-        resources = resources.pids(LinuxPidsBuilder::default().limit(p as i64).build().expect("pids set"));
+        resources = resources.pids(
+            LinuxPidsBuilder::default()
+                .limit(p as i64)
+                .build()
+                .expect("pids set"),
+        );
     }
     if let Some(millis) = c.resources.cpu_millis {
         resources = resources.cpu(
@@ -199,10 +229,16 @@ pub fn container_spec(c: &ContainerConfig) -> Spec {
         .resources(resources.build().expect("resources are complete"))
         .masked_paths(masked)
         .readonly_paths(
-            ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>(),
+            [
+                "/proc/bus",
+                "/proc/fs",
+                "/proc/irq",
+                "/proc/sys",
+                "/proc/sysrq-trigger",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>(),
         )
         .build()
         .expect("linux fields are complete");
@@ -269,7 +305,10 @@ mod tests {
         assert!(linux["maskedPaths"].to_string().contains("/var/lib/runnel"));
         assert_eq!(json["process"]["noNewPrivileges"], true);
         let caps = json["process"]["capabilities"]["bounding"].to_string();
-        assert!(!caps.contains("CAP_SYS_ADMIN") && caps.contains("CAP_CHOWN"), "{caps}");
+        assert!(
+            !caps.contains("CAP_SYS_ADMIN") && caps.contains("CAP_CHOWN"),
+            "{caps}"
+        );
         let mounts = json["mounts"].to_string();
         assert!(mounts.contains("\"/workspace\"") && mounts.contains("\"/root/.ssh\""));
     }

@@ -44,7 +44,11 @@ impl SshDir {
             )?;
             identity_lines.push_str(&format!("    IdentityFile ~/.ssh/{name}\n"));
         }
-        write_file(&path.join("known_hosts"), known_hosts.file_text().as_bytes(), 0o644)?;
+        write_file(
+            &path.join("known_hosts"),
+            known_hosts.file_text().as_bytes(),
+            0o644,
+        )?;
         let config = format!(
             "# Written by runnel for this job: only the job's keys (user key first),\n\
              # only the pinned host keys.\n\

@@ -87,8 +87,7 @@ pub fn parse(
         ));
     } else {
         return Err(fail(
-            "is not an OpenSSH or PEM private key (expected \"-----BEGIN ... PRIVATE KEY-----\")"
-                .into(),
+            "is not an OpenSSH or PEM private key (expected \"-----BEGIN ... PRIVATE KEY-----\")".into(),
         ));
     };
     let public = key.public_key();
@@ -109,9 +108,11 @@ fn from_pem(text: &str) -> Result<PrivateKey, String> {
     use rsa::pkcs1::DecodeRsaPrivateKey;
 
     if text.contains("Proc-Type: 4,ENCRYPTED") || text.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY") {
-        return Err("is an encrypted PEM key, which runnel does not read; convert it to the \
+        return Err(
+            "is an encrypted PEM key, which runnel does not read; convert it to the \
                     OpenSSH format with `ssh-keygen -p -f KEYFILE`"
-            .into());
+                .into(),
+        );
     }
     let data: KeypairData = if text.starts_with("-----BEGIN RSA PRIVATE KEY-----") {
         let key = rsa::RsaPrivateKey::from_pkcs1_pem(text)
@@ -194,7 +195,10 @@ mod tests {
     #[test]
     fn refuses_what_is_not_a_private_key_without_quoting_it() {
         let cases = [
-            ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB secret-comment", "public key"),
+            (
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB secret-comment",
+                "public key",
+            ),
             ("hello secret-comment", "not an OpenSSH or PEM"),
             (
                 "-----BEGIN OPENSSH PRIVATE KEY-----\nsecret-comment\n-----END OPENSSH PRIVATE KEY-----",

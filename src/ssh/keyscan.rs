@@ -20,10 +20,7 @@ const ALGORITHMS: &[&str] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum KeyscanError {
     #[error("cannot connect to {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
+    Connect { addr: String, source: std::io::Error },
     #[error("{addr} offered none of the host key types runnel asks for (is it an SSH server?)")]
     NoKeys { addr: String },
 }
@@ -87,7 +84,10 @@ mod tests {
     #[test]
     fn host_port_forms() {
         assert_eq!(split_host_port("example.org"), Some(("example.org".into(), 22)));
-        assert_eq!(split_host_port("127.0.0.1:2222"), Some(("127.0.0.1".into(), 2222)));
+        assert_eq!(
+            split_host_port("127.0.0.1:2222"),
+            Some(("127.0.0.1".into(), 2222))
+        );
         assert_eq!(split_host_port("[::1]:2222"), Some(("::1".into(), 2222)));
         assert_eq!(split_host_port("[::1]"), Some(("::1".into(), 22)));
         assert_eq!(split_host_port("host:notaport"), None);

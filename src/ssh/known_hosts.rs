@@ -31,7 +31,9 @@ pub enum HostKeyCheck {
     /// No entry names this host.
     NotPinned,
     /// Entries name the host, with other keys (their types given).
-    Mismatch { pinned: Vec<String> },
+    Mismatch {
+        pinned: Vec<String>,
+    },
     /// The key is listed as `@revoked`.
     Revoked,
 }
@@ -46,11 +48,9 @@ impl KnownHosts {
                 continue;
             }
             let fail = |reason: String| KnownHostsError { index, reason };
-            let entry: Entry = trimmed.parse().map_err(|e| {
-                fail(format!(
-                    "not a known_hosts line (\"host keytype base64\"): {e}"
-                ))
-            })?;
+            let entry: Entry = trimmed
+                .parse()
+                .map_err(|e| fail(format!("not a known_hosts line (\"host keytype base64\"): {e}")))?;
             if entry.marker() == Some(&Marker::CertAuthority) {
                 return Err(fail(
                     "@cert-authority lines are not supported; pin the host's own keys \
@@ -81,7 +81,11 @@ impl KnownHosts {
     pub fn check(&self, host: &str, port: u16, key_blob: &[u8]) -> HostKeyCheck {
         let name = lookup_name(host, port);
         let presented = PublicKey::from_bytes(key_blob).ok();
-        let same = |e: &Entry| presented.as_ref().is_some_and(|p| p.key_data() == e.public_key().key_data());
+        let same = |e: &Entry| {
+            presented
+                .as_ref()
+                .is_some_and(|p| p.key_data() == e.public_key().key_data())
+        };
         let for_host: Vec<&Entry> = self
             .entries
             .iter()
@@ -248,7 +252,10 @@ mod tests {
     fn wildcards_and_negation() {
         let k = kh(&[&format!("*.example.org,!evil.example.org ssh-ed25519 {K1}")]);
         assert_eq!(k.check("git.example.org", 22, &blob(K1)), HostKeyCheck::Pinned);
-        assert_eq!(k.check("evil.example.org", 22, &blob(K1)), HostKeyCheck::NotPinned);
+        assert_eq!(
+            k.check("evil.example.org", 22, &blob(K1)),
+            HostKeyCheck::NotPinned
+        );
         assert_eq!(k.check("GIT.Example.org", 22, &blob(K1)), HostKeyCheck::Pinned);
     }
 
@@ -259,8 +266,8 @@ mod tests {
             &format!("@revoked example.org ssh-ed25519 {K1}"),
         ]);
         assert_eq!(k.check("example.org", 22, &blob(K1)), HostKeyCheck::Revoked);
-        let err = KnownHosts::parse(&[format!("@cert-authority *.example.org ssh-ed25519 {K1}")])
-            .unwrap_err();
+        let err =
+            KnownHosts::parse(&[format!("@cert-authority *.example.org ssh-ed25519 {K1}")]).unwrap_err();
         assert!(err.to_string().contains("@cert-authority"), "{err}");
         let err = KnownHosts::parse(&["".into(), "garbage".into()]).unwrap_err();
         assert_eq!(err.index, 1);
@@ -269,7 +276,10 @@ mod tests {
     #[test]
     fn lines_carry_their_fingerprint() {
         let line = line_for("127.0.0.1", 2222, &blob(K1));
-        assert!(line.starts_with(&format!("[127.0.0.1]:2222 ssh-ed25519 {K1} # SHA256:")), "{line}");
+        assert!(
+            line.starts_with(&format!("[127.0.0.1]:2222 ssh-ed25519 {K1} # SHA256:")),
+            "{line}"
+        );
         // The commented line parses back and matches.
         let k = kh(&[&line]);
         assert_eq!(k.check("127.0.0.1", 2222, &blob(K1)), HostKeyCheck::Pinned);

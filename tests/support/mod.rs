@@ -72,7 +72,11 @@ impl Agent {
         let state = tempfile::Builder::new().prefix("runnel-test.").tempdir().unwrap();
         let dir = state.path();
         std::fs::write(dir.join("scheduler.tokens"), format!("{SCHEDULER_TOKEN}\n")).unwrap();
-        std::fs::write(dir.join("operator.tokens"), format!("# operators\n{OPERATOR_TOKEN}\n")).unwrap();
+        std::fs::write(
+            dir.join("operator.tokens"),
+            format!("# operators\n{OPERATOR_TOKEN}\n"),
+        )
+        .unwrap();
         let config = format!(
             "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n{extra}\n[auth]\nscheduler_tokens_file = \"{}\"\noperator_tokens_file = \"{}\"\n",
             dir.join("state").display(),
@@ -117,7 +121,10 @@ impl Agent {
             }
         });
         let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            panic!("the agent did not start listening; its log:\n{}", self.log.lock().unwrap().join("\n"))
+            panic!(
+                "the agent did not start listening; its log:\n{}",
+                self.log.lock().unwrap().join("\n")
+            )
         });
         self.addr = format!("http://{addr}");
         self.child = Some(child);
@@ -149,7 +156,11 @@ impl Agent {
                 self.child = None;
                 return s;
             }
-            assert!(Instant::now() < deadline, "the agent did not exit; its log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not exit; its log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -182,8 +193,14 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGINT);
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -197,7 +214,11 @@ impl Drop for Agent {
         // A failed test may leave mounts behind; never leave them to the next.
         if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
             let base = self.state.path().to_string_lossy().to_string();
-            for mp in info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&base)) {
+            for mp in info
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|m| m.starts_with(&base))
+            {
                 let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
             }
         }
@@ -241,7 +262,10 @@ pub async fn watch(c: &mut Client, id: &str, after: u64) -> Vec<pb::JobEvent> {
         .into_inner();
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-    while let Some(e) = tokio::time::timeout_at(deadline, s.next()).await.expect("the job ended in time") {
+    while let Some(e) = tokio::time::timeout_at(deadline, s.next())
+        .await
+        .expect("the job ended in time")
+    {
         out.push(e.expect("event"));
     }
     out
@@ -305,10 +329,14 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let p = e.path();
-            let Ok(m) = std::fs::symlink_metadata(&p) else { continue };
+            let Ok(m) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
             if m.is_dir() {
                 stack.push(p);
             } else if m.is_file()

@@ -28,7 +28,14 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
     sh(Command::new("git")
         .arg("-C")
         .arg(dir)
-        .args(["-c", "protocol.file.allow=always", "-c", "user.name=t", "-c", "user.email=t@example.org"])
+        .args([
+            "-c",
+            "protocol.file.allow=always",
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.org",
+        ])
         .args(args)
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("HOME", dir))
@@ -49,17 +56,24 @@ impl KeyPair {
     pub fn generate(dir: &Path, name: &str, kind: &str, passphrase: &str, extra: &[&str]) -> KeyPair {
         let private = dir.join(name);
         let mut cmd = Command::new("ssh-keygen");
-        cmd.args(["-q", "-t", kind, "-N", passphrase, "-C", name, "-f"]).arg(&private).args(extra);
+        cmd.args(["-q", "-t", kind, "-N", passphrase, "-C", name, "-f"])
+            .arg(&private)
+            .args(extra);
         if kind == "rsa" {
             cmd.args(["-b", "2048"]);
         }
         sh(&mut cmd);
-        let public_line = std::fs::read_to_string(private.with_extension("pub")).unwrap().trim().to_string();
-        let fingerprint = sh(Command::new("ssh-keygen").arg("-lf").arg(private.with_extension("pub")))
-            .split_whitespace()
-            .nth(1)
+        let public_line = std::fs::read_to_string(private.with_extension("pub"))
             .unwrap()
+            .trim()
             .to_string();
+        let fingerprint = sh(Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(private.with_extension("pub")))
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
         KeyPair {
             private,
             public_line,
@@ -82,7 +96,11 @@ pub struct GitServer {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl GitServer {
@@ -94,7 +112,9 @@ impl GitServer {
         let d = dir.path();
         std::fs::create_dir_all(d.join("repos")).unwrap();
         let host = KeyPair::generate(d, "host_ed25519", "ed25519", "", &[]);
-        let git_bin = sh(Command::new("sh").args(["-c", "command -v git"])).trim().to_string();
+        let git_bin = sh(Command::new("sh").args(["-c", "command -v git"]))
+            .trim()
+            .to_string();
         let wrapper = d.join("git-serve");
         std::fs::write(
             &wrapper,
@@ -136,7 +156,11 @@ esac
             ));
         }
         for key in users {
-            authorized.push_str(&format!("command=\"{} user\",{opts} {}\n", wrapper.display(), key.public_line));
+            authorized.push_str(&format!(
+                "command=\"{} user\",{opts} {}\n",
+                wrapper.display(),
+                key.public_line
+            ));
         }
         std::fs::write(d.join("authorized_keys"), authorized).unwrap();
         let port = free_port();
@@ -163,7 +187,12 @@ esac
         wait_for("sshd to listen", Duration::from_secs(20), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        let key_b64 = host.public_line.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        let key_b64 = host
+            .public_line
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
         GitServer {
             port,
             known_hosts_line: format!("[127.0.0.1]:{port} {key_b64}"),
@@ -196,7 +225,10 @@ esac
         git(&work, &["commit", "-q", "-m", &format!("first commit of {path}")]);
         let bare = self.repos().join(path);
         std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
-        sh(Command::new("git").args(["clone", "-q", "--bare"]).arg(&work).arg(&bare));
+        sh(Command::new("git")
+            .args(["clone", "-q", "--bare"])
+            .arg(&work)
+            .arg(&bare));
         git(&work, &["remote", "add", "origin", bare.to_str().unwrap()]);
         git(&work, &["fetch", "-q", "origin"]);
         work
