@@ -70,6 +70,8 @@ struct RawRuntime {
     cpu_millis: Option<u32>,
     grace_period: Option<String>,
     job_timeout: Option<String>,
+    #[serde(default)]
+    insecure_registries: Vec<String>,
 }
 
 /// Which OCI runtime runs the containers.
@@ -105,6 +107,8 @@ pub struct RuntimeConfig {
     /// Between SIGTERM and SIGKILL when a container is stopped.
     pub grace_period: Duration,
     pub job_timeout: Duration,
+    /// Registries (`host:port`) spoken to over plain HTTP.
+    pub insecure_registries: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -256,6 +260,7 @@ impl Config {
                 cpu_millis: r.cpu_millis,
                 grace_period,
                 job_timeout,
+                insecure_registries: r.insecure_registries,
             },
             labels: raw.labels,
             private_paths,

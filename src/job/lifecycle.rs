@@ -23,7 +23,9 @@ use crate::checkout::{self, Auth};
 use crate::logs::output::{CHUNK_CAP, Chunker, pump};
 use crate::logs::{EventKind, Masker, Stream as Out};
 use crate::runtime::Container;
+use crate::runtime::cgroup::{self, LimitsHit};
 use crate::runtime::rootfs::{self, Rootfs};
+use crate::runtime::user::{self, User};
 use crate::runtime::spec::{self as oci, ContainerConfig, WORKSPACE};
 use crate::secret::Secret;
 use crate::ssh::{self, KeyKind, KnownHosts, SshDir};
@@ -271,28 +273,24 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
     }
 
     // The container: a fresh writable layer over the image, fresh every time.
-    let image = if spec.container.image.is_empty() {
-        config.runtime.image.as_str()
-    } else {
-        spec.container.image.as_str()
+    let image = tokio::select! {
+        i = prepare_image(registry, spec, &run_dir.0) => i,
+        why = limits.interrupted(None) => return why.end("the image pull"),
     };
-    if image != "host" {
-        return End::failed(
-            FailureKind::Image,
-            format!(
-                "image {image:?}: this agent runs jobs on the \"host\" image only (container.image = \"host\")"
-            ),
-        );
-    }
-    let rootfs = match Rootfs::overlay(&run_dir.0, &[Path::new("/")]) {
-        Ok(r) => r,
-        Err(e) => {
-            return End::failed(
-                FailureKind::Image,
-                format!("cannot prepare the root filesystem: {e}"),
-            );
+    let PreparedImage { rootfs, user, env: image_env } = match image {
+        Ok(i) => i,
+        Err(end) => return end,
+    };
+    if user.uid != 0 {
+        let owned = user::chown_tree(&workspace, user.uid, user.gid)
+            .and_then(|_| match &ssh_dir {
+                Some(d) => user::chown_tree(d.path(), user.uid, user.gid),
+                None => Ok(()),
+            });
+        if let Err(e) = owned {
+            return End::failed(FailureKind::Agent, format!("cannot give the workspace to uid {}: {e}", user.uid));
         }
-    };
+    }
     let r = &spec.container.resources;
     let d = &config.runtime;
     let container_config = ContainerConfig {
@@ -300,7 +298,7 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
         rootfs: rootfs.path().to_path_buf(),
         workspace: workspace.clone(),
         ssh_dir: ssh_dir.as_ref().map(|d| d.path().to_path_buf()),
-        home: "/root".to_string(),
+        home: user.home.clone(),
         init: registry.runtime.init_path().to_path_buf(),
         network: match spec.container.network {
             Network::Default => d.network,
@@ -335,17 +333,17 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
     };
 
     job.transition(|s| s.state = JobState::Running);
-    let env = base_env(spec, &job.id);
-    let end = run_steps(
+    let steps = Steps {
         job,
-        &mut container,
-        spec,
-        &env,
-        &masker,
-        &limits,
-        config.runtime.grace_period,
-    )
-    .await;
+        env: base_env(spec, &job.id, &image_env, &user),
+        user,
+        masker,
+        limits: &limits,
+        grace: config.runtime.grace_period,
+        cgroup: container_config.cgroup_path.clone(),
+        resources: container_config.resources,
+    };
+    let end = steps.run_all(&mut container, &spec.steps).await;
     container.remove(config.runtime.grace_period).await;
     drop(rootfs);
     drop(ssh_dir);
@@ -393,10 +391,57 @@ fn secrets_of(spec: &JobSpec, extra: &[Secret]) -> Vec<Secret> {
         .collect()
 }
 
-fn base_env(spec: &JobSpec, job_id: &str) -> BTreeMap<String, String> {
+/// A job's container: its root filesystem, who runs in it, the image's env.
+struct PreparedImage {
+    rootfs: Rootfs,
+    user: User,
+    env: Vec<String>,
+}
+
+/// The image's layers (or the host's root) under a fresh writable layer.
+async fn prepare_image(registry: &Registry, spec: &JobSpec, run_dir: &Path) -> Result<PreparedImage, End> {
+    let config = registry.config();
+    let image = if spec.container.image.is_empty() {
+        config.runtime.image.as_str()
+    } else {
+        spec.container.image.as_str()
+    };
+    let failed = |e: String| End::failed(FailureKind::Image, e);
+    if image == "host" {
+        let rootfs = Rootfs::overlay(run_dir, &[Path::new("/")])
+            .map_err(|e| failed(format!("cannot prepare the root filesystem: {e}")))?;
+        return Ok(PreparedImage {
+            rootfs,
+            user: User::root(),
+            env: Vec::new(),
+        });
+    }
+    let pulled = registry.images.get(image).await.map_err(|e| failed(e.to_string()))?;
+    if pulled.layers.is_empty() {
+        return Err(failed(format!("image {image:?} has no layers")));
+    }
+    let lower: Vec<&Path> = pulled.layers.iter().rev().map(PathBuf::as_path).collect();
+    let rootfs = Rootfs::overlay(run_dir, &lower)
+        .map_err(|e| failed(format!("image {image:?}: cannot prepare the root filesystem: {e}")))?;
+    let user = user::resolve(rootfs.path(), pulled.config.user.as_deref().unwrap_or(""))
+        .map_err(|e| failed(format!("image {image:?}: {e}")))?;
+    tracing::info!(image, digest = %pulled.digest, layers = pulled.layers.len(), "image ready");
+    Ok(PreparedImage {
+        rootfs,
+        user,
+        env: pulled.config.env.unwrap_or_default(),
+    })
+}
+
+fn base_env(spec: &JobSpec, job_id: &str, image_env: &[String], user: &User) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     env.insert("PATH".into(), oci::DEFAULT_PATH.into());
-    env.insert("HOME".into(), "/root".into());
+    for kv in image_env {
+        if let Some((k, v)) = kv.split_once('=') {
+            env.insert(k.to_string(), v.to_string());
+        }
+    }
+    env.insert("HOME".into(), user.home.clone());
     env.insert("CI".into(), "true".into());
     env.insert("RUNNEL".into(), "true".into());
     env.insert("RUNNEL_JOB_ID".into(), job_id.into());
@@ -410,147 +455,155 @@ fn base_env(spec: &JobSpec, job_id: &str) -> BTreeMap<String, String> {
     env
 }
 
-async fn run_steps(
-    job: &Arc<Job>,
-    container: &mut Container,
-    spec: &JobSpec,
-    env: &BTreeMap<String, String>,
-    masker: &Arc<Masker>,
-    limits: &Limits,
+/// What every step of a job shares.
+struct Steps<'a> {
+    job: &'a Arc<Job>,
+    env: BTreeMap<String, String>,
+    user: User,
+    masker: Arc<Masker>,
+    limits: &'a Limits,
     grace: Duration,
-) -> End {
-    for (i, step) in spec.steps.iter().enumerate() {
-        let index = i as u32;
-        let span = tracing::info_span!("step", step = %step.name, index);
-        let (result, end) = run_step(job, container, index, step, env, masker, limits, grace)
-            .instrument(span)
-            .await;
-        job.step_finished(result);
-        if let Some(end) = end {
-            return end;
-        }
-    }
-    End::ok()
+    /// The container's cgroup and limits, to explain a kill.
+    cgroup: String,
+    resources: super::spec::Resources,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_step(
-    job: &Arc<Job>,
-    container: &mut Container,
-    index: u32,
-    step: &Step,
-    base_env: &BTreeMap<String, String>,
-    masker: &Arc<Masker>,
-    limits: &Limits,
-    grace: Duration,
-) -> (StepResult, Option<End>) {
-    job.emit(EventKind::StepStarted {
-        index,
-        name: step.name.clone(),
-    });
-    let started = Instant::now();
-    let mut result = StepResult {
-        index,
-        name: step.name.clone(),
-        state: JobState::Failed,
-        exit_code: -1,
-        signal: 0,
-        duration: Duration::ZERO,
-    };
-    let what = format!("step {:?}", step.name);
-    let fail = |mut result: StepResult, message: String| {
-        result.duration = started.elapsed();
-        (result, Some(End::failed(FailureKind::Agent, message)))
-    };
-
-    let mut env = base_env.clone();
-    env.extend(step.env.clone());
-    env.insert("RUNNEL_STEP".into(), step.name.clone());
-    let process = oci::process(
-        vec!["/bin/sh".into(), "-c".into(), step.run.clone()],
-        &env,
-        WORKSPACE,
-    );
-    let pipes = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .and_then(|o| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map(|e| (o, e)));
-    let ((out_r, out_w), (err_r, err_w)) = match pipes {
-        Ok(p) => p,
-        Err(e) => return fail(result, format!("cannot create pipes for {what}: {e}")),
-    };
-    let (mut child, _process_file) = match container.exec(&process, out_w, err_w) {
-        Ok(c) => c,
-        Err(e) => return fail(result, format!("cannot start {what}: {e}")),
-    };
-    let exited = CancellationToken::new();
-    let sink = |stream: Out| {
-        let job = job.clone();
-        move |data: Vec<u8>| {
-            job.emit(EventKind::Log {
-                step: index,
-                stream,
-                data,
-            })
+impl Steps<'_> {
+    /// Runs the steps in order; the first that fails ends the job.
+    async fn run_all(&self, container: &mut Container, steps: &[Step]) -> End {
+        for (i, step) in steps.iter().enumerate() {
+            let index = i as u32;
+            let span = tracing::info_span!("step", step = %step.name, index);
+            let (result, end) = self.run(container, index, step).instrument(span).await;
+            self.job.step_finished(result);
+            if let Some(end) = end {
+                return end;
+            }
         }
-    };
-    let work = async {
-        let wait = async {
-            let status = child.wait().await;
-            exited.cancel();
+        End::ok()
+    }
+
+    /// Why the container's processes were killed, if a limit did it.
+    fn limit_hit(&self, before: LimitsHit) -> Option<String> {
+        let now = cgroup::limits_hit(&self.cgroup);
+        if now.oom_kills > before.oom_kills {
+            let limit = self.resources.memory_bytes.map(|m| format!(" of {} MiB", m >> 20)).unwrap_or_default();
+            return Some(format!(
+                "ran out of memory: the kernel killed it at the container's limit{limit} \
+                 (container.resources.memory_bytes)"
+            ));
+        }
+        if now.pids_max > before.pids_max {
+            let limit = self.resources.max_pids.map(|p| format!(" of {p}")).unwrap_or_default();
+            return Some(format!(
+                "hit the container's process limit{limit} (container.resources.max_pids): \
+                 it could not start more processes"
+            ));
+        }
+        None
+    }
+
+    async fn run(&self, container: &mut Container, index: u32, step: &Step) -> (StepResult, Option<End>) {
+        let job = self.job;
+        job.emit(EventKind::StepStarted {
+            index,
+            name: step.name.clone(),
+        });
+        let started = Instant::now();
+        let before = cgroup::limits_hit(&self.cgroup);
+        let mut result = StepResult {
+            index,
+            name: step.name.clone(),
+            state: JobState::Failed,
+            exit_code: -1,
+            signal: 0,
+            duration: Duration::ZERO,
+        };
+        let what = format!("step {:?}", step.name);
+        let fail = |mut result: StepResult, message: String| {
+            result.duration = started.elapsed();
+            (result, Some(End::failed(FailureKind::Agent, message)))
+        };
+
+        let mut env = self.env.clone();
+        env.extend(step.env.clone());
+        env.insert("RUNNEL_STEP".into(), step.name.clone());
+        let args = vec!["/bin/sh".into(), "-c".into(), step.run.clone()];
+        let process = oci::process(args, &env, WORKSPACE, &self.user);
+        let pipes = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .and_then(|o| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map(|e| (o, e)));
+        let ((out_r, out_w), (err_r, err_w)) = match pipes {
+            Ok(p) => p,
+            Err(e) => return fail(result, format!("cannot create pipes for {what}: {e}")),
+        };
+        let (mut child, _process_file) = match container.exec(&process, out_w, err_w) {
+            Ok(c) => c,
+            Err(e) => return fail(result, format!("cannot start {what}: {e}")),
+        };
+        let exited = CancellationToken::new();
+        let pump_to_log = |pipe, stream: Out| {
+            let job = job.clone();
+            let chunker = Chunker::new(self.masker.clone(), CHUNK_CAP);
+            pump(pipe, chunker, exited.clone(), move |data: Vec<u8>| {
+                job.emit(EventKind::Log {
+                    step: index,
+                    stream,
+                    data,
+                })
+            })
+        };
+        let work = async {
+            let wait = async {
+                let status = child.wait().await;
+                exited.cancel();
+                status
+            };
+            let (status, _, _) = tokio::join!(
+                wait,
+                pump_to_log(out_r, Out::Stdout),
+                pump_to_log(err_r, Out::Stderr)
+            );
             status
         };
-        let (status, _, _) = tokio::join!(
-            wait,
-            pump(
-                out_r,
-                Chunker::new(masker.clone(), CHUNK_CAP),
-                exited.clone(),
-                sink(Out::Stdout)
-            ),
-            pump(
-                err_r,
-                Chunker::new(masker.clone(), CHUNK_CAP),
-                exited.clone(),
-                sink(Out::Stderr)
-            ),
-        );
-        status
-    };
-    tokio::pin!(work);
-    let step_limit = step.timeout.map(|t| (started + t, t));
-    let interrupt = tokio::select! {
-        status = &mut work => {
-            result.duration = started.elapsed();
-            return match status {
-                Ok(s) if s.success() => {
-                    result.state = JobState::Succeeded;
-                    result.exit_code = 0;
-                    (result, None)
-                }
-                Ok(s) => {
-                    let code = s.code().unwrap_or(-1);
-                    result.exit_code = code;
-                    let message = format!("{what} failed: exit status {code}");
-                    (result, Some(End::failed(FailureKind::Step, message)))
-                }
-                Err(e) => fail(result, format!("cannot wait for {what}: {e}")),
-            };
+        tokio::pin!(work);
+        let step_limit = step.timeout.map(|t| (started + t, t));
+        let interrupt = tokio::select! {
+            status = &mut work => {
+                result.duration = started.elapsed();
+                return match status {
+                    Ok(s) if s.success() => {
+                        result.state = JobState::Succeeded;
+                        result.exit_code = 0;
+                        (result, None)
+                    }
+                    Ok(s) => {
+                        let code = s.code().unwrap_or(-1);
+                        result.exit_code = code;
+                        let message = match self.limit_hit(before) {
+                            Some(why) => format!("{what} {why}; exit status {code}"),
+                            None => format!("{what} failed: exit status {code}"),
+                        };
+                        (result, Some(End::failed(FailureKind::Step, message)))
+                    }
+                    Err(e) => fail(result, format!("cannot wait for {what}: {e}")),
+                };
+            }
+            why = self.limits.interrupted(step_limit) => why,
+        };
+        let mut end = interrupt.end(&what);
+        if let Some(why) = self.limit_hit(before) {
+            end.message.push_str(&format!("; it {why}"));
         }
-        why = limits.interrupted(step_limit) => why,
-    };
-    let end = interrupt.end(&what);
-    job.system_line(index, &format!("runnel: {}; stopping the container", end.message));
-    container.stop(grace).await;
-    let status = tokio::time::timeout(Duration::from_secs(10), work).await;
-    result.duration = started.elapsed();
-    result.state = end.state;
-    result.exit_code = -1;
-    result.signal = match status {
-        Ok(Ok(s)) => s
-            .code()
-            .filter(|c| *c > 128)
-            .map(|c| c - 128)
-            .unwrap_or(libc::SIGKILL),
-        _ => libc::SIGKILL,
-    };
-    (result, Some(end))
+        job.system_line(index, &format!("runnel: {}; stopping the container", end.message));
+        container.stop(self.grace).await;
+        let status = tokio::time::timeout(Duration::from_secs(10), work).await;
+        result.duration = started.elapsed();
+        result.state = end.state;
+        result.exit_code = -1;
+        result.signal = match status {
+            Ok(Ok(s)) => s.code().filter(|c| *c > 128).map(|c| c - 128).unwrap_or(libc::SIGKILL),
+            _ => libc::SIGKILL,
+        };
+        (result, Some(end))
+    }
 }

@@ -145,6 +145,7 @@ fn write_status(dir: &Path, status: &JobStatus) -> io::Result<()> {
 pub struct Registry {
     config: Config,
     runtime: Runtime,
+    images: crate::runtime::image::ImageStore,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     slots: Arc<Semaphore>,
     tasks: TaskTracker,
@@ -182,10 +183,16 @@ impl Registry {
         for id in runtime.remove_leftovers().await {
             tracing::warn!(container = %id, "removed a container left by a previous run of the agent");
         }
+        for id in runtime.remove_leftover_cgroups() {
+            tracing::warn!(cgroup = %id, "removed a cgroup left by a previous run of the agent");
+        }
+        let images = crate::runtime::image::ImageStore::new(&config.state_dir, &config.runtime.insecure_registries)
+            .map_err(state_err)?;
         let jobs = recover_jobs(&config.state_dir.join("jobs")).map_err(state_err)?;
         let slots = Arc::new(Semaphore::new(config.max_jobs as usize));
         Ok(Arc::new(Registry {
             runtime,
+            images,
             jobs: Mutex::new(jobs),
             slots,
             tasks: TaskTracker::new(),

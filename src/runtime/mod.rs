@@ -11,9 +11,14 @@
 //! restart. This module never reads a job's output and never decides a
 //! job's state.
 
+pub mod cgroup;
 pub mod embedded;
+pub mod image;
+pub mod layer;
+mod netns;
 pub mod rootfs;
 pub mod spec;
+pub mod user;
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -120,6 +125,11 @@ impl Runtime {
         format!("{}/{id}", self.cgroup_parent)
     }
 
+    /// Removes the cgroups of containers a previous run left; their ids.
+    pub fn remove_leftover_cgroups(&self) -> Vec<String> {
+        cgroup::remove_tree(&self.cgroup_parent)
+    }
+
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.prefix).arg("--root").arg(&self.root);
@@ -184,6 +194,20 @@ impl Runtime {
             removed: false,
         };
         container.wait_started(&pid_file).await?;
+        let own_network = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|ns| ns.iter().any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network));
+        if own_network {
+            // runc brings the loopback up in a new network namespace;
+            // libcontainer does not. Do it from outside, for every runtime.
+            let pid = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+                .ok_or_else(|| RuntimeError::Start("the init's pid file is unreadable".into()))?;
+            netns::loopback_up(pid).map_err(|e| RuntimeError::Start(format!("cannot bring up lo: {e}")))?;
+        }
         Ok(container)
     }
 

@@ -13,6 +13,7 @@ use oci_spec::runtime::{
     Mount, MountBuilder, Process, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 
+use super::user::User;
 use crate::job::spec::{Network, Resources};
 
 /// Where runnel's init is mounted in every container.
@@ -84,15 +85,15 @@ fn bind(source: &Path, dest: &str, readonly: bool) -> Mount {
     mount(dest, "bind", &source.to_string_lossy(), &opts)
 }
 
-/// A process running as root in the container with our capability set.
-pub fn process(args: Vec<String>, env: &BTreeMap<String, String>, cwd: &str) -> Process {
+/// A process running as `user` in the container with our capability set.
+pub fn process(args: Vec<String>, env: &BTreeMap<String, String>, cwd: &str, user: &User) -> Process {
     let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     ProcessBuilder::default()
         .terminal(false)
         .user(
             UserBuilder::default()
-                .uid(0u32)
-                .gid(0u32)
+                .uid(user.uid)
+                .gid(user.gid)
                 .build()
                 .expect("uid and gid set"),
         )
@@ -255,7 +256,7 @@ pub fn container_spec(c: &ContainerConfig) -> Spec {
                 .build()
                 .expect("root fields set"),
         )
-        .process(process(vec![INIT_PATH.to_string()], &env, "/"))
+        .process(process(vec![INIT_PATH.to_string()], &env, "/", &User::root()))
         .mounts(mounts)
         .linux(linux)
         .build()

@@ -4,6 +4,7 @@
 //! removed on drop.
 #![allow(dead_code)]
 
+pub mod image;
 pub mod sshd;
 
 use std::io::{BufRead, BufReader};
