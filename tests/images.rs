@@ -40,7 +40,10 @@ async fn a_job_runs_in_an_image_from_a_registry() {
     let layout = layout();
     let registry = Registry::start();
     let reference = registry.push(layout.path(), "v1", "test/busybox");
-    let agent = Agent::start(&format!("[runtime]\ninsecure_registries = [\"{}\"]", registry.addr));
+    let agent = Agent::start(&format!(
+        "[runtime]\ninsecure_registries = [\"{}\"]",
+        registry.addr
+    ));
     let (status, events) = run_job(
         &agent,
         with_image(
@@ -50,7 +53,12 @@ async fn a_job_runs_in_an_image_from_a_registry() {
         ),
     )
     .await;
-    assert_eq!(state(&status), pb::JobState::Succeeded, "{status:?}\n{}", output(&events, pb::Stream::Stderr));
+    assert_eq!(
+        state(&status),
+        pb::JobState::Succeeded,
+        "{status:?}\n{}",
+        output(&events, pb::Stream::Stderr)
+    );
     assert_eq!(
         output(&events, pb::Stream::Stdout),
         "runnel test image\n1000\nfrom-the-image /home/builder\n/workspace\nws-writable\n"
@@ -63,14 +71,49 @@ async fn layers_are_shared_whiteouts_honoured_and_each_job_fresh() {
     let agent = Agent::start("");
     let v1 = format!("oci:{}:v1", layout.path().display());
     let v2 = format!("oci:{}:v2", layout.path().display());
-    let (s1, _) = run_job(&agent, with_image("first", &v1, &["echo runnel-first-job-wrote-this > /home/builder/mark; touch /tmp/mark2 /home/builder/mark2"])).await;
+    let (s1, _) = run_job(
+        &agent,
+        with_image(
+            "first",
+            &v2,
+            &["echo runnel-first-job-wrote-this > /etc/mark; touch /home/builder/mark2"],
+        ),
+    )
+    .await;
     assert_eq!(state(&s1), pb::JobState::Succeeded, "{s1:?}");
-    let (s2, e2) = run_job(&agent, with_image("second", &v1, &["ls -A /home/builder; ls /tmp; echo end"])).await;
+    let (s2, e2) = run_job(
+        &agent,
+        with_image(
+            "second",
+            &v2,
+            &["ls -A /home/builder; ls /etc/mark 2>/dev/null; echo end"],
+        ),
+    )
+    .await;
     assert_eq!(state(&s2), pb::JobState::Succeeded, "{s2:?}");
-    assert_eq!(output(&e2, pb::Stream::Stdout), "end\n", "the second job saw what the first wrote");
-    let (s3, e3) = run_job(&agent, with_image("whiteout", &v2, &["test -e /etc/image-release && echo present || echo deleted; id -u"])).await;
+    assert_eq!(
+        output(&e2, pb::Stream::Stdout),
+        "end\n",
+        "the second job saw what the first wrote"
+    );
+    let (s3, e3) = run_job(
+        &agent,
+        with_image(
+            "whiteout",
+            &v2,
+            &["test -e /etc/image-release && echo present || echo deleted; id -u"],
+        ),
+    )
+    .await;
     assert_eq!(state(&s3), pb::JobState::Succeeded, "{s3:?}");
     assert_eq!(output(&e3, pb::Stream::Stdout), "deleted\n0\n");
+    let (s4, e4) = run_job(
+        &agent,
+        with_image("lower", &v1, &["cat /etc/image-release; id -u"]),
+    )
+    .await;
+    assert_eq!(state(&s4), pb::JobState::Succeeded, "{s4:?}");
+    assert_eq!(output(&e4, pb::Stream::Stdout), "runnel test image\n1000\n");
     // One unpacked copy of the busybox layer serves all three jobs, untouched.
     let layers = agent.state_dir().join("images/layers");
     let unpacked: Vec<_> = std::fs::read_dir(&layers).unwrap().flatten().collect();
@@ -84,7 +127,10 @@ async fn concurrent_jobs_download_an_image_once() {
     let layers = write_layout(layout.path(), "v1", &[busybox_layer()], &[], "");
     let registry = Registry::start();
     let reference = registry.push(layout.path(), "v1", "test/once");
-    let agent = Agent::start(&format!("max_jobs = 4\n[runtime]\ninsecure_registries = [\"{}\"]", registry.addr));
+    let agent = Agent::start(&format!(
+        "max_jobs = 4\n[runtime]\ninsecure_registries = [\"{}\"]",
+        registry.addr
+    ));
     let mut c = agent.scheduler().await;
     for i in 0..4 {
         submit(&mut c, with_image(&format!("same-{i}"), &reference, &["true"])).await;
@@ -105,19 +151,31 @@ async fn concurrent_jobs_download_an_image_once() {
 async fn image_failures_say_which() {
     let layout = layout();
     let registry = Registry::start();
-    let agent = Agent::start(&format!("[runtime]\ninsecure_registries = [\"{}\", \"127.0.0.1:1\"]", registry.addr));
+    let agent = Agent::start(&format!(
+        "[runtime]\ninsecure_registries = [\"{}\", \"127.0.0.1:1\"]",
+        registry.addr
+    ));
     // A blob whose bytes do not match its digest.
     let corrupt = tempfile::tempdir().unwrap();
     let layers = write_layout(corrupt.path(), "v1", &[busybox_layer()], &[], "");
-    let blob = corrupt.path().join("blobs/sha256").join(layers[0].trim_start_matches("sha256:"));
+    let blob = corrupt
+        .path()
+        .join("blobs/sha256")
+        .join(layers[0].trim_start_matches("sha256:"));
     let mut bytes = std::fs::read(&blob).unwrap();
     let n = bytes.len();
     bytes[n / 2] ^= 0xff;
     std::fs::write(&blob, bytes).unwrap();
     let cases = [
         (format!("oci:{}:v1", corrupt.path().display()), "digest mismatch"),
-        (format!("oci:{}:nope", layout.path().display()), "no image tagged \"nope\""),
-        (format!("{}/test/missing:v1", registry.addr), "not found in registry"),
+        (
+            format!("oci:{}:nope", layout.path().display()),
+            "no image tagged \"nope\"",
+        ),
+        (
+            format!("{}/test/missing:v1", registry.addr),
+            "not found in registry",
+        ),
         ("127.0.0.1:1/test/busybox:v1".to_string(), "unreachable"),
         ("Not A Reference".to_string(), "not an image reference"),
     ];
@@ -125,7 +183,11 @@ async fn image_failures_say_which() {
         let (status, _) = run_job(&agent, with_image(&format!("bad-{i}"), image, &["true"])).await;
         assert_eq!(failure(&status), pb::FailureKind::Image, "{image}: {status:?}");
         assert!(status.message.contains(want), "{image}: {}", status.message);
-        assert!(status.message.contains(image.as_str()), "{image}: {}", status.message);
+        assert!(
+            status.message.contains(image.as_str()),
+            "{image}: {}",
+            status.message
+        );
     }
 }
 
@@ -138,8 +200,18 @@ async fn a_job_sees_only_what_is_its_own() {
     std::fs::write(&secret_file, "host only").unwrap();
     let mut c = agent.scheduler().await;
     // A neighbour job, running while the other looks around.
-    submit(&mut c, with_image("neighbour", &image, &["touch /workspace/neighbour-file; sleep 1000.551"])).await;
-    wait_for("the neighbour to run", Duration::from_secs(30), || !host_processes_with("1000.551").is_empty());
+    submit(
+        &mut c,
+        with_image(
+            "neighbour",
+            &image,
+            &["touch /workspace/neighbour-file; sleep 1000.551"],
+        ),
+    )
+    .await;
+    wait_for("the neighbour to run", Duration::from_secs(30), || {
+        !host_processes_with("1000.551").is_empty()
+    });
     let agent_pid = agent.pid();
     let (status, events) = run_job(
         &agent,
@@ -168,15 +240,37 @@ async fn a_job_sees_only_what_is_its_own() {
     assert_eq!(lines[3], "0", "the neighbour's workspace is visible: {out}");
     for dev in lines[4].split_whitespace() {
         assert!(
-            [".runnel-init", "console", "full", "mqueue", "null", "ptmx", "pts", "random", "shm", "tty", "urandom", "zero", "core", "fd", "stderr", "stdin", "stdout"]
-                .contains(&dev),
+            [
+                ".runnel-init",
+                "console",
+                "full",
+                "mqueue",
+                "null",
+                "ptmx",
+                "pts",
+                "random",
+                "shm",
+                "tty",
+                "urandom",
+                "zero",
+                "core",
+                "fd",
+                "stderr",
+                "stdin",
+                "stdout"
+            ]
+            .contains(&dev),
             "unexpected /dev entry {dev}: {out}"
         );
     }
     assert_eq!(lines[5], "rootfs-writable");
     assert_eq!(lines[6], "/dev/.runnel-init ");
     assert!(files_containing(&agent.state_dir().join("images"), b"new-in-rootfs").is_empty());
-    c.cancel_job(pb::CancelJobRequest { job_id: "neighbour".into() }).await.unwrap();
+    c.cancel_job(pb::CancelJobRequest {
+        job_id: "neighbour".into(),
+    })
+    .await
+    .unwrap();
     watch(&mut c, "neighbour", 0).await;
 }
 
@@ -184,7 +278,11 @@ async fn a_job_sees_only_what_is_its_own() {
 async fn network_none_leaves_only_loopback() {
     let layout = layout();
     let agent = Agent::start("");
-    let mut spec = with_image("no-net", &format!("oci:{}:v2", layout.path().display()), &["ls /sys/class/net | tr '\\n' ' '; echo; cat /sys/class/net/lo/flags"]);
+    let mut spec = with_image(
+        "no-net",
+        &format!("oci:{}:v2", layout.path().display()),
+        &["ls /sys/class/net | tr '\\n' ' '; echo; cat /sys/class/net/lo/flags"],
+    );
     spec.container.as_mut().unwrap().network = pb::Network::None as i32;
     let (status, events) = run_job(&agent, spec).await;
     assert_eq!(state(&status), pb::JobState::Succeeded, "{status:?}");
@@ -234,7 +332,11 @@ async fn a_fork_bomb_hits_the_pids_limit_and_the_host_stays_fine() {
     });
     let (status, _) = run_job(&agent, spec).await;
     assert_eq!(state(&status), pb::JobState::TimedOut, "{status:?}");
-    assert!(status.message.contains("process limit of 64"), "{}", status.message);
+    assert!(
+        status.message.contains("process limit of 64"),
+        "{}",
+        status.message
+    );
     assert!(host_processes_with("1000.661").is_empty());
     let (ok, _) = run_job(&agent, job("after-bomb", &["true"])).await;
     assert_eq!(state(&ok), pb::JobState::Succeeded);
@@ -255,7 +357,9 @@ async fn cpu_and_pids_limits_reach_the_cgroup() {
     });
     let mut c = agent.scheduler().await;
     submit(&mut c, spec).await;
-    wait_for("the step to run", Duration::from_secs(30), || !host_processes_with("1000.771").is_empty());
+    wait_for("the step to run", Duration::from_secs(30), || {
+        !host_processes_with("1000.771").is_empty()
+    });
     let pid = host_processes_with("1000.771")[0];
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let path_of = |ctrl: &str| {
@@ -269,15 +373,27 @@ async fn cpu_and_pids_limits_reach_the_cgroup() {
             .unwrap_or_else(|| panic!("no {ctrl} cgroup in {cgroups}"))
     };
     let read = |ctrl: &str, file: &str| {
-        std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(ctrl).join(path_of(ctrl).trim_start_matches('/')).join(file))
-            .unwrap()
-            .trim()
-            .to_string()
+        std::fs::read_to_string(
+            Path::new("/sys/fs/cgroup")
+                .join(ctrl)
+                .join(path_of(ctrl).trim_start_matches('/'))
+                .join(file),
+        )
+        .unwrap()
+        .trim()
+        .to_string()
     };
     assert_eq!(read("pids", "pids.max"), "99");
-    assert_eq!(read("memory", "memory.limit_in_bytes"), (256u64 << 20).to_string());
+    assert_eq!(
+        read("memory", "memory.limit_in_bytes"),
+        (256u64 << 20).to_string()
+    );
     assert_eq!(read("cpu", "cpu.cfs_quota_us"), "50000");
-    c.cancel_job(pb::CancelJobRequest { job_id: "limited".into() }).await.unwrap();
+    c.cancel_job(pb::CancelJobRequest {
+        job_id: "limited".into(),
+    })
+    .await
+    .unwrap();
     watch(&mut c, "limited", 0).await;
 }
 
@@ -286,8 +402,18 @@ async fn after_kill_9_a_restart_removes_the_jobs_container_mounts_and_cgroups() 
     let layout = layout();
     let mut agent = Agent::start("[runtime]\ngrace_period = \"1s\"");
     let mut c = agent.scheduler().await;
-    submit(&mut c, with_image("orphan", &format!("oci:{}:v2", layout.path().display()), &["sleep 1000.881"])).await;
-    wait_for("the step to run", Duration::from_secs(30), || !host_processes_with("1000.881").is_empty());
+    submit(
+        &mut c,
+        with_image(
+            "orphan",
+            &format!("oci:{}:v2", layout.path().display()),
+            &["sleep 1000.881"],
+        ),
+    )
+    .await;
+    wait_for("the step to run", Duration::from_secs(30), || {
+        !host_processes_with("1000.881").is_empty()
+    });
     let pid = host_processes_with("1000.881")[0];
     let cgroup_line = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let pids_cgroup = cgroup_line
@@ -299,17 +425,30 @@ async fn after_kill_9_a_restart_removes_the_jobs_container_mounts_and_cgroups() 
     agent.kill9();
     let state_dir = agent.state_dir();
     let mounts = || runnel::runtime::rootfs::mounts_under(&state_dir).unwrap();
-    assert!(!mounts().is_empty(), "the job's root filesystem should still be mounted");
+    assert!(
+        !mounts().is_empty(),
+        "the job's root filesystem should still be mounted"
+    );
     agent.launch();
     let mut c = agent.operator().await;
     let events = watch(&mut c, "orphan", 0).await;
     let status = final_status(&events);
     assert_eq!(state(&status), pb::JobState::Lost, "{status:?}");
     assert_eq!(failure(&status), pb::FailureKind::Agent);
-    assert!(host_processes_with("1000.881").is_empty(), "the container outlived the restart");
+    assert!(
+        host_processes_with("1000.881").is_empty(),
+        "the container outlived the restart"
+    );
     assert!(mounts().is_empty(), "mounts left: {:?}", mounts());
-    assert!(!Path::new("/sys/fs/cgroup/pids").join(pids_cgroup.trim_start_matches('/')).exists());
+    assert!(
+        !Path::new("/sys/fs/cgroup/pids")
+            .join(pids_cgroup.trim_start_matches('/'))
+            .exists()
+    );
     assert!(!agent.state_dir().join("jobs/orphan/run").exists());
     let log = agent.log();
-    assert!(log.contains("removed a container left by a previous run"), "{log}");
+    assert!(
+        log.contains("removed a container left by a previous run"),
+        "{log}"
+    );
 }

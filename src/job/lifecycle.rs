@@ -25,8 +25,8 @@ use crate::logs::{EventKind, Masker, Stream as Out};
 use crate::runtime::Container;
 use crate::runtime::cgroup::{self, LimitsHit};
 use crate::runtime::rootfs::{self, Rootfs};
-use crate::runtime::user::{self, User};
 use crate::runtime::spec::{self as oci, ContainerConfig, WORKSPACE};
+use crate::runtime::user::{self, User};
 use crate::secret::Secret;
 use crate::ssh::{self, KeyKind, KnownHosts, SshDir};
 
@@ -277,18 +277,24 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
         i = prepare_image(registry, spec, &run_dir.0) => i,
         why = limits.interrupted(None) => return why.end("the image pull"),
     };
-    let PreparedImage { rootfs, user, env: image_env } = match image {
+    let PreparedImage {
+        rootfs,
+        user,
+        env: image_env,
+    } = match image {
         Ok(i) => i,
         Err(end) => return end,
     };
     if user.uid != 0 {
-        let owned = user::chown_tree(&workspace, user.uid, user.gid)
-            .and_then(|_| match &ssh_dir {
-                Some(d) => user::chown_tree(d.path(), user.uid, user.gid),
-                None => Ok(()),
-            });
+        let owned = user::chown_tree(&workspace, user.uid, user.gid).and_then(|_| match &ssh_dir {
+            Some(d) => user::chown_tree(d.path(), user.uid, user.gid),
+            None => Ok(()),
+        });
         if let Err(e) = owned {
-            return End::failed(FailureKind::Agent, format!("cannot give the workspace to uid {}: {e}", user.uid));
+            return End::failed(
+                FailureKind::Agent,
+                format!("cannot give the workspace to uid {}: {e}", user.uid),
+            );
         }
     }
     let r = &spec.container.resources;
@@ -416,13 +422,20 @@ async fn prepare_image(registry: &Registry, spec: &JobSpec, run_dir: &Path) -> R
             env: Vec::new(),
         });
     }
-    let pulled = registry.images.get(image).await.map_err(|e| failed(e.to_string()))?;
+    let pulled = registry
+        .images
+        .get(image)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
     if pulled.layers.is_empty() {
         return Err(failed(format!("image {image:?} has no layers")));
     }
     let lower: Vec<&Path> = pulled.layers.iter().rev().map(PathBuf::as_path).collect();
-    let rootfs = Rootfs::overlay(run_dir, &lower)
-        .map_err(|e| failed(format!("image {image:?}: cannot prepare the root filesystem: {e}")))?;
+    let rootfs = Rootfs::overlay(run_dir, &lower).map_err(|e| {
+        failed(format!(
+            "image {image:?}: cannot prepare the root filesystem: {e}"
+        ))
+    })?;
     let user = user::resolve(rootfs.path(), pulled.config.user.as_deref().unwrap_or(""))
         .map_err(|e| failed(format!("image {image:?}: {e}")))?;
     tracing::info!(image, digest = %pulled.digest, layers = pulled.layers.len(), "image ready");
@@ -487,14 +500,22 @@ impl Steps<'_> {
     fn limit_hit(&self, before: LimitsHit) -> Option<String> {
         let now = cgroup::limits_hit(&self.cgroup);
         if now.oom_kills > before.oom_kills {
-            let limit = self.resources.memory_bytes.map(|m| format!(" of {} MiB", m >> 20)).unwrap_or_default();
+            let limit = self
+                .resources
+                .memory_bytes
+                .map(|m| format!(" of {} MiB", m >> 20))
+                .unwrap_or_default();
             return Some(format!(
                 "ran out of memory: the kernel killed it at the container's limit{limit} \
                  (container.resources.memory_bytes)"
             ));
         }
         if now.pids_max > before.pids_max {
-            let limit = self.resources.max_pids.map(|p| format!(" of {p}")).unwrap_or_default();
+            let limit = self
+                .resources
+                .max_pids
+                .map(|p| format!(" of {p}"))
+                .unwrap_or_default();
             return Some(format!(
                 "hit the container's process limit{limit} (container.resources.max_pids): \
                  it could not start more processes"
@@ -601,7 +622,11 @@ impl Steps<'_> {
         result.state = end.state;
         result.exit_code = -1;
         result.signal = match status {
-            Ok(Ok(s)) => s.code().filter(|c| *c > 128).map(|c| c - 128).unwrap_or(libc::SIGKILL),
+            Ok(Ok(s)) => s
+                .code()
+                .filter(|c| *c > 128)
+                .map(|c| c - 128)
+                .unwrap_or(libc::SIGKILL),
             _ => libc::SIGKILL,
         };
         (result, Some(end))

@@ -186,8 +186,9 @@ impl Registry {
         for id in runtime.remove_leftover_cgroups() {
             tracing::warn!(cgroup = %id, "removed a cgroup left by a previous run of the agent");
         }
-        let images = crate::runtime::image::ImageStore::new(&config.state_dir, &config.runtime.insecure_registries)
-            .map_err(state_err)?;
+        let images =
+            crate::runtime::image::ImageStore::new(&config.state_dir, &config.runtime.insecure_registries)
+                .map_err(state_err)?;
         let jobs = recover_jobs(&config.state_dir.join("jobs")).map_err(state_err)?;
         let slots = Arc::new(Semaphore::new(config.max_jobs as usize));
         Ok(Arc::new(Registry {

@@ -37,8 +37,17 @@ pub fn limits_hit(path: &str) -> LimitsHit {
         }
     } else {
         LimitsHit {
-            oom_kills: keyed(&Path::new(ROOT).join("memory").join(rel).join("memory.oom_control"), "oom_kill "),
-            pids_max: keyed(&Path::new(ROOT).join("pids").join(rel).join("pids.events"), "max "),
+            oom_kills: keyed(
+                &Path::new(ROOT)
+                    .join("memory")
+                    .join(rel)
+                    .join("memory.oom_control"),
+                "oom_kill ",
+            ),
+            pids_max: keyed(
+                &Path::new(ROOT).join("pids").join(rel).join("pids.events"),
+                "max ",
+            ),
         }
     }
 }
@@ -50,7 +59,13 @@ fn dirs(path: &str) -> Vec<PathBuf> {
         return vec![Path::new(ROOT).join(rel)];
     }
     std::fs::read_dir(ROOT)
-        .map(|entries| entries.flatten().map(|e| e.path().join(rel)).filter(|p| p.is_dir()).collect())
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path().join(rel))
+                .filter(|p| p.is_dir())
+                .collect()
+        })
         .unwrap_or_default()
 }
 

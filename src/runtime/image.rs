@@ -86,7 +86,10 @@ struct Manifest {
 pub enum Source {
     Registry(Reference),
     /// An OCI image layout directory and the tag to take from it.
-    Layout { path: PathBuf, tag: Option<String> },
+    Layout {
+        path: PathBuf,
+        tag: Option<String>,
+    },
 }
 
 /// Parses `oci:<path>[:tag]` or a registry reference (`name[:tag][@digest]`,
@@ -102,7 +105,9 @@ pub fn parse(image: &str) -> Result<Source, ImageError> {
             _ => (rest, None),
         };
         if !Path::new(path).is_absolute() {
-            return Err(fail("an OCI layout path must be absolute (oci:/path/to/layout[:tag])".into()));
+            return Err(fail(
+                "an OCI layout path must be absolute (oci:/path/to/layout[:tag])".into(),
+            ));
         }
         return Ok(Source::Layout {
             path: PathBuf::from(path),
@@ -237,14 +242,21 @@ impl ImageStore {
         let index: Index = serde_json::from_slice(&read_json(root.join("index.json")).await?)
             .map_err(|e| format!("{}/index.json is not an OCI image index: {e}", root.display()))?;
         let wanted = tag.unwrap_or("latest");
-        let by_tag = index
-            .manifests
-            .iter()
-            .find(|d| d.annotations.get("org.opencontainers.image.ref.name").map(String::as_str) == Some(wanted));
+        let by_tag = index.manifests.iter().find(|d| {
+            d.annotations
+                .get("org.opencontainers.image.ref.name")
+                .map(String::as_str)
+                == Some(wanted)
+        });
         let desc = match (by_tag, tag, index.manifests.as_slice()) {
             (Some(d), _, _) => d,
             (None, None, [only]) => only,
-            _ => return Err(format!("the layout at {} has no image tagged {wanted:?}", root.display())),
+            _ => {
+                return Err(format!(
+                    "the layout at {} has no image tagged {wanted:?}",
+                    root.display()
+                ));
+            }
         };
         let blob_path = |digest: &str| -> Result<PathBuf, String> {
             let hex = hex_of(digest).ok_or_else(|| format!("{digest:?} is not a sha256 digest"))?;
@@ -262,16 +274,22 @@ impl ImageStore {
         let mut manifest_digest = desc.digest.clone();
         let mut bytes = read_blob(manifest_digest.clone()).await?;
         if desc.media_type.contains("index") || desc.media_type.contains("manifest.list") {
-            let nested: Index = serde_json::from_slice(&bytes).map_err(|e| format!("bad image index: {e}"))?;
+            let nested: Index =
+                serde_json::from_slice(&bytes).map_err(|e| format!("bad image index: {e}"))?;
             let d = nested
                 .manifests
                 .iter()
-                .find(|d| d.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == go_arch()))
+                .find(|d| {
+                    d.platform
+                        .as_ref()
+                        .is_some_and(|p| p.os == "linux" && p.architecture == go_arch())
+                })
                 .ok_or_else(|| format!("the image has no manifest for linux/{}", go_arch()))?;
             manifest_digest = d.digest.clone();
             bytes = read_blob(manifest_digest.clone()).await?;
         }
-        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| format!("bad image manifest: {e}"))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| format!("bad image manifest: {e}"))?;
         let config: ConfigFile = serde_json::from_slice(&read_blob(manifest.config.digest.clone()).await?)
             .map_err(|e| format!("bad image config: {e}"))?;
         let mut layers = Vec::new();
@@ -301,7 +319,8 @@ impl ImageStore {
             .pull_manifest_and_config(reference, &RegistryAuth::Anonymous)
             .await
             .map_err(|e| registry_error(&registry, reference, e))?;
-        let config: ConfigFile = serde_json::from_str(&config).map_err(|e| format!("bad image config: {e}"))?;
+        let config: ConfigFile =
+            serde_json::from_str(&config).map_err(|e| format!("bad image config: {e}"))?;
         let mut layers = Vec::new();
         for l in &manifest.layers {
             let registry = &registry;
@@ -316,8 +335,11 @@ impl ImageStore {
                         .await
                         .map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
                     while let Some(chunk) = stream.next().await {
-                        let chunk = chunk.map_err(|e| format!("download of layer {} failed: {e}", l.digest))?;
-                        file.write_all(&chunk).await.map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
+                        let chunk =
+                            chunk.map_err(|e| format!("download of layer {} failed: {e}", l.digest))?;
+                        file.write_all(&chunk)
+                            .await
+                            .map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
                     }
                     file.flush().await.map_err(|e| e.to_string())
                 })
@@ -332,14 +354,23 @@ impl ImageStore {
     }
 }
 
-fn registry_error(registry: &str, reference: &Reference, e: oci_client::errors::OciDistributionError) -> String {
+fn registry_error(
+    registry: &str,
+    reference: &Reference,
+    e: oci_client::errors::OciDistributionError,
+) -> String {
     use oci_client::errors::OciDistributionError as E;
     match &e {
         E::ImageManifestNotFoundError(_) => format!("not found in registry {registry}"),
         E::RequestError(r) if r.is_connect() || r.is_timeout() => {
             format!("registry {registry} is unreachable ({r})")
         }
-        E::RegistryError { envelope, .. } if envelope.errors.iter().any(|x| format!("{:?}", x.code).contains("Unknown")) => {
+        E::RegistryError { envelope, .. }
+            if envelope
+                .errors
+                .iter()
+                .any(|x| format!("{:?}", x.code).contains("Unknown")) =>
+        {
             format!("not found in registry {registry} ({})", reference.whole())
         }
         E::AuthenticationFailure(m) => format!("registry {registry} refused access ({m})"),
@@ -382,10 +413,17 @@ mod tests {
 
     #[test]
     fn references() {
-        let Source::Registry(r) = parse("busybox").unwrap() else { panic!() };
+        let Source::Registry(r) = parse("busybox").unwrap() else {
+            panic!()
+        };
         assert_eq!(r.whole(), "docker.io/library/busybox:latest");
-        let Source::Registry(r) = parse("127.0.0.1:5000/team/img:v1").unwrap() else { panic!() };
-        assert_eq!((r.registry(), r.repository(), r.tag()), ("127.0.0.1:5000", "team/img", Some("v1")));
+        let Source::Registry(r) = parse("127.0.0.1:5000/team/img:v1").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (r.registry(), r.repository(), r.tag()),
+            ("127.0.0.1:5000", "team/img", Some("v1"))
+        );
         assert_eq!(
             parse("oci:/srv/layout:v2").unwrap(),
             Source::Layout {

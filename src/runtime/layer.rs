@@ -71,14 +71,19 @@ pub fn unpack(blob: &Path, dest: &Path) -> Result<(), LayerError> {
             continue; // containers get their own /dev
         }
         if kind.is_hard_link() || kind.is_symlink() {
-            let target = entry.link_name()?.ok_or_else(|| LayerError::Escapes(shown.clone()))?;
+            let target = entry
+                .link_name()?
+                .ok_or_else(|| LayerError::Escapes(shown.clone()))?;
             // Symlinks may point anywhere (they resolve inside the container);
             // hard links must name a file of this layer.
             if kind.is_hard_link() && inside(&target).is_none() {
                 return Err(LayerError::Escapes(format!("{shown} -> {}", target.display())));
             }
         }
-        let name = rel.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = rel
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         let parent = dest.join(rel.parent().unwrap_or(Path::new("")));
         if name == OPAQUE {
             fs::create_dir_all(&parent)?;
@@ -111,7 +116,11 @@ fn xattr_set(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
     // SAFETY: both strings are NUL-terminated and live across the call;
     // value points to `value.len()` readable bytes.
     let rc = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 #[cfg(test)]
@@ -156,7 +165,10 @@ mod tests {
         let wh = fs::symlink_metadata(dest.path().join("etc/gone")).unwrap();
         use std::os::unix::fs::FileTypeExt;
         assert!(wh.file_type().is_char_device());
-        assert_eq!(fs::read_link(dest.path().join("bin/sh")).unwrap(), Path::new("/bin/busybox"));
+        assert_eq!(
+            fs::read_link(dest.path().join("bin/sh")).unwrap(),
+            Path::new("/bin/busybox")
+        );
         assert!(!dest.path().join("dev/sda").exists());
         assert!(dest.path().join("var").is_dir());
     }

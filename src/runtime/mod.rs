@@ -198,7 +198,10 @@ impl Runtime {
             .linux()
             .as_ref()
             .and_then(|l| l.namespaces().as_ref())
-            .is_some_and(|ns| ns.iter().any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network));
+            .is_some_and(|ns| {
+                ns.iter()
+                    .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+            });
         if own_network {
             // runc brings the loopback up in a new network namespace;
             // libcontainer does not. Do it from outside, for every runtime.

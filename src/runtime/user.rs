@@ -46,7 +46,9 @@ pub fn resolve(rootfs: &Path, spec: &str) -> Result<User, String> {
         None => (spec, None),
     };
     let passwd = entries(rootfs, "etc/passwd");
-    let found = passwd.iter().find(|(name, id, ..)| name == user || id.to_string() == user);
+    let found = passwd
+        .iter()
+        .find(|(name, id, ..)| name == user || id.to_string() == user);
     let (uid, mut gid, home) = match (found, user.parse::<u32>()) {
         (Some((_, uid, gid, home)), _) => (*uid, *gid, home.clone()),
         (None, Ok(uid)) => (uid, uid, "/".to_string()),
@@ -94,10 +96,24 @@ mod tests {
         std::fs::write(root.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
         let r = |s| resolve(root.path(), s);
         assert_eq!(r("").unwrap(), User::root());
-        assert_eq!(r("builder").unwrap(), User { uid: 1000, gid: 1001, home: "/home/builder".into() });
+        assert_eq!(
+            r("builder").unwrap(),
+            User {
+                uid: 1000,
+                gid: 1001,
+                home: "/home/builder".into()
+            }
+        );
         assert_eq!(r("1000").unwrap().home, "/home/builder");
         assert_eq!(r("builder:staff").unwrap().gid, 50);
-        assert_eq!(r("4242:4343").unwrap(), User { uid: 4242, gid: 4343, home: "/".into() });
+        assert_eq!(
+            r("4242:4343").unwrap(),
+            User {
+                uid: 4242,
+                gid: 4343,
+                home: "/".into()
+            }
+        );
         assert!(r("nobody-here").unwrap_err().contains("/etc/passwd"));
         assert!(r("builder:nogroup").unwrap_err().contains("/etc/group"));
     }

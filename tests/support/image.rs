@@ -34,7 +34,11 @@ pub fn busybox_layer() -> Vec<Entry> {
         Entry::Dir("home/builder"),
         Entry::Dir("usr"),
         Entry::Dir("usr/bin"),
-        Entry::File("bin/busybox", std::fs::read("/bin/busybox").expect("busybox-static (scripts/setup)"), 0o755),
+        Entry::File(
+            "bin/busybox",
+            std::fs::read("/bin/busybox").expect("busybox-static (scripts/setup)"),
+            0o755,
+        ),
         Entry::File(
             "etc/passwd",
             b"root:x:0:0:root:/root:/bin/sh\nbuilder:x:1000:1000:builder:/home/builder:/bin/sh\n".to_vec(),
@@ -44,9 +48,42 @@ pub fn busybox_layer() -> Vec<Entry> {
         Entry::File("etc/image-release", b"runnel test image\n".to_vec(), 0o644),
     ];
     for applet in [
-        "sh", "ls", "cat", "echo", "id", "ps", "kill", "touch", "mkdir", "sleep", "head", "tail", "tr", "wc", "env",
-        "grep", "sed", "seq", "printf", "test", "true", "false", "rm", "uname", "hostname", "stat", "dd", "find",
-        "sort", "xargs", "sha256sum", "mount", "cut", "awk", "nc", "ip",
+        "sh",
+        "ls",
+        "cat",
+        "echo",
+        "id",
+        "ps",
+        "kill",
+        "touch",
+        "mkdir",
+        "sleep",
+        "head",
+        "tail",
+        "tr",
+        "wc",
+        "env",
+        "grep",
+        "sed",
+        "seq",
+        "printf",
+        "test",
+        "true",
+        "false",
+        "rm",
+        "uname",
+        "hostname",
+        "stat",
+        "dd",
+        "find",
+        "sort",
+        "xargs",
+        "sha256sum",
+        "mount",
+        "cut",
+        "awk",
+        "nc",
+        "ip",
     ] {
         e.push(Entry::Symlink(format!("bin/{applet}"), "busybox".into()));
     }
@@ -105,7 +142,13 @@ fn put_blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
 
 /// Writes an OCI image layout at `layout` with one image tagged `tag`.
 /// Returns the layer digests (bottom first).
-pub fn write_layout(layout: &Path, tag: &str, layers: &[Vec<Entry>], env: &[&str], user: &str) -> Vec<String> {
+pub fn write_layout(
+    layout: &Path,
+    tag: &str,
+    layers: &[Vec<Entry>],
+    env: &[&str],
+    user: &str,
+) -> Vec<String> {
     std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
     std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let mut descs = Vec::new();
@@ -136,13 +179,19 @@ pub fn write_layout(layout: &Path, tag: &str, layers: &[Vec<Entry>], env: &[&str
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_else(|| serde_json::json!({"schemaVersion": 2, "manifests": []}));
-    index["manifests"].as_array_mut().unwrap().push(serde_json::json!({
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": manifest_digest, "size": manifest_size,
-        "annotations": { "org.opencontainers.image.ref.name": tag },
-    }));
+    index["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest, "size": manifest_size,
+            "annotations": { "org.opencontainers.image.ref.name": tag },
+        }));
     std::fs::write(&index_path, index.to_string()).unwrap();
-    descs.iter().map(|d| d["digest"].as_str().unwrap().to_string()).collect()
+    descs
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// Debian's docker-registry on a free loopback port.
@@ -154,8 +203,15 @@ pub struct Registry {
 
 impl Registry {
     pub fn start() -> Registry {
-        let dir = tempfile::Builder::new().prefix("runnel-registry.").tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = tempfile::Builder::new()
+            .prefix("runnel-registry.")
+            .tempdir()
+            .unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let addr = format!("127.0.0.1:{port}");
         let config = dir.path().join("config.yml");
         std::fs::write(
@@ -175,7 +231,9 @@ impl Registry {
             .stderr(log)
             .spawn()
             .expect("start docker-registry (scripts/setup installs it)");
-        wait_for("the registry to listen", Duration::from_secs(20), || TcpStream::connect(&addr).is_ok());
+        wait_for("the registry to listen", Duration::from_secs(20), || {
+            TcpStream::connect(&addr).is_ok()
+        });
         Registry { addr, dir, child }
     }
 
