@@ -186,8 +186,8 @@ impl ImageStore {
             reason,
         };
         match parse(image)? {
-            Source::Layout { path, tag } => self.from_layout(&path, tag.as_deref()).await.map_err(fail),
-            Source::Registry(reference) => self.from_registry(&reference).await.map_err(fail),
+            Source::Layout { path, tag } => self.pull_layout(&path, tag.as_deref()).await.map_err(fail),
+            Source::Registry(reference) => self.pull_registry(&reference).await.map_err(fail),
         }
     }
 
@@ -233,7 +233,7 @@ impl ImageStore {
         Ok(fs_dir)
     }
 
-    async fn from_layout(&self, root: &Path, tag: Option<&str>) -> Result<Image, String> {
+    async fn pull_layout(&self, root: &Path, tag: Option<&str>) -> Result<Image, String> {
         let read_json = |path: PathBuf| async move {
             tokio::fs::read(&path)
                 .await
@@ -312,7 +312,7 @@ impl ImageStore {
         })
     }
 
-    async fn from_registry(&self, reference: &Reference) -> Result<Image, String> {
+    async fn pull_registry(&self, reference: &Reference) -> Result<Image, String> {
         let registry = reference.resolve_registry().to_string();
         let (manifest, digest, config) = self
             .client
@@ -330,7 +330,7 @@ impl ImageStore {
                         .client
                         .pull_blob_stream(reference, l)
                         .await
-                        .map_err(|e| registry_error(&registry, reference, e))?;
+                        .map_err(|e| registry_error(registry, reference, e))?;
                     let mut file = tokio::fs::File::create(&dest)
                         .await
                         .map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
