@@ -272,3 +272,34 @@ pub(crate) fn contained_path(base: &Path, rel: &str) -> Option<PathBuf> {
     }
     (out != base).then_some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn try_checkout(url: &str) -> CheckoutError {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = CheckoutSpec {
+            repo_url: url.into(),
+            ..Default::default()
+        };
+        checkout(&spec, dir.path(), &Auth::default(), &AtomicBool::new(false)).unwrap_err()
+    }
+
+    #[test]
+    fn https_is_a_transport_runnel_speaks() {
+        // Nothing listens on port 1: the failure is the connection, not an
+        // unsupported scheme.
+        let e = try_checkout("https://127.0.0.1:1/org/app.git");
+        assert_eq!(e.kind, FailureKind::Checkout, "{e}");
+        assert!(!e.message.contains("unsupported URL protocol"), "{e}");
+        assert!(e.message.contains("127.0.0.1:1"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_local_repository_is_repo_not_found() {
+        let e = try_checkout("/nonexistent/runnel-test-repo");
+        assert!(matches!(e.kind, FailureKind::RepoNotFound | FailureKind::Checkout), "{e}");
+        assert!(e.message.contains("/nonexistent/runnel-test-repo"), "{e}");
+    }
+}
