@@ -48,6 +48,8 @@ struct RawConfig {
     #[serde(default)]
     runtime: RawRuntime,
     #[serde(default)]
+    checkout: RawCheckout,
+    #[serde(default)]
     labels: BTreeMap<String, String>,
 }
 
@@ -56,6 +58,12 @@ struct RawConfig {
 struct RawAuth {
     scheduler_tokens_file: Option<PathBuf>,
     operator_tokens_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheckout {
+    cache: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,6 +136,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub auth: AuthConfig,
     pub runtime: RuntimeConfig,
+    /// Keep a mirror per repository to check out from (warm checkouts).
+    pub checkout_cache: bool,
     pub labels: BTreeMap<String, String>,
     /// Paths on the host that hold agent secrets (token files): hidden from
     /// containers that see the host's root filesystem.
@@ -262,6 +272,7 @@ impl Config {
                 job_timeout,
                 insecure_registries: r.insecure_registries,
             },
+            checkout_cache: raw.checkout.cache.unwrap_or(true),
             labels: raw.labels,
             private_paths,
         })

@@ -543,3 +543,130 @@ fn keyscan_prints_pinnable_lines_with_fingerprints() {
     assert!(!failed.status.success());
     assert!(String::from_utf8_lossy(&failed.stderr).contains("cannot connect to 127.0.0.1:1"));
 }
+
+fn mirror_dirs(agent: &Agent) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(agent.state_dir().join("mirrors"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "git"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_checkout_borrows_the_cache_and_sees_new_commits() {
+    let f = Fixture::new();
+    let agent = Agent::start("max_jobs = 3");
+    let inspect = "git log --format=%s -1; cat lib/lib.txt; git count-objects -v | grep -E '^(count|size-pack):'; cat .git/objects/info/alternates";
+    let (s1, e1) = run_job(&agent, f.spec("warm-1", true, false, true, &[inspect])).await;
+    assert_eq!(
+        state(&s1),
+        pb::JobState::Succeeded,
+        "{s1:?}\n{}",
+        output(&e1, pb::Stream::Stderr)
+    );
+    assert_eq!(
+        mirror_dirs(&agent).len(),
+        3,
+        "app, lib and deep each have a mirror"
+    );
+    f.server
+        .push(&f.app, "second commit", |w| write(&w.join("app.txt"), "app v2\n"));
+    let (s2, e2) = run_job(&agent, f.spec("warm-2", true, false, true, &[inspect])).await;
+    assert_eq!(state(&s2), pb::JobState::Succeeded, "{s2:?}");
+    assert_eq!(checkout_done(&e2).commit, head(&f.app));
+    let out = output(&e2, pb::Stream::Stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "second commit", "{out}");
+    assert_eq!(lines[1], "lib");
+    // No object was copied into the workspace: it borrows the mirror's.
+    assert_eq!(lines[2], "count: 0", "{out}");
+    assert_eq!(lines[3], "size-pack: 0", "{out}");
+    assert!(lines[4].starts_with("/.runnel/mirrors/"), "{out}");
+    // Concurrent jobs on one repository share the cache safely.
+    let mut c = agent.scheduler().await;
+    for i in 0..3 {
+        submit(
+            &mut c,
+            f.spec(
+                &format!("warm-c{i}"),
+                true,
+                true,
+                true,
+                &["cat lib/deep/deep.txt"],
+            ),
+        )
+        .await;
+    }
+    for i in 0..3 {
+        let events = watch(&mut c, &format!("warm-c{i}"), 0).await;
+        assert_eq!(
+            state(&final_status(&events)),
+            pb::JobState::Succeeded,
+            "warm-c{i}"
+        );
+    }
+    assert_no_key_bytes(&agent, &[&f.user, &f.deploy]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_never_uses_a_cache_it_could_not_fetch_itself() {
+    let f = Fixture::new();
+    let agent = Agent::start("");
+    let (s1, _) = run_job(&agent, f.spec("fills-cache", true, false, true, &["true"])).await;
+    assert_eq!(state(&s1), pb::JobState::Succeeded);
+    // A stranger's key, and a wrong host pin, fail as they would cold.
+    let stranger = KeyPair::generate(f.keys.path(), "stranger2", "ed25519", "", &[]);
+    let mut spec = f.spec("stranger-warm", false, false, false, &["true"]);
+    spec.ssh.as_mut().unwrap().user_key = stranger.private_bytes();
+    let (s2, _) = run_job(&agent, spec).await;
+    assert_eq!(failure(&s2), pb::FailureKind::Auth, "{}", s2.message);
+    let mut spec = f.spec("unpinned-warm", true, false, false, &["true"]);
+    spec.ssh.as_mut().unwrap().known_hosts.clear();
+    let (s3, _) = run_job(&agent, spec).await;
+    assert_eq!(failure(&s3), pb::FailureKind::HostKey, "{}", s3.message);
+    // The deploy key reads app from the cache, but not lib, which it cannot fetch.
+    let (s4, _) = run_job(&agent, f.spec("deploy-warm", false, true, true, &["true"])).await;
+    assert_eq!(failure(&s4), pb::FailureKind::RepoNotFound, "{}", s4.message);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_cache_is_rebuilt_and_never_fails_a_job() {
+    let f = Fixture::new();
+    let agent = Agent::start("");
+    let (s1, _) = run_job(&agent, f.spec("before-corruption", true, false, false, &["true"])).await;
+    assert_eq!(state(&s1), pb::JobState::Succeeded);
+    let mut corrupted = 0;
+    for m in mirror_dirs(&agent) {
+        for e in std::fs::read_dir(m.join("objects/pack")).unwrap().flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "pack") {
+                let len = std::fs::metadata(&p).unwrap().len();
+                std::fs::write(&p, vec![0u8; len as usize]).unwrap();
+                corrupted += 1;
+            }
+        }
+    }
+    assert!(corrupted > 0);
+    f.server.push(&f.app, "after corruption", |w| {
+        write(&w.join("app.txt"), "app v3\n")
+    });
+    for id in ["corrupt-1", "corrupt-2"] {
+        let (s, e) = run_job(
+            &agent,
+            f.spec(
+                id,
+                true,
+                false,
+                false,
+                &["cat app.txt; git fsck --no-dangling >/dev/null && echo fsck-ok"],
+            ),
+        )
+        .await;
+        assert_eq!(state(&s), pb::JobState::Succeeded, "{id}: {s:?}");
+        assert_eq!(output(&e, pb::Stream::Stdout), "app v3\nfsck-ok\n", "{id}");
+    }
+    assert!(agent.log().contains("rebuilt"), "{}", agent.log());
+}

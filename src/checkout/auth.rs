@@ -13,7 +13,7 @@
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use git2::{CertificateCheckStatus, Cred, CredentialType, ErrorCode, RemoteCallbacks};
+use git2::{CertificateCheckStatus, Cred, CredentialType, ErrorClass, ErrorCode, RemoteCallbacks};
 
 use super::CheckoutError;
 use crate::job::state::FailureKind;
@@ -139,11 +139,12 @@ impl<'a> Attempt<'a> {
             || e.message().contains("Permission denied")
     }
 
-    /// Logged in, then the server had no such repository for this key.
+    /// Logged in, then the server had no such repository for this key: it
+    /// printed its refusal and closed the channel (an SSH-level EOF).
     fn repo_missing(&self, e: &git2::Error) -> bool {
         self.cred_calls.get() == 1
-            && (e.code() == ErrorCode::Eof
-                || e.message().contains("not found")
+            && ((e.class() == ErrorClass::Ssh && e.code() == ErrorCode::Eof)
+                || e.message().contains("Repository not found")
                 || e.message().contains("does not appear to be a git repository"))
     }
 }

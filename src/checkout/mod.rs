@@ -5,6 +5,7 @@
 //! and which host keys to trust is decided by [`Auth`] (`auth.rs`).
 
 mod auth;
+pub mod mirror;
 mod submodules;
 
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use crate::job::spec::CheckoutSpec;
 use crate::job::state::FailureKind;
 
 pub use auth::{Auth, KeyKind};
+pub use mirror::{MirrorUse, Mirrors};
 
 /// What was checked out, for the CheckoutDone event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +45,9 @@ pub struct SubmoduleDone {
 pub struct CheckoutError {
     pub kind: FailureKind,
     pub message: String,
+    /// The URL whose checkout cache could not serve the checkout: the
+    /// cache is rebuilt and the checkout done without it.
+    cache_failed: Option<String>,
 }
 
 impl CheckoutError {
@@ -50,7 +55,70 @@ impl CheckoutError {
         CheckoutError {
             kind,
             message: message.into(),
+            cache_failed: None,
         }
+    }
+
+    fn with_message(mut self, message: String) -> Self {
+        self.message = message;
+        self
+    }
+
+    /// Blames the checkout cache of `url` for this failure.
+    fn blaming_cache(mut self, url: &str) -> Self {
+        self.cache_failed = Some(url.to_string());
+        self
+    }
+}
+
+/// A finished checkout; the mirrors its workspace borrows objects from stay
+/// locked while this lives.
+#[derive(Debug)]
+pub struct Checkout {
+    pub done: CheckoutDone,
+    pub mirrors: Vec<MirrorUse>,
+}
+
+/// What one checkout works with.
+pub(crate) struct Ctx<'a> {
+    pub auth: &'a Auth,
+    pub cancel: &'a AtomicBool,
+    pub mirrors: Option<&'a Mirrors>,
+    pub workspace: &'a Path,
+    pub depth: u32,
+}
+
+/// Checks out `oid` detached (a submodule's pinned commit).
+fn check_out_detached(repo: &Repository, oid: Oid) -> Result<(), git2::Error> {
+    repo.set_head_detached(oid)?;
+    repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))
+}
+
+impl Ctx<'_> {
+    /// Gets `url`'s objects and refs into `repo` (a fresh repository) as
+    /// `origin`: from the checkout cache when there is one (fetched first
+    /// with the job's keys), else straight from the remote. Returns the
+    /// key the server accepted.
+    fn fetch_into<'k>(
+        &'k self,
+        repo: &Repository,
+        url: &str,
+        depth: u32,
+        what: &str,
+        uses: &mut Vec<MirrorUse>,
+    ) -> Result<Option<&'k auth::Key>, CheckoutError> {
+        let cacheable = auth::ssh_target(url).is_some() || url.starts_with("https://");
+        if let Some(mirrors) = self.mirrors.filter(|_| cacheable)
+            && let Some((mirror, key)) = mirrors.update(url, self.auth, self.cancel, what)?
+        {
+            mirror::borrow(repo, url, &mirror).map_err(|e| {
+                CheckoutError::new(FailureKind::Checkout, format!("{what}: {}", e.message()))
+                    .blaming_cache(url)
+            })?;
+            uses.push(mirror);
+            return Ok(key);
+        }
+        fetch(repo, url, depth, self.auth, self.cancel, what)
     }
 }
 
@@ -85,36 +153,85 @@ pub fn isolate_libgit2(empty_home: &Path) -> Result<(), git2::Error> {
 }
 
 /// Clones `spec.repo_url` into `workspace` (which must be empty) at
-/// `spec.revision`, with submodules if asked. Blocking; `cancel` aborts a
-/// transfer in progress.
+/// `spec.revision`, with submodules if asked, through the checkout cache
+/// when `mirrors` is given. Blocking; `cancel` aborts a transfer.
 pub fn checkout(
     spec: &CheckoutSpec,
     workspace: &Path,
     auth: &Auth,
     cancel: &AtomicBool,
-) -> Result<CheckoutDone, CheckoutError> {
+    mirrors: Option<&Mirrors>,
+) -> Result<Checkout, CheckoutError> {
+    let ctx = Ctx {
+        auth,
+        cancel,
+        mirrors,
+        workspace,
+        depth: spec.depth,
+    };
+    match checkout_with(spec, &ctx) {
+        Err(CheckoutError {
+            cache_failed: Some(url),
+            message,
+            ..
+        }) if mirrors.is_some() => {
+            // A corrupt cache never fails a job: rebuild it, go direct.
+            if let Some(m) = mirrors {
+                m.mark_corrupt(&url, &message);
+            }
+            empty_dir(workspace).map_err(|e| CheckoutError::new(FailureKind::Agent, e.to_string()))?;
+            checkout_with(spec, &Ctx { mirrors: None, ..ctx })
+        }
+        other => other,
+    }
+}
+
+fn empty_dir(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if std::fs::symlink_metadata(&p)?.is_dir() {
+            std::fs::remove_dir_all(&p)?;
+        } else {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
+}
+
+fn checkout_with(spec: &CheckoutSpec, ctx: &Ctx<'_>) -> Result<Checkout, CheckoutError> {
     let url = spec.repo_url.trim();
-    let repo = Repository::init(workspace).map_err(|e| {
+    let repo = Repository::init(ctx.workspace).map_err(|e| {
         CheckoutError::new(
             FailureKind::Agent,
             format!("cannot create the workspace repository: {}", e.message()),
         )
     })?;
-    let key = fetch(&repo, url, spec.depth, auth, cancel, "the repository")?;
+    let mut uses = Vec::new();
+    let key = ctx.fetch_into(&repo, url, ctx.depth, "the repository", &mut uses)?;
+    // Reopen: the object database must see a borrowed mirror's objects.
+    let repo = Repository::open(ctx.workspace)
+        .map_err(|e| CheckoutError::new(FailureKind::Agent, e.message().to_string()))?;
+    let blame_cache = |e: CheckoutError| if uses.is_empty() { e } else { e.blaming_cache(url) };
     let (oid, branch) = resolve(&repo, url, &spec.revision)?;
-    check_out(&repo, oid, branch.as_deref())?;
-    let submodules = if spec.submodules {
-        let mut done = Vec::new();
-        submodules::update(&repo, url, workspace, spec.depth, auth, cancel, "", &mut done)?;
-        done
-    } else {
-        Vec::new()
-    };
-    Ok(CheckoutDone {
-        commit: oid.to_string(),
-        key: key.map(|k| k.kind).unwrap_or(KeyKind::None),
-        key_fingerprint: key.map(|k| k.fingerprint.clone()).unwrap_or_default(),
-        submodules,
+    check_out(&repo, oid, branch.as_deref()).map_err(blame_cache)?;
+    let mut submodules = Vec::new();
+    if spec.submodules {
+        submodules::update(&repo, url, ctx, "", &mut submodules, &mut uses)?;
+    }
+    mirror::alternates_for_container(repo.path(), &uses).map_err(|e| {
+        CheckoutError::new(
+            FailureKind::Agent,
+            format!("cannot point the workspace at the cache: {e}"),
+        )
+    })?;
+    Ok(Checkout {
+        done: CheckoutDone {
+            commit: oid.to_string(),
+            key: key.map(|k| k.kind).unwrap_or(KeyKind::None),
+            key_fingerprint: key.map(|k| k.fingerprint.clone()).unwrap_or_default(),
+            submodules,
+        },
+        mirrors: uses,
     })
 }
 
@@ -283,7 +400,7 @@ mod tests {
             repo_url: url.into(),
             ..Default::default()
         };
-        checkout(&spec, dir.path(), &Auth::default(), &AtomicBool::new(false)).unwrap_err()
+        checkout(&spec, dir.path(), &Auth::default(), &AtomicBool::new(false), None).unwrap_err()
     }
 
     #[test]
@@ -299,7 +416,10 @@ mod tests {
     #[test]
     fn a_missing_local_repository_is_repo_not_found() {
         let e = try_checkout("/nonexistent/runnel-test-repo");
-        assert!(matches!(e.kind, FailureKind::RepoNotFound | FailureKind::Checkout), "{e}");
+        assert!(
+            matches!(e.kind, FailureKind::RepoNotFound | FailureKind::Checkout),
+            "{e}"
+        );
         assert!(e.message.contains("/nonexistent/runnel-test-repo"), "{e}");
     }
 }

@@ -4,12 +4,10 @@
 //! anything is written for it.
 
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 
-use git2::{FetchOptions, Repository, SubmoduleUpdateOptions};
+use git2::Repository;
 
-use super::auth::Auth;
-use super::{CheckoutError, SubmoduleDone, contained_path};
+use super::{CheckoutError, Ctx, MirrorUse, SubmoduleDone, check_out_detached, contained_path};
 use crate::job::state::FailureKind;
 
 /// Resolves a submodule URL from `.gitmodules` against the superproject's.
@@ -46,18 +44,14 @@ fn refuse(what: String) -> CheckoutError {
 
 /// Checks out every submodule of `repo` (whose URL is `repo_url`), then
 /// theirs. `prefix` is the path of `repo` inside the workspace.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn update(
     repo: &Repository,
     repo_url: &str,
-    workspace: &Path,
-    depth: u32,
-    auth: &Auth,
-    cancel: &AtomicBool,
+    ctx: &Ctx<'_>,
     prefix: &str,
     done: &mut Vec<SubmoduleDone>,
+    uses: &mut Vec<MirrorUse>,
 ) -> Result<(), CheckoutError> {
-    let _ = depth; // submodules are fetched in full: a pinned commit may be deep in history
     let git_err = |what: &str, e: git2::Error| {
         CheckoutError::new(FailureKind::Checkout, format!("{what}: {}", e.message()))
     };
@@ -88,7 +82,7 @@ pub(super) fn update(
             )));
         }
         refuse_symlinks_on_the_way(&workdir, &rel).map_err(|why| refuse(format!("{what}: {why}")))?;
-        if !dest.starts_with(workspace) {
+        if !dest.starts_with(ctx.workspace) {
             return Err(refuse(format!("{what}: path leaves the workspace")));
         }
         let raw_url = sm
@@ -98,46 +92,39 @@ pub(super) fn update(
             .ok_or_else(|| refuse(format!("{what}: has no URL in .gitmodules")))?
             .to_string();
         let url = resolve_url(repo_url, &raw_url);
+        let pinned = sm
+            .index_id()
+            .or(sm.head_id())
+            .ok_or_else(|| refuse(format!("{what}: the superproject records no commit for it")))?;
         sm.init(true).map_err(|e| git_err(&what, e))?;
         repo.config()
             .and_then(|mut c| c.set_str(&format!("submodule.{name}.url"), &url))
             .map_err(|e| git_err(&what, e))?;
         sm.reload(true).map_err(|e| git_err(&what, e))?;
-        let modules_dir = repo.path().join("modules").join(&name);
-        let key = auth.with_each_key(&url, &what, |attempt| {
-            // A failed attempt may leave a half-made clone behind.
-            let _ = std::fs::remove_dir_all(&modules_dir);
-            let _ = std::fs::remove_dir_all(&dest);
-            std::fs::create_dir_all(&dest).map_err(|e| git2::Error::from_str(&e.to_string()))?;
-            let mut fetch = FetchOptions::new();
-            fetch.remote_callbacks(attempt.callbacks(cancel));
-            let mut opts = SubmoduleUpdateOptions::new();
-            opts.fetch(fetch);
-            sm.update(true, Some(&mut opts))
-        })?;
+        let sub = sm.repo_init(true).map_err(|e| git_err(&what, e))?;
+        let cached = uses.len();
+        // Submodules are fetched in full: a pinned commit may be deep in history.
+        let key = ctx.fetch_into(&sub, &url, 0, &what, uses)?;
         let sub = sm.open().map_err(|e| git_err(&what, e))?;
-        let commit = sub
-            .head()
-            .ok()
-            .and_then(|h| h.target())
-            .map(|o| o.to_string())
-            .unwrap_or_default();
+        let blame_cache = |e: CheckoutError| {
+            if uses.len() > cached {
+                e.blaming_cache(&url)
+            } else {
+                e
+            }
+        };
+        check_out_detached(&sub, pinned).map_err(|e| {
+            blame_cache(git_err(&what, e)).with_message(format!(
+                "{what}: cannot check out its pinned commit {pinned} (is it pushed to {url}?)"
+            ))
+        })?;
         done.push(SubmoduleDone {
             path: shown.clone(),
             url: url.clone(),
-            commit,
+            commit: pinned.to_string(),
             key: key.map(|k| k.kind).unwrap_or(crate::ssh::KeyKind::None),
         });
-        update(
-            &sub,
-            &url,
-            workspace,
-            depth,
-            auth,
-            cancel,
-            &format!("{shown}/"),
-            done,
-        )?;
+        update(&sub, &url, ctx, &format!("{shown}/"), done, uses)?;
     }
     Ok(())
 }

@@ -19,7 +19,7 @@ use tracing::Instrument;
 use super::spec::{JobSpec, Network, Step};
 use super::state::{FailureKind, JobState, StepResult};
 use super::{Job, RUN_DIR, Registry};
-use crate::checkout::{self, Auth};
+use crate::checkout::{self, Auth, Checkout, MirrorUse};
 use crate::logs::output::{CHUNK_CAP, Chunker, pump};
 use crate::logs::{EventKind, Masker, Stream as Out};
 use crate::runtime::Container;
@@ -230,13 +230,17 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
         );
     }
 
+    // Mirrors the workspace borrows objects from: locked until the job ends.
+    let mut borrowed: Vec<MirrorUse> = Vec::new();
     if let Some(co) = &spec.checkout {
         let auth = Auth::new(prepared.keys.clone(), prepared.known_hosts.clone());
         job.system_line(0, &format!("runnel: checking out {}", co.repo_url));
         let cancel = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
         let task = tokio::task::spawn_blocking({
             let (co, workspace, cancel) = (co.clone(), workspace.clone(), cancel.clone());
-            move || checkout::checkout(&co, &workspace, &auth, &cancel)
+            let mirrors = registry.mirrors.clone();
+            move || checkout::checkout(&co, &workspace, &auth, &cancel, mirrors.as_ref())
         });
         tokio::pin!(task);
         let result = tokio::select! {
@@ -248,7 +252,13 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
             }
         };
         match result {
-            Ok(Ok(done)) => {
+            Ok(Ok(Checkout { done, mirrors })) => {
+                tracing::info!(
+                    seconds = started.elapsed().as_secs_f64(),
+                    cached = !mirrors.is_empty(),
+                    "checked out"
+                );
+                borrowed = mirrors;
                 let key = match done.key {
                     KeyKind::None => String::new(),
                     k => format!(" with the {} {}", k.label(), done.key_fingerprint),
@@ -316,6 +326,10 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
             cpu_millis: r.cpu_millis.or(d.cpu_millis),
         },
         cgroup_path: registry.runtime.cgroup_path(&job.id),
+        readonly_mounts: borrowed
+            .iter()
+            .map(|m| (m.objects.clone(), m.container_objects.clone()))
+            .collect(),
         masked: config.private_paths.clone(),
     };
     let oci_spec = oci::container_spec(&container_config);
@@ -354,6 +368,7 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
     drop(rootfs);
     drop(ssh_dir);
     drop(run_dir);
+    drop(borrowed);
     end
 }
 

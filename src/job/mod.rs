@@ -146,6 +146,8 @@ pub struct Registry {
     config: Config,
     runtime: Runtime,
     images: crate::runtime::image::ImageStore,
+    /// The checkout cache, unless disabled.
+    mirrors: Option<crate::checkout::Mirrors>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     slots: Arc<Semaphore>,
     tasks: TaskTracker,
@@ -189,11 +191,17 @@ impl Registry {
         let images =
             crate::runtime::image::ImageStore::new(&config.state_dir, &config.runtime.insecure_registries)
                 .map_err(state_err)?;
+        let mirrors = if config.checkout_cache {
+            Some(crate::checkout::Mirrors::new(config.state_dir.join("mirrors")).map_err(state_err)?)
+        } else {
+            None
+        };
         let jobs = recover_jobs(&config.state_dir.join("jobs")).map_err(state_err)?;
         let slots = Arc::new(Semaphore::new(config.max_jobs as usize));
         Ok(Arc::new(Registry {
             runtime,
             images,
+            mirrors,
             jobs: Mutex::new(jobs),
             slots,
             tasks: TaskTracker::new(),

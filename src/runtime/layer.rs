@@ -135,6 +135,9 @@ mod tests {
             let mut h = tar::Header::new_gnu();
             h.set_entry_type(*kind);
             h.set_mode(0o755);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
             h.set_size(data.len() as u64);
             if let Some(l) = link {
                 h.set_link_name(l).unwrap();

@@ -38,6 +38,8 @@ pub struct ContainerConfig {
     pub cgroup_path: String,
     /// Host paths to hide inside the container (the agent's state, tokens).
     pub masked: Vec<PathBuf>,
+    /// (host path, container path) bound read-only, e.g. checkout caches.
+    pub readonly_mounts: Vec<(PathBuf, String)>,
 }
 
 /// A build needs these; the rest (SYS_ADMIN, NET_ADMIN, SYS_PTRACE, ...) are
@@ -154,6 +156,9 @@ pub fn container_spec(c: &ContainerConfig) -> Spec {
     ));
     mounts.push(bind(&c.init, INIT_PATH, true));
     mounts.push(bind(&c.workspace, WORKSPACE, false));
+    for (host, dest) in &c.readonly_mounts {
+        mounts.push(bind(host, dest, true));
+    }
     if let Some(ssh) = &c.ssh_dir {
         mounts.push(bind(ssh, &format!("{}/.ssh", c.home.trim_end_matches('/')), true));
     }
@@ -283,6 +288,7 @@ mod tests {
             },
             cgroup_path: "/runnel.x/job".into(),
             masked: vec!["/var/lib/runnel".into()],
+            readonly_mounts: vec![],
         }
     }
 

@@ -1,0 +1,270 @@
+//! Warm checkouts: one bare mirror per normalised repository URL under
+//! `state_dir/mirrors`, fetched incrementally **with the job's own keys and
+//! pinned hosts** before every use (so a job never uses a mirror it could
+//! not fetch itself). A workspace borrows the mirror's objects through
+//! git's alternates instead of copying them.
+//!
+//! Locks (flock, so they hold across threads and processes):
+//! `NAME.fetch.lock` serialises fetches; `NAME.use.lock` is held shared by
+//! every job whose workspace borrows the objects, and exclusively only to
+//! rebuild a mirror found corrupt. Fetching only adds objects, so it never
+//! needs to wait for jobs that use the mirror.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use git2::{FetchOptions, FetchPrune, Repository};
+use nix::fcntl::{Flock, FlockArg};
+use sha2::{Digest, Sha256};
+
+use super::CheckoutError;
+use super::auth::{Auth, Key};
+use crate::job::state::FailureKind;
+
+/// Where a mirror's objects appear inside the job's container.
+pub const CONTAINER_DIR: &str = "/.runnel/mirrors";
+
+/// The mirror store.
+#[derive(Debug, Clone)]
+pub struct Mirrors {
+    dir: PathBuf,
+}
+
+/// A mirror a workspace borrows objects from; the shared lock is held
+/// until this is dropped (at the end of the job).
+#[derive(Debug)]
+pub struct MirrorUse {
+    /// The mirror's objects directory on the host.
+    pub objects: PathBuf,
+    /// ... and inside the container.
+    pub container_objects: String,
+    _lock: Flock<File>,
+}
+
+/// `url` without what does not change the repository: the user, a trailing
+/// `.git` or `/`, the case of the host.
+pub fn normalise(url: &str) -> String {
+    let url = url.trim().trim_end_matches('/').trim_end_matches(".git");
+    if let Some(t) = super::auth::ssh_target(url) {
+        let path = match url.split_once("://") {
+            Some((_, rest)) => rest.split_once('/').map(|(_, p)| p).unwrap_or(""),
+            None => url.split_once(':').map(|(_, p)| p).unwrap_or(""),
+        };
+        return format!(
+            "ssh://{}:{}/{}",
+            t.host.to_ascii_lowercase(),
+            t.port,
+            path.trim_start_matches('/')
+        );
+    }
+    url.to_string()
+}
+
+fn lock(path: &Path, how: FlockArg) -> std::io::Result<Flock<File>> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    Flock::lock(f, how).map_err(|(_, e)| std::io::Error::from(e))
+}
+
+fn agent_error(what: &str, e: impl std::fmt::Display) -> CheckoutError {
+    CheckoutError::new(
+        FailureKind::Agent,
+        format!("{what}: the checkout cache failed: {e}"),
+    )
+}
+
+impl Mirrors {
+    pub fn new(dir: PathBuf) -> std::io::Result<Mirrors> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Mirrors { dir })
+    }
+
+    fn name(url: &str) -> String {
+        let d = Sha256::digest(normalise(url).as_bytes());
+        d.iter().take(12).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Brings the mirror of `url` up to date with the job's keys. Returns
+    /// the mirror in use and the key the server accepted; `Ok(None)` when
+    /// the mirror is unusable (found corrupt: it is rebuilt as soon as no
+    /// job borrows it), in which case the caller checks out directly.
+    pub(crate) fn update<'a>(
+        &self,
+        url: &str,
+        auth: &'a Auth,
+        cancel: &AtomicBool,
+        what: &str,
+    ) -> Result<Option<(MirrorUse, Option<&'a Key>)>, CheckoutError> {
+        let name = Self::name(url);
+        let path = self.dir.join(format!("{name}.git"));
+        let use_lock = self.dir.join(format!("{name}.use.lock"));
+        let corrupt = self.dir.join(format!("{name}.corrupt"));
+        let _fetching = lock(
+            &self.dir.join(format!("{name}.fetch.lock")),
+            FlockArg::LockExclusive,
+        )
+        .map_err(|e| agent_error(what, e))?;
+        if corrupt.exists() {
+            match lock_now(&use_lock) {
+                Some(_exclusive) => {
+                    tracing::warn!(mirror = %path.display(), "rebuilding a corrupt checkout cache");
+                    let _ = std::fs::remove_dir_all(&path);
+                    let _ = std::fs::remove_file(&corrupt);
+                }
+                None => return Ok(None),
+            }
+        }
+        let using = lock(&use_lock, FlockArg::LockShared).map_err(|e| agent_error(what, e))?;
+        let repo = match Repository::open_bare(&path) {
+            Ok(r) => r,
+            Err(_) if !path.exists() => Repository::init_bare(&path).map_err(|e| agent_error(what, e))?,
+            Err(e) => {
+                self.mark_corrupt(url, &e.to_string());
+                return Ok(None);
+            }
+        };
+        match fetch(&repo, url, auth, cancel, what) {
+            Ok(key) => Ok(Some((
+                MirrorUse {
+                    objects: path.join("objects"),
+                    container_objects: format!("{CONTAINER_DIR}/{name}/objects"),
+                    _lock: using,
+                },
+                key,
+            ))),
+            // Any other failure (a broken object store, a cut connection)
+            // gets a direct checkout, which reports it if it is real.
+            Err(e) if e.kind == FailureKind::Checkout => {
+                self.mark_corrupt(url, &e.message);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The mirror of `url` failed a job's checkout: rebuild it before its
+    /// next use.
+    pub(crate) fn mark_corrupt(&self, url: &str, why: &str) {
+        tracing::warn!(url, why, "the checkout cache of this repository will be rebuilt");
+        let _ = std::fs::write(self.dir.join(format!("{}.corrupt", Self::name(url))), why);
+    }
+}
+
+fn lock_now(path: &Path) -> Option<Flock<File>> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .ok()?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).ok()
+}
+
+fn fetch<'a>(
+    repo: &Repository,
+    url: &str,
+    auth: &'a Auth,
+    cancel: &AtomicBool,
+    what: &str,
+) -> Result<Option<&'a Key>, CheckoutError> {
+    let mut remote = repo
+        .remote_anonymous(url)
+        .map_err(|e| CheckoutError::new(FailureKind::BadSpec, format!("{url:?}: {}", e.message())))?;
+    let refspecs = [
+        "+refs/heads/*:refs/heads/*",
+        "+refs/tags/*:refs/tags/*",
+        "+HEAD:refs/runnel/HEAD",
+    ];
+    let key = auth.with_each_key(url, what, |attempt| {
+        let mut opts = FetchOptions::new();
+        opts.remote_callbacks(attempt.callbacks(cancel));
+        opts.download_tags(git2::AutotagOption::None);
+        opts.prune(FetchPrune::On);
+        remote.fetch(&refspecs, Some(&mut opts), None)
+    })?;
+    // A fetch that "worked" on a broken object store shows here.
+    if let Ok(head) = repo.refname_to_id("refs/runnel/HEAD") {
+        repo.find_commit(head).and_then(|c| c.tree()).map_err(|e| {
+            CheckoutError::new(
+                FailureKind::Checkout,
+                format!("the mirror is unreadable: {}", e.message()),
+            )
+        })?;
+    }
+    Ok(key)
+}
+
+/// Makes `repo` (a fresh, empty work-tree repository) borrow the objects of
+/// `mirror` and take its branches as `origin/*`, its tags and its HEAD.
+pub(crate) fn borrow(repo: &Repository, url: &str, mirror: &MirrorUse) -> Result<(), git2::Error> {
+    let info = repo.path().join("objects/info");
+    std::fs::create_dir_all(&info).map_err(|e| git2::Error::from_str(&e.to_string()))?;
+    std::fs::write(info.join("alternates"), format!("{}\n", mirror.objects.display()))
+        .map_err(|e| git2::Error::from_str(&e.to_string()))?;
+    // Reopen so the object database sees the alternate.
+    let repo = Repository::open(repo.path())?;
+    if repo.find_remote("origin").is_err() {
+        repo.remote("origin", url)?;
+    } else {
+        repo.remote_set_url("origin", url)?;
+    }
+    let source = Repository::open_bare(mirror.objects.parent().unwrap_or(Path::new("/")))?;
+    for r in source.references()? {
+        let r = r?;
+        let (Ok(name), Some(oid)) = (r.name(), r.target()) else {
+            continue;
+        };
+        let local = if let Some(b) = name.strip_prefix("refs/heads/") {
+            format!("refs/remotes/origin/{b}")
+        } else if name.starts_with("refs/tags/") {
+            name.to_string()
+        } else if name == "refs/runnel/HEAD" {
+            "refs/remotes/origin/HEAD".to_string()
+        } else {
+            continue;
+        };
+        repo.reference(&local, oid, true, "runnel: from the checkout cache")?;
+    }
+    Ok(())
+}
+
+/// Points every alternates file under `git_dir` that names a mirror at the
+/// mirror's path inside the container.
+pub(crate) fn alternates_for_container(git_dir: &Path, mirrors: &[MirrorUse]) -> std::io::Result<()> {
+    let mut stack = vec![git_dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let alt = dir.join("objects/info/alternates");
+        if let Ok(text) = std::fs::read_to_string(&alt) {
+            let mut out = String::new();
+            for line in text.lines() {
+                let m = mirrors.iter().find(|m| Path::new(line) == m.objects);
+                out.push_str(m.map(|m| m.container_objects.as_str()).unwrap_or(line));
+                out.push('\n');
+            }
+            std::fs::write(&alt, out)?;
+        }
+        if let Ok(modules) = std::fs::read_dir(dir.join("modules")) {
+            stack.extend(modules.flatten().map(|e| e.path()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_of_one_repository_share_a_mirror() {
+        let n = normalise("ssh://git@Bitbucket.org:22/team/app.git");
+        assert_eq!(n, "ssh://bitbucket.org:22/team/app");
+        assert_eq!(normalise("git@bitbucket.org:team/app.git"), n);
+        assert_eq!(normalise("ssh://other@bitbucket.org/team/app/"), n);
+        assert_ne!(normalise("ssh://bitbucket.org:7999/team/app"), n);
+        assert_eq!(normalise("https://example.org/a.git"), "https://example.org/a");
+    }
+}
