@@ -16,6 +16,9 @@ use crate::secret::Secret;
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/runnel/agent.toml";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/runnel";
+/// The first host uid/gid of containers' user namespaces, and how many ids.
+pub const USERNS_BASE: u32 = 100_000;
+pub const USERNS_SIZE: u32 = 65_536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -80,6 +83,8 @@ struct RawRuntime {
     job_timeout: Option<String>,
     #[serde(default)]
     insecure_registries: Vec<String>,
+    userns: Option<bool>,
+    userns_base: Option<u32>,
 }
 
 /// Which OCI runtime runs the containers.
@@ -117,6 +122,9 @@ pub struct RuntimeConfig {
     pub job_timeout: Duration,
     /// Registries (`host:port`) spoken to over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// Run containers in a user namespace whose root is this host uid/gid
+    /// (65536 ids are mapped). Images only: the host image cannot.
+    pub userns_base: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -250,6 +258,23 @@ impl Config {
         let grace_period = parse_duration(r.grace_period.as_deref(), "runtime.grace_period", "10s")?;
         let job_timeout = parse_duration(r.job_timeout.as_deref(), "runtime.job_timeout", "1h")?;
         let drain_timeout = parse_duration(raw.drain_timeout.as_deref(), "drain_timeout", "10m")?;
+        if r.userns == Some(true) && kind == RuntimeKind::Embedded {
+            // Measured: libcontainer 0.7 starts exec'd processes outside the
+            // container's user namespace, as host root. Never pretend.
+            return Err(invalid(
+                "runtime.userns",
+                "needs runtime.kind = \"runc\" or \"crun\": the embedded libcontainer runtime does not \
+                 put steps in the container's user namespace",
+            ));
+        }
+        if r.userns_base
+            .is_some_and(|b| b == 0 || b > u32::MAX - USERNS_SIZE)
+        {
+            return Err(invalid(
+                "runtime.userns_base",
+                format!("must be between 1 and {}", u32::MAX - USERNS_SIZE),
+            ));
+        }
         if job_timeout.is_zero() {
             return Err(invalid("runtime.job_timeout", "must be more than zero"));
         }
@@ -271,6 +296,10 @@ impl Config {
                 grace_period,
                 job_timeout,
                 insecure_registries: r.insecure_registries,
+                userns_base: r
+                    .userns
+                    .unwrap_or(false)
+                    .then(|| r.userns_base.unwrap_or(USERNS_BASE)),
             },
             checkout_cache: raw.checkout.cache.unwrap_or(true),
             labels: raw.labels,
@@ -323,6 +352,7 @@ mod tests {
             ("[runtime]\nkind = \"docker\"", "runtime.kind"),
             ("[runtime]\ngrace_period = \"soon\"", "runtime.grace_period"),
             ("state_dir = \"relative\"", "state_dir"),
+            ("[runtime]\nuserns = true", "runtime.userns"),
         ] {
             let err = Config::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");

@@ -452,3 +452,54 @@ async fn after_kill_9_a_restart_removes_the_jobs_container_mounts_and_cgroups() 
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn in_a_user_namespace_container_root_is_not_host_root() {
+    use std::os::unix::fs::MetadataExt;
+    let layout = layout();
+    let agent = Agent::start("[runtime]\nkind = \"runc\"\nuserns = true\ngrace_period = \"1s\"");
+    let mut c = agent.scheduler().await;
+    let image = format!("oci:{}:v2", layout.path().display());
+    submit(
+        &mut c,
+        with_image(
+            "userns",
+            &image,
+            &["cat /proc/self/uid_map; id -u; touch /workspace/made-by-root; echo x > /etc/written && echo etc-writable; sleep 1000.12"],
+        ),
+    )
+    .await;
+    wait_for("the step to run", Duration::from_secs(60), || {
+        !host_processes_with("1000.12").is_empty()
+    });
+    let pid = host_processes_with("1000.12")[0];
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid_line.split_whitespace().skip(1).all(|u| u == "100000"),
+        "{uid_line}"
+    );
+    let made = agent.state_dir().join("jobs/userns/run/workspace/made-by-root");
+    assert_eq!(std::fs::metadata(&made).unwrap().uid(), 100_000);
+    c.cancel_job(pb::CancelJobRequest {
+        job_id: "userns".into(),
+    })
+    .await
+    .unwrap();
+    let events = watch(&mut c, "userns", 0).await;
+    let out = output(&events, pb::Stream::Stdout);
+    let mut lines = out.lines();
+    let map: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(map, ["0", "100000", "65536"], "{out}");
+    assert_eq!(lines.next(), Some("0"));
+    assert_eq!(
+        lines.next(),
+        Some("etc-writable"),
+        "{out}\n{}",
+        output(&events, pb::Stream::Stderr)
+    );
+    // The host image cannot be remapped: said plainly.
+    let (status, _) = run_job(&agent, job("userns-host", &["true"])).await;
+    assert_eq!(failure(&status), pb::FailureKind::Image);
+    assert!(status.message.contains("user namespace"), "{}", status.message);
+}

@@ -149,8 +149,8 @@ pub(super) async fn run(registry: &Arc<Registry>, job: &Arc<Job>, spec: JobSpec)
 struct RunDir(PathBuf);
 
 impl RunDir {
-    fn create(path: PathBuf) -> std::io::Result<RunDir> {
-        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+    fn create(path: PathBuf, mode: u32) -> std::io::Result<RunDir> {
+        std::fs::DirBuilder::new().mode(mode).create(&path)?;
         let dir = RunDir(path);
         for sub in ["workspace", "bundle"] {
             std::fs::DirBuilder::new().mode(0o700).create(dir.0.join(sub))?;
@@ -200,7 +200,8 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
     let masker = Arc::new(Masker::new(&secrets_of(spec, &prepared.mask)));
     let _ = job.masker.set(masker.clone());
 
-    let run_dir = match RunDir::create(job.dir.join(RUN_DIR)) {
+    let userns = config.runtime.userns_base;
+    let run_dir = match RunDir::create(job.dir.join(RUN_DIR), super::dir_mode(userns.is_some())) {
         Ok(d) => d,
         Err(e) => {
             return End::failed(
@@ -295,15 +296,18 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
         Ok(i) => i,
         Err(end) => return end,
     };
-    if user.uid != 0 {
-        let owned = user::chown_tree(&workspace, user.uid, user.gid).and_then(|_| match &ssh_dir {
-            Some(d) => user::chown_tree(d.path(), user.uid, user.gid),
+    // The step user owns the workspace and its keys, as the host sees it.
+    let shift = config.runtime.userns_base.unwrap_or(0);
+    let (host_uid, host_gid) = (user.uid + shift, user.gid + shift);
+    if host_uid != 0 {
+        let owned = user::chown_tree(&workspace, host_uid, host_gid).and_then(|_| match &ssh_dir {
+            Some(d) => user::chown_tree(d.path(), host_uid, host_gid),
             None => Ok(()),
         });
         if let Err(e) = owned {
             return End::failed(
                 FailureKind::Agent,
-                format!("cannot give the workspace to uid {}: {e}", user.uid),
+                format!("cannot give the workspace to uid {host_uid}: {e}"),
             );
         }
     }
@@ -326,6 +330,7 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
             cpu_millis: r.cpu_millis.or(d.cpu_millis),
         },
         cgroup_path: registry.runtime.cgroup_path(&job.id),
+        userns_base: config.runtime.userns_base,
         readonly_mounts: borrowed
             .iter()
             .map(|m| (m.objects.clone(), m.container_objects.clone()))
@@ -428,8 +433,15 @@ async fn prepare_image(registry: &Registry, spec: &JobSpec, run_dir: &Path) -> R
         spec.container.image.as_str()
     };
     let failed = |e: String| End::failed(FailureKind::Image, e);
+    if image == "host" && config.runtime.userns_base.is_some() {
+        return Err(failed(
+            "the \"host\" image cannot run in a user namespace (runtime.userns = true): its files \
+             belong to the host's users; name an image"
+                .into(),
+        ));
+    }
     if image == "host" {
-        let rootfs = Rootfs::overlay(run_dir, &[Path::new("/")])
+        let rootfs = Rootfs::overlay(run_dir, &[Path::new("/")], None)
             .map_err(|e| failed(format!("cannot prepare the root filesystem: {e}")))?;
         return Ok(PreparedImage {
             rootfs,
@@ -446,7 +458,8 @@ async fn prepare_image(registry: &Registry, spec: &JobSpec, run_dir: &Path) -> R
         return Err(failed(format!("image {image:?} has no layers")));
     }
     let lower: Vec<&Path> = pulled.layers.iter().rev().map(PathBuf::as_path).collect();
-    let rootfs = Rootfs::overlay(run_dir, &lower).map_err(|e| {
+    let root_owner = config.runtime.userns_base.map(|b| (b, b));
+    let rootfs = Rootfs::overlay(run_dir, &lower, root_owner).map_err(|e| {
         failed(format!(
             "image {image:?}: cannot prepare the root filesystem: {e}"
         ))

@@ -135,9 +135,26 @@ impl Job {
 }
 
 fn write_status(dir: &Path, status: &JobStatus) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = dir.join(".status.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(status)?)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(status)?)?;
+    drop(f);
     std::fs::rename(&tmp, dir.join(STATUS_FILE))
+}
+
+/// Directory mode on the way to a container's files: with user
+/// namespaces, the container's root (an unprivileged host uid) must be
+/// able to pass through to reach its root filesystem, workspace and keys
+/// (each of which is its own, or read-only).
+pub(crate) fn dir_mode(userns: bool) -> u32 {
+    if userns { 0o711 } else { 0o700 }
 }
 
 /// The jobs of this agent, its slots and what runs them.
@@ -175,11 +192,16 @@ impl Registry {
             path: config.state_dir.clone(),
             source,
         };
+        let mode = dir_mode(config.runtime.userns_base.is_some());
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(config.state_dir.join("jobs"))
             .map_err(state_err)?;
+        for dir in [config.state_dir.clone(), config.state_dir.join("jobs")] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).map_err(state_err)?;
+        }
         crate::checkout::isolate_libgit2(&config.state_dir.join("home"))?;
         let runtime = Runtime::new(&config.runtime, &config.state_dir)?;
         for id in runtime.remove_leftovers().await {
@@ -188,9 +210,12 @@ impl Registry {
         for id in runtime.remove_leftover_cgroups() {
             tracing::warn!(cgroup = %id, "removed a cgroup left by a previous run of the agent");
         }
-        let images =
-            crate::runtime::image::ImageStore::new(&config.state_dir, &config.runtime.insecure_registries)
-                .map_err(state_err)?;
+        let images = crate::runtime::image::ImageStore::new(
+            &config.state_dir,
+            &config.runtime.insecure_registries,
+            config.runtime.userns_base.unwrap_or(0),
+        )
+        .map_err(state_err)?;
         let mirrors = if config.checkout_cache {
             Some(crate::checkout::Mirrors::new(config.state_dir.join("mirrors")).map_err(state_err)?)
         } else {
@@ -230,7 +255,8 @@ impl Registry {
             .try_acquire_owned()
             .map_err(|_| SubmitError::Busy(self.config.max_jobs))?;
         let dir = self.config.state_dir.join("jobs").join(&spec.job_id);
-        let job = create_job(&dir, &spec.job_id).map_err(|e| {
+        let mode = dir_mode(self.config.runtime.userns_base.is_some());
+        let job = create_job(&dir, &spec.job_id, mode).map_err(|e| {
             SubmitError::Internal(format!("cannot create the job directory {}: {e}", dir.display()))
         })?;
         let job = Arc::new(job);
@@ -320,8 +346,8 @@ impl Registry {
     }
 }
 
-fn create_job(dir: &Path, id: &str) -> io::Result<Job> {
-    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+fn create_job(dir: &Path, id: &str, mode: u32) -> io::Result<Job> {
+    std::fs::DirBuilder::new().mode(mode).create(dir)?;
     let log = EventLog::create(&dir.join(EVENTS_FILE))?;
     let job = Job {
         id: id.to_string(),

@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -39,7 +40,11 @@ const BATCH_BYTES: usize = 256 * 1024;
 impl EventLog {
     /// Starts a new, empty log.
     pub fn create(path: &Path) -> io::Result<EventLog> {
-        let file = OpenOptions::new().create_new(true).append(true).open(path)?;
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
         Ok(EventLog {
             path: path.to_path_buf(),
             writer: Mutex::new(Some(file)),

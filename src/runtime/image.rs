@@ -126,6 +126,8 @@ pub struct ImageStore {
     client: Client,
     /// One lock per layer digest, so a layer is fetched once at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Added to every owner when unpacking (user namespaces).
+    shift: u32,
 }
 
 impl std::fmt::Debug for ImageStore {
@@ -141,7 +143,7 @@ fn hex_of(digest: &str) -> Option<&str> {
 
 impl ImageStore {
     /// `insecure`: registries (`host:port`) spoken to over plain HTTP.
-    pub fn new(state_dir: &Path, insecure: &[String]) -> std::io::Result<ImageStore> {
+    pub fn new(state_dir: &Path, insecure: &[String], shift: u32) -> std::io::Result<ImageStore> {
         let dir = state_dir.join("images");
         for sub in ["layers", "tmp"] {
             std::fs::create_dir_all(dir.join(sub))?;
@@ -163,6 +165,7 @@ impl ImageStore {
             dir,
             client: Client::new(config),
             locks: Mutex::new(HashMap::new()),
+            shift,
         })
     }
 
@@ -175,8 +178,13 @@ impl ImageStore {
             .clone()
     }
 
+    /// A layer's directory; layers for user namespaces are kept apart,
+    /// with their owners shifted.
     fn layer_dir(&self, hex: &str) -> PathBuf {
-        self.dir.join("layers").join(hex)
+        match self.shift {
+            0 => self.dir.join("layers").join(hex),
+            s => self.dir.join("layers").join(format!("{hex}+{s}")),
+        }
     }
 
     /// The image, pulled and unpacked (or taken from the cache).
@@ -217,10 +225,10 @@ impl ImageStore {
         fetch(blob.clone()).await?;
         verify(&blob, digest).await?;
         let unpacked = tmp.path().join("fs");
-        let (b, u) = (blob.clone(), unpacked.clone());
+        let (b, u, shift) = (blob.clone(), unpacked.clone(), self.shift);
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir(&u)?;
-            layer::unpack(&b, &u)
+            layer::unpack(&b, &u, shift)
         })
         .await
         .map_err(|e| format!("unpacking layer {digest} failed: {e}"))?

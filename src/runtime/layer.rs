@@ -51,7 +51,9 @@ fn open(blob: &Path) -> Result<Box<dyn Read>, LayerError> {
 }
 
 /// Unpacks the layer `blob` into `dest` (which must exist and be empty).
-pub fn unpack(blob: &Path, dest: &Path) -> Result<(), LayerError> {
+/// Owners are shifted by `shift` (for containers in a user namespace whose
+/// root is host uid `shift`).
+pub fn unpack(blob: &Path, dest: &Path, shift: u32) -> Result<(), LayerError> {
     let mut archive = tar::Archive::new(open(blob)?);
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
@@ -105,6 +107,35 @@ pub fn unpack(blob: &Path, dest: &Path) -> Result<(), LayerError> {
         }
         if !entry.unpack_in(dest)? {
             return Err(LayerError::Escapes(shown));
+        }
+    }
+    if shift > 0 {
+        shift_owners(dest, shift)?;
+    }
+    Ok(())
+}
+
+/// Adds `shift` to the owner of everything under `dir` (also of the
+/// directories made on the way, which belong to host root until now).
+fn shift_owners(dir: &Path, shift: u32) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = fs::symlink_metadata(&p)?;
+        std::os::unix::fs::lchown(
+            &p,
+            Some(m.uid().saturating_add(shift)),
+            Some(m.gid().saturating_add(shift)),
+        )?;
+        if m.file_type().is_symlink() {
+            continue;
+        }
+        // chown clears set-id bits: put the mode back.
+        fs::set_permissions(&p, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+        if m.is_dir() {
+            for e in fs::read_dir(&p)? {
+                stack.push(e?.path());
+            }
         }
     }
     Ok(())
@@ -163,7 +194,7 @@ mod tests {
             ("dev/sda", tar::EntryType::Block, b"", None),
         ]);
         let dest = tempfile::tempdir().unwrap();
-        unpack(blob.path(), dest.path()).unwrap();
+        unpack(blob.path(), dest.path(), 0).unwrap();
         assert_eq!(fs::read(dest.path().join("etc/hello")).unwrap(), b"hi\n");
         let wh = fs::symlink_metadata(dest.path().join("etc/gone")).unwrap();
         use std::os::unix::fs::FileTypeExt;
@@ -177,6 +208,22 @@ mod tests {
     }
 
     #[test]
+    fn owners_are_shifted_for_user_namespaces() {
+        use std::os::unix::fs::MetadataExt;
+        let blob = layer(&[
+            ("bin/", tar::EntryType::Directory, b"", None),
+            ("bin/su", tar::EntryType::Regular, b"x", None),
+            ("etc/.wh.gone", tar::EntryType::Regular, b"", None),
+        ]);
+        let dest = tempfile::tempdir().unwrap();
+        unpack(blob.path(), dest.path(), 100_000).unwrap();
+        let m = fs::metadata(dest.path().join("bin/su")).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (100_000, 100_000, 0o755));
+        // A directory made on the way to a whiteout belongs to the container's root too.
+        assert_eq!(fs::metadata(dest.path().join("etc")).unwrap().uid(), 100_000);
+    }
+
+    #[test]
     fn an_escaping_entry_refuses_the_layer() {
         for (path, kind, link) in [
             ("../evil", tar::EntryType::Regular, None),
@@ -185,7 +232,7 @@ mod tests {
         ] {
             let blob = layer(&[(path, kind, b"x", link)]);
             let dest = tempfile::tempdir().unwrap();
-            let e = unpack(blob.path(), dest.path()).unwrap_err();
+            let e = unpack(blob.path(), dest.path(), 0).unwrap_err();
             assert!(matches!(e, LayerError::Escapes(_)), "{path}: {e}");
         }
     }

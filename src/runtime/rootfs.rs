@@ -16,13 +16,18 @@ pub struct Rootfs {
 }
 
 impl Rootfs {
-    /// Mounts `lower` (read-only) under a new writable layer in `dir`.
-    pub fn overlay(dir: &Path, lower: &[&Path]) -> io::Result<Rootfs> {
+    /// Mounts `lower` (read-only, top first) under a new writable layer in
+    /// `dir`, whose root belongs to `owner` (the container's root as the
+    /// host sees it; host root when `None`).
+    pub fn overlay(dir: &Path, lower: &[&Path], owner: Option<(u32, u32)>) -> io::Result<Rootfs> {
         let upper = dir.join("upper");
         let work = dir.join("work");
         let mountpoint = dir.join("rootfs");
         for d in [&upper, &work, &mountpoint] {
             fs::create_dir_all(d)?;
+        }
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&upper, Some(uid), Some(gid))?;
         }
         let lowerdirs: Vec<String> = lower
             .iter()

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilities, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
-    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder,
-    Mount, MountBuilder, Process, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+    LinuxIdMappingBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
+    LinuxResourcesBuilder, Mount, MountBuilder, Process, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
+    UserBuilder,
 };
 
 use super::user::User;
@@ -40,6 +41,8 @@ pub struct ContainerConfig {
     pub masked: Vec<PathBuf>,
     /// (host path, container path) bound read-only, e.g. checkout caches.
     pub readonly_mounts: Vec<(PathBuf, String)>,
+    /// A user namespace whose root is this host uid/gid.
+    pub userns_base: Option<u32>,
 }
 
 /// A build needs these; the rest (SYS_ADMIN, NET_ADMIN, SYS_PTRACE, ...) are
@@ -173,6 +176,9 @@ pub fn container_spec(c: &ContainerConfig) -> Spec {
     if c.network == Network::None {
         namespaces.push(LinuxNamespaceType::Network);
     }
+    if c.userns_base.is_some() {
+        namespaces.push(LinuxNamespaceType::User);
+    }
     let namespaces: Vec<_> = namespaces
         .into_iter()
         .map(|t| {
@@ -229,7 +235,19 @@ pub fn container_spec(c: &ContainerConfig) -> Spec {
     .collect();
     masked.extend(c.masked.iter().map(|p| p.to_string_lossy().to_string()));
 
-    let linux = LinuxBuilder::default()
+    let mut linux = LinuxBuilder::default();
+    if let Some(base) = c.userns_base {
+        let map = vec![
+            LinuxIdMappingBuilder::default()
+                .container_id(0u32)
+                .host_id(base)
+                .size(crate::config::USERNS_SIZE)
+                .build()
+                .expect("mapping fields set"),
+        ];
+        linux = linux.uid_mappings(map.clone()).gid_mappings(map);
+    }
+    let linux = linux
         .namespaces(namespaces)
         .cgroups_path(PathBuf::from(&c.cgroup_path))
         .resources(resources.build().expect("resources are complete"))
@@ -289,6 +307,7 @@ mod tests {
             cgroup_path: "/runnel.x/job".into(),
             masked: vec!["/var/lib/runnel".into()],
             readonly_mounts: vec![],
+            userns_base: None,
         }
     }
 
