@@ -670,3 +670,53 @@ async fn a_corrupt_cache_is_rebuilt_and_never_fails_a_job() {
     }
     assert!(agent.log().contains("rebuilt"), "{}", agent.log());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_are_wiped_however_the_job_ends() {
+    let f = Fixture::new();
+    let mut agent = Agent::start("[runtime]\ngrace_period = \"1s\"");
+    // Timed out.
+    let mut spec = f.spec("keys-timeout", true, true, false, &["sleep 1000.13"]);
+    spec.timeout = Some(prost_types::Duration { seconds: 3, nanos: 0 });
+    let (status, _) = run_job(&agent, spec).await;
+    assert_eq!(state(&status), pb::JobState::TimedOut);
+    assert_no_key_bytes(&agent, &[&f.user, &f.deploy]);
+    // Cancelled.
+    let mut c = agent.scheduler().await;
+    submit(
+        &mut c,
+        f.spec("keys-cancel", true, true, false, &["sleep 1000.14"]),
+    )
+    .await;
+    wait_for("the step to run", std::time::Duration::from_secs(30), || {
+        !host_processes_with("1000.14").is_empty()
+    });
+    assert!(
+        !files_containing(&agent.state_dir(), &key_line(&f.user)).is_empty(),
+        "the keys are installed while it runs"
+    );
+    c.cancel_job(pb::CancelJobRequest {
+        job_id: "keys-cancel".into(),
+    })
+    .await
+    .unwrap();
+    watch(&mut c, "keys-cancel", 0).await;
+    assert_no_key_bytes(&agent, &[&f.user, &f.deploy]);
+    // The agent killed while the job runs, then restarted.
+    submit(
+        &mut c,
+        f.spec("keys-kill9", true, true, false, &["sleep 1000.15"]),
+    )
+    .await;
+    wait_for("the step to run", std::time::Duration::from_secs(30), || {
+        !host_processes_with("1000.15").is_empty()
+    });
+    agent.kill9();
+    assert!(!files_containing(&agent.state_dir(), &key_line(&f.user)).is_empty());
+    agent.launch();
+    let mut op = agent.operator().await;
+    let events = watch(&mut op, "keys-kill9", 0).await;
+    assert_eq!(state(&final_status(&events)), pb::JobState::Lost);
+    assert_no_key_bytes(&agent, &[&f.user, &f.deploy]);
+    assert!(host_processes_with("1000.15").is_empty());
+}

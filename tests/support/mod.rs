@@ -121,12 +121,14 @@ impl Agent {
                 log.lock().unwrap().push(line);
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+        let Ok(addr) = rx.recv_timeout(Duration::from_secs(60)) else {
+            let _ = child.kill();
+            let _ = child.wait();
             panic!(
                 "the agent did not start listening; its log:\n{}",
                 self.log.lock().unwrap().join("\n")
-            )
-        });
+            );
+        };
         self.addr = format!("http://{addr}");
         self.child = Some(child);
     }
@@ -325,8 +327,11 @@ pub fn host_processes_with(needle: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Every regular file under `dir` whose bytes contain `needle`.
+/// Every regular file under `dir` whose bytes contain `needle`. Does not
+/// cross into other file systems (a running job's root is a whole host).
 pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).map(|m| m.dev()).unwrap_or(0);
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -338,6 +343,9 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
             let Ok(m) = std::fs::symlink_metadata(&p) else {
                 continue;
             };
+            if m.dev() != dev {
+                continue;
+            }
             if m.is_dir() {
                 stack.push(p);
             } else if m.is_file()
