@@ -97,10 +97,7 @@ impl TryFrom<pb::JobSpec> for JobSpec {
             secrets: p
                 .secrets
                 .into_iter()
-                .map(|s| SecretVar {
-                    name: s.name,
-                    value: Secret::from(s.value),
-                })
+                .map(|s| SecretVar::new(s.name, s.value))
                 .collect(),
             timeout: duration_in("timeout", p.timeout)?,
         };

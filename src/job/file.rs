@@ -253,10 +253,7 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
         secrets: raw
             .secrets
             .into_iter()
-            .map(|s| SecretVar {
-                name: s.name,
-                value: Secret::from(s.value),
-            })
+            .map(|s| SecretVar::new(s.name, s.value))
             .collect(),
         timeout: duration("timeout", raw.timeout)?,
     })

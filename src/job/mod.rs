@@ -290,15 +290,18 @@ impl Registry {
         Some(job.status())
     }
 
-    /// Every job known, oldest first.
-    pub fn list(&self) -> Vec<JobStatus> {
-        let jobs: Vec<Arc<Job>> = self
-            .jobs
+    fn all(&self) -> Vec<Arc<Job>> {
+        self.jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// Every job known, oldest first.
+    pub fn list(&self) -> Vec<JobStatus> {
+        let jobs = self.all();
         let mut out: Vec<JobStatus> = jobs.iter().map(|j| j.status()).collect();
         out.sort_by(|a, b| a.created.cmp(&b.created).then(a.job_id.cmp(&b.job_id)));
         out
@@ -324,13 +327,7 @@ impl Registry {
     /// Cancels every job still running and waits for all to end.
     pub async fn shutdown(&self) {
         self.drain();
-        let jobs: Vec<Arc<Job>> = self
-            .jobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let jobs = self.all();
         for job in jobs {
             job.cancel.cancel();
         }

@@ -76,6 +76,15 @@ pub struct SecretVar {
     pub value: Secret,
 }
 
+impl SecretVar {
+    pub fn new(name: String, value: String) -> Self {
+        SecretVar {
+            name,
+            value: Secret::from(value),
+        }
+    }
+}
+
 /// A spec that cannot run, with the field at fault named as in the proto
 /// (`steps[1].run`), so the scheduler's author knows what to fix.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

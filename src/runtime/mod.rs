@@ -65,9 +65,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeErro
 #[derive(Debug)]
 pub struct Runtime {
     kind: RuntimeKind,
-    program: PathBuf,
-    prefix: Vec<OsString>,
-    root: PathBuf,
+    handle: RuntimeHandle,
     init: PathBuf,
     /// Tells this agent's cgroups apart from another agent's.
     cgroup_parent: String,
@@ -104,9 +102,11 @@ impl Runtime {
         };
         Ok(Runtime {
             kind: config.kind,
-            program,
-            prefix,
-            root,
+            handle: RuntimeHandle {
+                program,
+                prefix,
+                root,
+            },
             init,
             cgroup_parent: format!("/runnel.{digest}"),
         })
@@ -130,30 +130,6 @@ impl Runtime {
         cgroup::remove_tree(&self.cgroup_parent)
     }
 
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.prefix).arg("--root").arg(&self.root);
-        cmd.stdin(Stdio::null());
-        cmd
-    }
-
-    /// Runs a short runtime command to completion; its stderr on failure.
-    async fn run_command(&self, args: &[&str]) -> Result<(), String> {
-        let out = self
-            .command()
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .await
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-        }
-    }
-
     /// Writes `spec` into `bundle` and starts the container `id`. Returns
     /// once its init runs.
     pub async fn start(&self, id: &str, bundle: &Path, spec: &Spec) -> Result<Container, RuntimeError> {
@@ -162,6 +138,7 @@ impl Runtime {
             .map_err(|e| RuntimeError::Start(format!("cannot write {}: {e}", config.display())))?;
         let pid_file = bundle.join("init.pid");
         let mut child = self
+            .handle
             .command()
             .arg("run")
             .arg("--bundle")
@@ -173,7 +150,7 @@ impl Runtime {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(io_err(format!("cannot run {}", self.program.display())))?;
+            .map_err(io_err(format!("cannot run {}", self.handle.program.display())))?;
         let mut stderr = child.stderr.take().expect("stderr is piped");
         let stderr_task = tokio::spawn(async move {
             let mut buf = Vec::new();
@@ -182,11 +159,7 @@ impl Runtime {
         });
         let mut container = Container {
             id: id.to_string(),
-            runtime: RuntimeHandle {
-                program: self.program.clone(),
-                prefix: self.prefix.clone(),
-                root: self.root.clone(),
-            },
+            runtime: self.handle.clone(),
             bundle: bundle.to_path_buf(),
             init: child,
             init_stderr: Some(stderr_task),
@@ -217,13 +190,13 @@ impl Runtime {
     /// Removes every container a previous run of this agent left behind.
     /// Returns their ids.
     pub async fn remove_leftovers(&self) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(&self.root) else {
+        let Ok(entries) = std::fs::read_dir(&self.handle.root) else {
             return Vec::new();
         };
         let mut removed = Vec::new();
         for entry in entries.flatten() {
             let id = entry.file_name().to_string_lossy().to_string();
-            if let Err(e) = self.run_command(&["delete", "--force", &id]).await {
+            if let Err(e) = self.handle.run(&["delete", "--force", &id]).await {
                 tracing::warn!(container = %id, error = %e, "could not delete a leftover container");
                 let _ = std::fs::remove_dir_all(entry.path());
             }
@@ -267,6 +240,23 @@ impl RuntimeHandle {
         cmd.args(&self.prefix).arg("--root").arg(&self.root);
         cmd.stdin(Stdio::null());
         cmd
+    }
+
+    /// Runs a short runtime command to completion; its stderr on failure.
+    async fn run(&self, args: &[&str]) -> Result<(), String> {
+        let out = self
+            .command()
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .await
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
     }
 
     fn command_sync(&self) -> std::process::Command {
@@ -388,33 +378,15 @@ impl Container {
     }
 
     async fn signal(&self, sig: &str) -> Result<(), String> {
-        let out = self
-            .runtime
-            .command()
-            .args(["kill", &self.id, sig])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .await
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).to_string())
-        }
+        self.runtime.run(&["kill", &self.id, sig]).await
     }
 
     /// Stops (if needed) and deletes the container.
     pub async fn remove(mut self, grace: Duration) {
         self.stop(grace).await;
-        let _ = self
-            .runtime
-            .command()
-            .args(["delete", "--force", &self.id])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await;
+        if let Err(e) = self.runtime.run(&["delete", "--force", &self.id]).await {
+            tracing::warn!(container = %self.id, error = %e, "cannot delete the container");
+        }
         if let Some(t) = self.init_stderr.take() {
             t.abort();
         }
