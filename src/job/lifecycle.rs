@@ -232,6 +232,7 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
         let auth = Auth::new(prepared.keys.clone(), prepared.known_hosts.clone());
         job.system_line(0, &format!("runnel: checking out {}", co.repo_url));
         let cancel = Arc::new(AtomicBool::new(false));
+        let checkout_started = Instant::now();
         let task = tokio::task::spawn_blocking({
             let (co, workspace, cancel) = (co.clone(), workspace.clone(), cancel.clone());
             move || checkout::checkout(&co, &workspace, &auth, &cancel)
@@ -245,6 +246,7 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
                 return why.end("the checkout");
             }
         };
+        registry.metrics.checkout_ended(checkout_started.elapsed());
         match result {
             Ok(Ok(done)) => {
                 let key = match done.key {
