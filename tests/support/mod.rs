@@ -142,6 +142,8 @@ impl Agent {
         let log = self.log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Logged first: once launch() returns, the line is in log().
+                log.lock().unwrap().push(line.clone());
                 if line.contains("runnel agent listening")
                     && let Some(addr) = listening_field(&line, "addr")
                 {
@@ -149,7 +151,6 @@ impl Agent {
                     let metrics = listening_field(&line, "metrics_addr").filter(|m| m != "-");
                     let _ = tx.send((addr, tls, metrics));
                 }
-                log.lock().unwrap().push(line);
             }
         });
         let (addr, tls, metrics) = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
