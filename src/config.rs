@@ -230,21 +230,10 @@ impl Config {
     }
 
     fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
-        let listen = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
-        let listen: SocketAddr = listen.parse().map_err(|_| {
-            invalid(
-                "listen",
-                format!("{listen:?} is not an address:port such as \"127.0.0.1:7450\""),
-            )
-        })?;
+        let listen = parse_addr(raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN), "listen")?;
         let metrics_listen = match raw.metrics_listen.as_deref() {
             None | Some("") => None,
-            Some(m) => Some(m.parse::<SocketAddr>().map_err(|_| {
-                invalid(
-                    "metrics_listen",
-                    format!("{m:?} is not an address:port such as \"127.0.0.1:9750\""),
-                )
-            })?),
+            Some(m) => Some(parse_addr(m, "metrics_listen")?),
         };
         let log_format = match raw.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
@@ -335,11 +324,8 @@ impl Config {
             return Err(invalid("runtime.cpu_millis", "must be at least 1"));
         }
         let grace_period = parse_duration(r.grace_period.as_deref(), "runtime.grace_period", "10s")?;
-        let job_timeout = parse_duration(r.job_timeout.as_deref(), "runtime.job_timeout", "1h")?;
+        let job_timeout = positive_duration(r.job_timeout.as_deref(), "runtime.job_timeout", "1h")?;
         let drain_timeout = parse_duration(raw.drain_timeout.as_deref(), "drain_timeout", "10m")?;
-        if job_timeout.is_zero() {
-            return Err(invalid("runtime.job_timeout", "must be more than zero"));
-        }
         Ok(Config {
             agent_id,
             listen,
@@ -404,15 +390,29 @@ fn read_tls(raw: RawTls, private_paths: &mut Vec<PathBuf>) -> Result<TlsConfig, 
 
 fn read_retention(r: RawRetention) -> Result<RetentionConfig, ConfigError> {
     let max_age = parse_duration(r.max_age.as_deref(), "retention.max_age", "7d")?;
-    let interval = parse_duration(r.interval.as_deref(), "retention.interval", "1m")?;
-    if interval.is_zero() {
-        return Err(invalid("retention.interval", "must be more than zero"));
-    }
+    let interval = positive_duration(r.interval.as_deref(), "retention.interval", "1m")?;
     Ok(RetentionConfig {
         max_age,
         max_jobs: r.max_jobs.unwrap_or(1000),
         max_bytes: r.max_bytes.unwrap_or(10 << 30),
         interval,
+    })
+}
+
+fn positive_duration(text: Option<&str>, key: &'static str, default: &str) -> Result<Duration, ConfigError> {
+    let d = parse_duration(text, key, default)?;
+    if d.is_zero() {
+        return Err(invalid(key, "must be more than zero"));
+    }
+    Ok(d)
+}
+
+fn parse_addr(text: &str, key: &'static str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{text:?} is not an address:port such as \"127.0.0.1:7450\""),
+        )
     })
 }
 

@@ -295,6 +295,12 @@ pub async fn serve(
 mod tests {
     use super::*;
 
+    fn assert_lines(text: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(text.lines().any(|l| l == *line), "{line} not in\n{text}");
+        }
+    }
+
     fn gauges() -> Gauges {
         Gauges {
             running_jobs: 1,
@@ -311,18 +317,19 @@ mod tests {
         m.step_ended(Duration::from_millis(700));
         m.step_ended(Duration::from_secs(7200));
         let text = m.render(gauges());
-        for line in [
-            "runnel_step_duration_seconds_bucket{le=\"0.1\"} 1",
-            "runnel_step_duration_seconds_bucket{le=\"0.5\"} 1",
-            "runnel_step_duration_seconds_bucket{le=\"1\"} 2",
-            "runnel_step_duration_seconds_bucket{le=\"3600\"} 2",
-            "runnel_step_duration_seconds_bucket{le=\"+Inf\"} 3",
-            "runnel_step_duration_seconds_sum 7200.75",
-            "runnel_step_duration_seconds_count 3",
-            "runnel_checkout_duration_seconds_count 0",
-        ] {
-            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
-        }
+        assert_lines(
+            &text,
+            &[
+                "runnel_step_duration_seconds_bucket{le=\"0.1\"} 1",
+                "runnel_step_duration_seconds_bucket{le=\"0.5\"} 1",
+                "runnel_step_duration_seconds_bucket{le=\"1\"} 2",
+                "runnel_step_duration_seconds_bucket{le=\"3600\"} 2",
+                "runnel_step_duration_seconds_bucket{le=\"+Inf\"} 3",
+                "runnel_step_duration_seconds_sum 7200.75",
+                "runnel_step_duration_seconds_count 3",
+                "runnel_checkout_duration_seconds_count 0",
+            ],
+        );
     }
 
     #[test]
@@ -334,17 +341,18 @@ mod tests {
         m.log_written(Stream::Stderr, 10);
         let w = m.watcher();
         let text = m.render(gauges());
-        for line in [
-            "runnel_jobs_ended_total{state=\"succeeded\"} 1",
-            "runnel_jobs_ended_total{state=\"lost\"} 1",
-            "runnel_jobs_ended_total{state=\"timed_out\"} 0",
-            "runnel_log_bytes_total{stream=\"stderr\"} 10",
-            "runnel_jobs_running 1",
-            "runnel_job_slots 4",
-            "runnel_watchers 1",
-        ] {
-            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
-        }
+        assert_lines(
+            &text,
+            &[
+                "runnel_jobs_ended_total{state=\"succeeded\"} 1",
+                "runnel_jobs_ended_total{state=\"lost\"} 1",
+                "runnel_jobs_ended_total{state=\"timed_out\"} 0",
+                "runnel_log_bytes_total{stream=\"stderr\"} 10",
+                "runnel_jobs_running 1",
+                "runnel_job_slots 4",
+                "runnel_watchers 1",
+            ],
+        );
         drop(w);
         assert!(m.render(gauges()).contains("runnel_watchers 0\n"));
         // Every sample line belongs to a declared metric.

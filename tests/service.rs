@@ -16,15 +16,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 /// A watch stream opened now, collected until the job ends.
 async fn follow(c: &mut Client, id: &str) -> tokio::task::JoinHandle<Vec<pb::JobEvent>> {
-    let mut stream = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: id.to_string(),
-            after_seq: 0,
-            follow: true,
-        })
-        .await
-        .expect("WatchJob")
-        .into_inner();
+    let mut stream = events(c, id, 0).await;
     tokio::spawn(async move {
         let mut out = Vec::new();
         while let Some(e) = stream.next().await {
@@ -32,6 +24,17 @@ async fn follow(c: &mut Client, id: &str) -> tokio::task::JoinHandle<Vec<pb::Job
         }
         out
     })
+}
+
+/// Submits a job whose step sleeps (marked by `marker` on its command
+/// line), waits until it runs, and follows it.
+async fn sleeping_job(agent: &Agent, id: &str, marker: &str) -> tokio::task::JoinHandle<Vec<pb::JobEvent>> {
+    let mut c = agent.scheduler().await;
+    submit(&mut c, job(id, &[&format!("sleep {marker}")])).await;
+    wait_for("the step to run", Duration::from_secs(60), || {
+        !host_processes_with(marker).is_empty()
+    });
+    follow(&mut c, id).await
 }
 
 async fn until_draining(agent: &Agent) {
@@ -89,12 +92,7 @@ async fn sigterm_drains_running_jobs_refuses_new_ones_then_exits_0() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_signal_cuts_the_drain_short_and_cancels_what_runs() {
     let mut agent = Agent::start("drain_timeout = \"1h\"\n[runtime]\ngrace_period = \"1s\"");
-    let mut c = agent.scheduler().await;
-    submit(&mut c, job("stubborn", &["sleep 1000.661"])).await;
-    wait_for("the step to run", Duration::from_secs(60), || {
-        !host_processes_with("1000.661").is_empty()
-    });
-    let events = follow(&mut c, "stubborn").await;
+    let events = sleeping_job(&agent, "stubborn", "1000.661").await;
     agent.signal(Signal::SIGTERM);
     until_draining(&agent).await;
     agent.signal(Signal::SIGINT);
@@ -109,12 +107,7 @@ async fn a_second_signal_cuts_the_drain_short_and_cancels_what_runs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_drain_timeout_cancels_what_still_runs_then_exits_0() {
     let mut agent = Agent::start("drain_timeout = \"1s\"\n[runtime]\ngrace_period = \"1s\"");
-    let mut c = agent.scheduler().await;
-    submit(&mut c, job("too-slow", &["sleep 1000.771"])).await;
-    wait_for("the step to run", Duration::from_secs(60), || {
-        !host_processes_with("1000.771").is_empty()
-    });
-    let events = follow(&mut c, "too-slow").await;
+    let events = sleeping_job(&agent, "too-slow", "1000.771").await;
     agent.signal(Signal::SIGTERM);
     let exit = agent.wait(Duration::from_secs(60));
     assert_eq!(exit.code(), Some(0), "{exit:?}; log:\n{}", agent.log());
@@ -195,15 +188,7 @@ async fn after_kill_9_a_running_job_is_lost_its_keys_wiped_its_container_gone_an
     let mut c = agent.scheduler().await;
     submit(&mut c, spec).await;
     // Follow until the step has printed, remembering the last seq seen.
-    let mut stream = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: "cut-short".into(),
-            after_seq: 0,
-            follow: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = events(&mut c, "cut-short", 0).await;
     let mut seen = Vec::new();
     while let Some(e) = stream.next().await {
         let e = e.unwrap();

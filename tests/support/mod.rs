@@ -341,17 +341,21 @@ pub async fn submit(c: &mut Client, spec: pb::JobSpec) -> pb::JobStatus {
         .into_inner()
 }
 
+/// A WatchJob stream of the events after `after`, following the job.
+pub async fn events(c: &mut Client, id: &str, after: u64) -> tonic::Streaming<pb::JobEvent> {
+    c.watch_job(pb::WatchJobRequest {
+        job_id: id.to_string(),
+        after_seq: after,
+        follow: true,
+    })
+    .await
+    .expect("WatchJob")
+    .into_inner()
+}
+
 /// Every event after `after`, following until the job ends.
 pub async fn watch(c: &mut Client, id: &str, after: u64) -> Vec<pb::JobEvent> {
-    let mut s = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: id.to_string(),
-            after_seq: after,
-            follow: true,
-        })
-        .await
-        .expect("WatchJob")
-        .into_inner();
+    let mut s = events(c, id, after).await;
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     while let Some(e) = tokio::time::timeout_at(deadline, s.next())
