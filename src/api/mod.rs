@@ -200,7 +200,7 @@ pub async fn serve(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             server_stop.clone().cancelled_owned(),
         );
-    let server = tokio::spawn(server);
+    let mut server = tokio::spawn(server);
 
     // The endpoint and the sweep stop after the drain, so both see it.
     let helpers_stop = CancellationToken::new();
@@ -229,7 +229,23 @@ pub async fn serve(
     );
     notify.ready(&format!("listening on {addr}"));
 
-    shutdown.cancelled().await;
+    let server_failed = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        // The server stopped by itself: end everything, and fail (so that
+        // the service manager restarts the agent).
+        result = &mut server => Some(match result {
+            Ok(Err(e)) => format!("the gRPC server stopped: {e}"),
+            Ok(Ok(())) => "the gRPC server stopped".to_string(),
+            Err(e) => format!("the gRPC server failed: {e}"),
+        }),
+    };
+    if let Some(why) = server_failed {
+        tracing::error!(error = %why, "stopping");
+        registry.shutdown().await;
+        helpers_stop.cancel();
+        while helpers.join_next().await.is_some() {}
+        return Err(why.into());
+    }
     let running = registry.info().running_jobs;
     tracing::info!(running, "shutting down: draining");
     let drain = config.drain_timeout;
