@@ -46,8 +46,14 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     max_jobs: Option<u32>,
     drain_timeout: Option<String>,
+    insecure_listen: Option<bool>,
+    metrics_listen: Option<String>,
+    log_format: Option<String>,
     #[serde(default)]
     auth: RawAuth,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    retention: RawRetention,
     #[serde(default)]
     runtime: RawRuntime,
     #[serde(default)]
@@ -61,6 +67,23 @@ struct RawConfig {
 struct RawAuth {
     scheduler_tokens_file: Option<PathBuf>,
     operator_tokens_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    max_age: Option<String>,
+    max_jobs: Option<usize>,
+    max_bytes: Option<u64>,
+    interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -127,6 +150,43 @@ pub struct RuntimeConfig {
     pub userns_base: Option<u32>,
 }
 
+/// The agent's own log on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One line per event, spans (`job{job_id=..}:step{step=..}`) in front;
+    /// no colours unless stderr is a terminal.
+    Text,
+    /// One JSON object per line, with the current span's fields and the
+    /// list of spans (so every line of a job carries its `job_id`).
+    Json,
+}
+
+/// TLS for the gRPC API; the files are read (and checked) at load time.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the agent.
+    pub cert: Vec<u8>,
+    /// PEM private key of the agent.
+    pub key: Secret,
+    /// PEM CA certificates that client certificates must chain to: with it,
+    /// a client without a valid certificate is refused (mutual TLS).
+    pub client_ca: Option<Vec<u8>>,
+}
+
+/// How long ended jobs' event logs and status are kept. A job is removed
+/// (directory and registry entry) when it is older than `max_age`, when
+/// more than `max_jobs` ended jobs are newer, or when the ended jobs newer
+/// than it hold more than `max_bytes` on disk. Running jobs are never
+/// removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionConfig {
+    pub max_age: Duration,
+    pub max_jobs: usize,
+    pub max_bytes: u64,
+    /// How often the retention sweep runs.
+    pub interval: Duration,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct AuthConfig {
     pub scheduler_tokens: Vec<Secret>,
@@ -142,6 +202,13 @@ pub struct Config {
     pub max_jobs: u32,
     /// How long a stopping agent lets running jobs finish.
     pub drain_timeout: Duration,
+    /// `None`: plain HTTP/2, allowed on loopback only unless
+    /// `insecure_listen = true`.
+    pub tls: Option<TlsConfig>,
+    /// Where the Prometheus text endpoint (`/metrics`) listens, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    pub retention: RetentionConfig,
     pub auth: AuthConfig,
     pub runtime: RuntimeConfig,
     /// Keep a mirror per repository to check out from (warm checkouts).
@@ -185,13 +252,21 @@ impl Config {
     }
 
     fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
-        let listen = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
-        let listen: SocketAddr = listen.parse().map_err(|_| {
-            invalid(
-                "listen",
-                format!("{listen:?} is not an address:port such as \"127.0.0.1:7450\""),
-            )
-        })?;
+        let listen = parse_addr(raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN), "listen")?;
+        let metrics_listen = match raw.metrics_listen.as_deref() {
+            None | Some("") => None,
+            Some(m) => Some(parse_addr(m, "metrics_listen")?),
+        };
+        let log_format = match raw.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log_format",
+                    format!("{other:?} is not \"text\" or \"json\""),
+                ));
+            }
+        };
         let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         if !state_dir.is_absolute() {
             return Err(invalid("state_dir", "must be an absolute path"));
@@ -212,6 +287,21 @@ impl Config {
         };
 
         let mut private_paths = vec![state_dir.clone()];
+        let tls = match raw.tls {
+            None => None,
+            Some(t) => Some(read_tls(t, &mut private_paths)?),
+        };
+        if tls.is_none() && !listen.ip().is_loopback() && raw.insecure_listen != Some(true) {
+            return Err(invalid(
+                "listen",
+                format!(
+                    "{listen} is not a loopback address and [tls] is not configured: job keys and \
+                     secrets would cross the network in clear text. Configure [tls] cert and key, \
+                     or set insecure_listen = true if this network is private and trusted"
+                ),
+            ));
+        }
+        let retention = read_retention(raw.retention)?;
         let mut auth = AuthConfig::default();
         if let Some(p) = &raw.auth.scheduler_tokens_file {
             auth.scheduler_tokens = read_tokens(p, "auth.scheduler_tokens_file")?;
@@ -256,7 +346,7 @@ impl Config {
             return Err(invalid("runtime.cpu_millis", "must be at least 1"));
         }
         let grace_period = parse_duration(r.grace_period.as_deref(), "runtime.grace_period", "10s")?;
-        let job_timeout = parse_duration(r.job_timeout.as_deref(), "runtime.job_timeout", "1h")?;
+        let job_timeout = positive_duration(r.job_timeout.as_deref(), "runtime.job_timeout", "1h")?;
         let drain_timeout = parse_duration(raw.drain_timeout.as_deref(), "drain_timeout", "10m")?;
         if r.userns == Some(true) && kind == RuntimeKind::Embedded {
             // Measured: libcontainer 0.7 starts exec'd processes outside the
@@ -275,15 +365,16 @@ impl Config {
                 format!("must be between 1 and {}", u32::MAX - USERNS_SIZE),
             ));
         }
-        if job_timeout.is_zero() {
-            return Err(invalid("runtime.job_timeout", "must be more than zero"));
-        }
         Ok(Config {
             agent_id,
             listen,
             state_dir,
             max_jobs,
             drain_timeout,
+            tls,
+            metrics_listen,
+            log_format,
+            retention,
             auth,
             runtime: RuntimeConfig {
                 kind,
@@ -314,6 +405,62 @@ fn parse_duration(text: Option<&str>, key: &'static str, default: &str) -> Resul
         .map_err(|e| invalid(key, format!("{text:?} is not a duration such as \"30s\": {e}")))
 }
 
+fn read_tls(raw: RawTls, private_paths: &mut Vec<PathBuf>) -> Result<TlsConfig, ConfigError> {
+    let (Some(cert_path), Some(key_path)) = (raw.cert, raw.key) else {
+        return Err(invalid(
+            "tls",
+            "needs both `cert` and `key` (PEM files); remove [tls] to serve without TLS on loopback",
+        ));
+    };
+    let read = |key: &'static str, path: &Path, want: &str| {
+        let bytes =
+            std::fs::read(path).map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+        if !String::from_utf8_lossy(&bytes).contains(want) {
+            return Err(invalid(
+                key,
+                format!("{} holds no PEM block \"{want}\"", path.display()),
+            ));
+        }
+        Ok(bytes)
+    };
+    let cert = read("tls.cert", &cert_path, "-----BEGIN CERTIFICATE-----")?;
+    let key = Secret::new(read("tls.key", &key_path, "PRIVATE KEY-----")?);
+    let client_ca = match &raw.client_ca {
+        Some(p) => Some(read("tls.client_ca", p, "-----BEGIN CERTIFICATE-----")?),
+        None => None,
+    };
+    private_paths.push(key_path);
+    Ok(TlsConfig { cert, key, client_ca })
+}
+
+fn read_retention(r: RawRetention) -> Result<RetentionConfig, ConfigError> {
+    let max_age = parse_duration(r.max_age.as_deref(), "retention.max_age", "7d")?;
+    let interval = positive_duration(r.interval.as_deref(), "retention.interval", "1m")?;
+    Ok(RetentionConfig {
+        max_age,
+        max_jobs: r.max_jobs.unwrap_or(1000),
+        max_bytes: r.max_bytes.unwrap_or(10 << 30),
+        interval,
+    })
+}
+
+fn positive_duration(text: Option<&str>, key: &'static str, default: &str) -> Result<Duration, ConfigError> {
+    let d = parse_duration(text, key, default)?;
+    if d.is_zero() {
+        return Err(invalid(key, "must be more than zero"));
+    }
+    Ok(d)
+}
+
+fn parse_addr(text: &str, key: &'static str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{text:?} is not an address:port such as \"127.0.0.1:7450\""),
+        )
+    })
+}
+
 /// One token per line; blank lines and `#` comments are ignored.
 fn read_tokens(path: &Path, key: &'static str) -> Result<Vec<Secret>, ConfigError> {
     let text = std::fs::read_to_string(path)
@@ -342,6 +489,59 @@ mod tests {
         assert_eq!(c.runtime.kind, RuntimeKind::Embedded);
         assert_eq!(c.runtime.image, "host");
         assert_eq!(c.runtime.grace_period, Duration::from_secs(10));
+        assert!(c.tls.is_none());
+        assert_eq!(c.metrics_listen, None);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.retention.max_age, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(c.retention.max_jobs, 1000);
+        assert_eq!(c.retention.max_bytes, 10 << 30);
+    }
+
+    #[test]
+    fn plain_text_off_loopback_needs_insecure_listen() {
+        let err = Config::from_toml("listen = \"0.0.0.0:7450\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`listen`"), "{err}");
+        assert!(err.contains("insecure_listen = true"), "{err}");
+        assert!(err.contains("[tls]"), "{err}");
+        let c = Config::from_toml("listen = \"0.0.0.0:7450\"\ninsecure_listen = true").unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:7450");
+        Config::from_toml("listen = \"[::1]:7450\"").unwrap();
+        Config::from_toml("listen = \"127.0.0.2:7450\"").unwrap();
+    }
+
+    #[test]
+    fn tls_files_are_read_checked_and_the_key_hidden_from_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let text = format!(
+            "listen = \"0.0.0.0:1\"\n[tls]\ncert = {:?}\nkey = {:?}",
+            cert.display().to_string(),
+            key.display().to_string()
+        );
+        let c = Config::from_toml(&text).unwrap();
+        let tls = c.tls.unwrap();
+        assert!(tls.client_ca.is_none());
+        assert_eq!(format!("{:?}", tls.key), "[MASKED]");
+        assert!(c.private_paths.contains(&key));
+        // A key where the certificate should be is named.
+        let swapped = text.replace("c.pem", "k.pem");
+        let err = Config::from_toml(&swapped).unwrap_err().to_string();
+        assert!(
+            err.contains("tls.cert") && err.contains("BEGIN CERTIFICATE"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -353,6 +553,15 @@ mod tests {
             ("[runtime]\ngrace_period = \"soon\"", "runtime.grace_period"),
             ("state_dir = \"relative\"", "state_dir"),
             ("[runtime]\nuserns = true", "runtime.userns"),
+            ("metrics_listen = \"localhost\"", "metrics_listen"),
+            ("log_format = \"xml\"", "log_format"),
+            ("[retention]\nmax_age = \"forever\"", "retention.max_age"),
+            ("[retention]\ninterval = \"0s\"", "retention.interval"),
+            ("[tls]\ncert = \"/nonexistent.pem\"", "tls"),
+            (
+                "[tls]\ncert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\"",
+                "tls.cert",
+            ),
         ] {
             let err = Config::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");

@@ -9,6 +9,8 @@ pub mod cli;
 pub mod config;
 pub mod job;
 pub mod logs;
+pub mod metrics;
 pub mod runtime;
+pub mod sd_notify;
 pub mod secret;
 pub mod ssh;

@@ -1,11 +1,12 @@
-//! Clients of a running agent: submit, jobs, logs, cancel, info.
+//! Clients of a running agent: submit, jobs, logs, cancel, info, health;
+//! over TLS (with a client certificate for mutual TLS) when asked to.
 
 use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
 use super::{Failure, Remote, print};
@@ -51,19 +52,70 @@ fn token(remote: &Remote) -> Result<BearerToken, Failure> {
     Ok(BearerToken(value))
 }
 
-async fn connect(remote: &Remote) -> Result<Client, Failure> {
+fn read_pem(flag: &str, path: &Path) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path).map_err(|e| Failure::input(format!("{flag}: cannot read {}: {e}", path.display())))
+}
+
+/// The client side of TLS, from the `--tls-*` options; `None` for plain
+/// HTTP/2.
+fn client_tls(remote: &Remote, https: bool) -> Result<Option<ClientTlsConfig>, Failure> {
+    let wanted = remote.tls_ca.is_some() || remote.tls_cert.is_some() || remote.tls_domain.is_some();
+    if !https {
+        if wanted {
+            return Err(Failure::input(format!(
+                "--addr {:?} is http://, but TLS options were given; use https://",
+                remote.addr
+            )));
+        }
+        return Ok(None);
+    }
+    let mut tls = ClientTlsConfig::new();
+    tls = match &remote.tls_ca {
+        Some(ca) => tls.ca_certificate(Certificate::from_pem(read_pem("--tls-ca", ca)?)),
+        None => tls.with_native_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&remote.tls_cert, &remote.tls_key) {
+        tls = tls.identity(Identity::from_pem(
+            read_pem("--tls-cert", cert)?,
+            read_pem("--tls-key", key)?,
+        ));
+    }
+    if let Some(domain) = &remote.tls_domain {
+        tls = tls.domain_name(domain.clone());
+    }
+    Ok(Some(tls))
+}
+
+async fn channel(remote: &Remote) -> Result<Channel, Failure> {
     let addr = if remote.addr.contains("://") {
         remote.addr.clone()
+    } else if remote.tls_ca.is_some() || remote.tls_cert.is_some() {
+        format!("https://{}", remote.addr)
     } else {
         format!("http://{}", remote.addr)
     };
-    let endpoint = Endpoint::from_shared(addr.clone())
+    let mut endpoint = Endpoint::from_shared(addr.clone())
         .map_err(|e| Failure::input(format!("{addr:?} is not an agent address: {e}")))?
         .connect_timeout(Duration::from_secs(10));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| Failure::remote(format!("cannot reach the agent at {addr}: {e}")))?;
+    if let Some(tls) = client_tls(remote, addr.starts_with("https://"))? {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| Failure::input(format!("cannot set up TLS for {addr}: {e}")))?;
+    }
+    endpoint.connect().await.map_err(|e| {
+        // The transport error alone says "transport error"; its causes say why.
+        let mut why = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            why = format!("{why}: {s}");
+            source = s.source();
+        }
+        Failure::remote(format!("cannot reach the agent at {addr}: {why}"))
+    })
+}
+
+async fn connect(remote: &Remote) -> Result<Client, Failure> {
+    let channel = channel(remote).await?;
     Ok(AgentClient::with_interceptor(channel, token(remote)?))
 }
 
@@ -241,4 +293,25 @@ pub async fn info(remote: &Remote) -> Result<(), Failure> {
         println!("label:        {k}={v}");
     }
     Ok(())
+}
+
+pub async fn health(remote: &Remote, service: &str) -> Result<(), Failure> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel(remote).await?);
+    let status = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .map_err(refused)?
+        .into_inner()
+        .status();
+    println!("{}", status.as_str_name());
+    match status {
+        ServingStatus::Serving => Ok(()),
+        _ => Err(Failure::remote(format!(
+            "the agent is not serving (health: {})",
+            status.as_str_name()
+        ))),
+    }
 }

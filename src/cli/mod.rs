@@ -2,6 +2,7 @@
 //! over the library. Errors become exit codes here, in one place.
 
 mod client;
+mod logging;
 mod print;
 mod run;
 
@@ -35,6 +36,20 @@ pub struct Remote {
     /// The token itself (prefer --token-file: arguments are visible to other users).
     #[arg(long, env = "RUNNEL_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    /// Speak TLS, trusting the CA certificates in this PEM file (without it,
+    /// an https:// address is checked against the system's roots).
+    #[arg(long, env = "RUNNEL_TLS_CA", global = true)]
+    tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for an agent that requires one (mutual TLS).
+    #[arg(long, env = "RUNNEL_TLS_CERT", global = true, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "RUNNEL_TLS_KEY", global = true, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name the agent's certificate must carry, when it is not the
+    /// address's host.
+    #[arg(long, env = "RUNNEL_TLS_DOMAIN", global = true)]
+    tls_domain: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,6 +104,14 @@ enum Command {
     },
     /// Show the agent's identity and load.
     Info {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Ask the agent's gRPC health service; exit 0 only when SERVING.
+    Health {
+        /// The service to ask about ("" = the agent as a whole).
+        #[arg(long, default_value = "")]
+        service: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -180,17 +203,6 @@ impl Failure {
     }
 }
 
-fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUNNEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -204,15 +216,24 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Oci { root, op } => return oci(&root, op),
         Command::Agent { config } => {
-            init_tracing("info");
-            runtime().and_then(|rt| rt.block_on(run::agent(config)))
+            // SAFETY: no other thread exists yet: the async runtime starts below.
+            let notify = unsafe { crate::sd_notify::Notifier::take_from_env() };
+            match crate::config::Config::load(config.as_deref()) {
+                Err(e) => Err(Failure::input(e)),
+                Ok(config) => {
+                    logging::init("info", config.log_format);
+                    notify
+                        .map_err(Failure::input)
+                        .and_then(|notify| runtime().and_then(|rt| rt.block_on(run::agent(config, notify))))
+                }
+            }
         }
         Command::Run {
             job,
             config,
             state_dir,
         } => {
-            init_tracing("warn");
+            logging::init("warn", crate::config::LogFormat::Text);
             runtime().and_then(|rt| rt.block_on(run::local(&job, config, state_dir)))
         }
         Command::Keyscan { host, timeout } => keyscan(&host, timeout),
@@ -230,6 +251,9 @@ pub fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(client::cancel(&remote, &job)))
         }
         Command::Info { remote } => runtime().and_then(|rt| rt.block_on(client::info(&remote))),
+        Command::Health { service, remote } => {
+            runtime().and_then(|rt| rt.block_on(client::health(&remote, &service)))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

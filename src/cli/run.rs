@@ -9,6 +9,7 @@ use super::{Failure, print};
 use crate::api::{self, convert};
 use crate::config::Config;
 use crate::job::Registry;
+use crate::sd_notify::Notifier;
 
 /// Fires `first` on the first SIGTERM or SIGINT and `second` on the next.
 fn on_signals(first: CancellationToken, second: CancellationToken) -> Result<(), Failure> {
@@ -27,22 +28,34 @@ fn on_signals(first: CancellationToken, second: CancellationToken) -> Result<(),
     Ok(())
 }
 
-pub async fn agent(config: Option<PathBuf>) -> Result<(), Failure> {
-    let config = Config::load(config.as_deref()).map_err(Failure::input)?;
+pub async fn agent(config: Config, notify: Notifier) -> Result<(), Failure> {
     if config.auth.scheduler_tokens.is_empty() {
         tracing::warn!(
             "no scheduler token is configured ([auth] scheduler_tokens_file): every SubmitJob will be refused"
         );
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| Failure::internal(format!("cannot listen on {}: {e}", config.listen)))?;
+    let bind = |key: &'static str, addr: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Failure::internal(format!("cannot listen on {addr} (config key `{key}`): {e}")))
+    };
+    let api = bind("listen", config.listen).await?;
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(bind("metrics_listen", addr).await?),
+        None => None,
+    };
     let registry = Registry::open(config).await.map_err(Failure::internal)?;
     let (shutdown, hurry) = (CancellationToken::new(), CancellationToken::new());
     on_signals(shutdown.clone(), hurry.clone())?;
-    api::serve(registry, listener, shutdown, hurry)
-        .await
-        .map_err(|e| Failure::internal(format!("the server failed: {e}")))
+    api::serve(
+        registry,
+        api::Listeners { api, metrics },
+        &notify,
+        shutdown,
+        hurry,
+    )
+    .await
+    .map_err(|e| Failure::internal(format!("the server failed: {e}")))
 }
 
 pub async fn local(job: &Path, config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<(), Failure> {

@@ -126,6 +126,12 @@ pub fn load(path: &Path) -> Result<JobSpec, JobFileError> {
         path: path.to_path_buf(),
         source,
     })?;
+    parse(&text, path)
+}
+
+/// Validates the text of a job file found at `path` (which names it in
+/// errors, and whose directory relative paths are relative to).
+pub fn parse(text: &str, path: &Path) -> Result<JobSpec, JobFileError> {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let base = if base.as_os_str().is_empty() {
         PathBuf::from(".")
@@ -136,7 +142,7 @@ pub fn load(path: &Path) -> Result<JobSpec, JobFileError> {
         path: path.to_path_buf(),
         source,
     };
-    let raw: RawJob = toml::from_str(&text).map_err(|e| JobFileError::Parse {
+    let raw: RawJob = toml::from_str(text).map_err(|e| JobFileError::Parse {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
@@ -178,7 +184,8 @@ fn key(
 fn repo_url(base: &Path, url: &str) -> String {
     let looks_remote =
         url.contains("://") || (url.contains(':') && !url.starts_with('.') && !url.starts_with('/'));
-    if looks_remote || Path::new(url).is_absolute() {
+    // A blank one stays blank, for validation to name.
+    if looks_remote || url.trim().is_empty() || Path::new(url).is_absolute() {
         return url.to_string();
     }
     let p = base.join(url);

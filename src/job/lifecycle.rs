@@ -237,7 +237,7 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
         let auth = Auth::new(prepared.keys.clone(), prepared.known_hosts.clone());
         job.system_line(0, &format!("runnel: checking out {}", co.repo_url));
         let cancel = Arc::new(AtomicBool::new(false));
-        let started = Instant::now();
+        let checkout_started = Instant::now();
         let task = tokio::task::spawn_blocking({
             let (co, workspace, cancel) = (co.clone(), workspace.clone(), cancel.clone());
             let mirrors = registry.mirrors.clone();
@@ -252,10 +252,11 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
                 return why.end("the checkout");
             }
         };
+        registry.metrics.checkout_ended(checkout_started.elapsed());
         match result {
             Ok(Ok(Checkout { done, mirrors })) => {
                 tracing::info!(
-                    seconds = started.elapsed().as_secs_f64(),
+                    seconds = checkout_started.elapsed().as_secs_f64(),
                     cached = !mirrors.is_empty(),
                     "checked out"
                 );

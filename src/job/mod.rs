@@ -1,9 +1,11 @@
 //! Jobs: the model ([`spec`], [`state`]), the registry of jobs with its
-//! slots, and the lifecycle that takes one job from QUEUED to its end
-//! ([`lifecycle`]) — the only place that calls across the other modules.
+//! slots and metrics, the lifecycle that takes one job from QUEUED to its
+//! end ([`lifecycle`]) — the only place that calls across the other
+//! modules — and the retention of ended jobs ([`retention`]).
 
 pub mod file;
 mod lifecycle;
+mod retention;
 pub mod spec;
 pub mod state;
 
@@ -22,6 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::logs::{Event, EventKind, EventLog, Masker, Stream as Out};
+use crate::metrics::{Gauges, Metrics};
 use crate::runtime::Runtime;
 use spec::JobSpec;
 use state::{FailureKind, JobState, JobStatus};
@@ -62,9 +65,22 @@ pub struct Job {
     log: EventLog,
     masker: OnceLock<Arc<Masker>>,
     cancel: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 impl Job {
+    fn new(dir: &Path, id: &str, status: JobStatus, log: EventLog, metrics: &Arc<Metrics>) -> Job {
+        Job {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+            status: Mutex::new(status),
+            log,
+            masker: OnceLock::new(),
+            cancel: CancellationToken::new(),
+            metrics: metrics.clone(),
+        }
+    }
+
     /// The job's status, complete up to the last event.
     pub fn status(&self) -> JobStatus {
         let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -106,6 +122,7 @@ impl Job {
     /// Records a finished step: its event, and its result in the status
     /// (which is not a change of state, so no state event).
     fn step_finished(&self, result: state::StepResult) {
+        self.metrics.step_ended(result.duration);
         self.emit(EventKind::StepFinished(result.clone()));
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         status.steps.push(result);
@@ -115,6 +132,9 @@ impl Job {
     }
 
     fn emit(&self, kind: EventKind) {
+        if let EventKind::Log { stream, data, .. } = &kind {
+            self.metrics.log_written(*stream, data.len());
+        }
         if let Err(e) = self.log.append(kind) {
             tracing::error!(job_id = %self.id, error = %e, "cannot append to the event log");
         }
@@ -169,6 +189,7 @@ pub struct Registry {
     slots: Arc<Semaphore>,
     tasks: TaskTracker,
     draining: AtomicBool,
+    metrics: Arc<Metrics>,
 }
 
 /// What GetAgentInfo reports.
@@ -221,7 +242,9 @@ impl Registry {
         } else {
             None
         };
-        let jobs = recover_jobs(&config.state_dir.join("jobs")).map_err(state_err)?;
+        Registry::finish_removals(&config.state_dir);
+        let metrics = Arc::new(Metrics::default());
+        let jobs = recover_jobs(&config.state_dir.join("jobs"), &metrics).map_err(state_err)?;
         let slots = Arc::new(Semaphore::new(config.max_jobs as usize));
         Ok(Arc::new(Registry {
             runtime,
@@ -231,12 +254,28 @@ impl Registry {
             slots,
             tasks: TaskTracker::new(),
             draining: AtomicBool::new(false),
+            metrics,
             config,
         }))
     }
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The metrics in Prometheus' text format, with the registry's gauges.
+    pub fn render_metrics(&self) -> String {
+        let info = self.info();
+        self.metrics.render(Gauges {
+            running_jobs: info.running_jobs,
+            slots: info.max_jobs,
+            known_jobs: self.jobs.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            draining: info.draining,
+        })
     }
 
     /// Accepts a validated job and starts it; a job id already known
@@ -256,7 +295,7 @@ impl Registry {
             .map_err(|_| SubmitError::Busy(self.config.max_jobs))?;
         let dir = self.config.state_dir.join("jobs").join(&spec.job_id);
         let mode = dir_mode(self.config.runtime.userns_base.is_some());
-        let job = create_job(&dir, &spec.job_id, mode).map_err(|e| {
+        let job = create_job(&dir, &spec.job_id, mode, &self.metrics).map_err(|e| {
             SubmitError::Internal(format!("cannot create the job directory {}: {e}", dir.display()))
         })?;
         let job = Arc::new(job);
@@ -267,6 +306,7 @@ impl Registry {
         let registry = self.clone();
         self.tasks.spawn(async move {
             lifecycle::run(&registry, &job, spec).await;
+            registry.metrics.job_ended(job.status().state);
             drop(permit);
         });
         Ok(status)
@@ -343,17 +383,10 @@ impl Registry {
     }
 }
 
-fn create_job(dir: &Path, id: &str, mode: u32) -> io::Result<Job> {
+fn create_job(dir: &Path, id: &str, mode: u32, metrics: &Arc<Metrics>) -> io::Result<Job> {
     std::fs::DirBuilder::new().mode(mode).create(dir)?;
     let log = EventLog::create(&dir.join(EVENTS_FILE))?;
-    let job = Job {
-        id: id.to_string(),
-        dir: dir.to_path_buf(),
-        status: Mutex::new(JobStatus::new(id.to_string())),
-        log,
-        masker: OnceLock::new(),
-        cancel: CancellationToken::new(),
-    };
+    let job = Job::new(dir, id, JobStatus::new(id.to_string()), log, metrics);
     job.transition(|_| {});
     Ok(job)
 }
@@ -361,7 +394,7 @@ fn create_job(dir: &Path, id: &str, mode: u32) -> io::Result<Job> {
 /// Loads the jobs under `jobs_dir`. A job that was not over when the agent
 /// stopped is cleaned up (keys wiped, mounts and workspace removed) and
 /// ends LOST, with that as the last event of its log.
-fn recover_jobs(jobs_dir: &Path) -> io::Result<HashMap<String, Arc<Job>>> {
+fn recover_jobs(jobs_dir: &Path, metrics: &Arc<Metrics>) -> io::Result<HashMap<String, Arc<Job>>> {
     let mut out = HashMap::new();
     for entry in std::fs::read_dir(jobs_dir)? {
         let entry = entry?;
@@ -383,23 +416,10 @@ fn recover_jobs(jobs_dir: &Path) -> io::Result<HashMap<String, Arc<Job>>> {
             continue;
         }
         let job = match status {
-            Some(s) if s.state.is_final() => Job {
-                id: id.clone(),
-                dir: dir.clone(),
-                status: Mutex::new(s),
-                log: EventLog::open_closed(&events)?,
-                masker: OnceLock::new(),
-                cancel: CancellationToken::new(),
-            },
+            Some(s) if s.state.is_final() => Job::new(&dir, &id, s, EventLog::open_closed(&events)?, metrics),
             status => {
-                let job = Job {
-                    id: id.clone(),
-                    dir: dir.clone(),
-                    status: Mutex::new(status.unwrap_or_else(|| JobStatus::new(id.clone()))),
-                    log: EventLog::reopen(&events)?,
-                    masker: OnceLock::new(),
-                    cancel: CancellationToken::new(),
-                };
+                let status = status.unwrap_or_else(|| JobStatus::new(id.clone()));
+                let job = Job::new(&dir, &id, status, EventLog::reopen(&events)?, metrics);
                 job.transition(|s| {
                     s.state = JobState::Lost;
                     s.failure = FailureKind::Agent;
@@ -409,6 +429,7 @@ fn recover_jobs(jobs_dir: &Path) -> io::Result<HashMap<String, Arc<Job>>> {
                     s.finished = Some(SystemTime::now());
                 });
                 job.log.close();
+                metrics.job_ended(JobState::Lost);
                 tracing::warn!(job_id = %id, "job marked LOST after an agent restart");
                 job
             }

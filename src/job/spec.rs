@@ -9,6 +9,9 @@ use crate::secret::Secret;
 
 pub const MAX_JOB_ID_LEN: usize = 128;
 pub const MIN_MEMORY_BYTES: u64 = 4 << 20;
+/// The longest timeout a job or step may ask for: a year. (Longer ones
+/// would not survive the trip over the wire as a protobuf Duration.)
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, Clone, Default)]
 pub struct JobSpec {
@@ -154,6 +157,10 @@ fn validate_env_name(field: &str, name: &str) -> Result<(), SpecError> {
 fn validate_timeout(field: &str, t: Option<Duration>) -> Result<(), SpecError> {
     match t {
         Some(t) if t.is_zero() => Err(err(field, "must be more than zero (or unset for the default)")),
+        Some(t) if t > MAX_TIMEOUT => Err(err(
+            field,
+            format!("must be at most {}", humantime::format_duration(MAX_TIMEOUT)),
+        )),
         _ => Ok(()),
     }
 }

@@ -11,6 +11,10 @@ use ssh_key::{HashAlg, LineEnding, PrivateKey};
 
 use crate::secret::Secret;
 
+/// Most bcrypt rounds an encrypted key may ask for: each costs real time,
+/// and a key asking for billions would hold a job slot for hours.
+pub const MAX_KDF_ROUNDS: u32 = 1024;
+
 /// Which of the job's keys this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KeyKind {
@@ -69,6 +73,15 @@ pub fn parse(
         let key = PrivateKey::from_openssh(text)
             .map_err(|e| fail(format!("is not a valid OpenSSH private key ({e})")))?;
         if key.is_encrypted() {
+            if let ssh_key::Kdf::Bcrypt { rounds, .. } = key.kdf()
+                && *rounds > MAX_KDF_ROUNDS
+            {
+                return Err(fail(format!(
+                    "is encrypted with {rounds} KDF rounds; runnel decrypts keys with at most \
+                     {MAX_KDF_ROUNDS} (ssh-keygen's default is 16): re-encrypt it with \
+                     `ssh-keygen -p -a 100 -f KEYFILE`"
+                )));
+            }
             let Some(pass) = passphrase else {
                 return Err(fail(
                     "is encrypted and no passphrase was given (set ssh.passphrase)".into(),

@@ -1,7 +1,7 @@
 //! Test support: starts the real `runnel` binary as an agent on a free
 //! loopback port with tokens and a private state directory, and talks to it
-//! with the generated tonic client. Everything started here is stopped and
-//! removed on drop.
+//! with the generated tonic client (over TLS when the agent has `[tls]`).
+//! Everything started here is stopped and removed on drop.
 #![allow(dead_code)]
 
 pub mod image;
@@ -17,7 +17,7 @@ use futures::StreamExt;
 use runnel::api::pb;
 use runnel::api::pb::agent_client::AgentClient;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 pub const SCHEDULER_TOKEN: &str = "sched-token-for-tests";
 pub const OPERATOR_TOKEN: &str = "oper-token-for-tests";
@@ -45,10 +45,31 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 
 pub struct Agent {
     child: Option<Child>,
+    /// `http://` or `https://` (with `[tls]`) and the address it listens on.
     pub addr: String,
+    /// Where `/metrics` is served, with `metrics_listen`.
+    pub metrics_addr: Option<String>,
     pub state: tempfile::TempDir,
     pub config_path: PathBuf,
+    /// Extra environment for the agent process.
+    pub env: Vec<(String, String)>,
     log: Arc<Mutex<Vec<String>>>,
+}
+
+/// A field of the agent's "runnel agent listening" line, in the text or the
+/// JSON log format.
+fn listening_field(line: &str, name: &str) -> Option<String> {
+    if line.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        return match &v["fields"][name] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Null => None,
+            other => Some(other.to_string()),
+        };
+    }
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+        .map(str::to_string)
 }
 
 #[derive(Clone)]
@@ -69,6 +90,13 @@ pub type Client = AgentClient<InterceptedService<Channel, Bearer>>;
 impl Agent {
     /// Starts an agent whose config is the defaults plus `extra` (TOML).
     pub fn start(extra: &str) -> Agent {
+        let mut agent = Agent::new(extra);
+        agent.launch();
+        agent
+    }
+
+    /// An agent configured as [`Agent::start`] does, not started yet.
+    pub fn new(extra: &str) -> Agent {
         require_root();
         let state = tempfile::Builder::new().prefix("runnel-test.").tempdir().unwrap();
         let dir = state.path();
@@ -86,15 +114,15 @@ impl Agent {
         );
         let config_path = dir.join("agent.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut agent = Agent {
+        Agent {
             child: None,
             addr: String::new(),
+            metrics_addr: None,
             state,
             config_path,
+            env: Vec::new(),
             log: Arc::new(Mutex::new(Vec::new())),
-        };
-        agent.launch();
-        agent
+        }
     }
 
     /// (Re)starts the agent process on the same state directory.
@@ -104,6 +132,7 @@ impl Agent {
             .arg("--config")
             .arg(&self.config_path)
             .env("RUNNEL_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -114,22 +143,31 @@ impl Agent {
         let log = self.log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(i) = line.find("addr=") {
-                    let addr = line[i + 5..].split_whitespace().next().unwrap_or("").to_string();
-                    let _ = tx.send(addr);
+                // Logged first: once launch() returns, the line is in log().
+                log.lock().unwrap().push(line.clone());
+                if line.contains("runnel agent listening")
+                    && let Some(addr) = listening_field(&line, "addr")
+                {
+                    let tls = listening_field(&line, "tls").is_some_and(|t| t == "true");
+                    let metrics = listening_field(&line, "metrics_addr").filter(|m| m != "-");
+                    let _ = tx.send((addr, tls, metrics));
                 }
-                log.lock().unwrap().push(line);
             }
         });
-        let Ok(addr) = rx.recv_timeout(Duration::from_secs(60)) else {
+        let Ok((addr, tls, metrics)) = rx.recv_timeout(Duration::from_secs(60)) else {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "the agent did not start listening; its log:\n{}",
-                self.log.lock().unwrap().join("\n")
+                "the agent did not start listening; its log:
+{}",
+                self.log.lock().unwrap().join(
+                    "
+"
+                )
             );
         };
-        self.addr = format!("http://{addr}");
+        self.addr = format!("{}://{addr}", if tls { "https" } else { "http" });
+        self.metrics_addr = metrics;
         self.child = Some(child);
     }
 
@@ -176,12 +214,70 @@ impl Agent {
     }
 
     pub async fn client(&self, token: Option<&str>) -> Client {
+        self.client_over(None, token).await.expect("connect to the agent")
+    }
+
+    /// A client over `tls` (`None`: plain HTTP/2).
+    pub async fn client_over(
+        &self,
+        tls: Option<ClientTlsConfig>,
+        token: Option<&str>,
+    ) -> Result<Client, tonic::transport::Error> {
+        let mut endpoint = tonic::transport::Endpoint::from_shared(self.addr.clone()).unwrap();
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        let channel = endpoint.connect().await?;
+        Ok(AgentClient::with_interceptor(
+            channel,
+            Bearer(token.map(str::to_string)),
+        ))
+    }
+
+    /// The health service's answer for the whole agent (plain HTTP/2).
+    pub async fn health(&self) -> tonic_health::pb::health_check_response::ServingStatus {
         let channel = tonic::transport::Endpoint::from_shared(self.addr.clone())
             .unwrap()
             .connect()
             .await
             .expect("connect to the agent");
-        AgentClient::with_interceptor(channel, Bearer(token.map(str::to_string)))
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status()
+    }
+
+    /// `GET path` on the metrics endpoint: the status line and the body.
+    pub fn scrape(&self, path: &str) -> (String, String) {
+        use std::io::{Read, Write};
+        let addr = self.metrics_addr.as_ref().expect("the agent serves metrics");
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        conn.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        (head.lines().next().unwrap_or("").to_string(), body.to_string())
+    }
+
+    /// The value of a metric sample (e.g. `runnel_jobs_running` or
+    /// `runnel_jobs_ended_total{state="failed"}`) in a scrape of `/metrics`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let (status, body) = self.scrape("/metrics");
+        assert!(status.contains(" 200 "), "{status}");
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {sample} in\n{body}"))
+            .parse()
+            .unwrap()
     }
 
     pub async fn scheduler(&self) -> Client {
@@ -252,17 +348,21 @@ pub async fn submit(c: &mut Client, spec: pb::JobSpec) -> pb::JobStatus {
         .into_inner()
 }
 
+/// A WatchJob stream of the events after `after`, following the job.
+pub async fn events(c: &mut Client, id: &str, after: u64) -> tonic::Streaming<pb::JobEvent> {
+    c.watch_job(pb::WatchJobRequest {
+        job_id: id.to_string(),
+        after_seq: after,
+        follow: true,
+    })
+    .await
+    .expect("WatchJob")
+    .into_inner()
+}
+
 /// Every event after `after`, following until the job ends.
 pub async fn watch(c: &mut Client, id: &str, after: u64) -> Vec<pb::JobEvent> {
-    let mut s = c
-        .watch_job(pb::WatchJobRequest {
-            job_id: id.to_string(),
-            after_seq: after,
-            follow: true,
-        })
-        .await
-        .expect("WatchJob")
-        .into_inner();
+    let mut s = events(c, id, after).await;
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     while let Some(e) = tokio::time::timeout_at(deadline, s.next())
@@ -369,4 +469,69 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap();
     kb * 1024
+}
+
+/// Holds a step until the test lets it go: the step connects to a loopback
+/// port (bash's /dev/tcp; the container shares the host's network) and
+/// reads until the test drops the connection.
+pub struct Gate {
+    listener: tokio::net::TcpListener,
+}
+
+impl Gate {
+    pub async fn new() -> Gate {
+        Gate {
+            listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        }
+    }
+
+    /// The shell command of a step that waits at this gate.
+    pub fn step(&self) -> String {
+        let port = self.listener.local_addr().unwrap().port();
+        format!("bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port} && cat <&3 >/dev/null' && echo through-the-gate")
+    }
+
+    /// Waits for a step to arrive at the gate; it passes when the returned
+    /// connection is dropped.
+    pub async fn arrival(&self) -> tokio::net::TcpStream {
+        tokio::time::timeout(Duration::from_secs(120), self.listener.accept())
+            .await
+            .expect("a step reached the gate in time")
+            .unwrap()
+            .0
+    }
+}
+
+/// Waits, with a deadline, for an async condition.
+pub async fn wait_until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The job's status as the agent reports it (GetJob), or the call's error.
+pub async fn get_job(c: &mut Client, id: &str) -> Result<pb::JobStatus, tonic::Status> {
+    c.get_job(pb::GetJobRequest {
+        job_id: id.to_string(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// Mount points under `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let base = dir.to_string_lossy().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&base))
+        .map(str::to_string)
+        .collect()
 }

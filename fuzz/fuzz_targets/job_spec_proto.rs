@@ -1,0 +1,9 @@
+//! cargo-fuzz target: `entries::job_spec_proto`.
+#![no_main]
+
+#[path = "../entries.rs"]
+mod entries;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = entries::job_spec_proto(data);
+});
