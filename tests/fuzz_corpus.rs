@@ -112,7 +112,7 @@ fn generated_keys() {
         // "openssh-key-v1\0", string cipher, string kdf, string kdfoptions =
         // (string salt, uint32 rounds).
         let mut i = 15;
-        let mut read = |i: &mut usize| {
+        let read = |i: &mut usize| {
             let n = u32::from_be_bytes(raw[*i..*i + 4].try_into().unwrap()) as usize;
             *i += 4 + n;
         };
