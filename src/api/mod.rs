@@ -144,6 +144,15 @@ impl Agent for AgentService {
     }
 }
 
+/// Chooses rustls's process-wide crypto provider: ring. Two are compiled in
+/// (ring for tonic, aws-lc-rs for the registry client's reqwest, which names
+/// its own), so rustls cannot pick one itself and would panic at the first
+/// TLS handshake. Call it before any TLS is set up; calling it again is
+/// harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The server side of `[tls]`.
 fn server_tls(tls: &TlsConfig) -> ServerTlsConfig {
     let mut config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, tls.key.expose()));

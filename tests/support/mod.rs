@@ -225,6 +225,7 @@ impl Agent {
     ) -> Result<Client, tonic::transport::Error> {
         let mut endpoint = tonic::transport::Endpoint::from_shared(self.addr.clone()).unwrap();
         if let Some(tls) = tls {
+            runnel::api::install_crypto_provider();
             endpoint = endpoint.tls_config(tls)?;
         }
         let channel = endpoint.connect().await?;
