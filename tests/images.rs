@@ -469,8 +469,11 @@ async fn in_a_user_namespace_container_root_is_not_host_root() {
         ),
     )
     .await;
+    let made = agent.state_dir().join("jobs/userns/run/workspace/made-by-root");
+    // The shell's own command line holds "1000.12" too: wait for its file,
+    // made before the sleep starts.
     wait_for("the step to run", Duration::from_secs(60), || {
-        !host_processes_with("1000.12").is_empty()
+        made.exists() && !host_processes_with("1000.12").is_empty()
     });
     let pid = host_processes_with("1000.12")[0];
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -479,7 +482,6 @@ async fn in_a_user_namespace_container_root_is_not_host_root() {
         uid_line.split_whitespace().skip(1).all(|u| u == "100000"),
         "{uid_line}"
     );
-    let made = agent.state_dir().join("jobs/userns/run/workspace/made-by-root");
     assert_eq!(std::fs::metadata(&made).unwrap().uid(), 100_000);
     c.cancel_job(pb::CancelJobRequest {
         job_id: "userns".into(),
