@@ -1,0 +1,914 @@
+//! runnel's benchmark suite: each figure is measured beside its peer in the
+//! same run on the same machine, and reported as a ratio. Not a test: run it
+//! with `bash bench/run` (which installs and starts what it needs: Debian's
+//! docker.io, runc, sshd, a registry) or, on a prepared machine, with
+//! `cargo bench --bench suite`. `RUNNEL_BENCH_ONLY=start,checkout` runs some
+//! sections; `RUNNEL_BENCH_N` sets the number of samples (default 50).
+//!
+//! It starts the real `runnel` binary (release build) as an agent and drives
+//! it over gRPC, exactly as the integration tests do (tests/support).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use runnel::api::pb;
+use support::image::{Entry, Registry, busybox_layer, write_layout};
+use support::sshd::{GitServer, KeyPair, git, sh};
+use support::{Agent, Client, job, submit};
+
+/// One line of the result table.
+struct Row {
+    what: String,
+    runnel: String,
+    peer: String,
+    ratio: String,
+    target: String,
+}
+
+struct Report {
+    rows: Vec<Row>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn row(&mut self, what: &str, runnel: String, peer: String, ratio: String, target: &str) {
+        println!("  {what}: runnel {runnel} | peer {peer} | {ratio} | target {target}");
+        self.rows.push(Row {
+            what: what.into(),
+            runnel,
+            peer,
+            ratio,
+            target: target.into(),
+        });
+    }
+
+    fn note(&mut self, note: String) {
+        println!("  note: {note}");
+        self.notes.push(note);
+    }
+
+    fn markdown(&self) -> String {
+        let mut s = String::from(
+            "| measurement | runnel | peer (same run) | ratio | target |\n|---|---|---|---|---|\n",
+        );
+        for r in &self.rows {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                r.what, r.runnel, r.peer, r.ratio, r.target
+            );
+        }
+        for n in &self.notes {
+            let _ = write!(s, "\n- {n}");
+        }
+        s.push('\n');
+        s
+    }
+}
+
+/// Samples in milliseconds.
+struct Samples(Vec<f64>);
+
+impl Samples {
+    fn pct(&self, p: f64) -> f64 {
+        let mut v = self.0.clone();
+        v.sort_by(f64::total_cmp);
+        // Nearest rank.
+        let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+        v[rank.min(v.len()) - 1]
+    }
+    fn p50(&self) -> f64 {
+        self.pct(50.0)
+    }
+    fn p99(&self) -> f64 {
+        self.pct(99.0)
+    }
+    fn show(&self) -> String {
+        format!("p50 {} / p99 {}", ms(self.p50()), ms(self.p99()))
+    }
+}
+
+fn ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0} ms")
+    } else if v >= 10.0 {
+        format!("{v:.1} ms")
+    } else {
+        format!("{v:.2} ms")
+    }
+}
+
+fn since_ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+fn ratio(peer: f64, ours: f64) -> String {
+    format!("{:.1}×", peer / ours)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// A field of /proc/PID/status, in bytes (VmRSS, VmHWM).
+fn proc_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+fn event_time(e: &pb::JobEvent) -> f64 {
+    let t = e.time.as_ref().expect("events carry a time");
+    t.seconds as f64 * 1000.0 + t.nanos as f64 / 1e6
+}
+
+fn state_of(e: &pb::JobEvent) -> Option<pb::JobState> {
+    match &e.event {
+        Some(pb::job_event::Event::State(s)) => pb::JobState::try_from(s.state).ok(),
+        _ => None,
+    }
+}
+
+fn with_image(mut spec: pb::JobSpec, image: &str) -> pb::JobSpec {
+    spec.container = Some(pb::Container {
+        image: image.to_string(),
+        ..Default::default()
+    });
+    spec
+}
+
+/// Runs `spec` and follows it to the end: its events, each with the time
+/// (ms since `t0`) this client received it.
+async fn run_timed(c: &mut Client, spec: pb::JobSpec, t0: Instant) -> Vec<(f64, pb::JobEvent)> {
+    let id = spec.job_id.clone();
+    submit(c, spec).await;
+    let mut s = support::events(c, &id, 0).await;
+    let mut out = Vec::new();
+    while let Some(e) = s.next().await {
+        out.push((since_ms(t0), e.expect("event")));
+    }
+    let last = state_of(&out.last().expect("events").1);
+    assert_eq!(
+        last,
+        Some(pb::JobState::Succeeded),
+        "bench job {id} did not succeed: {:?}",
+        out.last()
+    );
+    out
+}
+
+fn docker_ok() -> bool {
+    Command::new("docker")
+        .arg("info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn run_quiet(cmd: &mut Command) {
+    let out = cmd.stdin(Stdio::null()).output().expect("run a peer command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Times `n` runs of `cmd()`.
+fn time_runs(n: usize, mut cmd: impl FnMut(usize) -> Command) -> Samples {
+    Samples(
+        (0..n)
+            .map(|i| {
+                let mut c = cmd(i);
+                let t = Instant::now();
+                run_quiet(&mut c);
+                since_ms(t)
+            })
+            .collect(),
+    )
+}
+
+/// The busybox image as an OCI layout; its single layer unpacked for runc.
+struct BusyboxImage {
+    layout: PathBuf,
+    rootfs: PathBuf,
+}
+
+fn busybox_image(dir: &Path) -> BusyboxImage {
+    let layout = dir.join("busybox-layout");
+    let digests = write_layout(&layout, "1", &[busybox_layer()], &["PATH=/bin"], "");
+    let rootfs = dir.join("runc-bundle/rootfs");
+    std::fs::create_dir_all(&rootfs).unwrap();
+    let blob = layout
+        .join("blobs/sha256")
+        .join(digests[0].trim_start_matches("sha256:"));
+    sh(Command::new("tar").arg("-xzf").arg(&blob).arg("-C").arg(&rootfs));
+    BusyboxImage { layout, rootfs }
+}
+
+/// 1. Step container start: a whole runnel job running `true` in the busybox
+///    image (submit → final state seen by a watcher) against `docker run --rm`
+///    of the same image and `runc run` on an unpacked bundle.
+async fn bench_start(r: &mut Report, n: usize, dir: &Path) {
+    println!("== step container start ({n} starts each)");
+    let img = busybox_image(dir);
+    let registry = Registry::start();
+    let reference = registry.push(&img.layout, "1", "bench/busybox");
+    let agent = Agent::start(&format!(
+        "[runtime]\nnetwork = \"host\"\ninsecure_registries = [\"{}\"]\n",
+        registry.addr
+    ));
+    let mut c = agent.scheduler().await;
+    // The first job pulls and unpacks the image; the rest measure starts.
+    run_timed(
+        &mut c,
+        with_image(job("start-warmup", &["true"]), &reference),
+        Instant::now(),
+    )
+    .await;
+    let mut ours = Vec::new();
+    let mut container = Vec::new();
+    for i in 0..n {
+        let t0 = Instant::now();
+        let events = run_timed(
+            &mut c,
+            with_image(job(&format!("start-{i}"), &["true"]), &reference),
+            t0,
+        )
+        .await;
+        ours.push(since_ms(t0));
+        // Inside the agent: PREPARING → the step's end (rootfs, container
+        // start, exec of `true`), from the events' own timestamps.
+        let prep = events
+            .iter()
+            .find(|(_, e)| state_of(e) == Some(pb::JobState::Preparing));
+        let done = events
+            .iter()
+            .find(|(_, e)| matches!(e.event, Some(pb::job_event::Event::StepFinished(_))));
+        if let (Some((_, a)), Some((_, b))) = (prep, done) {
+            container.push(event_time(b) - event_time(a));
+        }
+    }
+    let ours = Samples(ours);
+    let container = Samples(container);
+
+    // runc on the unpacked rootfs: `runc spec`, then `true`, host network.
+    let bundle = img.rootfs.parent().unwrap().to_path_buf();
+    sh(Command::new("runc").args(["spec"]).current_dir(&bundle));
+    let cfg_path = bundle.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["process"]["terminal"] = false.into();
+    cfg["process"]["args"] = serde_json::json!(["true"]);
+    cfg["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|ns| ns["type"] != "network");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let runc_root = dir.join("runc-root");
+    let runc = time_runs(n, |i| {
+        let mut cmd = Command::new("runc");
+        cmd.arg("--root")
+            .arg(&runc_root)
+            .args(["run", "--bundle"])
+            .arg(&bundle)
+            .arg(format!("bench-{}-{i}", std::process::id()));
+        cmd
+    });
+
+    r.row(
+        "1. container start, runnel job `true` in busybox (submit → end)",
+        ours.show(),
+        format!("`runc run`: {}", runc.show()),
+        format!("runc/runnel p50 {}", ratio(runc.p50(), ours.p50())),
+        "—",
+    );
+    r.note(format!(
+        "runnel's share inside the agent (PREPARING → step finished: overlay rootfs, container start, exec): {}",
+        container.show()
+    ));
+    if docker_ok() {
+        run_quiet(Command::new("docker").args(["pull", "-q", &reference]));
+        let docker = time_runs(n, |_| {
+            let mut cmd = Command::new("docker");
+            cmd.args(["run", "--rm", "--network", "host", &reference, "true"]);
+            cmd
+        });
+        let verdict = if docker.p50() / ours.p50() >= 10.0 {
+            "met"
+        } else {
+            "MISSED"
+        };
+        r.row(
+            "1. container start vs `docker run --rm --network host` of the same image",
+            ours.show(),
+            format!("docker: {}", docker.show()),
+            format!(
+                "docker/runnel p50 {}, p99 {}",
+                ratio(docker.p50(), ours.p50()),
+                ratio(docker.p99(), ours.p99())
+            ),
+            &format!("≥ 10× ({verdict})"),
+        );
+        let _ = Command::new("docker").args(["rmi", "-f", &reference]).output();
+    } else {
+        r.note("docker is not running: no docker row (bash bench/run starts dockerd)".into());
+    }
+}
+
+/// 2. Job overhead: SubmitJob → the first byte of `echo hi`, host image.
+async fn bench_overhead(r: &mut Report, n: usize) {
+    println!("== job overhead ({n} jobs)");
+    let agent = Agent::start("");
+    let mut c = agent.scheduler().await;
+    run_timed(&mut c, job("overhead-warmup", &["echo hi"]), Instant::now()).await;
+    let mut first = Vec::new();
+    for i in 0..n {
+        let t0 = Instant::now();
+        let events = run_timed(&mut c, job(&format!("overhead-{i}"), &["echo hi"]), t0).await;
+        let (t, _) = events
+            .iter()
+            .find(|(_, e)| {
+                matches!(&e.event, Some(pb::job_event::Event::Log(l)) if l.stream == pb::Stream::Stdout as i32)
+            })
+            .expect("the step's output");
+        first.push(*t);
+    }
+    let s = Samples(first);
+    let verdict = if s.p50() < 100.0 { "met" } else { "MISSED" };
+    r.row(
+        "2. job overhead: SubmitJob → first byte of `echo hi` (host image, no checkout)",
+        s.show(),
+        "—".into(),
+        "—".into(),
+        &format!("p50 < 100 ms ({verdict})"),
+    );
+}
+
+/// 3. Log latency: a line with its own timestamp every 10 ms; the delay
+///    until a gRPC watcher holds it.
+async fn bench_latency(r: &mut Report, lines: usize) {
+    println!("== log latency ({lines} lines)");
+    let agent = Agent::start("");
+    let mut c = agent.scheduler().await;
+    let step = format!("i=0; while [ $i -lt {lines} ]; do date +%s%N; sleep 0.01; i=$((i+1)); done");
+    let spec = job("latency", &[step.as_str()]);
+    submit(&mut c, spec).await;
+    let mut s = support::events(&mut c, "latency", 0).await;
+    let mut delays = Vec::new();
+    let mut partial = Vec::new();
+    while let Some(e) = s.next().await {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as f64;
+        if let Some(pb::job_event::Event::Log(l)) = e.expect("event").event
+            && l.stream == pb::Stream::Stdout as i32
+        {
+            partial.extend_from_slice(&l.data);
+            while let Some(nl) = partial.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = partial.drain(..=nl).collect();
+                let stamp: f64 = String::from_utf8_lossy(&line).trim().parse().unwrap();
+                delays.push((now - stamp) / 1e6);
+            }
+        }
+    }
+    assert_eq!(delays.len(), lines, "every line arrived");
+    let s = Samples(delays);
+    let verdict = if s.p99() < 50.0 { "met" } else { "MISSED" };
+    r.row(
+        "3. log latency: line printed → held by a gRPC watcher",
+        s.show(),
+        "—".into(),
+        "—".into(),
+        &format!("p99 < 50 ms ({verdict})"),
+    );
+}
+
+/// 4. Log throughput: a step writes 1 GB; the rate it reaches a watcher, and
+///    the agent's peak RSS. The peer is the same writer into a host pipe.
+async fn bench_throughput(r: &mut Report) {
+    const BYTES: u64 = 1_000_000_000;
+    println!("== log throughput (1 GB)");
+    let agent = Agent::start("");
+    let writer =
+        format!("yes 'runnel throughput line: 0123456789 abcdefghijklmnopqrstuvwxyz' | head -c {BYTES}");
+    let mut c = agent.scheduler().await;
+    submit(&mut c, job("throughput", &[writer.as_str()])).await;
+    let mut s = support::events(&mut c, "throughput", 0).await;
+    let mut got = 0u64;
+    let mut first = None;
+    let mut last = Instant::now();
+    while let Some(e) = s.next().await {
+        if let Some(pb::job_event::Event::Log(l)) = e.expect("event").event
+            && l.stream == pb::Stream::Stdout as i32
+        {
+            first.get_or_insert_with(Instant::now);
+            got += l.data.len() as u64;
+            last = Instant::now();
+        }
+    }
+    assert_eq!(got, BYTES, "every byte reached the watcher");
+    let secs = (last - first.unwrap()).as_secs_f64();
+    let rate = got as f64 / secs / 1e6;
+    let peak = proc_kb(agent.pid(), "VmHWM");
+
+    let t = Instant::now();
+    run_quiet(Command::new("sh").args(["-c", &format!("{writer} | cat >/dev/null")]));
+    let pipe = BYTES as f64 / t.elapsed().as_secs_f64() / 1e6;
+    let verdict = if rate >= 200.0 && peak < 64 << 20 {
+        "met"
+    } else {
+        "MISSED"
+    };
+    r.row(
+        "4. log throughput: 1 GB written by a step → gRPC watcher",
+        format!("{rate:.0} MB/s, agent peak RSS {}", mib(peak)),
+        format!("same writer into a host pipe: {pipe:.0} MB/s"),
+        format!("{:.2} of the pipe", rate / pipe),
+        &format!("≥ 200 MB/s, RSS < 64 MiB ({verdict})"),
+    );
+}
+
+/// A bare repository of `commits` commits made with git fast-import: a tree
+/// of `files` files, each commit rewriting one line of one file.
+fn big_repo(bare: &Path, commits: usize, files: usize) {
+    std::fs::create_dir_all(bare).unwrap();
+    git(bare, &["init", "-q", "--bare", "-b", "main"]);
+    let mut stream = String::new();
+    let mut content: Vec<Vec<String>> = (0..files)
+        .map(|f| {
+            (0..40)
+                .map(|l| format!("file {f} line {l}: {}", "lorem ipsum dolor sit amet ".repeat(3)))
+                .collect()
+        })
+        .collect();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..commits {
+        let _ = write!(
+            stream,
+            "commit refs/heads/main\nmark :{}\ncommitter Bench <bench@localhost> {} +0000\n",
+            i + 1,
+            1_700_000_000 + i
+        );
+        let msg = format!("change {i}");
+        let _ = write!(stream, "data {}\n{msg}\n", msg.len());
+        if i > 0 {
+            let _ = writeln!(stream, "from :{i}");
+        }
+        let touched: Vec<usize> = if i == 0 {
+            (0..files).collect()
+        } else {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let f = (seed % files as u64) as usize;
+            let l = ((seed >> 20) % 40) as usize;
+            content[f][l] = format!("file {f} line {l} changed by commit {i} ({seed:x})");
+            vec![f]
+        };
+        for f in touched {
+            let body = content[f].join("\n") + "\n";
+            let _ = write!(
+                stream,
+                "M 100644 inline src/dir{}/file{f}.txt\ndata {}\n{body}\n",
+                f % 50,
+                body.len()
+            );
+        }
+    }
+    let mut child = Command::new("git")
+        .args(["fast-import", "--quiet"])
+        .current_dir(bare)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(stream.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "git fast-import");
+    git(bare, &["repack", "-adq"]);
+}
+
+/// PREPARING → CheckoutDone of a job, from the events' own timestamps.
+fn checkout_ms(events: &[(f64, pb::JobEvent)]) -> f64 {
+    let prep = events
+        .iter()
+        .find(|(_, e)| state_of(e) == Some(pb::JobState::Preparing))
+        .expect("PREPARING");
+    let done = events
+        .iter()
+        .find(|(_, e)| matches!(e.event, Some(pb::job_event::Event::Checkout(_))))
+        .expect("CheckoutDone");
+    event_time(&done.1) - event_time(&prep.1)
+}
+
+/// 5. Checkout of a 10,000-commit repository over the local sshd: runnel
+///    cold (empty mirror cache), warm (the mirror fetches one new commit),
+///    and without a cache, against `git clone` and `git clone --reference`.
+async fn bench_checkout(r: &mut Report, runs: usize, dir: &Path) {
+    const COMMITS: usize = 10_000;
+    println!("== checkout ({COMMITS}-commit repository, {runs} runs each)");
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let user = KeyPair::generate(&keys, "user", "ed25519", "", &[]);
+    let server = GitServer::start(&[], &[&user]);
+    let bare = server.repos().join("org/big.git");
+    big_repo(&bare, COMMITS, 2000);
+    let pack_bytes: u64 = std::fs::read_dir(bare.join("objects/pack"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    let url = server.url("org/big.git");
+    let kh = keys.join("known_hosts");
+    std::fs::write(&kh, format!("{}\n", server.known_hosts_line)).unwrap();
+    let ssh_cmd = format!(
+        "ssh -i {} -o IdentitiesOnly=yes -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes",
+        user.private.display(),
+        kh.display()
+    );
+    let clones = dir.join("clones");
+    let git_clone = |extra: &[&str], dest: &Path| {
+        let mut cmd = Command::new("git");
+        cmd.env("GIT_SSH_COMMAND", &ssh_cmd)
+            .args(["clone", "-q"])
+            .args(extra)
+            .arg(&url)
+            .arg(dest);
+        cmd
+    };
+    let reference = clones.join("reference");
+    run_quiet(&mut git_clone(&[], &reference));
+    let cold_git = time_runs(runs, |i| git_clone(&[], &clones.join(format!("cold-{i}"))));
+    let ref_arg = format!("--reference={}", reference.display());
+    let ref_git = time_runs(runs, |i| git_clone(&[&ref_arg], &clones.join(format!("ref-{i}"))));
+
+    let spec = |id: &str| {
+        let mut s = job(id, &["test -f src/dir0/file0.txt"]);
+        s.checkout = Some(pb::Checkout {
+            repo_url: url.clone(),
+            ..Default::default()
+        });
+        s.ssh = Some(pb::SshCredentials {
+            user_key: user.private_bytes(),
+            known_hosts: vec![server.known_hosts_line.clone()],
+            ..Default::default()
+        });
+        s
+    };
+    // Cold: a new agent (empty cache) each time.
+    let mut cold = Vec::new();
+    for i in 0..runs {
+        let agent = Agent::start("");
+        let mut c = agent.scheduler().await;
+        cold.push(checkout_ms(
+            &run_timed(&mut c, spec(&format!("cold-{i}")), Instant::now()).await,
+        ));
+    }
+    let mut direct = Vec::new();
+    for i in 0..runs {
+        let agent = Agent::start("[checkout]\ncache = false\n");
+        let mut c = agent.scheduler().await;
+        direct.push(checkout_ms(
+            &run_timed(&mut c, spec(&format!("direct-{i}")), Instant::now()).await,
+        ));
+    }
+    // Warm: one agent; before each job a new commit lands on the server.
+    let agent = Agent::start("");
+    let mut c = agent.scheduler().await;
+    run_timed(&mut c, spec("warm-first"), Instant::now()).await;
+    let work = clones.join("reference");
+    let mut warm = Vec::new();
+    for i in 0..runs.max(5) {
+        std::fs::write(work.join("NEWS"), format!("push {i}\n")).unwrap();
+        git(&work, &["add", "NEWS"]);
+        git(
+            &work,
+            &[
+                "-c",
+                "user.name=b",
+                "-c",
+                "user.email=b@localhost",
+                "commit",
+                "-q",
+                "-m",
+                "news",
+            ],
+        );
+        run_quiet(
+            Command::new("git")
+                .env("GIT_SSH_COMMAND", &ssh_cmd)
+                .args(["push", "-q", "origin", "HEAD"])
+                .current_dir(&work),
+        );
+        warm.push(checkout_ms(
+            &run_timed(&mut c, spec(&format!("warm-{i}")), Instant::now()).await,
+        ));
+    }
+    let (cold, direct, warm) = (Samples(cold), Samples(direct), Samples(warm));
+    let verdict = if cold_git.p50() / warm.p50() >= 5.0 {
+        "met"
+    } else {
+        "MISSED"
+    };
+    r.row(
+        &format!(
+            "5. checkout, warm (mirror + 1 new commit; {COMMITS} commits, pack {})",
+            mib(pack_bytes)
+        ),
+        format!("p50 {}", ms(warm.p50())),
+        format!("cold `git clone`: p50 {}", ms(cold_git.p50())),
+        format!("git clone/runnel warm {}", ratio(cold_git.p50(), warm.p50())),
+        &format!("≥ 5× ({verdict})"),
+    );
+    r.row(
+        "5. checkout, warm vs `git clone --reference` (objects already local)",
+        format!("p50 {}", ms(warm.p50())),
+        format!("`git clone --reference`: p50 {}", ms(ref_git.p50())),
+        ratio(ref_git.p50(), warm.p50()),
+        "—",
+    );
+    r.row(
+        "5. checkout, cold (empty cache: mirror fetch, then workspace)",
+        format!("p50 {}", ms(cold.p50())),
+        format!("cold `git clone`: p50 {}", ms(cold_git.p50())),
+        ratio(cold_git.p50(), cold.p50()),
+        "—",
+    );
+    r.row(
+        "5. checkout without cache (`[checkout] cache = false`)",
+        format!("p50 {}", ms(direct.p50())),
+        format!("cold `git clone`: p50 {}", ms(cold_git.p50())),
+        ratio(cold_git.p50(), direct.p50()),
+        "—",
+    );
+}
+
+/// 6. Idle RSS; 50 concurrent `sleep 1` jobs.
+async fn bench_idle_and_concurrent(r: &mut Report) {
+    const JOBS: usize = 50;
+    println!("== idle RSS, {JOBS} concurrent jobs");
+    let agent = Agent::start(&format!("max_jobs = {JOBS}\n"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = proc_kb(agent.pid(), "VmRSS");
+    let verdict = if idle < 15 << 20 { "met" } else { "MISSED" };
+    r.row(
+        "6. idle agent RSS",
+        mib(idle),
+        "—".into(),
+        "—".into(),
+        &format!("< 15 MiB ({verdict})"),
+    );
+    let c = agent.scheduler().await;
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..JOBS)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                run_timed(&mut c, job(&format!("sleep-{i}"), &["sleep 1"]), Instant::now()).await;
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.is_ok() {
+            ok += 1;
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let peak = proc_kb(agent.pid(), "VmHWM");
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    r.row(
+        &format!("6. {JOBS} concurrent `sleep 1` jobs on {nproc} cores"),
+        format!(
+            "{ok}/{JOBS} succeeded, wall {wall:.2} s, agent peak RSS {}",
+            mib(peak)
+        ),
+        "ideal: 1 s".into(),
+        format!("{:.2}× the ideal", wall),
+        &format!("all succeed ({})", if ok == JOBS { "met" } else { "MISSED" }),
+    );
+    if docker_ok() {
+        let img_dir = tempfile::tempdir().unwrap();
+        let img = busybox_image(img_dir.path());
+        let registry = Registry::start();
+        let reference = registry.push(&img.layout, "1", "bench/busybox");
+        run_quiet(Command::new("docker").args(["pull", "-q", &reference]));
+        let t0 = Instant::now();
+        let children: Vec<_> = (0..JOBS)
+            .map(|_| {
+                Command::new("docker")
+                    .args(["run", "--rm", "--network", "host", &reference, "sleep", "1"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let ok = children
+            .into_iter()
+            .filter_map(|mut c| c.wait().ok())
+            .filter(|s| s.success())
+            .count();
+        let docker_wall = t0.elapsed().as_secs_f64();
+        r.note(format!(
+            "peer: {JOBS} concurrent `docker run --rm busybox sleep 1`: {ok}/{JOBS} succeeded, wall {docker_wall:.2} s ({:.1}× runnel's)",
+            docker_wall / wall
+        ));
+        let _ = Command::new("docker").args(["rmi", "-f", &reference]).output();
+    }
+}
+
+/// Issue 4: the cost of preparing the rootfs of a 100 MB image on second
+/// use (an overlay mount over the cached layers: nothing is copied).
+async fn bench_rootfs(r: &mut Report, runs: usize, dir: &Path) {
+    println!("== rootfs of a 100 MB image ({runs} jobs)");
+    let layout = dir.join("big-layout");
+    let mut data = vec![0u8; 100 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    write_layout(
+        &layout,
+        "1",
+        &[
+            busybox_layer(),
+            vec![Entry::Dir("data"), Entry::File("data/blob", data, 0o644)],
+        ],
+        &["PATH=/bin"],
+        "",
+    );
+    let small = busybox_image(dir).layout;
+    let agent = Agent::start("");
+    let mut c = agent.scheduler().await;
+    // PREPARING → RUNNING: image lookup, overlay rootfs, container start.
+    let prepare = |events: &[(f64, pb::JobEvent)]| {
+        let at = |s| {
+            events
+                .iter()
+                .find(|(_, e)| state_of(e) == Some(s))
+                .map(|(_, e)| event_time(e))
+                .unwrap()
+        };
+        at(pb::JobState::Running) - at(pb::JobState::Preparing)
+    };
+    let big_ref = format!("oci:{}:1", layout.display());
+    let small_ref = format!("oci:{}:1", small.display());
+    let first = prepare(
+        &run_timed(
+            &mut c,
+            with_image(job("big-first", &["true"]), &big_ref),
+            Instant::now(),
+        )
+        .await,
+    );
+    run_timed(
+        &mut c,
+        with_image(job("small-first", &["true"]), &small_ref),
+        Instant::now(),
+    )
+    .await;
+    let mut big = Vec::new();
+    let mut little = Vec::new();
+    for i in 0..runs {
+        let ev = run_timed(
+            &mut c,
+            with_image(job(&format!("big-{i}"), &["test -s /data/blob"]), &big_ref),
+            Instant::now(),
+        )
+        .await;
+        big.push(prepare(&ev));
+        let ev = run_timed(
+            &mut c,
+            with_image(job(&format!("small-{i}"), &["true"]), &small_ref),
+            Instant::now(),
+        )
+        .await;
+        little.push(prepare(&ev));
+    }
+    let (big, little) = (Samples(big), Samples(little));
+    r.row(
+        "issue 4: rootfs + container start, 100 MB image, second use (PREPARING → RUNNING)",
+        big.show(),
+        format!("same for the 1 MB busybox image: {}", little.show()),
+        format!(
+            "{:.2}× the small image's (first use, with unpacking: {})",
+            big.p50() / little.p50(),
+            ms(first)
+        ),
+        "no copy: ≈ 1×",
+    );
+}
+
+fn machine_summary() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let mem = proc_meminfo_gib();
+    let kernel = sh(Command::new("uname").arg("-r")).trim().to_string();
+    let os = std::fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("PRETTY_NAME=")
+                .map(|v| v.trim_matches('"').to_string())
+        })
+        .unwrap_or_default();
+    let cgroup = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        "cgroup v2"
+    } else {
+        "cgroup v1"
+    };
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{nproc} × {cpu}, {mem:.0} GiB RAM, {os}, Linux {kernel}, {cgroup}")
+}
+
+fn proc_meminfo_gib() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("MemTotal:")?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(0.0)
+        / (1024.0 * 1024.0)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else is taken from argv.
+    support::require_root();
+    let n: usize = std::env::var("RUNNEL_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let only = std::env::var("RUNNEL_BENCH_ONLY").unwrap_or_default();
+    let wanted = |s: &str| only.is_empty() || only.split(',').any(|o| o.trim() == s);
+    let dir = tempfile::Builder::new()
+        .prefix("runnel-bench.")
+        .tempdir()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut r = Report {
+        rows: Vec::new(),
+        notes: Vec::new(),
+    };
+    let started = Instant::now();
+    rt.block_on(async {
+        if wanted("start") {
+            bench_start(&mut r, n, dir.path()).await;
+        }
+        if wanted("overhead") {
+            bench_overhead(&mut r, n).await;
+        }
+        if wanted("latency") {
+            bench_latency(&mut r, n.max(50) * 10).await;
+        }
+        if wanted("throughput") {
+            bench_throughput(&mut r).await;
+        }
+        if wanted("checkout") {
+            bench_checkout(&mut r, 3, dir.path()).await;
+        }
+        if wanted("concurrent") {
+            bench_idle_and_concurrent(&mut r).await;
+        }
+        if wanted("rootfs") {
+            bench_rootfs(&mut r, n.min(20), dir.path()).await;
+        }
+    });
+    let date = sh(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
+    let out = format!(
+        "Run {} on {}; runnel {} (release), suite took {:.0} s.\n\n{}",
+        date.trim(),
+        machine_summary(),
+        env!("CARGO_PKG_VERSION"),
+        started.elapsed().as_secs_f64(),
+        r.markdown()
+    );
+    println!("\n{out}");
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join("results.md"), &out).unwrap();
+    println!("(written to {})", target.join("results.md").display());
+}
