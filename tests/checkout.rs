@@ -611,6 +611,124 @@ async fn a_repeated_checkout_borrows_the_cache_and_sees_new_commits() {
     assert_no_key_bytes(&agent, &[&f.user, &f.deploy]);
 }
 
+/// Every entry of a work tree but `.git`: type, mode, path, and the
+/// content's digest or the link's target.
+const TREE_LISTING: &str = "find . -mindepth 1 -name .git -prune -o \\( -type f -printf '%y %m %p ' -exec sh -c 'sha256sum < \"$1\"' _ {} \\; \\) -o -printf '%y %m %p %l\\n' | sort";
+
+fn clone_listing(f: &Fixture) -> String {
+    let clone = tempfile::tempdir().unwrap();
+    let kh = f.keys.path().join("kh");
+    std::fs::write(&kh, format!("{}\n", f.server.known_hosts_line)).unwrap();
+    let ssh = format!(
+        "ssh -i {} -o IdentitiesOnly=yes -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes",
+        f.user.private.display(),
+        kh.display()
+    );
+    sh(Command::new("git")
+        .args([
+            "clone",
+            "-q",
+            "--recurse-submodules",
+            &f.server.url("org/app.git"),
+        ])
+        .arg(clone.path().join("app"))
+        .env("GIT_SSH_COMMAND", ssh));
+    sh(Command::new("sh")
+        .arg("-c")
+        .arg(TREE_LISTING)
+        .current_dir(clone.path().join("app")))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_warm_workspace_is_laid_over_the_cached_tree_and_equals_git_clone() {
+    let f = Fixture::new();
+    let agent = Agent::start("");
+    // What the second commit turns into something else.
+    f.server.push(&f.app, "before", |w| {
+        write(&w.join("x"), "x is a file\n");
+        write(&w.join("d/a.txt"), "d is a directory\n");
+        write(&w.join("tool.sh"), "echo tool\n");
+        write(&w.join("gone/deep/er.txt"), "a directory that goes\n");
+        write(&w.join("keep/one.txt"), "stays\n");
+        write(&w.join("keep/two.txt"), "goes\n");
+    });
+    let overlay = "awk '$5 == \"/workspace\" { for (i = 7; i < NF; i++) if ($i == \"-\") { print $(i + 1); break } }' /proc/self/mountinfo";
+    let show = format!("{overlay}; git status --porcelain --ignore-submodules=none; echo ==; {TREE_LISTING}");
+    let scribble = "echo scribbled > junk.txt; echo scribbled >> keep/one.txt; rm -r x";
+    let (s1, e1) = run_job(&agent, f.spec("tree-1", true, false, true, &[&show, scribble])).await;
+    assert_eq!(
+        state(&s1),
+        pb::JobState::Succeeded,
+        "{s1:?}\n{}",
+        output(&e1, pb::Stream::Stderr)
+    );
+    let out1 = output(&e1, pb::Stream::Stdout);
+    let (head1, list1) = out1.split_once("==\n").unwrap();
+    assert_eq!(
+        head1,
+        "overlay\n",
+        "the workspace is an overlay of the cached tree, and git status is clean\n{}",
+        agent.log()
+    );
+    assert_eq!(list1, clone_listing(&f));
+
+    f.server.push(&f.app, "after", |w| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::remove_file(w.join("x")).unwrap();
+        write(&w.join("x/y.txt"), "x is a directory\n");
+        std::fs::remove_dir_all(w.join("d")).unwrap();
+        write(&w.join("d"), "d is a file\n");
+        std::fs::set_permissions(w.join("tool.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::remove_dir_all(w.join("gone")).unwrap();
+        std::fs::remove_file(w.join("keep/two.txt")).unwrap();
+        std::fs::remove_dir_all(w.join("src")).unwrap();
+        std::os::unix::fs::symlink("app.txt", w.join("link")).unwrap();
+        write(&w.join("app.txt"), "app v3\n");
+        write(&w.join("new/dir/file.txt"), "new\n");
+    });
+    let expected = clone_listing(&f);
+    for id in ["tree-2", "tree-3"] {
+        let (s, e) = run_job(&agent, f.spec(id, true, false, true, &[&show, scribble])).await;
+        assert_eq!(
+            state(&s),
+            pb::JobState::Succeeded,
+            "{s:?}\n{}",
+            output(&e, pb::Stream::Stderr)
+        );
+        assert_eq!(checkout_done(&e).commit, head(&f.app));
+        let out = output(&e, pb::Stream::Stdout);
+        let (head, list) = out.split_once("==\n").unwrap();
+        assert_eq!(head, "overlay\n", "{id}: an overlay, git status clean");
+        // Nothing the previous job scribbled is seen.
+        assert_eq!(list, expected, "{id}");
+    }
+    assert!(expected.contains("l 777 ./link app.txt"), "{expected}");
+    assert!(expected.contains("f 755 ./tool.sh"), "{expected}");
+    assert!(!expected.contains("./gone"), "{expected}");
+    // One base and one delta, nothing else; and nothing mounted is left.
+    let trees: Vec<String> = std::fs::read_dir(agent.state_dir().join("mirrors"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "trees"))
+        .flat_map(|e| std::fs::read_dir(e.path()).unwrap().flatten())
+        .map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .split('-')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(trees.iter().filter(|t| *t == "base").count() >= 1, "{trees:?}");
+    assert!(trees.iter().any(|t| t == "delta"), "{trees:?}");
+    assert!(
+        mounts_under(&agent.state_dir()).is_empty(),
+        "{:?}",
+        mounts_under(&agent.state_dir())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_never_uses_a_cache_it_could_not_fetch_itself() {
     let f = Fixture::new();

@@ -2,7 +2,8 @@
 //! `state_dir/mirrors`, fetched incrementally **with the job's own keys and
 //! pinned hosts** before every use (so a job never uses a mirror it could
 //! not fetch itself). A workspace borrows the mirror's objects through
-//! git's alternates instead of copying them.
+//! git's alternates instead of copying them, and its files are an overlay
+//! of the mirror's checked-out trees ([`super::trees`]).
 //!
 //! Locks (flock, so they hold across threads and processes):
 //! `NAME.fetch.lock` serialises fetches; `NAME.use.lock` is held shared by
@@ -39,6 +40,8 @@ pub struct MirrorUse {
     pub objects: PathBuf,
     /// ... and inside the container.
     pub container_objects: String,
+    /// Its checked-out work trees (see [`super::trees`]).
+    pub(crate) trees: PathBuf,
     _lock: Flock<File>,
 }
 
@@ -113,10 +116,15 @@ impl Mirrors {
                 Some(_exclusive) => {
                     tracing::warn!(mirror = %path.display(), "rebuilding a corrupt checkout cache");
                     let _ = std::fs::remove_dir_all(&path);
+                    let _ = std::fs::remove_dir_all(self.dir.join(format!("{name}.trees")));
                     let _ = std::fs::remove_file(&corrupt);
                 }
                 None => return Ok(None),
             }
+        }
+        let trees = self.dir.join(format!("{name}.trees"));
+        if let Some(_exclusive) = lock_now(&use_lock) {
+            super::trees::collect(&trees);
         }
         let using = lock(&use_lock, FlockArg::LockShared).map_err(|e| agent_error(what, e))?;
         let repo = match Repository::open_bare(&path) {
@@ -132,6 +140,7 @@ impl Mirrors {
                 MirrorUse {
                     objects: path.join("objects"),
                     container_objects: format!("{CONTAINER_DIR}/{name}/objects"),
+                    trees,
                     _lock: using,
                 },
                 key,

@@ -7,6 +7,7 @@
 mod auth;
 pub mod mirror;
 mod submodules;
+mod trees;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -179,7 +180,9 @@ pub fn checkout(
             if let Some(m) = mirrors {
                 m.mark_corrupt(&url, &message);
             }
-            empty_dir(workspace).map_err(|e| CheckoutError::new(FailureKind::Agent, e.to_string()))?;
+            trees::unmount(workspace)
+                .and_then(|_| empty_dir(workspace))
+                .map_err(|e| CheckoutError::new(FailureKind::Agent, e.to_string()))?;
             checkout_with(spec, &Ctx { mirrors: None, ..ctx })
         }
         other => other,
@@ -213,7 +216,20 @@ fn checkout_with(spec: &CheckoutSpec, ctx: &Ctx<'_>) -> Result<Checkout, Checkou
         .map_err(|e| CheckoutError::new(FailureKind::Agent, e.message().to_string()))?;
     let blame_cache = |e: CheckoutError| if uses.is_empty() { e } else { e.blaming_cache(url) };
     let (oid, branch) = resolve(&repo, url, &spec.revision)?;
-    check_out(&repo, oid, branch.as_deref()).map_err(blame_cache)?;
+    let repo = match uses.first() {
+        Some(mirror) => match over_cached_tree(ctx.workspace, mirror, oid, branch.as_deref()) {
+            Ok(repo) => repo,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot lay the workspace over a cached work tree; writing it");
+                check_out(&repo, oid, branch.as_deref()).map_err(blame_cache)?;
+                repo
+            }
+        },
+        None => {
+            check_out(&repo, oid, branch.as_deref()).map_err(blame_cache)?;
+            repo
+        }
+    };
     let mut submodules = Vec::new();
     if spec.submodules {
         submodules::update(&repo, url, ctx, "", &mut submodules, &mut uses)?;
@@ -336,6 +352,32 @@ fn resolve(repo: &Repository, url: &str, revision: &str) -> Result<(Oid, Option<
              (is it pushed?)"
         ),
     ))
+}
+
+/// Lays `workspace` (holding only the repository's `.git`) over the cached
+/// work tree of `oid` from `mirror`: the `.git` moves into the overlay's
+/// writable layer, the overlay is mounted, and HEAD and the index are set
+/// without writing a file of the tree. On failure the workspace is as it
+/// was, for a plain checkout.
+fn over_cached_tree(
+    workspace: &Path,
+    mirror: &MirrorUse,
+    oid: Oid,
+    branch: Option<&str>,
+) -> Result<Repository, String> {
+    let source = Repository::open_bare(mirror.objects.parent().unwrap_or(Path::new("/")))
+        .map_err(|e| e.message().to_string())?;
+    let layers = trees::layers(&source, &mirror.trees, oid).map_err(|e| e.to_string())?;
+    let git_dir = workspace.join(".git");
+    let upper = trees::prepare_upper(workspace).map_err(|e| e.to_string())?;
+    std::fs::rename(&git_dir, upper.join(".git")).map_err(|e| e.to_string())?;
+    if let Err(e) = trees::mount(workspace, &layers) {
+        let _ = std::fs::rename(upper.join(".git"), &git_dir);
+        return Err(e.to_string());
+    }
+    let repo = Repository::open(workspace).map_err(|e| e.message().to_string())?;
+    trees::adopt(&repo, oid, branch).map_err(|e| e.message().to_string())?;
+    Ok(repo)
 }
 
 /// Checks out `oid` in the work tree; on a local branch when `branch` names one.

@@ -146,7 +146,10 @@ esac
         )
         .unwrap();
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let opts = "no-pty,no-port-forwarding,no-agent-forwarding,no-X11-forwarding";
+        // SHLVL=1: Debian's bash sources ~/.bashrc for commands run by sshd
+        // (at shell level 1 only); root's may be slow (pyenv: 100 ms here),
+        // which a git host does not do on every connection.
+        let opts = "no-pty,no-port-forwarding,no-agent-forwarding,no-X11-forwarding,environment=\"SHLVL=1\"";
         let mut authorized = String::new();
         for (key, repo) in deploy {
             authorized.push_str(&format!(
@@ -170,7 +173,7 @@ esac
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {d}/sshd.pid\n\
                  AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
-                 PermitRootLogin prohibit-password\nAllowUsers root\nLogLevel VERBOSE\nMaxAuthTries 6\n",
+                 PermitRootLogin prohibit-password\nPermitUserEnvironment SHLVL\nAllowUsers root\nLogLevel VERBOSE\nMaxAuthTries 6\n",
                 hk = host.private.display(),
                 d = d.display()
             ),

@@ -1,0 +1,291 @@
+//! Work trees without writing them: next to each mirror, a checked-out tree
+//! of one commit (the *base*) and, per other commit a job asked for, a small
+//! *delta* layer (the files that differ from the base, overlay whiteouts for
+//! what the commit does not have). A job's workspace is then an overlay of
+//! delta and base under the job's own writable layer, mounted in constant
+//! time: on a file system where creating a file is expensive this is most of
+//! a warm checkout (see BENCHMARKS.md). Nothing a job writes reaches the
+//! layers, which are never changed once made.
+//!
+//! Layout under `NAME.trees/`: `base` (the base's commit id), `base-<id>/`,
+//! `delta-<base id>-<id>/`; `tmp-*` while one is being made. Making a layer
+//! takes `NAME.trees.lock`; removing old ones needs the mirror's use lock
+//! exclusively (no job has them mounted).
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use git2::{Delta, DiffOptions, Oid, Repository, Tree};
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::stat::{Mode, SFlag, mknod};
+
+/// Past this many changed paths a delta is not worth it: a new base is made.
+const MAX_DELTA: usize = 256;
+/// Deltas kept per base when old layers are collected.
+const KEEP_DELTAS: usize = 16;
+
+fn other(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// The read-only layers (top first) of `commit`'s work tree; made when
+/// missing. `trees` is the mirror's `NAME.trees` directory.
+pub(crate) fn layers(mirror: &Repository, trees: &Path, commit: Oid) -> io::Result<Vec<PathBuf>> {
+    fs::create_dir_all(trees)?;
+    let lock_file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(trees.with_extension("trees.lock"))?;
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| other(e))?;
+    let tree = mirror.find_commit(commit).and_then(|c| c.tree()).map_err(other)?;
+    if let Some(base) = current_base(trees) {
+        let base_dir = trees.join(format!("base-{base}"));
+        if base == commit {
+            return Ok(vec![base_dir]);
+        }
+        let delta_dir = trees.join(format!("delta-{base}-{commit}"));
+        if delta_dir.is_dir() {
+            return Ok(vec![delta_dir, base_dir]);
+        }
+        let base_tree = mirror.find_commit(base).and_then(|c| c.tree()).map_err(other)?;
+        if let Some(()) = write_delta(mirror, &base_tree, &tree, trees, &delta_dir)? {
+            return Ok(vec![delta_dir, base_dir]);
+        }
+    }
+    let base_dir = trees.join(format!("base-{commit}"));
+    if !base_dir.is_dir() {
+        let tmp = tempfile::Builder::new().prefix("tmp-").tempdir_in(trees)?;
+        let mut opts = git2::build::CheckoutBuilder::new();
+        opts.force().recreate_missing(true).update_index(false);
+        checkout_into(mirror, tmp.path(), tree.id(), &mut opts)?;
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))?;
+        fs::rename(tmp.keep(), &base_dir)?;
+    }
+    let marker = trees.join("base.tmp");
+    fs::write(&marker, commit.to_string())?;
+    fs::rename(&marker, trees.join("base"))?;
+    Ok(vec![base_dir])
+}
+
+/// Checks `tree` out into `dir` through the mirror opened again with `dir`
+/// as its work tree (in this handle only: nothing is written to the
+/// mirror). libgit2 cannot check out a tree holding submodules into a bare
+/// repository's target directory.
+fn checkout_into(
+    mirror: &Repository,
+    dir: &Path,
+    tree: Oid,
+    opts: &mut git2::build::CheckoutBuilder,
+) -> io::Result<()> {
+    let repo = Repository::open_bare(mirror.path()).map_err(other)?;
+    repo.set_workdir(dir, false).map_err(other)?;
+    let tree = repo.find_tree(tree).map_err(other)?;
+    repo.checkout_tree(tree.as_object(), Some(opts)).map_err(other)
+}
+
+fn current_base(trees: &Path) -> Option<Oid> {
+    let id = fs::read_to_string(trees.join("base")).ok()?;
+    let oid = Oid::from_str(id.trim()).ok()?;
+    trees.join(format!("base-{oid}")).is_dir().then_some(oid)
+}
+
+/// Writes what `to` changes against `from` into `dest`, made atomically.
+/// `None` when a delta will not do (too many changes, or a change to
+/// `.gitattributes`, which may change how every file is written).
+fn write_delta(
+    repo: &Repository,
+    from: &Tree,
+    to: &Tree,
+    trees: &Path,
+    dest: &Path,
+) -> io::Result<Option<()>> {
+    let mut opts = DiffOptions::new();
+    opts.include_typechange(true);
+    let diff = repo
+        .diff_tree_to_tree(Some(from), Some(to), Some(&mut opts))
+        .map_err(other)?;
+    if diff.deltas().len() > MAX_DELTA {
+        return Ok(None);
+    }
+    let mut written = Vec::new();
+    let mut gone = Vec::new();
+    for d in diff.deltas() {
+        let new_path = d.new_file().path().map(Path::to_path_buf);
+        let old_path = d.old_file().path().map(Path::to_path_buf);
+        if [&new_path, &old_path].iter().any(|p| {
+            p.as_ref()
+                .and_then(|p| p.file_name())
+                .is_some_and(|n| n == ".gitattributes")
+        }) {
+            return Ok(None);
+        }
+        match d.status() {
+            Delta::Deleted => gone.extend(old_path),
+            Delta::Typechange => {
+                gone.extend(old_path);
+                written.extend(new_path);
+            }
+            _ => written.extend(new_path),
+        }
+    }
+    let tmp = tempfile::Builder::new().prefix("tmp-").tempdir_in(trees)?;
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))?;
+    // What the commit has: written by libgit2's own checkout (filters,
+    // modes, symlinks and its path checks), restricted to these paths.
+    if !written.is_empty() {
+        let mut co = git2::build::CheckoutBuilder::new();
+        co.force()
+            .recreate_missing(true)
+            .update_index(false)
+            .disable_pathspec_match(true);
+        for p in &written {
+            co.path(p);
+        }
+        checkout_into(repo, tmp.path(), to.id(), &mut co)?;
+    }
+    // What it does not have: a whiteout at the highest directory that is
+    // gone, else at the file; nothing under a path the delta replaces.
+    let mut whited = Vec::<PathBuf>::new();
+    for path in gone {
+        let Some(rel) = super::contained_path(Path::new("/"), &path.to_string_lossy()) else {
+            return Ok(None);
+        };
+        let rel = rel.strip_prefix("/").map_err(other)?.to_path_buf();
+        let mut target = rel.clone();
+        for a in rel.ancestors().skip(1) {
+            if a.as_os_str().is_empty() {
+                break;
+            }
+            if to.get_path(a).is_err() {
+                target = a.to_path_buf();
+            }
+        }
+        if whited.iter().any(|w| target.starts_with(w)) || replaced_by_file(tmp.path(), &target) {
+            continue;
+        }
+        let at = tmp.path().join(&target);
+        if let Some(parent) = at.parent() {
+            fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
+        }
+        if fs::symlink_metadata(&at).is_ok() {
+            continue; // a typechange: the new entry is already there
+        }
+        mknod(&at, SFlag::S_IFCHR, Mode::empty(), 0).map_err(other)?;
+        whited.push(target);
+    }
+    fs::rename(tmp.keep(), dest)?;
+    Ok(Some(()))
+}
+
+/// Whether an ancestor of `rel` is a non-directory in `layer`.
+fn replaced_by_file(layer: &Path, rel: &Path) -> bool {
+    rel.ancestors()
+        .skip(1)
+        .filter(|a| !a.as_os_str().is_empty())
+        .any(|a| fs::symlink_metadata(layer.join(a)).is_ok_and(|m| !m.is_dir()))
+}
+
+/// Removes every layer but the current base and its newest deltas. Call
+/// only while no job has a layer of this mirror mounted.
+pub(crate) fn collect(trees: &Path) {
+    let Ok(entries) = fs::read_dir(trees) else {
+        return;
+    };
+    let base = current_base(trees).map(|b| b.to_string());
+    let mut deltas = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let keep = match &base {
+            Some(b) if name == format!("base-{b}") || name == "base" => true,
+            Some(b) if name.starts_with(&format!("delta-{b}-")) => {
+                let mtime = e.metadata().and_then(|m| m.modified()).ok();
+                deltas.push((mtime, e.path()));
+                true
+            }
+            _ => name == "base",
+        };
+        if !keep && let Err(e) = fs::remove_dir_all(e.path()) {
+            tracing::warn!(path = %e, "cannot remove an old work tree layer");
+        }
+    }
+    deltas.sort();
+    let old = deltas.len().saturating_sub(KEEP_DELTAS);
+    for (_, p) in deltas.into_iter().take(old) {
+        let _ = fs::remove_dir_all(p);
+    }
+}
+
+/// Mounts `lower` (top first) under a new writable layer at `workspace`;
+/// the writable layer lives beside it (`workspace.upper`, `.work`) and goes
+/// with the job's run directory.
+pub(crate) fn mount(workspace: &Path, lower: &[PathBuf]) -> io::Result<()> {
+    let upper = workspace.with_extension("upper");
+    let work = workspace.with_extension("work");
+    fs::DirBuilder::new().mode(0o755).create(&work)?;
+    let lowerdirs: Vec<String> = lower
+        .iter()
+        .map(|p| p.to_string_lossy().replace(':', "\\:"))
+        .collect();
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lowerdirs.join(":"),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        workspace,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .map_err(|e| other(format!("cannot mount the workspace overlay: {e}")))
+}
+
+/// Makes the writable layer of the workspace overlay, empty, with the
+/// workspace's mode (the overlay's root takes it).
+pub(crate) fn prepare_upper(workspace: &Path) -> io::Result<PathBuf> {
+    let upper = workspace.with_extension("upper");
+    let _ = fs::remove_dir_all(&upper);
+    fs::DirBuilder::new().mode(0o700).create(&upper)?;
+    fs::set_permissions(&upper, fs::metadata(workspace)?.permissions())?;
+    Ok(upper)
+}
+
+/// Undoes [`mount`]: unmounts the workspace and removes its writable layer.
+pub(crate) fn unmount(workspace: &Path) -> io::Result<()> {
+    if crate::runtime::rootfs::mounts_under(workspace)?.is_empty() {
+        return Ok(());
+    }
+    nix::mount::umount2(workspace, nix::mount::MntFlags::MNT_DETACH).map_err(other)?;
+    for d in [
+        workspace.with_extension("upper"),
+        workspace.with_extension("work"),
+    ] {
+        let _ = fs::remove_dir_all(d);
+    }
+    Ok(())
+}
+
+/// The workspace's repository for `commit` over a mounted tree: HEAD (on
+/// `branch` when it names one) and an index of the commit's tree, written
+/// without touching the work tree.
+pub(crate) fn adopt(repo: &Repository, commit: Oid, branch: Option<&str>) -> Result<(), git2::Error> {
+    let c = repo.find_commit(commit)?;
+    match branch {
+        Some(name) if git2::Branch::name_is_valid(name).unwrap_or(false) => {
+            repo.branch(name, &c, true)?;
+            repo.set_head(&format!("refs/heads/{name}"))?;
+            if let Ok(mut b) = repo.find_branch(name, git2::BranchType::Local) {
+                let _ = b.set_upstream(Some(&format!("origin/{name}")));
+            }
+        }
+        _ => repo.set_head_detached(commit)?,
+    }
+    let mut index = repo.index()?;
+    index.read_tree(&c.tree()?)?;
+    index.write()
+}
