@@ -285,8 +285,8 @@ pub struct Container {
 
 impl Container {
     async fn wait_started(&mut self, pid_file: &Path) -> Result<(), RuntimeError> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut pause = Duration::from_millis(1);
+        let started = Instant::now();
+        let deadline = started + START_TIMEOUT;
         loop {
             if std::fs::metadata(pid_file).is_ok_and(|m| m.len() > 0) {
                 return Ok(());
@@ -303,8 +303,14 @@ impl Container {
                     START_TIMEOUT.as_secs()
                 )));
             }
+            // A container starts in milliseconds: look every millisecond
+            // at first, so that a job does not wait for the backoff.
+            let pause = if started.elapsed() < Duration::from_millis(200) {
+                Duration::from_millis(1)
+            } else {
+                Duration::from_millis(20)
+            };
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 
