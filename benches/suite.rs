@@ -78,6 +78,9 @@ struct Samples(Vec<f64>);
 impl Samples {
     fn pct(&self, p: f64) -> f64 {
         let mut v = self.0.clone();
+        if v.is_empty() {
+            return f64::NAN;
+        }
         v.sort_by(f64::total_cmp);
         // Nearest rank.
         let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
@@ -217,6 +220,51 @@ fn busybox_image(dir: &Path) -> BusyboxImage {
     BusyboxImage { layout, rootfs }
 }
 
+/// `n` jobs running `true` in `image` on an agent configured with `extra`:
+/// submit → end as a watcher sees it, and the phases inside the agent.
+async fn job_starts(extra: &str, image: &str, n: usize) -> (Samples, [Samples; 4]) {
+    let agent = Agent::start(extra);
+    let mut c = agent.scheduler().await;
+    // The first job pulls and unpacks the image; the rest measure starts.
+    run_timed(
+        &mut c,
+        with_image(job("start-warmup", &["true"]), image),
+        Instant::now(),
+    )
+    .await;
+    let mut ours = Vec::new();
+    // Where the time goes, from the events' own timestamps: submit →
+    // PREPARING (queueing), → RUNNING (rootfs, container start), → step
+    // finished (exec of `true`), → the final state (container removal).
+    let mut phases: [Vec<f64>; 4] = Default::default();
+    for i in 0..n {
+        let t0 = Instant::now();
+        let events = run_timed(
+            &mut c,
+            with_image(job(&format!("start-{i}"), &["true"]), image),
+            t0,
+        )
+        .await;
+        ours.push(since_ms(t0));
+        let at = |pred: &dyn Fn(&pb::JobEvent) -> bool| {
+            events.iter().find(|(_, e)| pred(e)).map(|(_, e)| event_time(e))
+        };
+        let marks = [
+            at(&|e| state_of(e) == Some(pb::JobState::Queued)),
+            at(&|e| state_of(e) == Some(pb::JobState::Preparing)),
+            at(&|e| state_of(e) == Some(pb::JobState::Running)),
+            at(&|e| matches!(e.event, Some(pb::job_event::Event::StepFinished(_)))),
+            at(&|e| state_of(e) == Some(pb::JobState::Succeeded)),
+        ];
+        for (k, w) in marks.windows(2).enumerate() {
+            if let [Some(a), Some(b)] = w {
+                phases[k].push(b - a);
+            }
+        }
+    }
+    (Samples(ours), phases.map(Samples))
+}
+
 /// 1. Step container start: a whole runnel job running `true` in the busybox
 ///    image (submit → final state seen by a watcher) against `docker run --rm`
 ///    of the same image and `runc run` on an unpacked bundle.
@@ -225,43 +273,14 @@ async fn bench_start(r: &mut Report, n: usize, dir: &Path) {
     let img = busybox_image(dir);
     let registry = Registry::start();
     let reference = registry.push(&img.layout, "1", "bench/busybox");
-    let agent = Agent::start(&format!(
-        "[runtime]\nnetwork = \"host\"\ninsecure_registries = [\"{}\"]\n",
-        registry.addr
-    ));
-    let mut c = agent.scheduler().await;
-    // The first job pulls and unpacks the image; the rest measure starts.
-    run_timed(
-        &mut c,
-        with_image(job("start-warmup", &["true"]), &reference),
-        Instant::now(),
-    )
-    .await;
-    let mut ours = Vec::new();
-    let mut container = Vec::new();
-    for i in 0..n {
-        let t0 = Instant::now();
-        let events = run_timed(
-            &mut c,
-            with_image(job(&format!("start-{i}"), &["true"]), &reference),
-            t0,
+    let config = |kind: &str| {
+        format!(
+            "[runtime]\nkind = \"{kind}\"\nnetwork = \"host\"\ninsecure_registries = [\"{}\"]\n",
+            registry.addr
         )
-        .await;
-        ours.push(since_ms(t0));
-        // Inside the agent: PREPARING → the step's end (rootfs, container
-        // start, exec of `true`), from the events' own timestamps.
-        let prep = events
-            .iter()
-            .find(|(_, e)| state_of(e) == Some(pb::JobState::Preparing));
-        let done = events
-            .iter()
-            .find(|(_, e)| matches!(e.event, Some(pb::job_event::Event::StepFinished(_))));
-        if let (Some((_, a)), Some((_, b))) = (prep, done) {
-            container.push(event_time(b) - event_time(a));
-        }
-    }
-    let ours = Samples(ours);
-    let container = Samples(container);
+    };
+    let (ours, phases) = job_starts(&config("libcontainer"), &reference, n).await;
+    let (ours_runc, _) = job_starts(&config("runc"), &reference, n).await;
 
     // runc on the unpacked rootfs: `runc spec`, then `true`, host network.
     let bundle = img.rootfs.parent().unwrap().to_path_buf();
@@ -293,9 +312,20 @@ async fn bench_start(r: &mut Report, n: usize, dir: &Path) {
         format!("runc/runnel p50 {}", ratio(runc.p50(), ours.p50())),
         "—",
     );
+    r.row(
+        "1. the same with `[runtime] kind = \"runc\"`",
+        ours_runc.show(),
+        format!("`runc run`: {}", runc.show()),
+        format!("runc/runnel p50 {}", ratio(runc.p50(), ours_runc.p50())),
+        "—",
+    );
     r.note(format!(
-        "runnel's share inside the agent (PREPARING → step finished: overlay rootfs, container start, exec): {}",
-        container.show()
+        "inside the agent, p50 of each phase of those jobs: queued → preparing {}; → running (overlay rootfs, \
+         container start) {}; → step finished (exec of `true`) {}; → ended (container removed) {}",
+        ms(phases[0].p50()),
+        ms(phases[1].p50()),
+        ms(phases[2].p50()),
+        ms(phases[3].p50()),
     ));
     if docker_ok() {
         run_quiet(Command::new("docker").args(["pull", "-q", &reference]));
