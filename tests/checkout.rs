@@ -494,27 +494,7 @@ async fn the_checkout_equals_git_clone_recurse_submodules_file_for_file() {
     assert_eq!(state(&status), pb::JobState::Succeeded, "{status:?}");
     let ours = output(&events, pb::Stream::Stdout);
 
-    let clone = tempfile::tempdir().unwrap();
-    let kh = f.keys.path().join("kh");
-    std::fs::write(&kh, format!("{}\n", f.server.known_hosts_line)).unwrap();
-    let ssh = format!(
-        "ssh -i {} -o IdentitiesOnly=yes -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes",
-        f.user.private.display(),
-        kh.display()
-    );
-    sh(Command::new("git")
-        .args([
-            "clone",
-            "-q",
-            "--recurse-submodules",
-            &f.server.url("org/app.git"),
-        ])
-        .arg(clone.path().join("app"))
-        .env("GIT_SSH_COMMAND", ssh));
-    let theirs = sh(Command::new("sh")
-        .arg("-c")
-        .arg(list)
-        .current_dir(clone.path().join("app")));
+    let theirs = clone_listing(&f, list);
     assert_eq!(ours, theirs);
     assert!(theirs.contains("./lib/deep/deep.txt"), "{theirs}");
 }
@@ -615,7 +595,8 @@ async fn a_repeated_checkout_borrows_the_cache_and_sees_new_commits() {
 /// content's digest or the link's target.
 const TREE_LISTING: &str = "find . -mindepth 1 -name .git -prune -o \\( -type f -printf '%y %m %p ' -exec sh -c 'sha256sum < \"$1\"' _ {} \\; \\) -o -printf '%y %m %p %l\\n' | sort";
 
-fn clone_listing(f: &Fixture) -> String {
+/// `list` run in a `git clone --recurse-submodules` of org/app.git.
+fn clone_listing(f: &Fixture, list: &str) -> String {
     let clone = tempfile::tempdir().unwrap();
     let kh = f.keys.path().join("kh");
     std::fs::write(&kh, format!("{}\n", f.server.known_hosts_line)).unwrap();
@@ -635,7 +616,7 @@ fn clone_listing(f: &Fixture) -> String {
         .env("GIT_SSH_COMMAND", ssh));
     sh(Command::new("sh")
         .arg("-c")
-        .arg(TREE_LISTING)
+        .arg(list)
         .current_dir(clone.path().join("app")))
 }
 
@@ -670,7 +651,7 @@ async fn a_warm_workspace_is_laid_over_the_cached_tree_and_equals_git_clone() {
         "the workspace is an overlay of the cached tree, and git status is clean\n{}",
         agent.log()
     );
-    assert_eq!(list1, clone_listing(&f));
+    assert_eq!(list1, clone_listing(&f, TREE_LISTING));
 
     f.server.push(&f.app, "after", |w| {
         use std::os::unix::fs::PermissionsExt;
@@ -686,7 +667,7 @@ async fn a_warm_workspace_is_laid_over_the_cached_tree_and_equals_git_clone() {
         write(&w.join("app.txt"), "app v3\n");
         write(&w.join("new/dir/file.txt"), "new\n");
     });
-    let expected = clone_listing(&f);
+    let expected = clone_listing(&f, TREE_LISTING);
     for id in ["tree-2", "tree-3"] {
         let (s, e) = run_job(&agent, f.spec(id, true, false, true, &[&show, scribble])).await;
         assert_eq!(

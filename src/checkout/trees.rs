@@ -225,24 +225,9 @@ pub(crate) fn mount(workspace: &Path, lower: &[PathBuf]) -> io::Result<()> {
     let upper = workspace.with_extension("upper");
     let work = workspace.with_extension("work");
     fs::DirBuilder::new().mode(0o755).create(&work)?;
-    let lowerdirs: Vec<String> = lower
-        .iter()
-        .map(|p| p.to_string_lossy().replace(':', "\\:"))
-        .collect();
-    let data = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lowerdirs.join(":"),
-        upper.display(),
-        work.display()
-    );
-    nix::mount::mount(
-        Some("overlay"),
-        workspace,
-        Some("overlay"),
-        nix::mount::MsFlags::empty(),
-        Some(data.as_str()),
-    )
-    .map_err(|e| other(format!("cannot mount the workspace overlay: {e}")))
+    let lower: Vec<&Path> = lower.iter().map(PathBuf::as_path).collect();
+    crate::runtime::rootfs::mount_overlay(workspace, &lower, &upper, &work)
+        .map_err(|e| other(format!("cannot mount the workspace overlay: {e}")))
 }
 
 /// Makes the writable layer of the workspace overlay, empty, with the

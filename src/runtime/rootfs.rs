@@ -29,24 +29,7 @@ impl Rootfs {
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(&upper, Some(uid), Some(gid))?;
         }
-        let lowerdirs: Vec<String> = lower
-            .iter()
-            .map(|p| p.to_string_lossy().replace(':', "\\:"))
-            .collect();
-        let data = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lowerdirs.join(":"),
-            upper.display(),
-            work.display()
-        );
-        nix::mount::mount(
-            Some("overlay"),
-            &mountpoint,
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(data.as_str()),
-        )
-        .map_err(|e| {
+        mount_overlay(&mountpoint, lower, &upper, &work).map_err(|e| {
             io::Error::other(format!(
                 "cannot mount the overlay root at {}: {e}",
                 mountpoint.display()
@@ -69,6 +52,28 @@ impl Drop for Rootfs {
             tracing::error!(path = %self.dir.display(), error = %e, "failed to remove a container root filesystem");
         }
     }
+}
+
+/// Mounts an overlay of `lower` (read-only, top first) under `upper` (with
+/// its `work` directory) at `target`.
+pub fn mount_overlay(target: &Path, lower: &[&Path], upper: &Path, work: &Path) -> nix::Result<()> {
+    let lowerdirs: Vec<String> = lower
+        .iter()
+        .map(|p| p.to_string_lossy().replace(':', "\\:"))
+        .collect();
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lowerdirs.join(":"),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(data.as_str()),
+    )
 }
 
 /// Lazily unmounts whatever is mounted at or under `mountpoint`, then
