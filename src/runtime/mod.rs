@@ -390,8 +390,12 @@ impl Container {
     /// Stops (if needed) and deletes the container.
     pub async fn remove(mut self, grace: Duration) {
         self.stop(grace).await;
-        if let Err(e) = self.runtime.run(&["delete", "--force", &self.id]).await {
-            tracing::warn!(container = %self.id, error = %e, "cannot delete the container");
+        match self.runtime.run(&["delete", "--force", &self.id]).await {
+            // The foreground `run` deletes the container when its init
+            // exits; there is nothing left to delete.
+            Err(e) if e.contains("does not exist") => {}
+            Err(e) => tracing::warn!(container = %self.id, error = %e, "cannot delete the container"),
+            Ok(()) => {}
         }
         if let Some(t) = self.init_stderr.take() {
             t.abort();
