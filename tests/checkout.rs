@@ -686,12 +686,53 @@ async fn a_warm_workspace_is_laid_over_the_cached_tree_and_equals_git_clone() {
     assert!(expected.contains("l 777 ./link app.txt"), "{expected}");
     assert!(expected.contains("f 755 ./tool.sh"), "{expected}");
     assert!(!expected.contains("./gone"), "{expected}");
-    // One base and one delta, nothing else; and nothing mounted is left.
-    let trees: Vec<String> = std::fs::read_dir(agent.state_dir().join("mirrors"))
+    assert_eq!(tree_layers(&agent), ["base", "delta"]);
+
+    // A job holds its layers while it runs: a new base made meanwhile
+    // (over 256 paths changed) leaves them be.
+    let gate = Gate::new().await;
+    let mut c = agent.scheduler().await;
+    let holds = format!("{}; cat app.txt", gate.step());
+    submit(&mut c, f.spec("tree-held", true, false, false, &[&holds])).await;
+    let pass = gate.arrival().await;
+    f.server.push(&f.app, "many files", |w| {
+        for i in 0..300 {
+            write(&w.join(format!("many/f{i}.txt")), &format!("{i}\n"));
+        }
+    });
+    let (s, _) = run_job(
+        &agent,
+        f.spec("tree-new-base", true, false, false, &["test -f many/f299.txt"]),
+    )
+    .await;
+    assert_eq!(state(&s), pb::JobState::Succeeded, "{s:?}");
+    assert_eq!(tree_layers(&agent), ["base", "base", "delta"]);
+    drop(pass);
+    let held = watch(&mut c, "tree-held", 0).await;
+    assert_eq!(state(&final_status(&held)), pb::JobState::Succeeded);
+    assert!(output(&held, pb::Stream::Stdout).contains("app v3"));
+    // Once no job uses them, the next new layer takes the old ones away.
+    f.server
+        .push(&f.app, "one more", |w| write(&w.join("app.txt"), "app v4\n"));
+    let (s, e) = run_job(&agent, f.spec("tree-after", true, false, false, &["cat app.txt"])).await;
+    assert_eq!(state(&s), pb::JobState::Succeeded, "{s:?}");
+    assert_eq!(output(&e, pb::Stream::Stdout), "app v4\n");
+    assert_eq!(tree_layers(&agent), ["base", "delta"]);
+    assert!(
+        mounts_under(&agent.state_dir()).is_empty(),
+        "{:?}",
+        mounts_under(&agent.state_dir())
+    );
+}
+
+/// The kinds ("base", "delta") of the work tree layers kept, sorted.
+fn tree_layers(agent: &Agent) -> Vec<String> {
+    let mut kinds: Vec<String> = std::fs::read_dir(agent.state_dir().join("mirrors"))
         .unwrap()
         .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "trees"))
         .flat_map(|e| std::fs::read_dir(e.path()).unwrap().flatten())
+        .filter(|e| e.file_type().unwrap().is_dir())
         .map(|e| {
             e.file_name()
                 .to_string_lossy()
@@ -701,13 +742,8 @@ async fn a_warm_workspace_is_laid_over_the_cached_tree_and_equals_git_clone() {
                 .to_string()
         })
         .collect();
-    assert!(trees.iter().filter(|t| *t == "base").count() >= 1, "{trees:?}");
-    assert!(trees.iter().any(|t| t == "delta"), "{trees:?}");
-    assert!(
-        mounts_under(&agent.state_dir()).is_empty(),
-        "{:?}",
-        mounts_under(&agent.state_dir())
-    );
+    kinds.sort();
+    kinds
 }
 
 #[tokio::test(flavor = "multi_thread")]

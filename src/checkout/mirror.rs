@@ -42,6 +42,8 @@ pub struct MirrorUse {
     pub container_objects: String,
     /// Its checked-out work trees (see [`super::trees`]).
     pub(crate) trees: PathBuf,
+    /// Locks on the work tree layers the workspace is laid over.
+    pub(crate) layer_locks: Vec<Flock<File>>,
     _lock: Flock<File>,
 }
 
@@ -123,9 +125,6 @@ impl Mirrors {
             }
         }
         let trees = self.dir.join(format!("{name}.trees"));
-        if let Some(_exclusive) = lock_now(&use_lock) {
-            super::trees::collect(&trees);
-        }
         let using = lock(&use_lock, FlockArg::LockShared).map_err(|e| agent_error(what, e))?;
         let repo = match Repository::open_bare(&path) {
             Ok(r) => r,
@@ -141,6 +140,7 @@ impl Mirrors {
                     objects: path.join("objects"),
                     container_objects: format!("{CONTAINER_DIR}/{name}/objects"),
                     trees,
+                    layer_locks: Vec::new(),
                     _lock: using,
                 },
                 key,

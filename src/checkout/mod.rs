@@ -214,9 +214,10 @@ fn checkout_with(spec: &CheckoutSpec, ctx: &Ctx<'_>) -> Result<Checkout, Checkou
     // Reopen: the object database must see a borrowed mirror's objects.
     let repo = Repository::open(ctx.workspace)
         .map_err(|e| CheckoutError::new(FailureKind::Agent, e.message().to_string()))?;
-    let blame_cache = |e: CheckoutError| if uses.is_empty() { e } else { e.blaming_cache(url) };
+    let cached = !uses.is_empty();
+    let blame_cache = |e: CheckoutError| if cached { e.blaming_cache(url) } else { e };
     let (oid, branch) = resolve(&repo, url, &spec.revision)?;
-    let repo = match uses.first() {
+    let repo = match uses.first_mut() {
         Some(mirror) => match over_cached_tree(ctx.workspace, mirror, oid, branch.as_deref()) {
             Ok(repo) => repo,
             Err(e) => {
@@ -361,7 +362,7 @@ fn resolve(repo: &Repository, url: &str, revision: &str) -> Result<(Oid, Option<
 /// was, for a plain checkout.
 fn over_cached_tree(
     workspace: &Path,
-    mirror: &MirrorUse,
+    mirror: &mut MirrorUse,
     oid: Oid,
     branch: Option<&str>,
 ) -> Result<Repository, String> {
@@ -371,10 +372,11 @@ fn over_cached_tree(
     let git_dir = workspace.join(".git");
     let upper = trees::prepare_upper(workspace).map_err(|e| e.to_string())?;
     std::fs::rename(&git_dir, upper.join(".git")).map_err(|e| e.to_string())?;
-    if let Err(e) = trees::mount(workspace, &layers) {
+    if let Err(e) = trees::mount(workspace, &layers.dirs) {
         let _ = std::fs::rename(upper.join(".git"), &git_dir);
         return Err(e.to_string());
     }
+    mirror.layer_locks = layers.into_locks();
     let repo = Repository::open(workspace).map_err(|e| e.message().to_string())?;
     trees::adopt(&repo, oid, branch).map_err(|e| e.message().to_string())?;
     Ok(repo)

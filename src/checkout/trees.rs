@@ -8,9 +8,11 @@
 //! layers, which are never changed once made.
 //!
 //! Layout under `NAME.trees/`: `base` (the base's commit id), `base-<id>/`,
-//! `delta-<base id>-<id>/`; `tmp-*` while one is being made. Making a layer
-//! takes `NAME.trees.lock`; removing old ones needs the mirror's use lock
-//! exclusively (no job has them mounted).
+//! `delta-<base id>-<id>/`, each with a `.lock` file beside it; `tmp-*`
+//! while one is being made. `NAME.trees.lock` is held to make or remove
+//! layers; a job holds the lock file of each layer it mounts shared until it
+//! ends, and a layer is removed only when its lock can be taken
+//! exclusively, so old layers go even while other jobs run.
 
 use std::fs::{self, File};
 use std::io;
@@ -30,16 +32,51 @@ fn other(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
-/// The read-only layers (top first) of `commit`'s work tree; made when
-/// missing. `trees` is the mirror's `NAME.trees` directory.
-pub(crate) fn layers(mirror: &Repository, trees: &Path, commit: Oid) -> io::Result<Vec<PathBuf>> {
-    fs::create_dir_all(trees)?;
-    let lock_file = File::options()
+/// The read-only layers of a commit's work tree, top first, each locked
+/// (shared) against removal while this lives.
+pub(crate) struct Layers {
+    pub dirs: Vec<PathBuf>,
+    locks: Vec<Flock<File>>,
+}
+
+impl Layers {
+    /// Keeps the layers from removal until `self` is dropped.
+    pub(crate) fn into_locks(self) -> Vec<Flock<File>> {
+        self.locks
+    }
+}
+
+fn lock_file(path: &Path) -> io::Result<File> {
+    File::options()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(trees.with_extension("trees.lock"))?;
-    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| other(e))?;
+        .open(path)
+}
+
+fn layer_lock(dir: &Path) -> PathBuf {
+    dir.with_extension("lock")
+}
+
+/// The layers of `commit`'s work tree; made when missing. `trees` is the
+/// mirror's `NAME.trees` directory. Layers no job uses any more go when a
+/// new one is made.
+pub(crate) fn layers(mirror: &Repository, trees: &Path, commit: Oid) -> io::Result<Layers> {
+    fs::create_dir_all(trees)?;
+    let _lock = Flock::lock(
+        lock_file(&trees.with_extension("trees.lock"))?,
+        FlockArg::LockExclusive,
+    )
+    .map_err(|(_, e)| other(e))?;
+    let dirs = find_or_make(mirror, trees, commit)?;
+    let mut locks = Vec::new();
+    for d in &dirs {
+        locks.push(Flock::lock(lock_file(&layer_lock(d))?, FlockArg::LockShared).map_err(|(_, e)| other(e))?);
+    }
+    Ok(Layers { dirs, locks })
+}
+
+fn find_or_make(mirror: &Repository, trees: &Path, commit: Oid) -> io::Result<Vec<PathBuf>> {
     let tree = mirror.find_commit(commit).and_then(|c| c.tree()).map_err(other)?;
     if let Some(base) = current_base(trees) {
         let base_dir = trees.join(format!("base-{base}"));
@@ -52,6 +89,7 @@ pub(crate) fn layers(mirror: &Repository, trees: &Path, commit: Oid) -> io::Resu
         }
         let base_tree = mirror.find_commit(base).and_then(|c| c.tree()).map_err(other)?;
         if let Some(()) = write_delta(mirror, &base_tree, &tree, trees, &delta_dir)? {
+            collect(trees);
             return Ok(vec![delta_dir, base_dir]);
         }
     }
@@ -67,6 +105,7 @@ pub(crate) fn layers(mirror: &Repository, trees: &Path, commit: Oid) -> io::Resu
     let marker = trees.join("base.tmp");
     fs::write(&marker, commit.to_string())?;
     fs::rename(&marker, trees.join("base"))?;
+    collect(trees);
     Ok(vec![base_dir])
 }
 
@@ -188,33 +227,48 @@ fn replaced_by_file(layer: &Path, rel: &Path) -> bool {
         .any(|a| fs::symlink_metadata(layer.join(a)).is_ok_and(|m| !m.is_dir()))
 }
 
-/// Removes every layer but the current base and its newest deltas. Call
-/// only while no job has a layer of this mirror mounted.
-pub(crate) fn collect(trees: &Path) {
+/// Removes the layers no job has mounted, but the current base and its
+/// newest deltas; and what a crash left half made. Call with
+/// `NAME.trees.lock` held.
+fn collect(trees: &Path) {
     let Ok(entries) = fs::read_dir(trees) else {
         return;
     };
     let base = current_base(trees).map(|b| b.to_string());
     let mut deltas = Vec::new();
+    let mut old = Vec::new();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let keep = match &base {
-            Some(b) if name == format!("base-{b}") || name == "base" => true,
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue; // `base`, lock files: they go with their layer
+        }
+        match &base {
+            Some(b) if name == format!("base-{b}") => {}
             Some(b) if name.starts_with(&format!("delta-{b}-")) => {
                 let mtime = e.metadata().and_then(|m| m.modified()).ok();
                 deltas.push((mtime, e.path()));
-                true
             }
-            _ => name == "base",
-        };
-        if !keep && let Err(e) = fs::remove_dir_all(e.path()) {
-            tracing::warn!(path = %e, "cannot remove an old work tree layer");
+            _ => old.push(e.path()),
         }
     }
     deltas.sort();
-    let old = deltas.len().saturating_sub(KEEP_DELTAS);
-    for (_, p) in deltas.into_iter().take(old) {
-        let _ = fs::remove_dir_all(p);
+    let surplus = deltas.len().saturating_sub(KEEP_DELTAS);
+    old.extend(deltas.into_iter().take(surplus).map(|(_, p)| p));
+    for dir in old {
+        let lock = layer_lock(&dir);
+        let Ok(file) = lock_file(&lock) else { continue };
+        // Mounted by a running job: its turn comes later.
+        let Ok(_unused) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+            continue;
+        };
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                let _ = fs::remove_file(&lock);
+            }
+            Err(e) => {
+                tracing::warn!(path = %dir.display(), error = %e, "cannot remove an old work tree layer")
+            }
+        }
     }
 }
 
