@@ -84,6 +84,7 @@ struct RawRetention {
     max_jobs: Option<usize>,
     max_bytes: Option<u64>,
     interval: Option<String>,
+    cache_max_age: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -185,6 +186,9 @@ pub struct RetentionConfig {
     pub max_bytes: u64,
     /// How often the retention sweep runs.
     pub interval: Duration,
+    /// A checkout mirror or an image layer no job has used for this long
+    /// is removed (never while a job uses it).
+    pub cache_max_age: Duration,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -436,11 +440,13 @@ fn read_tls(raw: RawTls, private_paths: &mut Vec<PathBuf>) -> Result<TlsConfig, 
 fn read_retention(r: RawRetention) -> Result<RetentionConfig, ConfigError> {
     let max_age = parse_duration(r.max_age.as_deref(), "retention.max_age", "7d")?;
     let interval = positive_duration(r.interval.as_deref(), "retention.interval", "1m")?;
+    let cache_max_age = positive_duration(r.cache_max_age.as_deref(), "retention.cache_max_age", "7d")?;
     Ok(RetentionConfig {
         max_age,
         max_jobs: r.max_jobs.unwrap_or(1000),
         max_bytes: r.max_bytes.unwrap_or(10 << 30),
         interval,
+        cache_max_age,
     })
 }
 
@@ -557,6 +563,7 @@ mod tests {
             ("log_format = \"xml\"", "log_format"),
             ("[retention]\nmax_age = \"forever\"", "retention.max_age"),
             ("[retention]\ninterval = \"0s\"", "retention.interval"),
+            ("[retention]\ncache_max_age = \"soon\"", "retention.cache_max_age"),
             ("[tls]\ncert = \"/nonexistent.pem\"", "tls"),
             (
                 "[tls]\ncert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\"",

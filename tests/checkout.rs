@@ -6,6 +6,7 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use runnel::api::pb;
 use support::sshd::{GitServer, KeyPair, git, sh, write};
@@ -744,6 +745,51 @@ fn tree_layers(agent: &Agent) -> Vec<String> {
         .collect();
     kinds.sort();
     kinds
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unused_checkout_cache_expires_but_never_while_a_job_uses_it() {
+    let f = Fixture::new();
+    let agent = Agent::start("[retention]\ncache_max_age = \"2s\"\ninterval = \"1s\"");
+    let mut c = agent.scheduler().await;
+    submit(
+        &mut c,
+        f.spec("holds-mirror", true, false, false, &["sleep 1000"]),
+    )
+    .await;
+    wait_until("the job to run", Duration::from_secs(60), || {
+        let mut c = c.clone();
+        async move {
+            get_job(&mut c, "holds-mirror")
+                .await
+                .is_ok_and(|s| state(&s) == pb::JobState::Running)
+        }
+    })
+    .await;
+    assert_eq!(mirror_dirs(&agent).len(), 1);
+    // Idle for longer than cache_max_age, with sweeps every second: the
+    // mirror a running job borrows from stays.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(mirror_dirs(&agent).len(), 1, "{}", agent.log());
+    c.cancel_job(pb::CancelJobRequest {
+        job_id: "holds-mirror".into(),
+    })
+    .await
+    .unwrap();
+    watch(&mut c, "holds-mirror", 0).await;
+    // Gone, and said so in the agent's log.
+    wait_for("the unused mirror to go", Duration::from_secs(60), || {
+        mirror_dirs(&agent).is_empty() && agent.log().contains("removed an unused checkout cache")
+    });
+    assert_eq!(tree_layers(&agent), Vec::<String>::new());
+    // The next job makes it again.
+    let (s, e) = run_job(
+        &agent,
+        f.spec("after-expiry", true, false, false, &["cat app.txt"]),
+    )
+    .await;
+    assert_eq!(state(&s), pb::JobState::Succeeded, "{s:?}");
+    assert!(output(&e, pb::Stream::Stdout).starts_with("app"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -115,9 +115,9 @@ async fn layers_are_shared_whiteouts_honoured_and_each_job_fresh() {
     assert_eq!(state(&s4), pb::JobState::Succeeded, "{s4:?}");
     assert_eq!(output(&e4, pb::Stream::Stdout), "runnel test image\n1000\n");
     // One unpacked copy of the busybox layer serves all three jobs, untouched.
-    let layers = agent.state_dir().join("images/layers");
-    let unpacked: Vec<_> = std::fs::read_dir(&layers).unwrap().flatten().collect();
+    let unpacked = cached_layers(&agent);
     assert_eq!(unpacked.len(), 2, "{unpacked:?}");
+    let layers = agent.state_dir().join("images/layers");
     assert!(files_containing(&layers, b"runnel-first-job-wrote-this").is_empty());
 }
 
@@ -504,4 +504,56 @@ async fn in_a_user_namespace_container_root_is_not_host_root() {
     let (status, _) = run_job(&agent, job("userns-host", &["true"])).await;
     assert_eq!(failure(&status), pb::FailureKind::Image);
     assert!(status.message.contains("user namespace"), "{}", status.message);
+}
+
+/// The unpacked layers in the agent's image cache.
+fn cached_layers(agent: &Agent) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(agent.state_dir().join("images/layers"))
+        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unused_image_layers_expire_but_never_while_a_job_uses_them() {
+    let layout = layout();
+    let agent = Agent::start("[retention]\ncache_max_age = \"2s\"\ninterval = \"1s\"");
+    let mut c = agent.scheduler().await;
+    let image = format!("oci:{}:v2", layout.path().display());
+    submit(&mut c, with_image("holds-layers", &image, &["sleep 1000"])).await;
+    wait_until("the job to run", Duration::from_secs(60), || {
+        let mut c = c.clone();
+        async move {
+            get_job(&mut c, "holds-layers")
+                .await
+                .is_ok_and(|s| state(&s) == pb::JobState::Running)
+        }
+    })
+    .await;
+    assert_eq!(cached_layers(&agent).len(), 2);
+    // Idle for longer than cache_max_age, with sweeps every second: a
+    // running job's layers stay.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(cached_layers(&agent).len(), 2, "{}", agent.log());
+    c.cancel_job(pb::CancelJobRequest {
+        job_id: "holds-layers".into(),
+    })
+    .await
+    .unwrap();
+    watch(&mut c, "holds-layers", 0).await;
+    // Gone, and said so in the agent's log.
+    wait_for("the unused layers to go", Duration::from_secs(60), || {
+        cached_layers(&agent).is_empty() && agent.log().contains("removed an unused image layer")
+    });
+    // The next job pulls them again.
+    let (s, e) = run_job(
+        &agent,
+        with_image(
+            "after-expiry",
+            &image,
+            &["cat /etc/os-release >/dev/null; echo ok"],
+        ),
+    )
+    .await;
+    assert_eq!(state(&s), pb::JobState::Succeeded, "{s:?}");
+    assert_eq!(output(&e, pb::Stream::Stdout), "ok\n");
 }

@@ -126,6 +126,8 @@ impl Mirrors {
         }
         let trees = self.dir.join(format!("{name}.trees"));
         let using = lock(&use_lock, FlockArg::LockShared).map_err(|e| agent_error(what, e))?;
+        // When it was last used, for [`Mirrors::expire`].
+        let _ = using.set_modified(std::time::SystemTime::now());
         let repo = match Repository::open_bare(&path) {
             Ok(r) => r,
             Err(_) if !path.exists() => Repository::init_bare(&path).map_err(|e| agent_error(what, e))?,
@@ -153,6 +155,48 @@ impl Mirrors {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Removes the mirrors (and their work trees) no job has used for
+    /// `max_age`, unless one is being fetched or used right now. Returns
+    /// their names. The small lock files stay: a job may be waiting on
+    /// them.
+    pub fn expire(&self, max_age: std::time::Duration) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let now = std::time::SystemTime::now();
+        let mut removed = Vec::new();
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy().to_string();
+            let Some(name) = file.strip_suffix(".use.lock") else {
+                continue;
+            };
+            let repo = self.dir.join(format!("{name}.git"));
+            let idle = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > max_age);
+            if !idle || !repo.exists() {
+                continue;
+            }
+            let Some(_fetching) = lock_now(&self.dir.join(format!("{name}.fetch.lock"))) else {
+                continue;
+            };
+            let Some(_unused) = lock_now(&e.path()) else {
+                continue;
+            };
+            for p in [repo, self.dir.join(format!("{name}.trees"))] {
+                if let Err(e) = std::fs::remove_dir_all(&p)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot remove an unused checkout cache");
+                }
+            }
+            let _ = std::fs::remove_file(self.dir.join(format!("{name}.corrupt")));
+            removed.push(name.to_string());
+        }
+        removed
     }
 
     /// The mirror of `url` failed a job's checkout: rebuild it before its

@@ -24,6 +24,7 @@ use crate::logs::output::{CHUNK_CAP, Chunker, pump};
 use crate::logs::{EventKind, Masker, Stream as Out};
 use crate::runtime::Container;
 use crate::runtime::cgroup::{self, LimitsHit};
+use crate::runtime::image::LayerHold;
 use crate::runtime::rootfs::{self, Rootfs};
 use crate::runtime::spec::{self as oci, ContainerConfig, WORKSPACE};
 use crate::runtime::user::{self, User};
@@ -289,7 +290,9 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
         i = prepare_image(registry, spec, &run_dir.0) => i,
         why = limits.interrupted(None) => return why.end("the image pull"),
     };
+    // The layers' hold first: dropped last, after the overlay over them.
     let PreparedImage {
+        layers: image_layers,
         rootfs,
         user,
         env: image_env,
@@ -372,6 +375,7 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
     let end = steps.run_all(&mut container, &spec.steps).await;
     container.remove(config.runtime.grace_period).await;
     drop(rootfs);
+    drop(image_layers);
     drop(ssh_dir);
     drop(run_dir);
     drop(borrowed);
@@ -423,6 +427,8 @@ struct PreparedImage {
     rootfs: Rootfs,
     user: User,
     env: Vec<String>,
+    /// Keeps the image's layers in the cache while the job runs.
+    layers: Option<Arc<Vec<LayerHold>>>,
 }
 
 /// The image's layers (or the host's root) under a fresh writable layer.
@@ -448,6 +454,7 @@ async fn prepare_image(registry: &Registry, spec: &JobSpec, run_dir: &Path) -> R
             rootfs,
             user: User::root(),
             env: Vec::new(),
+            layers: None,
         });
     }
     let pulled = registry
@@ -472,6 +479,7 @@ async fn prepare_image(registry: &Registry, spec: &JobSpec, run_dir: &Path) -> R
         rootfs,
         user,
         env: pulled.config.env.unwrap_or_default(),
+        layers: Some(pulled.holds),
     })
 }
 

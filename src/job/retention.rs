@@ -2,7 +2,8 @@
 //! sweep, owned by whoever serves the registry, removes the ended jobs that
 //! fall outside `[retention]` (too old, beyond the count, beyond the bytes)
 //! from the registry and from disk, so the state directory stays bounded.
-//! Running jobs are never touched.
+//! Running jobs are never touched. The same sweep removes the checkout
+//! mirrors and image layers no job has used for `cache_max_age`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -94,6 +95,7 @@ impl Registry {
     /// registry and from disk. Returns how many went.
     pub fn sweep(&self) -> usize {
         let policy = &self.config.retention;
+        self.expire_caches(policy.cache_max_age);
         let candidates: Vec<(String, SystemTime, PathBuf)> = self
             .jobs
             .lock()
@@ -159,6 +161,19 @@ impl Registry {
         }
     }
 
+    /// Removes the checkout mirrors and image layers that no job has used
+    /// for `max_age` and none uses now.
+    fn expire_caches(&self, max_age: Duration) {
+        if let Some(mirrors) = &self.mirrors {
+            for name in mirrors.expire(max_age) {
+                tracing::info!(mirror = %name, by = "retention.cache_max_age", "removed an unused checkout cache");
+            }
+        }
+        for id in self.images.expire(max_age) {
+            tracing::info!(layer = %id, by = "retention.cache_max_age", "removed an unused image layer");
+        }
+    }
+
     fn removed_dir(&self) -> PathBuf {
         self.config.state_dir.join(REMOVED_DIR)
     }
@@ -188,6 +203,7 @@ mod tests {
             max_jobs,
             max_bytes,
             interval: Duration::from_secs(60),
+            cache_max_age: Duration::from_secs(60),
         }
     }
 

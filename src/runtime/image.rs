@@ -2,7 +2,10 @@
 //! indexes resolved by platform, token auth) or reading an OCI image layout
 //! on disk (`oci:<path>[:tag]`), digests verified, layers cached
 //! content-addressed under the state directory and unpacked once. Jobs that
-//! need the same layer at the same time download it once.
+//! need the same layer at the same time download it once. A job holds a
+//! shared lock on each layer it stacks (`layers/<id>.lock`, whose mtime
+//! says when it was last used); [`ImageStore::expire`] removes layers
+//! unused for a while, never one that is locked.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -43,7 +46,8 @@ struct ConfigFile {
     config: Option<RunConfig>,
 }
 
-/// A pulled image, ready to be stacked.
+/// A pulled image, ready to be stacked. Its layers stay in the cache at
+/// least as long as this (or a clone) lives.
 #[derive(Debug, Clone)]
 pub struct Image {
     /// The manifest's digest.
@@ -51,6 +55,19 @@ pub struct Image {
     /// Unpacked layers, bottom first.
     pub layers: Vec<PathBuf>,
     pub config: RunConfig,
+    pub holds: Arc<Vec<LayerHold>>,
+}
+
+/// A shared lock on a cached layer: [`ImageStore::expire`] leaves it be.
+#[derive(Debug)]
+pub struct LayerHold(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+
+fn open_lock(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
 }
 
 #[derive(Debug, Deserialize)]
@@ -201,7 +218,7 @@ impl ImageStore {
 
     /// Unpacks the layer with `digest` unless the cache has it; `fetch`
     /// writes the blob to the path it is given.
-    async fn layer<F, Fut>(&self, digest: &str, fetch: F) -> Result<PathBuf, String>
+    async fn layer<F, Fut>(&self, digest: &str, fetch: F) -> Result<(PathBuf, LayerHold), String>
     where
         F: FnOnce(PathBuf) -> Fut,
         Fut: Future<Output = Result<(), String>>,
@@ -209,13 +226,27 @@ impl ImageStore {
         let hex = hex_of(digest).ok_or_else(|| format!("layer digest {digest:?} is not a sha256 digest"))?;
         let dir = self.layer_dir(hex);
         let fs_dir = dir.join("fs");
+        // Held before the cache is looked at: expire() cannot take the
+        // layer away from here on (it may be removing it right now: then
+        // this waits, and finds it gone).
+        let lock_path = dir.with_extension("lock");
+        let hold = tokio::task::spawn_blocking(move || {
+            let file = open_lock(&lock_path)?;
+            let _ = file.set_modified(std::time::SystemTime::now());
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockShared)
+                .map(LayerHold)
+                .map_err(|(_, e)| std::io::Error::from(e))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot lock the cache of layer {digest}: {e}"))?;
         if dir.join("complete").exists() {
-            return Ok(fs_dir);
+            return Ok((fs_dir, hold));
         }
         let lock = self.lock_for(digest);
         let _held = lock.lock().await;
         if dir.join("complete").exists() {
-            return Ok(fs_dir); // another job unpacked it meanwhile
+            return Ok((fs_dir, hold)); // another job unpacked it meanwhile
         }
         let tmp = tempfile::Builder::new()
             .prefix(hex)
@@ -238,7 +269,44 @@ impl ImageStore {
             .and_then(|_| std::fs::rename(&unpacked, &fs_dir))
             .and_then(|_| std::fs::write(dir.join("complete"), digest))
             .map_err(|e| format!("cannot store layer {digest}: {e}"))?;
-        Ok(fs_dir)
+        Ok((fs_dir, hold))
+    }
+
+    /// Removes the unpacked layers no job has used for `max_age` and none
+    /// holds now. Returns their ids. The lock files stay (a job may be
+    /// waiting on one).
+    pub fn expire(&self, max_age: std::time::Duration) -> Vec<String> {
+        let layers = self.dir.join("layers");
+        let Ok(entries) = std::fs::read_dir(&layers) else {
+            return Vec::new();
+        };
+        let now = std::time::SystemTime::now();
+        let mut removed = Vec::new();
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy().to_string();
+            let Some(id) = file.strip_suffix(".lock") else {
+                continue;
+            };
+            let dir = layers.join(id);
+            let idle = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > max_age);
+            if !idle || !dir.exists() {
+                continue;
+            }
+            let Ok(f) = open_lock(&e.path()) else { continue };
+            let Ok(_unused) = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) else {
+                continue;
+            };
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => removed.push(id.to_string()),
+                Err(e) => {
+                    tracing::warn!(path = %dir.display(), error = %e, "cannot remove an unused image layer")
+                }
+            }
+        }
+        removed
     }
 
     async fn pull_layout(&self, root: &Path, tag: Option<&str>) -> Result<Image, String> {
@@ -301,9 +369,10 @@ impl ImageStore {
         let config: ConfigFile = serde_json::from_slice(&read_blob(manifest.config.digest.clone()).await?)
             .map_err(|e| format!("bad image config: {e}"))?;
         let mut layers = Vec::new();
+        let mut holds = Vec::new();
         for l in &manifest.layers {
             let src = blob_path(&l.digest)?;
-            let dir = self
+            let (dir, hold) = self
                 .layer(&l.digest, |dest| async move {
                     tokio::fs::copy(&src, &dest)
                         .await
@@ -312,11 +381,13 @@ impl ImageStore {
                 })
                 .await?;
             layers.push(dir);
+            holds.push(hold);
         }
         Ok(Image {
             digest: manifest_digest,
             layers,
             config: config.config.unwrap_or_default(),
+            holds: Arc::new(holds),
         })
     }
 
@@ -330,9 +401,10 @@ impl ImageStore {
         let config: ConfigFile =
             serde_json::from_str(&config).map_err(|e| format!("bad image config: {e}"))?;
         let mut layers = Vec::new();
+        let mut holds = Vec::new();
         for l in &manifest.layers {
             let registry = &registry;
-            let dir = self
+            let (dir, hold) = self
                 .layer(&l.digest, |dest| async move {
                     let mut stream = self
                         .client
@@ -353,11 +425,13 @@ impl ImageStore {
                 })
                 .await?;
             layers.push(dir);
+            holds.push(hold);
         }
         Ok(Image {
             digest,
             layers,
             config: config.config.unwrap_or_default(),
+            holds: Arc::new(holds),
         })
     }
 }
