@@ -165,8 +165,13 @@ impl Runtime {
             init_stderr: Some(stderr_task),
             execs: AtomicU32::new(0),
             removed: false,
+            init_pid: None,
         };
         container.wait_started(&pid_file).await?;
+        container.init_pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .map(nix::unistd::Pid::from_raw);
         let own_network = spec
             .linux()
             .as_ref()
@@ -281,6 +286,8 @@ pub struct Container {
     init_stderr: Option<tokio::task::JoinHandle<Vec<u8>>>,
     execs: AtomicU32,
     removed: bool,
+    /// The container's init, as the host sees it.
+    init_pid: Option<nix::unistd::Pid>,
 }
 
 impl Container {
@@ -369,12 +376,12 @@ impl Container {
             return;
         }
         // init passes SIGTERM to every process and exits when none is left.
-        let _ = self.signal("TERM").await;
+        let _ = self.signal(nix::sys::signal::Signal::SIGTERM).await;
         if tokio::time::timeout(grace, self.init.wait()).await.is_ok() {
             return;
         }
         tracing::info!(container = %self.id, "grace period over; killing the container");
-        let _ = self.signal("KILL").await;
+        let _ = self.signal(nix::sys::signal::Signal::SIGKILL).await;
         if tokio::time::timeout(Duration::from_secs(10), self.init.wait())
             .await
             .is_err()
@@ -383,19 +390,31 @@ impl Container {
         }
     }
 
-    async fn signal(&self, sig: &str) -> Result<(), String> {
-        self.runtime.run(&["kill", &self.id, sig]).await
+    async fn signal(&mut self, sig: nix::sys::signal::Signal) -> Result<(), String> {
+        // While the runtime's foreground `run` lives it has not reaped the
+        // init (its child), so the pid is still the init's: signal it
+        // directly rather than through one more runtime process. (It is
+        // PID 1 of the container: SIGKILL ends every process in it.)
+        if let Some(pid) = self.init_pid
+            && self.is_running()
+        {
+            return nix::sys::signal::kill(pid, sig).map_err(|e| e.to_string());
+        }
+        let name = sig.as_str().trim_start_matches("SIG");
+        self.runtime.run(&["kill", &self.id, name]).await
     }
 
     /// Stops (if needed) and deletes the container.
     pub async fn remove(mut self, grace: Duration) {
         self.stop(grace).await;
-        match self.runtime.run(&["delete", "--force", &self.id]).await {
-            // The foreground `run` deletes the container when its init
-            // exits; there is nothing left to delete.
-            Err(e) if e.contains("does not exist") => {}
-            Err(e) => tracing::warn!(container = %self.id, error = %e, "cannot delete the container"),
-            Ok(()) => {}
+        // The foreground `run` deletes the container when its init exits;
+        // delete only what it left (it was killed, say).
+        if self.runtime.root.join(&self.id).exists() {
+            match self.runtime.run(&["delete", "--force", &self.id]).await {
+                Err(e) if e.contains("does not exist") => {}
+                Err(e) => tracing::warn!(container = %self.id, error = %e, "cannot delete the container"),
+                Ok(()) => {}
+            }
         }
         if let Some(t) = self.init_stderr.take() {
             t.abort();
