@@ -456,6 +456,28 @@ async fn runc_runs_the_same_bundle() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_job_cancelled_while_its_container_starts_leaves_nothing_running() {
+    let agent = Agent::start("[runtime]\ngrace_period = \"1s\"");
+    let mut c = agent.scheduler().await;
+    // Cancelled at once: most land while the container starts.
+    for i in 0..5 {
+        let id = format!("early-cancel-{i}");
+        submit(&mut c, job(&id, &["sleep 1000.552"])).await;
+        c.cancel_job(pb::CancelJobRequest { job_id: id.clone() })
+            .await
+            .unwrap();
+        let events = watch(&mut c, &id, 0).await;
+        assert_eq!(state(&final_status(&events)), pb::JobState::Cancelled, "{id}");
+        assert_eq!(
+            agent.container_processes(&id),
+            Vec::<u32>::new(),
+            "{id}: its container is left running"
+        );
+    }
+    assert!(host_processes_with("1000.552").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn busy_slots_answer_resource_exhausted() {
     let agent = Agent::start("max_jobs = 1\n[runtime]\ngrace_period = \"1s\"");
     let mut c = agent.scheduler().await;

@@ -344,9 +344,18 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
     let oci_spec = oci::container_spec(&container_config);
     let bundle = run_dir.0.join("bundle");
     let start = registry.runtime.start(&job.id, &bundle, &oci_spec);
+    tokio::pin!(start);
     let container = tokio::select! {
-        c = start => c,
-        why = limits.interrupted(None) => return why.end("the container start"),
+        c = &mut start => c,
+        why = limits.interrupted(None) => {
+            // A start cut short would leave its container's init running
+            // with no one to stop it: let it finish (it takes milliseconds),
+            // then remove the container.
+            if let Ok(c) = start.await {
+                c.remove(config.runtime.grace_period).await;
+            }
+            return why.end("the container start");
+        }
     };
     let mut container = match container {
         Ok(c) => c,

@@ -281,6 +281,24 @@ impl Agent {
             .unwrap()
     }
 
+    /// Host processes in the cgroup of job `id`'s container (any
+    /// hierarchy): what would be left running if the container leaked.
+    pub fn container_processes(&self, id: &str) -> Vec<u32> {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.state_dir().as_os_str().as_encoded_bytes());
+        let hex: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+        let cgroup = format!("/runnel.{hex}/{id}");
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                    .is_ok_and(|c| c.lines().any(|l| l.ends_with(&cgroup)))
+            })
+            .collect()
+    }
+
     pub async fn scheduler(&self) -> Client {
         self.client(Some(SCHEDULER_TOKEN)).await
     }
