@@ -84,6 +84,15 @@ async fn sigterm_drains_running_jobs_refuses_new_ones_then_exits_0() {
 
     let exit = agent.wait(Duration::from_secs(60));
     assert_eq!(exit.code(), Some(0), "{exit:?}; log:\n{}", agent.log());
+    // Nothing of the agent is left in the cgroup tree either.
+    let parent = agent.cgroup_parent();
+    let left: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .map(|h| h.path().join(parent.trim_start_matches('/')))
+        .filter(|p| p.exists())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     assert!(agent.log().contains("draining"), "{}", agent.log());
     // Nothing was made for the refused job.
     assert!(!agent.state_dir().join("jobs/too-late").exists());

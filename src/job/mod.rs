@@ -373,6 +373,9 @@ impl Registry {
         }
         self.tasks.close();
         self.tasks.wait().await;
+        // Every container is gone: so goes this agent's (now empty) parent
+        // cgroup, rather than one per state directory ever used.
+        self.runtime.remove_leftover_cgroups();
     }
 
     /// Waits until every job started so far has ended.

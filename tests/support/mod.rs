@@ -281,13 +281,18 @@ impl Agent {
             .unwrap()
     }
 
-    /// Host processes in the cgroup of job `id`'s container (any
-    /// hierarchy): what would be left running if the container leaked.
-    pub fn container_processes(&self, id: &str) -> Vec<u32> {
+    /// The parent of this agent's job cgroups, e.g. `/runnel.0a1b2c3d`.
+    pub fn cgroup_parent(&self) -> String {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(self.state_dir().as_os_str().as_encoded_bytes());
         let hex: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
-        let cgroup = format!("/runnel.{hex}/{id}");
+        format!("/runnel.{hex}")
+    }
+
+    /// Host processes in the cgroup of job `id`'s container (any
+    /// hierarchy): what would be left running if the container leaked.
+    pub fn container_processes(&self, id: &str) -> Vec<u32> {
+        let cgroup = format!("{}/{id}", self.cgroup_parent());
         std::fs::read_dir("/proc")
             .unwrap()
             .flatten()
