@@ -183,11 +183,11 @@ impl Runtime {
         if own_network {
             // runc brings the loopback up in a new network namespace;
             // libcontainer does not. Do it from outside, for every runtime.
-            let pid = std::fs::read_to_string(&pid_file)
-                .ok()
-                .and_then(|p| p.trim().parse::<i32>().ok())
+            let pid = container
+                .init_pid
                 .ok_or_else(|| RuntimeError::Start("the init's pid file is unreadable".into()))?;
-            netns::loopback_up(pid).map_err(|e| RuntimeError::Start(format!("cannot bring up lo: {e}")))?;
+            netns::loopback_up(pid.as_raw())
+                .map_err(|e| RuntimeError::Start(format!("cannot bring up lo: {e}")))?;
         }
         Ok(container)
     }
