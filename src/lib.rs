@@ -8,6 +8,7 @@ pub mod checkout;
 pub mod cli;
 pub mod config;
 pub mod job;
+pub mod lockfile;
 pub mod logs;
 pub mod metrics;
 pub mod runtime;

@@ -11,7 +11,7 @@
 //! rebuild a mirror found corrupt. Fetching only adds objects, so it never
 //! needs to wait for jobs that use the mirror.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use super::CheckoutError;
 use super::auth::{Auth, Key};
 use crate::job::state::FailureKind;
+use crate::lockfile::{self, try_exclusive};
 
 /// Where a mirror's objects appear inside the job's container.
 pub const CONTAINER_DIR: &str = "/.runnel/mirrors";
@@ -66,15 +67,6 @@ pub fn normalise(url: &str) -> String {
     url.to_string()
 }
 
-fn lock(path: &Path, how: FlockArg) -> std::io::Result<Flock<File>> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)?;
-    Flock::lock(f, how).map_err(|(_, e)| std::io::Error::from(e))
-}
-
 fn agent_error(what: &str, e: impl std::fmt::Display) -> CheckoutError {
     CheckoutError::new(
         FailureKind::Agent,
@@ -108,13 +100,13 @@ impl Mirrors {
         let path = self.dir.join(format!("{name}.git"));
         let use_lock = self.dir.join(format!("{name}.use.lock"));
         let corrupt = self.dir.join(format!("{name}.corrupt"));
-        let _fetching = lock(
+        let _fetching = lockfile::lock(
             &self.dir.join(format!("{name}.fetch.lock")),
             FlockArg::LockExclusive,
         )
         .map_err(|e| agent_error(what, e))?;
         if corrupt.exists() {
-            match lock_now(&use_lock) {
+            match try_exclusive(&use_lock) {
                 Some(_exclusive) => {
                     tracing::warn!(mirror = %path.display(), "rebuilding a corrupt checkout cache");
                     let _ = std::fs::remove_dir_all(&path);
@@ -125,9 +117,9 @@ impl Mirrors {
             }
         }
         let trees = self.dir.join(format!("{name}.trees"));
-        let using = lock(&use_lock, FlockArg::LockShared).map_err(|e| agent_error(what, e))?;
+        let using = lockfile::lock(&use_lock, FlockArg::LockShared).map_err(|e| agent_error(what, e))?;
         // When it was last used, for [`Mirrors::expire`].
-        let _ = using.set_modified(std::time::SystemTime::now());
+        lockfile::touch(&using);
         let repo = match Repository::open_bare(&path) {
             Ok(r) => r,
             Err(_) if !path.exists() => Repository::init_bare(&path).map_err(|e| agent_error(what, e))?,
@@ -165,7 +157,6 @@ impl Mirrors {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
-        let now = std::time::SystemTime::now();
         let mut removed = Vec::new();
         for e in entries.flatten() {
             let file = e.file_name().to_string_lossy().to_string();
@@ -173,17 +164,13 @@ impl Mirrors {
                 continue;
             };
             let repo = self.dir.join(format!("{name}.git"));
-            let idle = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > max_age);
-            if !idle || !repo.exists() {
+            if !repo.exists() || !lockfile::idle_for(&e.path(), max_age) {
                 continue;
             }
-            let Some(_fetching) = lock_now(&self.dir.join(format!("{name}.fetch.lock"))) else {
+            let Some(_fetching) = try_exclusive(&self.dir.join(format!("{name}.fetch.lock"))) else {
                 continue;
             };
-            let Some(_unused) = lock_now(&e.path()) else {
+            let Some(_unused) = try_exclusive(&e.path()) else {
                 continue;
             };
             for p in [repo, self.dir.join(format!("{name}.trees"))] {
@@ -205,16 +192,6 @@ impl Mirrors {
         tracing::warn!(url, why, "the checkout cache of this repository will be rebuilt");
         let _ = std::fs::write(self.dir.join(format!("{}.corrupt", Self::name(url))), why);
     }
-}
-
-fn lock_now(path: &Path) -> Option<Flock<File>> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .ok()?;
-    Flock::lock(f, FlockArg::LockExclusiveNonblock).ok()
 }
 
 fn fetch<'a>(

@@ -23,6 +23,8 @@ use git2::{Delta, DiffOptions, Oid, Repository, Tree};
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::stat::{Mode, SFlag, mknod};
 
+use crate::lockfile;
+
 /// Past this many changed paths a delta is not worth it: a new base is made.
 const MAX_DELTA: usize = 256;
 /// Deltas kept per base when old layers are collected.
@@ -46,14 +48,6 @@ impl Layers {
     }
 }
 
-fn lock_file(path: &Path) -> io::Result<File> {
-    File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-}
-
 fn layer_lock(dir: &Path) -> PathBuf {
     dir.with_extension("lock")
 }
@@ -63,15 +57,11 @@ fn layer_lock(dir: &Path) -> PathBuf {
 /// new one is made.
 pub(crate) fn layers(mirror: &Repository, trees: &Path, commit: Oid) -> io::Result<Layers> {
     fs::create_dir_all(trees)?;
-    let _lock = Flock::lock(
-        lock_file(&trees.with_extension("trees.lock"))?,
-        FlockArg::LockExclusive,
-    )
-    .map_err(|(_, e)| other(e))?;
+    let _lock = lockfile::lock(&trees.with_extension("trees.lock"), FlockArg::LockExclusive)?;
     let dirs = find_or_make(mirror, trees, commit)?;
     let mut locks = Vec::new();
     for d in &dirs {
-        locks.push(Flock::lock(lock_file(&layer_lock(d))?, FlockArg::LockShared).map_err(|(_, e)| other(e))?);
+        locks.push(lockfile::lock(&layer_lock(d), FlockArg::LockShared)?);
     }
     Ok(Layers { dirs, locks })
 }
@@ -256,9 +246,8 @@ fn collect(trees: &Path) {
     old.extend(deltas.into_iter().take(surplus).map(|(_, p)| p));
     for dir in old {
         let lock = layer_lock(&dir);
-        let Ok(file) = lock_file(&lock) else { continue };
         // Mounted by a running job: its turn comes later.
-        let Ok(_unused) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+        let Some(_unused) = lockfile::try_exclusive(&lock) else {
             continue;
         };
         match fs::remove_dir_all(&dir) {

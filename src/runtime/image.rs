@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::layer;
+use crate::lockfile;
 
 /// Why an image cannot be had, in a sentence naming it.
 #[derive(Debug, thiserror::Error)]
@@ -61,14 +62,6 @@ pub struct Image {
 /// A shared lock on a cached layer: [`ImageStore::expire`] leaves it be.
 #[derive(Debug)]
 pub struct LayerHold(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
-
-fn open_lock(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-}
 
 #[derive(Debug, Deserialize)]
 struct Descriptor {
@@ -231,11 +224,9 @@ impl ImageStore {
         // this waits, and finds it gone).
         let lock_path = dir.with_extension("lock");
         let hold = tokio::task::spawn_blocking(move || {
-            let file = open_lock(&lock_path)?;
-            let _ = file.set_modified(std::time::SystemTime::now());
-            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockShared)
-                .map(LayerHold)
-                .map_err(|(_, e)| std::io::Error::from(e))
+            let held = lockfile::lock(&lock_path, nix::fcntl::FlockArg::LockShared)?;
+            lockfile::touch(&held);
+            Ok::<_, std::io::Error>(LayerHold(held))
         })
         .await
         .map_err(|e| e.to_string())?
@@ -280,7 +271,6 @@ impl ImageStore {
         let Ok(entries) = std::fs::read_dir(&layers) else {
             return Vec::new();
         };
-        let now = std::time::SystemTime::now();
         let mut removed = Vec::new();
         for e in entries.flatten() {
             let file = e.file_name().to_string_lossy().to_string();
@@ -288,15 +278,10 @@ impl ImageStore {
                 continue;
             };
             let dir = layers.join(id);
-            let idle = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > max_age);
-            if !idle || !dir.exists() {
+            if !dir.exists() || !lockfile::idle_for(&e.path(), max_age) {
                 continue;
             }
-            let Ok(f) = open_lock(&e.path()) else { continue };
-            let Ok(_unused) = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) else {
+            let Some(_unused) = lockfile::try_exclusive(&e.path()) else {
                 continue;
             };
             match std::fs::remove_dir_all(&dir) {
