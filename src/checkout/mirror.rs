@@ -100,6 +100,7 @@ impl Mirrors {
         let path = self.dir.join(format!("{name}.git"));
         let use_lock = self.dir.join(format!("{name}.use.lock"));
         let corrupt = self.dir.join(format!("{name}.corrupt"));
+        let trees = self.dir.join(format!("{name}.trees"));
         let _fetching = lockfile::lock(
             &self.dir.join(format!("{name}.fetch.lock")),
             FlockArg::LockExclusive,
@@ -110,13 +111,12 @@ impl Mirrors {
                 Some(_exclusive) => {
                     tracing::warn!(mirror = %path.display(), "rebuilding a corrupt checkout cache");
                     let _ = std::fs::remove_dir_all(&path);
-                    let _ = std::fs::remove_dir_all(self.dir.join(format!("{name}.trees")));
+                    let _ = std::fs::remove_dir_all(&trees);
                     let _ = std::fs::remove_file(&corrupt);
                 }
                 None => return Ok(None),
             }
         }
-        let trees = self.dir.join(format!("{name}.trees"));
         let using = lockfile::lock(&use_lock, FlockArg::LockShared).map_err(|e| agent_error(what, e))?;
         // When it was last used, for [`Mirrors::expire`].
         lockfile::touch(&using);
