@@ -757,15 +757,7 @@ async fn an_unused_checkout_cache_expires_but_never_while_a_job_uses_it() {
         f.spec("holds-mirror", true, false, false, &["sleep 1000"]),
     )
     .await;
-    wait_until("the job to run", Duration::from_secs(60), || {
-        let mut c = c.clone();
-        async move {
-            get_job(&mut c, "holds-mirror")
-                .await
-                .is_ok_and(|s| state(&s) == pb::JobState::Running)
-        }
-    })
-    .await;
+    wait_running(&c, "holds-mirror").await;
     assert_eq!(mirror_dirs(&agent).len(), 1);
     // Idle for longer than cache_max_age, with sweeps every second: the
     // mirror a running job borrows from stays.

@@ -520,15 +520,7 @@ async fn unused_image_layers_expire_but_never_while_a_job_uses_them() {
     let mut c = agent.scheduler().await;
     let image = format!("oci:{}:v2", layout.path().display());
     submit(&mut c, with_image("holds-layers", &image, &["sleep 1000"])).await;
-    wait_until("the job to run", Duration::from_secs(60), || {
-        let mut c = c.clone();
-        async move {
-            get_job(&mut c, "holds-layers")
-                .await
-                .is_ok_and(|s| state(&s) == pb::JobState::Running)
-        }
-    })
-    .await;
+    wait_running(&c, "holds-layers").await;
     assert_eq!(cached_layers(&agent).len(), 2);
     // Idle for longer than cache_max_age, with sweeps every second: a
     // running job's layers stay.

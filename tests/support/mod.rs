@@ -539,6 +539,19 @@ pub async fn wait_until<F: std::future::Future<Output = bool>>(
     }
 }
 
+/// Waits, with a deadline, until job `id` is RUNNING.
+pub async fn wait_running(c: &Client, id: &str) {
+    wait_until(&format!("{id} to run"), Duration::from_secs(60), || {
+        let mut c = c.clone();
+        async move {
+            get_job(&mut c, id)
+                .await
+                .is_ok_and(|s| state(&s) == pb::JobState::Running)
+        }
+    })
+    .await;
+}
+
 /// The job's status as the agent reports it (GetJob), or the call's error.
 pub async fn get_job(c: &mut Client, id: &str) -> Result<pb::JobStatus, tonic::Status> {
     c.get_job(pb::GetJobRequest {
