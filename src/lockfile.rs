@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -33,10 +33,19 @@ pub fn touch(held: &Flock<File>) {
     let _ = held.set_modified(SystemTime::now());
 }
 
-/// Whether the lock file at `path` was last touched more than `max_age`
-/// ago.
-pub fn idle_for(path: &Path, max_age: Duration) -> bool {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .is_ok_and(|t| SystemTime::now().duration_since(t).unwrap_or_default() > max_age)
+/// The lock files `<stem><suffix>` in `dir` last touched more than
+/// `max_age` ago: their stems and paths.
+pub fn idle_in(dir: &Path, suffix: &str, max_age: Duration) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let now = SystemTime::now();
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let stem = e.file_name().to_str()?.strip_suffix(suffix)?.to_string();
+            let touched = e.metadata().and_then(|m| m.modified()).ok()?;
+            (now.duration_since(touched).unwrap_or_default() > max_age).then(|| (stem, e.path()))
+        })
+        .collect()
 }

@@ -154,23 +154,16 @@ impl Mirrors {
     /// their names. The small lock files stay: a job may be waiting on
     /// them.
     pub fn expire(&self, max_age: std::time::Duration) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
         let mut removed = Vec::new();
-        for e in entries.flatten() {
-            let file = e.file_name().to_string_lossy().to_string();
-            let Some(name) = file.strip_suffix(".use.lock") else {
-                continue;
-            };
+        for (name, use_lock) in lockfile::idle_in(&self.dir, ".use.lock", max_age) {
             let repo = self.dir.join(format!("{name}.git"));
-            if !repo.exists() || !lockfile::idle_for(&e.path(), max_age) {
+            if !repo.exists() {
                 continue;
             }
             let Some(_fetching) = try_exclusive(&self.dir.join(format!("{name}.fetch.lock"))) else {
                 continue;
             };
-            let Some(_unused) = try_exclusive(&e.path()) else {
+            let Some(_unused) = try_exclusive(&use_lock) else {
                 continue;
             };
             for p in [repo, self.dir.join(format!("{name}.trees"))] {
@@ -181,7 +174,7 @@ impl Mirrors {
                 }
             }
             let _ = std::fs::remove_file(self.dir.join(format!("{name}.corrupt")));
-            removed.push(name.to_string());
+            removed.push(name);
         }
         removed
     }

@@ -268,24 +268,17 @@ impl ImageStore {
     /// waiting on one).
     pub fn expire(&self, max_age: std::time::Duration) -> Vec<String> {
         let layers = self.dir.join("layers");
-        let Ok(entries) = std::fs::read_dir(&layers) else {
-            return Vec::new();
-        };
         let mut removed = Vec::new();
-        for e in entries.flatten() {
-            let file = e.file_name().to_string_lossy().to_string();
-            let Some(id) = file.strip_suffix(".lock") else {
-                continue;
-            };
-            let dir = layers.join(id);
-            if !dir.exists() || !lockfile::idle_for(&e.path(), max_age) {
+        for (id, lock) in lockfile::idle_in(&layers, ".lock", max_age) {
+            let dir = layers.join(&id);
+            if !dir.exists() {
                 continue;
             }
-            let Some(_unused) = lockfile::try_exclusive(&e.path()) else {
+            let Some(_unused) = lockfile::try_exclusive(&lock) else {
                 continue;
             };
             match std::fs::remove_dir_all(&dir) {
-                Ok(()) => removed.push(id.to_string()),
+                Ok(()) => removed.push(id),
                 Err(e) => {
                     tracing::warn!(path = %dir.display(), error = %e, "cannot remove an unused image layer")
                 }
