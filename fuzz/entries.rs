@@ -9,9 +9,8 @@ use std::path::Path;
 
 use prost::Message;
 use runnel::api::pb;
-use runnel::job::spec::JobSpec;
-use runnel::secret::Secret;
-use runnel::ssh::{KeyKind, KnownHosts};
+use runnel::model::{JobSpec, KeyKind, Secret};
+use runnel::ssh::KnownHosts;
 
 /// A job file in a directory that does not exist: relative paths in it
 /// lead nowhere.

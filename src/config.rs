@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::job::spec::Network;
-use crate::secret::Secret;
+use crate::model::{Network, Secret};
+use crate::runtime::{RuntimeKind, RuntimeSettings};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/runnel/agent.toml";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
@@ -111,31 +111,11 @@ struct RawRuntime {
     userns_base: Option<u32>,
 }
 
-/// Which OCI runtime runs the containers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RuntimeKind {
-    /// youki's libcontainer, inside the runnel binary (the default).
-    Embedded,
-    Runc,
-    Crun,
-}
-
-impl RuntimeKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            RuntimeKind::Embedded => "libcontainer",
-            RuntimeKind::Runc => "runc",
-            RuntimeKind::Crun => "crun",
-        }
-    }
-}
-
 /// Defaults for every job's container, each overridable per job.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
-    pub kind: RuntimeKind,
-    /// The runtime binary for `runc`/`crun`; found on PATH when unset.
-    pub path: Option<PathBuf>,
+    /// Which runtime, and where its binary is.
+    pub settings: RuntimeSettings,
     pub image: String,
     pub network: Network,
     pub memory_bytes: Option<u64>,
@@ -339,7 +319,7 @@ impl Config {
             }
         };
         if r.memory_bytes
-            .is_some_and(|m| m < crate::job::spec::MIN_MEMORY_BYTES)
+            .is_some_and(|m| m < crate::model::spec::MIN_MEMORY_BYTES)
         {
             return Err(invalid("runtime.memory_bytes", "must be at least 4 MiB"));
         }
@@ -381,8 +361,7 @@ impl Config {
             retention,
             auth,
             runtime: RuntimeConfig {
-                kind,
-                path: r.path,
+                settings: RuntimeSettings { kind, path: r.path },
                 image: r.image.unwrap_or_else(|| "host".to_string()),
                 network,
                 memory_bytes: r.memory_bytes,
@@ -492,7 +471,7 @@ mod tests {
         let c = Config::from_toml("").unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
-        assert_eq!(c.runtime.kind, RuntimeKind::Embedded);
+        assert_eq!(c.runtime.settings.kind, RuntimeKind::Embedded);
         assert_eq!(c.runtime.image, "host");
         assert_eq!(c.runtime.grace_period, Duration::from_secs(10));
         assert!(c.tls.is_none());

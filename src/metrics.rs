@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::job::state::JobState;
-use crate::logs::Stream;
+use crate::model::state::JobState;
+use crate::model::Stream;
 
 /// Final states, in the order they are shown.
 const FINAL_STATES: [JobState; 5] = [

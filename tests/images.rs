@@ -424,7 +424,7 @@ async fn after_kill_9_a_restart_removes_the_jobs_container_mounts_and_cgroups() 
         .to_string();
     agent.kill9();
     let state_dir = agent.state_dir();
-    let mounts = || runnel::runtime::rootfs::mounts_under(&state_dir).unwrap();
+    let mounts = || runnel::sys::mount::mounts_under(&state_dir).unwrap();
     assert!(
         !mounts().is_empty(),
         "the job's root filesystem should still be mounted"

@@ -5,7 +5,7 @@ use subtle::ConstantTimeEq;
 use tonic::{Request, Status};
 
 use crate::config::AuthConfig;
-use crate::secret::Secret;
+use crate::model::Secret;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {

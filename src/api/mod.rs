@@ -18,10 +18,10 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::config::TlsConfig;
-use crate::job::spec::{JobSpec, SpecError};
+use crate::model::spec::{JobSpec, SpecError};
 use crate::job::{Registry, SubmitError};
-use crate::logs::EventKind;
-use crate::sd_notify::Notifier;
+use crate::model::EventKind;
+use crate::sys::sd_notify::Notifier;
 use auth::{Role, Tokens};
 
 #[allow(clippy::all, missing_docs)]

@@ -16,9 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use git2::{CertificateCheckStatus, Cred, CredentialType, ErrorClass, ErrorCode, RemoteCallbacks};
 
 use super::CheckoutError;
-use crate::job::state::FailureKind;
+use crate::model::state::FailureKind;
 use crate::ssh::known_hosts::{self, HostKeyCheck, KnownHosts};
-pub use crate::ssh::{Key, KeyKind};
+pub use crate::model::KeyKind;
+pub use crate::ssh::Key;
 
 /// The keys (user key first) and pinned host keys of a job.
 #[derive(Debug, Default)]

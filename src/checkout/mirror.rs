@@ -21,8 +21,8 @@ use sha2::{Digest, Sha256};
 
 use super::CheckoutError;
 use super::auth::{Auth, Key};
-use crate::job::state::FailureKind;
-use crate::lockfile::{self, try_exclusive};
+use crate::model::state::FailureKind;
+use crate::sys::lockfile::{self, try_exclusive};
 
 /// Where a mirror's objects appear inside the job's container.
 pub const CONTAINER_DIR: &str = "/.runnel/mirrors";

@@ -13,32 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use git2::{FetchOptions, Oid, Repository};
-use serde::{Deserialize, Serialize};
 
-use crate::job::spec::CheckoutSpec;
-use crate::job::state::FailureKind;
+use crate::model::{CheckoutDone, CheckoutSpec, FailureKind, SubmoduleDone};
 
 pub use auth::{Auth, KeyKind};
 pub use mirror::{MirrorUse, Mirrors};
-
-/// What was checked out, for the CheckoutDone event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CheckoutDone {
-    pub commit: String,
-    /// The key the server accepted.
-    pub key: KeyKind,
-    /// "SHA256:..." as `ssh-keygen -lf` prints it; empty without SSH.
-    pub key_fingerprint: String,
-    pub submodules: Vec<SubmoduleDone>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SubmoduleDone {
-    pub path: String,
-    pub url: String,
-    pub commit: String,
-    pub key: KeyKind,
-}
 
 /// A checkout that failed, with the sentence the user sees.
 #[derive(Debug, thiserror::Error)]

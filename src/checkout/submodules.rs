@@ -8,7 +8,7 @@ use std::path::Path;
 use git2::Repository;
 
 use super::{CheckoutError, Ctx, MirrorUse, SubmoduleDone, check_out_detached, contained_path};
-use crate::job::state::FailureKind;
+use crate::model::state::FailureKind;
 
 /// Resolves a submodule URL from `.gitmodules` against the superproject's.
 pub(crate) fn resolve_url(base: &str, url: &str) -> String {
@@ -122,7 +122,7 @@ pub(super) fn update(
             path: shown.clone(),
             url: url.clone(),
             commit: pinned.to_string(),
-            key: key.map(|k| k.kind).unwrap_or(crate::ssh::KeyKind::None),
+            key: key.map(|k| k.kind).unwrap_or(crate::model::KeyKind::None),
         });
         update(&sub, &url, ctx, &format!("{shown}/"), done, uses)?;
     }

@@ -23,7 +23,7 @@ use git2::{Delta, DiffOptions, Oid, Repository, Tree};
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::stat::{Mode, SFlag, mknod};
 
-use crate::lockfile;
+use crate::sys::lockfile;
 
 /// Past this many changed paths a delta is not worth it: a new base is made.
 const MAX_DELTA: usize = 256;
@@ -269,7 +269,7 @@ pub(crate) fn mount(workspace: &Path, lower: &[PathBuf]) -> io::Result<()> {
     let work = workspace.with_extension("work");
     fs::DirBuilder::new().mode(0o755).create(&work)?;
     let lower: Vec<&Path> = lower.iter().map(PathBuf::as_path).collect();
-    crate::runtime::rootfs::mount_overlay(workspace, &lower, &upper, &work)
+    crate::sys::mount::mount_overlay(workspace, &lower, &upper, &work)
         .map_err(|e| other(format!("cannot mount the workspace overlay: {e}")))
 }
 
@@ -285,7 +285,7 @@ pub(crate) fn prepare_upper(workspace: &Path) -> io::Result<PathBuf> {
 
 /// Undoes [`mount`]: unmounts the workspace and removes its writable layer.
 pub(crate) fn unmount(workspace: &Path) -> io::Result<()> {
-    if crate::runtime::rootfs::mounts_under(workspace)?.is_empty() {
+    if crate::sys::mount::mounts_under(workspace)?.is_empty() {
         return Ok(());
     }
     nix::mount::umount2(workspace, nix::mount::MntFlags::MNT_DETACH).map_err(other)?;

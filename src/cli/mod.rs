@@ -218,7 +218,7 @@ pub fn main() -> ExitCode {
         Command::Oci { root, op } => return oci(&root, op),
         Command::Agent { config } => {
             // SAFETY: no other thread exists yet: the async runtime starts below.
-            let notify = unsafe { crate::sd_notify::Notifier::take_from_env() };
+            let notify = unsafe { crate::sys::sd_notify::Notifier::take_from_env() };
             match crate::config::Config::load(config.as_deref()) {
                 Err(e) => Err(Failure::input(e)),
                 Ok(config) => {

@@ -9,7 +9,7 @@ use super::{Failure, print};
 use crate::api::{self, convert};
 use crate::config::Config;
 use crate::job::Registry;
-use crate::sd_notify::Notifier;
+use crate::sys::sd_notify::Notifier;
 
 /// Fires `first` on the first SIGTERM or SIGINT and `second` on the next.
 fn on_signals(first: CancellationToken, second: CancellationToken) -> Result<(), Failure> {

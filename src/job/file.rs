@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::spec::{CheckoutSpec, ContainerSpec, JobSpec, Network, Resources, SecretVar, SpecError, Step};
-use crate::secret::Secret;
+use crate::model::spec::{CheckoutSpec, ContainerSpec, JobSpec, Network, Resources, SecretVar, SpecError, Step};
+use crate::model::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobFileError {
@@ -235,7 +235,7 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
             submodules: c.submodules,
             depth: c.depth,
         }),
-        ssh: super::spec::SshCredentials {
+        ssh: crate::model::spec::SshCredentials {
             deploy_key: key(
                 base,
                 "ssh.deploy_key",

@@ -16,20 +16,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::spec::{JobSpec, Network, Step};
-use super::state::{FailureKind, JobState, StepResult};
+use crate::model::{EventKind, FailureKind, JobSpec, JobState, KeyKind, Network, Resources, Step, StepResult, Stream as Out};
 use super::{Job, RUN_DIR, Registry};
 use crate::checkout::{self, Auth, Checkout, MirrorUse};
 use crate::logs::output::{CHUNK_CAP, Chunker, pump};
-use crate::logs::{EventKind, Masker, Stream as Out};
+use crate::logs::Masker;
 use crate::runtime::Container;
 use crate::runtime::cgroup::{self, LimitsHit};
 use crate::runtime::image::LayerHold;
-use crate::runtime::rootfs::{self, Rootfs};
+use crate::runtime::rootfs::Rootfs;
 use crate::runtime::spec::{self as oci, ContainerConfig, WORKSPACE};
 use crate::runtime::user::{self, User};
-use crate::secret::Secret;
-use crate::ssh::{self, KeyKind, KnownHosts, SshDir};
+use crate::model::Secret;
+use crate::ssh::{self, KnownHosts, SshDir};
 
 /// How a job ended.
 #[derive(Debug)]
@@ -172,7 +171,7 @@ pub(super) fn remove_run_dir(path: &Path) {
     if let Err(e) = ssh::dir::wipe_dir(&path.join("ssh")) {
         tracing::error!(path = %path.display(), error = %e, "cannot wipe a job's keys");
     }
-    if let Err(e) = rootfs::unmount_and_remove(path, path) {
+    if let Err(e) = crate::sys::mount::unmount_and_remove(path, path) {
         tracing::error!(path = %path.display(), error = %e, "cannot remove a job's run directory");
     }
 }
@@ -328,7 +327,7 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
             Network::Default => d.network,
             n => n,
         },
-        resources: super::spec::Resources {
+        resources: Resources {
             memory_bytes: r.memory_bytes.or(d.memory_bytes),
             max_pids: r.max_pids.or(d.max_pids),
             cpu_millis: r.cpu_millis.or(d.cpu_millis),
@@ -524,7 +523,7 @@ struct Steps<'a> {
     grace: Duration,
     /// The container's cgroup and limits, to explain a kill.
     cgroup: String,
-    resources: super::spec::Resources,
+    resources: Resources,
 }
 
 impl Steps<'_> {

@@ -6,8 +6,6 @@
 pub mod file;
 mod lifecycle;
 mod retention;
-pub mod spec;
-pub mod state;
 
 use std::collections::HashMap;
 use std::io;
@@ -23,11 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::logs::{Event, EventKind, EventLog, Masker, Stream as Out};
+use crate::logs::{EventLog, Masker};
+use crate::model::{Event, EventKind, FailureKind, JobSpec, JobState, JobStatus, Stream as Out};
 use crate::metrics::{Gauges, Metrics};
 use crate::runtime::Runtime;
-use spec::JobSpec;
-use state::{FailureKind, JobState, JobStatus};
 
 const STATUS_FILE: &str = "status.json";
 const EVENTS_FILE: &str = "events.log";
@@ -121,7 +118,7 @@ impl Job {
 
     /// Records a finished step: its event, and its result in the status
     /// (which is not a change of state, so no state event).
-    fn step_finished(&self, result: state::StepResult) {
+    fn step_finished(&self, result: crate::model::StepResult) {
         self.metrics.step_ended(result.duration);
         self.emit(EventKind::StepFinished(result.clone()));
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
@@ -224,7 +221,7 @@ impl Registry {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).map_err(state_err)?;
         }
         crate::checkout::isolate_libgit2(&config.state_dir.join("home"))?;
-        let runtime = Runtime::new(&config.runtime, &config.state_dir)?;
+        let runtime = Runtime::new(&config.runtime.settings, &config.state_dir)?;
         for id in runtime.remove_leftovers().await {
             tracing::warn!(container = %id, "removed a container left by a previous run of the agent");
         }
@@ -403,7 +400,7 @@ fn recover_jobs(jobs_dir: &Path, metrics: &Arc<Metrics>) -> io::Result<HashMap<S
         let entry = entry?;
         let dir = entry.path();
         let id = entry.file_name().to_string_lossy().to_string();
-        if spec::validate_job_id(&id).is_err() || !dir.is_dir() {
+        if crate::model::spec::validate_job_id(&id).is_err() || !dir.is_dir() {
             continue;
         }
         let run = dir.join(RUN_DIR);

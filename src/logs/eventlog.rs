@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use futures::Stream;
 use tokio::sync::watch;
 
-use super::event::{Event, EventKind, HEADER_LEN};
+use crate::model::event::{Event, EventKind, HEADER_LEN};
 
 /// How far the log has been written, as watchers see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -262,7 +262,7 @@ fn scan(path: &Path) -> io::Result<Tip> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::logs::event::Stream as Out;
+    use crate::model::event::Stream as Out;
     use futures::StreamExt;
 
     fn log_line(i: u32) -> EventKind {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use aho_corasick::{AhoCorasick, MatchKind};
 
-use crate::secret::{MASK, Secret};
+use crate::model::{MASK, Secret};
 
 /// The set of values to mask for one job.
 #[derive(Debug, Default)]

@@ -3,11 +3,9 @@
 //! follow it live. This module never runs processes and never decides a
 //! job's state; it records what the lifecycle tells it.
 
-pub mod event;
 pub mod eventlog;
 pub mod mask;
 pub mod output;
 
-pub use event::{Event, EventKind, Stream};
 pub use eventlog::{EventLog, Tip};
 pub use mask::Masker;

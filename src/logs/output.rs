@@ -127,7 +127,7 @@ pub async fn pump(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::Secret;
+    use crate::model::Secret;
 
     fn chunker(secrets: &[&str], cap: usize) -> Chunker {
         let s: Vec<Secret> = secrets.iter().map(|s| Secret::from(s.to_string())).collect();

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::layer;
-use crate::lockfile;
+use crate::sys::lockfile;
 
 /// Why an image cannot be had, in a sentence naming it.
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,6 @@ pub mod cgroup;
 pub mod embedded;
 pub mod image;
 pub mod layer;
-mod netns;
 pub mod rootfs;
 pub mod spec;
 pub mod user;
@@ -35,8 +34,7 @@ use tokio::time::Instant;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
-use crate::config::{RuntimeConfig, RuntimeKind};
-use crate::secret::WipeOnDrop;
+use crate::sys::wipe::WipeOnDrop;
 
 /// The static init, built by build.rs from `init.c`.
 const INIT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/runnel-init"));
@@ -61,6 +59,33 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeErro
     move |source| RuntimeError::Io { what, source }
 }
 
+/// Which OCI runtime runs the containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeKind {
+    /// youki's libcontainer, inside the runnel binary (the default).
+    Embedded,
+    Runc,
+    Crun,
+}
+
+impl RuntimeKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RuntimeKind::Embedded => "libcontainer",
+            RuntimeKind::Runc => "runc",
+            RuntimeKind::Crun => "crun",
+        }
+    }
+}
+
+/// What the agent's configuration says about the runtime itself.
+#[derive(Debug, Clone)]
+pub struct RuntimeSettings {
+    pub kind: RuntimeKind,
+    /// The runtime binary for `runc`/`crun`; found on PATH when unset.
+    pub path: Option<PathBuf>,
+}
+
 /// A configured OCI runtime.
 #[derive(Debug)]
 pub struct Runtime {
@@ -74,7 +99,7 @@ pub struct Runtime {
 impl Runtime {
     /// Prepares the runtime: its state root and the init binary under
     /// `state_dir`.
-    pub fn new(config: &RuntimeConfig, state_dir: &Path) -> Result<Runtime, RuntimeError> {
+    pub fn new(config: &RuntimeSettings, state_dir: &Path) -> Result<Runtime, RuntimeError> {
         let (program, prefix) = match config.kind {
             RuntimeKind::Embedded => (
                 std::env::current_exe().map_err(io_err("cannot find the runnel binary"))?,
@@ -186,7 +211,7 @@ impl Runtime {
             let pid = container
                 .init_pid
                 .ok_or_else(|| RuntimeError::Start("the init's pid file is unreadable".into()))?;
-            netns::loopback_up(pid.as_raw())
+            crate::sys::netns::loopback_up(pid.as_raw())
                 .map_err(|e| RuntimeError::Start(format!("cannot bring up lo: {e}")))?;
         }
         Ok(container)

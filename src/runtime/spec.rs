@@ -15,7 +15,7 @@ use oci_spec::runtime::{
 };
 
 use super::user::User;
-use crate::job::spec::{Network, Resources};
+use crate::model::spec::{Network, Resources};
 
 /// Where runnel's init is mounted in every container.
 pub const INIT_PATH: &str = "/dev/.runnel-init";

@@ -9,7 +9,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::keys::{Key, KeyKind};
+use super::keys::Key;
+use crate::model::KeyKind;
 use super::known_hosts::KnownHosts;
 
 pub const USER_KEY_FILE: &str = "id_user";
@@ -104,7 +105,7 @@ pub fn wipe_dir(dir: &Path) -> io::Result<()> {
         if meta.is_dir() {
             wipe_dir(&path)?;
         } else {
-            crate::secret::wipe_file(&path)?;
+            crate::sys::wipe::wipe_file(&path)?;
         }
     }
     fs::remove_dir(dir)

@@ -5,34 +5,15 @@
 //! libssh2 (the checkout, from memory) and OpenSSH (steps in the container)
 //! read without a prompt. Error messages never quote key bytes.
 
-use serde::{Deserialize, Serialize};
 use ssh_key::private::{EcdsaKeypair, Ed25519Keypair, KeypairData, RsaKeypair};
 use ssh_key::{HashAlg, LineEnding, PrivateKey};
 
-use crate::secret::Secret;
+use crate::model::KeyKind;
+use crate::model::Secret;
 
 /// Most bcrypt rounds an encrypted key may ask for: each costs real time,
 /// and a key asking for billions would hold a job slot for hours.
 pub const MAX_KDF_ROUNDS: u32 = 1024;
-
-/// Which of the job's keys this is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum KeyKind {
-    /// No SSH was involved (file://, a path, https).
-    None,
-    User,
-    Deploy,
-}
-
-impl KeyKind {
-    pub fn label(self) -> &'static str {
-        match self {
-            KeyKind::None => "no key",
-            KeyKind::User => "user key",
-            KeyKind::Deploy => "deploy key",
-        }
-    }
-}
 
 /// A usable private key.
 #[derive(Debug, Clone)]

@@ -9,5 +9,5 @@ pub mod keyscan;
 pub mod known_hosts;
 
 pub use dir::SshDir;
-pub use keys::{Key, KeyError, KeyKind};
+pub use keys::{Key, KeyError};
 pub use known_hosts::{HostKeyCheck, KnownHosts, KnownHostsError};

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::secret::Secret;
+use crate::model::Secret;
 
 pub const MAX_JOB_ID_LEN: usize = 128;
 pub const MIN_MEMORY_BYTES: u64 = 4 << 20;

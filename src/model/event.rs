@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkout::CheckoutDone;
-use crate::job::state::{JobStatus, StepResult};
+use crate::model::CheckoutDone;
+use crate::model::state::{JobStatus, StepResult};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Stream {
@@ -155,7 +155,7 @@ mod erased {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::state::JobStatus;
+    use crate::model::state::JobStatus;
 
     #[test]
     fn records_round_trip() {
