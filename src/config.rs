@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::model::{Network, Secret};
+use crate::runtime::spec::USERNS_SIZE;
 use crate::runtime::{RuntimeKind, RuntimeSettings};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/runnel/agent.toml";
@@ -18,7 +19,6 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/runnel";
 /// The first host uid/gid of containers' user namespaces, and how many ids.
 pub const USERNS_BASE: u32 = 100_000;
-pub const USERNS_SIZE: u32 = 65_536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -1,5 +1,5 @@
-//! What the agent counts about its own work, and the Prometheus text
-//! endpoint that shows it. The job registry owns one [`Metrics`]; the job
+//! What the agent counts about its own work, rendered as Prometheus text
+//! (the daemon serves it). The job registry owns one [`Metrics`]; the job
 //! code bumps it in a few places (a job ended, a step ended, a checkout
 //! ended, log bytes written or streamed, a watcher came or went). Gauges
 //! that the registry already knows (running jobs, slots) are read when
@@ -10,8 +10,6 @@ use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
 
 use crate::model::state::JobState;
 use crate::model::Stream;
@@ -262,33 +260,6 @@ impl Drop for WatcherGuard {
     fn drop(&mut self) {
         self.0.watchers.fetch_sub(1, Relaxed);
     }
-}
-
-/// Serves `GET /metrics` on `listener` until `stop` fires, with what
-/// `render` returns.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    render: impl Fn() -> String + Clone + Send + Sync + 'static,
-    stop: CancellationToken,
-) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let render = render.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    render(),
-                )
-            }
-        }),
-    );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
 }
 
 #[cfg(test)]

@@ -2,26 +2,21 @@
 //! health and reflection, over TLS (optionally mutual) when configured.
 //! Authenticates calls, turns requests into domain types (`convert.rs`) and
 //! domain errors into statuses (here, in one place). Protobuf types never
-//! travel past this module. [`serve`] owns the agent's tasks while it runs:
-//! the server, the metrics endpoint and the retention sweep, and the drain.
+//! travel past this module. Serving it (listeners, TLS, health, the drain)
+//! is the daemon's (`daemon/`).
 
 pub mod auth;
 pub mod convert;
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
-use crate::config::TlsConfig;
 use crate::model::spec::{JobSpec, SpecError};
 use crate::job::{Registry, SubmitError};
 use crate::model::EventKind;
-use crate::sys::sd_notify::Notifier;
 use auth::{Role, Tokens};
 
 #[allow(clippy::all, missing_docs)]
@@ -32,7 +27,8 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/runnel_descriptor.bin"));
 }
 
-use pb::agent_server::{Agent, AgentServer};
+use pb::agent_server::Agent;
+pub use pb::agent_server::AgentServer;
 
 impl From<SubmitError> for Status {
     fn from(e: SubmitError) -> Status {
@@ -151,133 +147,4 @@ impl Agent for AgentService {
 /// harmless.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// The server side of `[tls]`.
-fn server_tls(tls: &TlsConfig) -> ServerTlsConfig {
-    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, tls.key.expose()));
-    if let Some(ca) = &tls.client_ca {
-        config = config.client_ca_root(Certificate::from_pem(ca));
-    }
-    config
-}
-
-/// Where the agent listens: bound before [`serve`], so that an address in
-/// use is reported before anything else happens.
-#[derive(Debug)]
-pub struct Listeners {
-    pub api: tokio::net::TcpListener,
-    pub metrics: Option<tokio::net::TcpListener>,
-}
-
-/// Serves the agent until `shutdown` fires, then drains: health turns
-/// NOT_SERVING, new jobs are refused, running jobs get up to the drain
-/// timeout to finish (or until `hurry` fires), the rest are cancelled.
-/// Tells `notify` when it is ready and when it stops. Runs the metrics
-/// endpoint and the retention sweep meanwhile, and stops them last.
-pub async fn serve(
-    registry: Arc<Registry>,
-    listeners: Listeners,
-    notify: &Notifier,
-    shutdown: CancellationToken,
-    hurry: CancellationToken,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let config = registry.config();
-    let listener = listeners.api;
-    let addr: SocketAddr = listener.local_addr()?;
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &config.tls {
-        builder = builder.tls_config(server_tls(tls)).map_err(|e| {
-            format!("[tls] cert and key cannot be used together (a key of another certificate?): {e}")
-        })?;
-    }
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<AgentServer<AgentService>>().await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let server_stop = CancellationToken::new();
-    let server = builder
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(AgentServer::new(AgentService::new(registry.clone())))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            server_stop.clone().cancelled_owned(),
-        );
-    let mut server = tokio::spawn(server);
-
-    // The endpoint and the sweep stop after the drain, so both see it.
-    let helpers_stop = CancellationToken::new();
-    let mut helpers = tokio::task::JoinSet::new();
-    let metrics_addr = match listeners.metrics {
-        Some(l) => {
-            let metrics_addr = l.local_addr()?;
-            let r = registry.clone();
-            let stop = helpers_stop.clone();
-            helpers.spawn(async move {
-                if let Err(e) = crate::metrics::serve(l, move || r.render_metrics(), stop).await {
-                    tracing::error!(error = %e, "the metrics endpoint failed");
-                }
-            });
-            Some(metrics_addr)
-        }
-        None => None,
-    };
-    helpers.spawn(registry.clone().keep_tidy(helpers_stop.clone()));
-    tracing::info!(
-        %addr,
-        tls = config.tls.is_some(),
-        mtls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
-        metrics_addr = %metrics_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
-        "runnel agent listening"
-    );
-    notify.ready(&format!("listening on {addr}"));
-
-    let server_failed = tokio::select! {
-        _ = shutdown.cancelled() => None,
-        // The server stopped by itself: end everything, and fail (so that
-        // the service manager restarts the agent).
-        result = &mut server => Some(match result {
-            Ok(Err(e)) => format!("the gRPC server stopped: {e}"),
-            Ok(Ok(())) => "the gRPC server stopped".to_string(),
-            Err(e) => format!("the gRPC server failed: {e}"),
-        }),
-    };
-    if let Some(why) = server_failed {
-        tracing::error!(error = %why, "stopping");
-        registry.shutdown().await;
-        helpers_stop.cancel();
-        while helpers.join_next().await.is_some() {}
-        return Err(why.into());
-    }
-    let running = registry.info().running_jobs;
-    tracing::info!(running, "shutting down: draining");
-    let drain = config.drain_timeout;
-    // Time to drain, to stop the containers still running, and a margin.
-    notify.stopping(
-        &format!("draining: {running} jobs running"),
-        drain + config.runtime.grace_period + std::time::Duration::from_secs(30),
-    );
-    registry.drain();
-    health.set_not_serving::<AgentServer<AgentService>>().await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    tokio::select! {
-        _ = registry.wait_idle() => {}
-        _ = tokio::time::sleep(drain) => tracing::warn!("drain timeout over; cancelling the jobs still running"),
-        _ = hurry.cancelled() => tracing::warn!("asked again to stop; cancelling the jobs still running"),
-    }
-    registry.shutdown().await;
-    notify.status("every job has ended; stopping");
-    server_stop.cancel();
-    helpers_stop.cancel();
-    while helpers.join_next().await.is_some() {}
-    server.await??;
-    Ok(())
 }

@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Failure, print};
 use crate::api::{self, convert};
+use crate::daemon;
 use crate::config::Config;
 use crate::job::Registry;
 use crate::sys::sd_notify::Notifier;
@@ -47,9 +48,9 @@ pub async fn agent(config: Config, notify: Notifier) -> Result<(), Failure> {
     let registry = Registry::open(config).await.map_err(Failure::internal)?;
     let (shutdown, hurry) = (CancellationToken::new(), CancellationToken::new());
     on_signals(shutdown.clone(), hurry.clone())?;
-    api::serve(
+    daemon::serve(
         registry,
-        api::Listeners { api, metrics },
+        daemon::Listeners { api, metrics },
         &notify,
         shutdown,
         hurry,

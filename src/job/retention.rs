@@ -6,10 +6,8 @@
 //! mirrors and image layers no job has used for `cache_max_age`.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio_util::sync::CancellationToken;
 
 use super::Registry;
 use crate::config::RetentionConfig;
@@ -144,21 +142,6 @@ impl Registry {
         }
         self.metrics.jobs_removed(doomed.len());
         doomed.len()
-    }
-
-    /// Runs [`Registry::sweep`] now and then every `retention.interval`
-    /// until `stop` fires.
-    pub async fn keep_tidy(self: Arc<Self>, stop: CancellationToken) {
-        loop {
-            let registry = self.clone();
-            if let Err(e) = tokio::task::spawn_blocking(move || registry.sweep()).await {
-                tracing::error!(error = %e, "the retention sweep failed");
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(self.config.retention.interval) => {}
-            }
-        }
     }
 
     /// Removes the checkout mirrors and image layers that no job has used

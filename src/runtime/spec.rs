@@ -17,6 +17,8 @@ use oci_spec::runtime::{
 use super::user::User;
 use crate::model::spec::{Network, Resources};
 
+pub const USERNS_SIZE: u32 = 65_536;
+
 /// Where runnel's init is mounted in every container.
 pub const INIT_PATH: &str = "/dev/.runnel-init";
 pub const WORKSPACE: &str = "/workspace";
@@ -241,7 +243,7 @@ pub fn container_spec(c: &ContainerConfig) -> Spec {
             LinuxIdMappingBuilder::default()
                 .container_id(0u32)
                 .host_id(base)
-                .size(crate::config::USERNS_SIZE)
+                .size(USERNS_SIZE)
                 .build()
                 .expect("mapping fields set"),
         ];

@@ -1,0 +1,188 @@
+//! The daemon: the agent's wiring while it runs. Binds nothing itself;
+//! given listeners it serves the gRPC API (with health, reflection and TLS),
+//! the metrics endpoint and the retention sweep, tells systemd when it is
+//! ready, and on shutdown drains: new jobs are refused, running jobs get the
+//! drain timeout, the rest are cancelled. It owns every task it starts.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::api::{AgentServer, AgentService, pb};
+use crate::config::TlsConfig;
+use crate::job::Registry;
+use crate::sys::sd_notify::Notifier;
+
+/// The server side of `[tls]`.
+fn server_tls(tls: &TlsConfig) -> ServerTlsConfig {
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, tls.key.expose()));
+    if let Some(ca) = &tls.client_ca {
+        config = config.client_ca_root(Certificate::from_pem(ca));
+    }
+    config
+}
+
+/// Where the agent listens: bound before [`serve`], so that an address in
+/// use is reported before anything else happens.
+#[derive(Debug)]
+pub struct Listeners {
+    pub api: tokio::net::TcpListener,
+    pub metrics: Option<tokio::net::TcpListener>,
+}
+
+/// Serves the agent until `shutdown` fires, then drains: health turns
+/// NOT_SERVING, new jobs are refused, running jobs get up to the drain
+/// timeout to finish (or until `hurry` fires), the rest are cancelled.
+/// Tells `notify` when it is ready and when it stops. Runs the metrics
+/// endpoint and the retention sweep meanwhile, and stops them last.
+pub async fn serve(
+    registry: Arc<Registry>,
+    listeners: Listeners,
+    notify: &Notifier,
+    shutdown: CancellationToken,
+    hurry: CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let config = registry.config();
+    let listener = listeners.api;
+    let addr: SocketAddr = listener.local_addr()?;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(server_tls(tls)).map_err(|e| {
+            format!("[tls] cert and key cannot be used together (a key of another certificate?): {e}")
+        })?;
+    }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AgentServer<AgentService>>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let server_stop = CancellationToken::new();
+    let server = builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(AgentServer::new(AgentService::new(registry.clone())))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            server_stop.clone().cancelled_owned(),
+        );
+    let mut server = tokio::spawn(server);
+
+    // The endpoint and the sweep stop after the drain, so both see it.
+    let helpers_stop = CancellationToken::new();
+    let mut helpers = tokio::task::JoinSet::new();
+    let metrics_addr = match listeners.metrics {
+        Some(l) => {
+            let metrics_addr = l.local_addr()?;
+            let r = registry.clone();
+            let stop = helpers_stop.clone();
+            helpers.spawn(async move {
+                if let Err(e) = serve_metrics(l, move || r.render_metrics(), stop).await {
+                    tracing::error!(error = %e, "the metrics endpoint failed");
+                }
+            });
+            Some(metrics_addr)
+        }
+        None => None,
+    };
+    helpers.spawn(keep_tidy(registry.clone(), helpers_stop.clone()));
+    tracing::info!(
+        %addr,
+        tls = config.tls.is_some(),
+        mtls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        metrics_addr = %metrics_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
+        "runnel agent listening"
+    );
+    notify.ready(&format!("listening on {addr}"));
+
+    let server_failed = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        // The server stopped by itself: end everything, and fail (so that
+        // the service manager restarts the agent).
+        result = &mut server => Some(match result {
+            Ok(Err(e)) => format!("the gRPC server stopped: {e}"),
+            Ok(Ok(())) => "the gRPC server stopped".to_string(),
+            Err(e) => format!("the gRPC server failed: {e}"),
+        }),
+    };
+    if let Some(why) = server_failed {
+        tracing::error!(error = %why, "stopping");
+        registry.shutdown().await;
+        helpers_stop.cancel();
+        while helpers.join_next().await.is_some() {}
+        return Err(why.into());
+    }
+    let running = registry.info().running_jobs;
+    tracing::info!(running, "shutting down: draining");
+    let drain = config.drain_timeout;
+    // Time to drain, to stop the containers still running, and a margin.
+    notify.stopping(
+        &format!("draining: {running} jobs running"),
+        drain + config.runtime.grace_period + Duration::from_secs(30),
+    );
+    registry.drain();
+    health.set_not_serving::<AgentServer<AgentService>>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    tokio::select! {
+        _ = registry.wait_idle() => {}
+        _ = tokio::time::sleep(drain) => tracing::warn!("drain timeout over; cancelling the jobs still running"),
+        _ = hurry.cancelled() => tracing::warn!("asked again to stop; cancelling the jobs still running"),
+    }
+    registry.shutdown().await;
+    notify.status("every job has ended; stopping");
+    server_stop.cancel();
+    helpers_stop.cancel();
+    while helpers.join_next().await.is_some() {}
+    server.await??;
+    Ok(())
+}
+
+/// Serves `GET /metrics` on `listener` until `stop` fires, with what
+/// `render` returns.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    render: impl Fn() -> String + Clone + Send + Sync + 'static,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+}
+
+/// Runs the retention sweep ([`Registry::sweep`]) now and then every
+/// `retention.interval`, off the async threads, until `stop` fires.
+async fn keep_tidy(registry: Arc<Registry>, stop: CancellationToken) {
+    loop {
+        let r = registry.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || r.sweep()).await {
+            tracing::error!(error = %e, "the retention sweep failed");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(registry.config().retention.interval) => {}
+        }
+    }
+}
