@@ -102,6 +102,12 @@ impl Ctx<'_> {
     }
 }
 
+/// Unmounts a workspace laid over cached work tree layers (a warm
+/// checkout) and removes its writable layer; nothing when not mounted.
+pub fn unmount_workspace(workspace: &Path) -> std::io::Result<()> {
+    trees::unmount(workspace)
+}
+
 /// Sets libgit2's process-wide options so that nothing of the agent's own
 /// home (its `~/.ssh/known_hosts`, its `~/.gitconfig`) changes what a job
 /// gets: libgit2 reorders the host-key algorithms it asks for by what it

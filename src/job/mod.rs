@@ -183,6 +183,8 @@ pub struct Registry {
     /// The checkout cache, unless disabled.
     mirrors: Option<crate::checkout::Mirrors>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
+    /// Held while a job is being accepted (see [`Registry::submit`]).
+    submitting: Mutex<()>,
     slots: Arc<Semaphore>,
     tasks: TaskTracker,
     draining: AtomicBool,
@@ -248,6 +250,7 @@ impl Registry {
             images,
             mirrors,
             jobs: Mutex::new(jobs),
+            submitting: Mutex::new(()),
             slots,
             tasks: TaskTracker::new(),
             draining: AtomicBool::new(false),
@@ -278,8 +281,11 @@ impl Registry {
     /// Accepts a validated job and starts it; a job id already known
     /// returns that job's status and runs nothing.
     pub fn submit(self: &Arc<Self>, spec: JobSpec) -> Result<JobStatus, SubmitError> {
-        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(job) = jobs.get(&spec.job_id) {
+        // Submissions take turns, so that one job id is created once; the
+        // job map's lock is not held while the job's files are made, so
+        // readers (watchers, listings, metrics) never wait on the disk.
+        let _turn = self.submitting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(job) = self.get(&spec.job_id) {
             return Ok(job.status());
         }
         if self.draining.load(Ordering::SeqCst) {
@@ -296,8 +302,10 @@ impl Registry {
             SubmitError::Internal(format!("cannot create the job directory {}: {e}", dir.display()))
         })?;
         let job = Arc::new(job);
-        jobs.insert(spec.job_id.clone(), job.clone());
-        drop(jobs);
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(spec.job_id.clone(), job.clone());
         tracing::info!(job_id = %job.id, steps = spec.steps.len(), "job accepted");
         let status = job.status();
         let registry = self.clone();

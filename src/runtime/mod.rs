@@ -26,6 +26,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use oci_spec::runtime::{Process, Spec};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
@@ -468,5 +469,89 @@ impl Drop for Container {
                 .args(["delete", "--force", &self.id])
                 .status();
         }
+    }
+}
+
+/// The seam between a job's lifecycle and the container runtime: what the
+/// lifecycle asks of a runtime, so that its timeout, cancel, limit and
+/// teardown logic can be tested with a fake one. [`Runtime`] is the real
+/// implementation.
+pub trait ContainerRuntime: Send + Sync + std::fmt::Debug {
+    /// The runtime's name, as AgentInfo reports it.
+    fn name(&self) -> &'static str;
+    /// runnel's init on the host, bind-mounted into every container.
+    fn init_path(&self) -> &Path;
+    /// The cgroup of the container `id`.
+    fn cgroup_path(&self, id: &str) -> String;
+    /// Writes `spec` into `bundle` and starts the container `id`; resolves
+    /// once its init runs.
+    fn start<'a>(
+        &'a self,
+        id: &'a str,
+        bundle: &'a Path,
+        spec: &'a Spec,
+    ) -> BoxFuture<'a, Result<Box<dyn JobContainer>, RuntimeError>>;
+    /// How often the kernel has enforced a container's memory and process
+    /// limits so far.
+    fn limits_hit(&self, cgroup: &str) -> cgroup::LimitsHit;
+}
+
+/// A started container, as the lifecycle uses it.
+pub trait JobContainer: Send + Sync + std::fmt::Debug {
+    /// Starts `process` in the container; see [`Container::exec`].
+    fn exec(&self, process: &Process, stdout: OwnedFd, stderr: OwnedFd)
+    -> Result<(Child, WipeOnDrop), RuntimeError>;
+    /// SIGTERM to every process, `grace`, then SIGKILL.
+    fn stop(&mut self, grace: Duration) -> BoxFuture<'_, ()>;
+    /// Stops (if needed) and deletes the container.
+    fn remove(self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()>;
+}
+
+impl ContainerRuntime for Runtime {
+    fn name(&self) -> &'static str {
+        Runtime::name(self)
+    }
+
+    fn init_path(&self) -> &Path {
+        Runtime::init_path(self)
+    }
+
+    fn cgroup_path(&self, id: &str) -> String {
+        Runtime::cgroup_path(self, id)
+    }
+
+    fn start<'a>(
+        &'a self,
+        id: &'a str,
+        bundle: &'a Path,
+        spec: &'a Spec,
+    ) -> BoxFuture<'a, Result<Box<dyn JobContainer>, RuntimeError>> {
+        Box::pin(async move {
+            let c = Runtime::start(self, id, bundle, spec).await?;
+            Ok(Box::new(c) as Box<dyn JobContainer>)
+        })
+    }
+
+    fn limits_hit(&self, cgroup: &str) -> cgroup::LimitsHit {
+        cgroup::limits_hit(cgroup)
+    }
+}
+
+impl JobContainer for Container {
+    fn exec(
+        &self,
+        process: &Process,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    ) -> Result<(Child, WipeOnDrop), RuntimeError> {
+        Container::exec(self, process, stdout, stderr)
+    }
+
+    fn stop(&mut self, grace: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(Container::stop(self, grace))
+    }
+
+    fn remove(self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(Container::remove(*self, grace))
     }
 }

@@ -1,0 +1,174 @@
+//! What a job holds while it runs, and the one order in which it lets go:
+//! the container, the workspace overlay, the container's root filesystem,
+//! the image's layers, the keys (overwritten, then unlinked), the checkout
+//! cache's locks, the run directory. The fields of [`Held`] are declared in
+//! that order, so a job cut short by a panic drops them in the same order
+//! as [`Held::teardown`] releases them.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::checkout::MirrorUse;
+use crate::runtime::JobContainer;
+use crate::runtime::image::LayerHold;
+use crate::runtime::rootfs::Rootfs;
+use crate::ssh::{self, SshDir};
+
+/// The run directory's parts.
+pub(super) const WORKSPACE: &str = "workspace";
+pub(super) const BUNDLE: &str = "bundle";
+pub(super) const SSH: &str = "ssh";
+pub(super) const ROOT: &str = "root";
+
+/// A job's resources, declared in teardown order.
+#[derive(Debug, Default)]
+pub(super) struct Held {
+    pub container: Option<Box<dyn JobContainer>>,
+    /// The workspace, an overlay over cached work tree layers when the
+    /// checkout was warm: unmounted before those layers' locks go.
+    pub workspace: Option<Workspace>,
+    pub rootfs: Option<Rootfs>,
+    /// Keeps the image's layers in the cache while the job runs.
+    pub image_layers: Option<Arc<Vec<LayerHold>>>,
+    pub ssh_dir: Option<SshDir>,
+    /// The mirrors and work tree layers the workspace borrows from.
+    pub borrowed: Vec<MirrorUse>,
+    pub run_dir: Option<RunDir>,
+}
+
+impl Held {
+    /// Creates the run directory (with its workspace and bundle) at `path`.
+    pub fn create(path: PathBuf, mode: u32) -> std::io::Result<Held> {
+        let run_dir = RunDir::create(path, mode)?;
+        let workspace = Workspace(run_dir.0.join(WORKSPACE));
+        Ok(Held {
+            workspace: Some(workspace),
+            run_dir: Some(run_dir),
+            ..Held::default()
+        })
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir.as_ref().expect("the run directory lives until teardown").0
+    }
+
+    pub fn workspace(&self) -> PathBuf {
+        self.run_dir().join(WORKSPACE)
+    }
+
+    /// Lets go of everything, in order: the container first (async), the
+    /// rest off the async threads (unmounts, wiping keys, removing
+    /// directories). Returns the stages it went through, in order.
+    pub async fn teardown(mut self, grace: Duration) -> Vec<&'static str> {
+        let mut stages = Vec::new();
+        if let Some(c) = self.container.take() {
+            c.remove(grace).await;
+            stages.push("container");
+        }
+        match tokio::task::spawn_blocking(move || self.release()).await {
+            Ok(rest) => stages.extend(rest),
+            Err(e) => tracing::error!(error = %e, "the job's teardown failed"),
+        }
+        stages
+    }
+
+    /// Drops each resource in declaration order; the stages it released.
+    fn release(mut self) -> Vec<&'static str> {
+        let mut stages = Vec::new();
+        let mut stage = |name, released: bool| {
+            if released {
+                stages.push(name);
+            }
+        };
+        stage("workspace", self.workspace.take().map(drop).is_some());
+        stage("rootfs", self.rootfs.take().map(drop).is_some());
+        stage("image", self.image_layers.take().map(drop).is_some());
+        stage("keys", self.ssh_dir.take().map(drop).is_some());
+        stage("checkout cache", !std::mem::take(&mut self.borrowed).is_empty());
+        stage("run directory", self.run_dir.take().map(drop).is_some());
+        stages
+    }
+}
+
+/// The workspace; its overlay (a warm checkout) is unmounted on drop.
+#[derive(Debug)]
+pub(super) struct Workspace(PathBuf);
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        if let Err(e) = crate::checkout::unmount_workspace(&self.0) {
+            tracing::error!(path = %self.0.display(), error = %e, "cannot unmount a job's workspace");
+        }
+    }
+}
+
+/// The run directory: removed, with its keys wiped and anything still
+/// mounted under it unmounted, on drop.
+#[derive(Debug)]
+pub(super) struct RunDir(PathBuf);
+
+impl RunDir {
+    fn create(path: PathBuf, mode: u32) -> std::io::Result<RunDir> {
+        std::fs::DirBuilder::new().mode(mode).create(&path)?;
+        let dir = RunDir(path);
+        for sub in [WORKSPACE, BUNDLE] {
+            std::fs::DirBuilder::new().mode(0o700).create(dir.0.join(sub))?;
+        }
+        Ok(dir)
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        remove_run_dir(&self.0);
+    }
+}
+
+/// Wipes the keys under a run directory, unmounts anything under it and
+/// removes it. Also used at agent start for jobs an earlier run left.
+pub(in crate::job) fn remove_run_dir(path: &Path) {
+    if let Err(e) = ssh::dir::wipe_dir(&path.join(SSH)) {
+        tracing::error!(path = %path.display(), error = %e, "cannot wipe a job's keys");
+    }
+    if let Err(e) = crate::sys::mount::unmount_and_remove(path, path) {
+        tracing::error!(path = %path.display(), error = %e, "cannot remove a job's run directory");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::lifecycle::steps::tests::FakeRuntime;
+    use crate::ssh::KnownHosts;
+
+    #[tokio::test]
+    async fn teardown_removes_the_container_first_and_the_run_directory_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let mut held = Held::create(run.clone(), 0o700).unwrap();
+        let known = KnownHosts::parse(&["h ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl".into()]).unwrap();
+        held.ssh_dir = Some(SshDir::write(&run.join(SSH), &[], &known).unwrap());
+        let rt = FakeRuntime::default();
+        let mut container = rt.container();
+        container.checks = vec![run.join(WORKSPACE), run.join(SSH).join("known_hosts")];
+        held.container = Some(Box::new(container));
+
+        let stages = held.teardown(Duration::from_secs(1)).await;
+        assert_eq!(stages, ["container", "workspace", "keys", "run directory"]);
+        // When the container went, its workspace and keys were still there.
+        assert_eq!(*rt.calls.lock().unwrap(), ["remove workspace=true known_hosts=true"]);
+        assert!(!run.exists());
+    }
+
+    #[tokio::test]
+    async fn dropping_what_a_job_holds_removes_its_run_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let held = Held::create(run.clone(), 0o700).unwrap();
+        assert!(run.join(WORKSPACE).is_dir() && run.join(BUNDLE).is_dir());
+        drop(held);
+        assert!(!run.exists());
+    }
+}

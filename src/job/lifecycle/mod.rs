@@ -1,0 +1,541 @@
+//! One job, from QUEUED to its end, as named phases: prepare the keys →
+//! check out → prepare the image → start the container → run the steps
+//! (`steps.rs`) → tear down. Every resource a phase acquires goes into one
+//! [`Held`] (`held.rs`), whose fields are in teardown order, so every way a
+//! job ends (success, failure, timeout, cancel, panic) lets go of them in
+//! the same order.
+
+mod held;
+mod steps;
+
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use futures::FutureExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::{Job, RUN_DIR, Registry};
+use crate::checkout::{self, Auth, Checkout};
+use crate::logs::Masker;
+use crate::model::{EventKind, FailureKind, JobSpec, JobState, KeyKind, Network, Resources, Secret};
+use crate::runtime::ContainerRuntime;
+use crate::runtime::rootfs::Rootfs;
+use crate::runtime::spec::{self as oci, ContainerConfig};
+use crate::runtime::user::{self, User};
+use crate::ssh::{self, KnownHosts, SshDir};
+pub(super) use held::remove_run_dir;
+use held::{BUNDLE, Held, ROOT, SSH};
+use steps::Steps;
+
+/// How a job ended.
+#[derive(Debug)]
+struct End {
+    state: JobState,
+    failure: FailureKind,
+    message: String,
+}
+
+impl End {
+    fn ok() -> End {
+        End {
+            state: JobState::Succeeded,
+            failure: FailureKind::None,
+            message: String::new(),
+        }
+    }
+
+    fn failed(failure: FailureKind, message: impl Into<String>) -> End {
+        End {
+            state: JobState::Failed,
+            failure,
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a phase was cut short.
+#[derive(Debug, Clone, Copy)]
+enum Interrupt {
+    Cancelled,
+    JobTimeout(Duration),
+    StepTimeout(Duration),
+}
+
+impl Interrupt {
+    fn end(self, during: &str) -> End {
+        match self {
+            Interrupt::Cancelled => End {
+                state: JobState::Cancelled,
+                failure: FailureKind::Cancelled,
+                message: format!("cancelled during {during}"),
+            },
+            Interrupt::JobTimeout(t) => End {
+                state: JobState::TimedOut,
+                failure: FailureKind::Timeout,
+                message: format!(
+                    "the job exceeded its timeout of {} during {during}",
+                    humantime::format_duration(t)
+                ),
+            },
+            Interrupt::StepTimeout(t) => End {
+                state: JobState::TimedOut,
+                failure: FailureKind::Timeout,
+                message: format!(
+                    "{during} exceeded its timeout of {}",
+                    humantime::format_duration(t)
+                ),
+            },
+        }
+    }
+}
+
+/// The deadlines a job runs under.
+struct Limits {
+    cancel: CancellationToken,
+    job_deadline: Instant,
+    job_timeout: Duration,
+}
+
+impl Limits {
+    /// Resolves when the job is cancelled or a deadline passes.
+    async fn interrupted(&self, step: Option<(Instant, Duration)>) -> Interrupt {
+        let (deadline, why) = match step {
+            Some((d, t)) if d < self.job_deadline => (d, Interrupt::StepTimeout(t)),
+            _ => (self.job_deadline, Interrupt::JobTimeout(self.job_timeout)),
+        };
+        tokio::select! {
+            _ = self.cancel.cancelled() => Interrupt::Cancelled,
+            _ = tokio::time::sleep_until(deadline) => why,
+        }
+    }
+}
+
+pub(super) async fn run(registry: &Arc<Registry>, job: &Arc<Job>, spec: JobSpec) {
+    let span = tracing::info_span!("job", job_id = %job.id);
+    async {
+        let started = Instant::now();
+        let end = std::panic::AssertUnwindSafe(phases(registry, job, &spec))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| {
+                End::failed(
+                    FailureKind::Agent,
+                    "runnel itself failed while running this job (a bug); see the agent's log",
+                )
+            });
+        tracing::info!(
+            state = end.state.name(),
+            failure = end.failure.name(),
+            seconds = started.elapsed().as_secs_f64(),
+            "job ended"
+        );
+        job.transition(|s| {
+            s.state = end.state;
+            s.failure = end.failure;
+            s.message = end.message;
+            s.finished = Some(SystemTime::now());
+        });
+        job.log.close();
+    }
+    .instrument(span)
+    .await
+}
+
+async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
+    let config = registry.config();
+    let job_timeout = spec.timeout.unwrap_or(config.runtime.job_timeout);
+    let limits = Limits {
+        cancel: job.cancel.clone(),
+        job_deadline: Instant::now() + job_timeout,
+        job_timeout,
+    };
+    job.transition(|s| {
+        s.state = JobState::Preparing;
+        s.started = Some(SystemTime::now());
+    });
+    // Keys: parsed and checked before anything touches the disk or the
+    // network; from here on the log masks them.
+    let keys = match prepare_keys(spec) {
+        Ok(p) => p,
+        Err(message) => {
+            let _ = job.masker.set(Arc::new(Masker::new(&secrets_of(spec, &[]))));
+            return End::failed(FailureKind::BadSpec, message);
+        }
+    };
+    let masker = Arc::new(Masker::new(&secrets_of(spec, &keys.mask)));
+    let _ = job.masker.set(masker.clone());
+
+    let mode = super::dir_mode(config.runtime.userns_base.is_some());
+    let mut held = match Held::create(job.dir.join(RUN_DIR), mode) {
+        Ok(h) => h,
+        Err(e) => {
+            return End::failed(
+                FailureKind::Agent,
+                format!("cannot create the job's run directory: {e}"),
+            );
+        }
+    };
+    let phase = Phases {
+        registry,
+        job,
+        spec,
+        limits: &limits,
+    };
+    let end = match phase.all(&keys, masker, &mut held).await {
+        Ok(end) | Err(end) => end,
+    };
+    held.teardown(config.runtime.grace_period).await;
+    end
+}
+
+/// The phases of one job, each adding what it acquires to the job's
+/// [`Held`]; an `Err` ends the job there.
+struct Phases<'a> {
+    registry: &'a Registry,
+    job: &'a Arc<Job>,
+    spec: &'a JobSpec,
+    limits: &'a Limits,
+}
+
+impl Phases<'_> {
+    async fn all(&self, keys: &PreparedKeys, masker: Arc<Masker>, held: &mut Held) -> Result<End, End> {
+        self.install_keys(keys, held).await?;
+        self.check_out(keys, held).await?;
+        let image = self.prepare_image(held).await?;
+        self.give_workspace(&image.user, held).await?;
+        let (resources, cgroup) = self.start_container(&image.user, held).await?;
+        self.job.transition(|s| s.state = JobState::Running);
+        let steps = Steps {
+            job: self.job,
+            env: base_env(self.spec, &self.job.id, &image.env, &image.user),
+            user: image.user,
+            masker,
+            limits: self.limits,
+            grace: self.registry.config().runtime.grace_period,
+            cgroup,
+            resources,
+            runtime: &self.registry.runtime,
+        };
+        let container = held.container.as_deref_mut().expect("started above");
+        Ok(steps.run_all(container, &self.spec.steps).await)
+    }
+
+    /// The job's `.ssh` (keys, known_hosts, config), written off the async
+    /// threads; the log names each key by fingerprint.
+    async fn install_keys(&self, keys: &PreparedKeys, held: &mut Held) -> Result<(), End> {
+        if keys.keys.is_empty() && keys.known_hosts.is_empty() {
+            return Ok(());
+        }
+        let path = held.run_dir().join(SSH);
+        let (k, kh) = (keys.keys.clone(), keys.known_hosts.clone());
+        let written = tokio::task::spawn_blocking(move || SshDir::write(&path, &k, &kh))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        held.ssh_dir = Some(written.map_err(|e| {
+            End::failed(
+                FailureKind::Agent,
+                format!("cannot write the job's ssh directory: {e}"),
+            )
+        })?);
+        for k in &keys.keys {
+            self.job.system_line(
+                0,
+                &format!("runnel: {} {} {}", k.kind.label(), k.algorithm, k.fingerprint),
+            );
+        }
+        Ok(())
+    }
+
+    /// The repository and its submodules, into the workspace (libgit2, off
+    /// the async threads, cancellable).
+    async fn check_out(&self, keys: &PreparedKeys, held: &mut Held) -> Result<(), End> {
+        let Some(co) = &self.spec.checkout else {
+            return Ok(());
+        };
+        let (job, registry) = (self.job, self.registry);
+        let auth = Auth::new(keys.keys.clone(), keys.known_hosts.clone());
+        job.system_line(0, &format!("runnel: checking out {}", co.repo_url));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let task = tokio::task::spawn_blocking({
+            let (co, workspace, cancel) = (co.clone(), held.workspace(), cancel.clone());
+            let mirrors = registry.mirrors.clone();
+            move || checkout::checkout(&co, &workspace, &auth, &cancel, mirrors.as_ref())
+        });
+        tokio::pin!(task);
+        let result = tokio::select! {
+            r = &mut task => r,
+            why = self.limits.interrupted(None) => {
+                cancel.store(true, Ordering::Relaxed);
+                if let Ok(Ok(c)) = task.await {
+                    held.borrowed = c.mirrors;
+                }
+                return Err(why.end("the checkout"));
+            }
+        };
+        registry.metrics.checkout_ended(started.elapsed());
+        let Checkout { done, mirrors } = match result {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(End::failed(e.kind, e.message)),
+            Err(e) => {
+                return Err(End::failed(
+                    FailureKind::Agent,
+                    format!("the checkout task failed: {e}"),
+                ));
+            }
+        };
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            cached = !mirrors.is_empty(),
+            "checked out"
+        );
+        held.borrowed = mirrors;
+        let key = match done.key {
+            KeyKind::None => String::new(),
+            k => format!(" with the {} {}", k.label(), done.key_fingerprint),
+        };
+        job.system_line(0, &format!("runnel: checked out {}{key}", done.commit));
+        for sm in &done.submodules {
+            job.system_line(
+                0,
+                &format!(
+                    "runnel: submodule {} at {} ({})",
+                    sm.path,
+                    sm.commit,
+                    sm.key.label()
+                ),
+            );
+        }
+        job.emit(EventKind::Checkout(done));
+        Ok(())
+    }
+
+    /// The image's layers (or the host's root) under a fresh writable
+    /// layer: the container's root filesystem, fresh every time.
+    async fn prepare_image(&self, held: &mut Held) -> Result<PreparedImage, End> {
+        let config = self.registry.config();
+        let image = if self.spec.container.image.is_empty() {
+            config.runtime.image.clone()
+        } else {
+            self.spec.container.image.clone()
+        };
+        let failed = |e: String| End::failed(FailureKind::Image, e);
+        if image == "host" && config.runtime.userns_base.is_some() {
+            return Err(failed(
+                "the \"host\" image cannot run in a user namespace (runtime.userns = true): its \
+                 files belong to the host's users; name an image"
+                    .into(),
+            ));
+        }
+        let dir = held.run_dir().join(ROOT);
+        if image == "host" {
+            let rootfs = blocking(move || Rootfs::overlay(&dir, &[Path::new("/")], None))
+                .await
+                .map_err(|e| failed(format!("cannot prepare the root filesystem: {e}")))?;
+            held.rootfs = Some(rootfs);
+            return Ok(PreparedImage {
+                user: User::root(),
+                env: Vec::new(),
+            });
+        }
+        let pulled = tokio::select! {
+            p = self.registry.images.get(&image) => p.map_err(|e| failed(e.to_string()))?,
+            why = self.limits.interrupted(None) => return Err(why.end("the image pull")),
+        };
+        held.image_layers = Some(pulled.holds.clone());
+        if pulled.layers.is_empty() {
+            return Err(failed(format!("image {image:?} has no layers")));
+        }
+        let lower: Vec<PathBuf> = pulled.layers.iter().rev().cloned().collect();
+        let root_owner = config.runtime.userns_base.map(|b| (b, b));
+        let image_user = pulled.config.user.clone().unwrap_or_default();
+        let (rootfs, user) = blocking(move || {
+            let lower: Vec<&Path> = lower.iter().map(PathBuf::as_path).collect();
+            let rootfs = Rootfs::overlay(&dir, &lower, root_owner)
+                .map_err(|e| format!("cannot prepare the root filesystem: {e}"))?;
+            let user = user::resolve(rootfs.path(), &image_user);
+            Ok::<_, String>((rootfs, user))
+        })
+        .await
+        .map_err(|e| failed(format!("image {image:?}: {e}")))?;
+        held.rootfs = Some(rootfs);
+        let user = user.map_err(|e| failed(format!("image {image:?}: {e}")))?;
+        tracing::info!(image, digest = %pulled.digest, layers = pulled.layers.len(), "image ready");
+        Ok(PreparedImage {
+            user,
+            env: pulled.config.env.clone().unwrap_or_default(),
+        })
+    }
+
+    /// The step user owns the workspace and its keys, as the host sees it.
+    async fn give_workspace(&self, user: &User, held: &Held) -> Result<(), End> {
+        let shift = self.registry.config().runtime.userns_base.unwrap_or(0);
+        let (uid, gid) = (user.uid + shift, user.gid + shift);
+        if uid == 0 {
+            return Ok(());
+        }
+        let workspace = held.workspace();
+        let ssh = held.ssh_dir.as_ref().map(|d| d.path().to_path_buf());
+        blocking(move || {
+            user::chown_tree(&workspace, uid, gid)?;
+            match ssh {
+                Some(d) => user::chown_tree(&d, uid, gid),
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| {
+            End::failed(
+                FailureKind::Agent,
+                format!("cannot give the workspace to uid {uid}: {e}"),
+            )
+        })
+    }
+
+    /// The container, its init running; its limits and cgroup.
+    async fn start_container(&self, user: &User, held: &mut Held) -> Result<(Resources, String), End> {
+        let (registry, job, spec) = (self.registry, self.job, self.spec);
+        let config = registry.config();
+        let r = &spec.container.resources;
+        let d = &config.runtime;
+        let container_config = ContainerConfig {
+            hostname: job.id.chars().take(63).collect(),
+            rootfs: held.rootfs.as_ref().expect("prepared").path().to_path_buf(),
+            workspace: held.workspace(),
+            ssh_dir: held.ssh_dir.as_ref().map(|d| d.path().to_path_buf()),
+            home: user.home.clone(),
+            init: registry.runtime.init_path().to_path_buf(),
+            network: match spec.container.network {
+                Network::Default => d.network,
+                n => n,
+            },
+            resources: Resources {
+                memory_bytes: r.memory_bytes.or(d.memory_bytes),
+                max_pids: r.max_pids.or(d.max_pids),
+                cpu_millis: r.cpu_millis.or(d.cpu_millis),
+            },
+            cgroup_path: registry.runtime.cgroup_path(&job.id),
+            userns_base: d.userns_base,
+            readonly_mounts: held
+                .borrowed
+                .iter()
+                .map(|m| (m.objects.clone(), m.container_objects.clone()))
+                .collect(),
+            masked: config.private_paths.clone(),
+        };
+        let oci_spec = oci::container_spec(&container_config);
+        let bundle = held.run_dir().join(BUNDLE);
+        let runtime: &dyn ContainerRuntime = &registry.runtime;
+        let start = runtime.start(&job.id, &bundle, &oci_spec);
+        tokio::pin!(start);
+        let started = tokio::select! {
+            c = &mut start => c,
+            why = self.limits.interrupted(None) => {
+                // A start cut short would leave its container's init running
+                // with no one to stop it: let it finish (it takes
+                // milliseconds); teardown removes the container.
+                if let Ok(c) = start.await {
+                    held.container = Some(c);
+                }
+                return Err(why.end("the container start"));
+            }
+        };
+        let container = started.map_err(|e| {
+            End::failed(
+                FailureKind::Agent,
+                format!("cannot start the job's container ({}): {e}", runtime.name()),
+            )
+        })?;
+        held.container = Some(container);
+        Ok((container_config.resources, container_config.cgroup_path))
+    }
+}
+
+/// Runs blocking work (the disk, mounts) off the async threads.
+async fn blocking<T: Send + 'static, E: std::fmt::Display>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, String>
+where
+    E: Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("the task failed: {e}")),
+    }
+}
+
+/// The job's keys and pinned hosts, checked; the values to mask.
+struct PreparedKeys {
+    keys: Vec<ssh::Key>,
+    known_hosts: KnownHosts,
+    mask: Vec<Secret>,
+}
+
+fn prepare_keys(spec: &JobSpec) -> Result<PreparedKeys, String> {
+    let known_hosts = KnownHosts::parse(&spec.ssh.known_hosts).map_err(|e| e.to_string())?;
+    let mut keys = Vec::new();
+    let mut mask = Vec::new();
+    for (kind, field, bytes) in [
+        (KeyKind::User, "ssh.user_key", &spec.ssh.user_key),
+        (KeyKind::Deploy, "ssh.deploy_key", &spec.ssh.deploy_key),
+    ] {
+        let Some(bytes) = bytes else { continue };
+        mask.extend(ssh::keys::mask_values(bytes, None));
+        let key =
+            ssh::keys::parse(kind, field, bytes, spec.ssh.passphrase.as_ref()).map_err(|e| e.to_string())?;
+        mask.extend(ssh::keys::mask_values(bytes, Some(&key)));
+        keys.push(key);
+    }
+    if let Some(p) = &spec.ssh.passphrase {
+        mask.push(p.clone());
+    }
+    Ok(PreparedKeys {
+        keys,
+        known_hosts,
+        mask,
+    })
+}
+
+fn secrets_of(spec: &JobSpec, extra: &[Secret]) -> Vec<Secret> {
+    spec.secrets
+        .iter()
+        .map(|s| s.value.clone())
+        .chain(extra.iter().cloned())
+        .collect()
+}
+
+/// Who runs the steps and the image's environment.
+struct PreparedImage {
+    user: User,
+    env: Vec<String>,
+}
+
+fn base_env(spec: &JobSpec, job_id: &str, image_env: &[String], user: &User) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert("PATH".into(), oci::DEFAULT_PATH.into());
+    for kv in image_env {
+        if let Some((k, v)) = kv.split_once('=') {
+            env.insert(k.to_string(), v.to_string());
+        }
+    }
+    env.insert("HOME".into(), user.home.clone());
+    env.insert("CI".into(), "true".into());
+    env.insert("RUNNEL".into(), "true".into());
+    env.insert("RUNNEL_JOB_ID".into(), job_id.into());
+    env.extend(spec.env.clone());
+    for s in &spec.secrets {
+        env.insert(
+            s.name.clone(),
+            String::from_utf8_lossy(s.value.expose()).into_owned(),
+        );
+    }
+    env
+}
+

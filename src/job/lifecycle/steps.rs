@@ -1,0 +1,468 @@
+//! The steps of a job, run one after another in its container: each an
+//! exec of the step's shell, its output masked and chunked into the log,
+//! under the step's and the job's deadlines. A non-zero exit is an
+//! outcome; when a limit of the container killed it, the message says
+//! which.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::{End, Limits};
+use crate::job::Job;
+use crate::logs::Masker;
+use crate::logs::output::{CHUNK_CAP, Chunker, pump};
+use crate::model::{EventKind, FailureKind, JobState, Resources, Step, StepResult, Stream as Out};
+use crate::runtime::cgroup::LimitsHit;
+use crate::runtime::spec::{self as oci, WORKSPACE};
+use crate::runtime::user::User;
+use crate::runtime::{ContainerRuntime, JobContainer};
+
+/// What every step of a job shares.
+pub(super) struct Steps<'a> {
+    pub job: &'a Arc<Job>,
+    pub env: BTreeMap<String, String>,
+    pub user: User,
+    pub masker: Arc<Masker>,
+    pub limits: &'a Limits,
+    pub grace: Duration,
+    /// The container's cgroup and limits, to explain a kill.
+    pub cgroup: String,
+    pub resources: Resources,
+    pub runtime: &'a dyn ContainerRuntime,
+}
+
+impl Steps<'_> {
+    /// Runs the steps in order; the first that fails ends the job.
+    pub async fn run_all(&self, container: &mut dyn JobContainer, steps: &[Step]) -> End {
+        for (i, step) in steps.iter().enumerate() {
+            let index = i as u32;
+            let span = tracing::info_span!("step", step = %step.name, index);
+            let (result, end) = self.run(container, index, step).instrument(span).await;
+            self.job.step_finished(result);
+            if let Some(end) = end {
+                return end;
+            }
+        }
+        End::ok()
+    }
+
+    /// Why the container's processes were killed, if a limit did it.
+    fn limit_hit(&self, before: LimitsHit) -> Option<String> {
+        let now = self.runtime.limits_hit(&self.cgroup);
+        if now.oom_kills > before.oom_kills {
+            let limit = self
+                .resources
+                .memory_bytes
+                .map(|m| format!(" of {} MiB", m >> 20))
+                .unwrap_or_default();
+            return Some(format!(
+                "ran out of memory: the kernel killed it at the container's limit{limit} \
+                 (container.resources.memory_bytes)"
+            ));
+        }
+        if now.pids_max > before.pids_max {
+            let limit = self
+                .resources
+                .max_pids
+                .map(|p| format!(" of {p}"))
+                .unwrap_or_default();
+            return Some(format!(
+                "hit the container's process limit{limit} (container.resources.max_pids): \
+                 it could not start more processes"
+            ));
+        }
+        None
+    }
+
+    async fn run(&self, container: &mut dyn JobContainer, index: u32, step: &Step) -> (StepResult, Option<End>) {
+        let job = self.job;
+        job.emit(EventKind::StepStarted {
+            index,
+            name: step.name.clone(),
+        });
+        let started = Instant::now();
+        let before = self.runtime.limits_hit(&self.cgroup);
+        let mut result = StepResult {
+            index,
+            name: step.name.clone(),
+            state: JobState::Failed,
+            exit_code: -1,
+            signal: 0,
+            duration: Duration::ZERO,
+        };
+        let what = format!("step {:?}", step.name);
+        let fail = |mut result: StepResult, message: String| {
+            result.duration = started.elapsed();
+            (result, Some(End::failed(FailureKind::Agent, message)))
+        };
+
+        let mut env = self.env.clone();
+        env.extend(step.env.clone());
+        env.insert("RUNNEL_STEP".into(), step.name.clone());
+        let args = vec!["/bin/sh".into(), "-c".into(), step.run.clone()];
+        let process = oci::process(args, &env, WORKSPACE, &self.user);
+        let pipes = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .and_then(|o| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map(|e| (o, e)));
+        let ((out_r, out_w), (err_r, err_w)) = match pipes {
+            Ok(p) => p,
+            Err(e) => return fail(result, format!("cannot create pipes for {what}: {e}")),
+        };
+        let (mut child, _process_file) = match container.exec(&process, out_w, err_w) {
+            Ok(c) => c,
+            Err(e) => return fail(result, format!("cannot start {what}: {e}")),
+        };
+        let exited = CancellationToken::new();
+        let pump_to_log = |pipe, stream: Out| {
+            let job = job.clone();
+            let chunker = Chunker::new(self.masker.clone(), CHUNK_CAP);
+            pump(pipe, chunker, exited.clone(), move |data: Vec<u8>| {
+                job.emit(EventKind::Log {
+                    step: index,
+                    stream,
+                    data,
+                })
+            })
+        };
+        let work = async {
+            let wait = async {
+                let status = child.wait().await;
+                exited.cancel();
+                status
+            };
+            let (status, _, _) = tokio::join!(
+                wait,
+                pump_to_log(out_r, Out::Stdout),
+                pump_to_log(err_r, Out::Stderr)
+            );
+            status
+        };
+        tokio::pin!(work);
+        let step_limit = step.timeout.map(|t| (started + t, t));
+        let interrupt = tokio::select! {
+            status = &mut work => {
+                result.duration = started.elapsed();
+                return match status {
+                    Ok(s) if s.success() => {
+                        result.state = JobState::Succeeded;
+                        result.exit_code = 0;
+                        (result, None)
+                    }
+                    Ok(s) => {
+                        let code = s.code().unwrap_or(-1);
+                        result.exit_code = code;
+                        let message = match self.limit_hit(before) {
+                            Some(why) => format!("{what} {why}; exit status {code}"),
+                            None => format!("{what} failed: exit status {code}"),
+                        };
+                        (result, Some(End::failed(FailureKind::Step, message)))
+                    }
+                    Err(e) => fail(result, format!("cannot wait for {what}: {e}")),
+                };
+            }
+            why = self.limits.interrupted(step_limit) => why,
+        };
+        let mut end = interrupt.end(&what);
+        if let Some(why) = self.limit_hit(before) {
+            end.message.push_str(&format!("; it {why}"));
+        }
+        job.system_line(index, &format!("runnel: {}; stopping the container", end.message));
+        container.stop(self.grace).await;
+        let status = tokio::time::timeout(Duration::from_secs(10), work).await;
+        result.duration = started.elapsed();
+        result.state = end.state;
+        result.exit_code = -1;
+        // The runtime's exec reports a signal as 128 + n, or was itself
+        // killed by it.
+        result.signal = match status {
+            Ok(Ok(s)) => s
+                .code()
+                .filter(|c| *c > 128)
+                .map(|c| c - 128)
+                .or(std::os::unix::process::ExitStatusExt::signal(&s))
+                .unwrap_or(libc::SIGKILL),
+            _ => libc::SIGKILL,
+        };
+        (result, Some(end))
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    //! The lifecycle's own logic (timeouts, cancel, limit messages, the
+    //! first failure ending the job) over a fake runtime whose "container"
+    //! runs each step as a host process.
+
+    use std::os::fd::OwnedFd;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use futures::StreamExt;
+    use futures::future::BoxFuture;
+    use oci_spec::runtime::{Process, Spec};
+    use tokio::process::Child;
+
+    use super::*;
+    use crate::logs::EventLog;
+    use crate::metrics::Metrics;
+    use crate::model::JobStatus;
+    use crate::runtime::RuntimeError;
+    use crate::sys::wipe::WipeOnDrop;
+
+    /// A runtime whose limit counters the test sets.
+    #[derive(Debug, Default)]
+    pub struct FakeRuntime {
+        pub oom_kills: AtomicU64,
+        /// What happened to its containers, in order.
+        pub calls: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl ContainerRuntime for FakeRuntime {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn init_path(&self) -> &Path {
+            Path::new("/nonexistent/init")
+        }
+        fn cgroup_path(&self, id: &str) -> String {
+            format!("/fake/{id}")
+        }
+        fn start<'a>(
+            &'a self,
+            _id: &'a str,
+            _bundle: &'a Path,
+            _spec: &'a Spec,
+        ) -> BoxFuture<'a, Result<Box<dyn JobContainer>, RuntimeError>> {
+            Box::pin(async move { Ok(Box::new(self.container()) as Box<dyn JobContainer>) })
+        }
+        fn limits_hit(&self, _cgroup: &str) -> LimitsHit {
+            LimitsHit {
+                oom_kills: self.oom_kills.load(Ordering::SeqCst),
+                pids_max: 0,
+            }
+        }
+    }
+
+    impl FakeRuntime {
+        pub fn container(&self) -> FakeContainer {
+            FakeContainer {
+                pids: Mutex::new(Vec::new()),
+                calls: self.calls.clone(),
+                checks: Vec::new(),
+            }
+        }
+    }
+
+    /// Runs each exec'd process on the host; `stop` sends SIGTERM to them.
+    #[derive(Debug)]
+    pub struct FakeContainer {
+        pids: Mutex<Vec<u32>>,
+        calls: Arc<Mutex<Vec<String>>>,
+        /// Paths whose existence `remove` records, to see what was still
+        /// there when the container went.
+        pub checks: Vec<PathBuf>,
+    }
+
+    impl FakeContainer {
+        fn call(&self, what: String) {
+            self.calls.lock().unwrap().push(what);
+        }
+    }
+
+    impl JobContainer for FakeContainer {
+        fn exec(&self, process: &Process, stdout: OwnedFd, stderr: OwnedFd) -> Result<(Child, WipeOnDrop), RuntimeError> {
+            let args = process.args().clone().unwrap_or_default();
+            let child = tokio::process::Command::new(&args[0])
+                .args(&args[1..])
+                .env_clear()
+                .envs(process.env().iter().flatten().filter_map(|kv| kv.split_once('=')))
+                .stdin(std::process::Stdio::null())
+                .stdout(stdout)
+                .stderr(stderr)
+                .kill_on_drop(true)
+                .spawn()
+                .expect("sh runs");
+            self.pids.lock().unwrap().push(child.id().unwrap());
+            self.call("exec".into());
+            Ok((child, WipeOnDrop(PathBuf::from("/nonexistent/process.json"))))
+        }
+
+        fn stop(&mut self, _grace: Duration) -> BoxFuture<'_, ()> {
+            self.call("stop".into());
+            for pid in self.pids.lock().unwrap().iter() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::SIGTERM);
+            }
+            Box::pin(async {})
+        }
+
+        fn remove(self: Box<Self>, _grace: Duration) -> BoxFuture<'static, ()> {
+            let there: Vec<String> = self
+                .checks
+                .iter()
+                .map(|p| format!("{}={}", p.file_name().unwrap().to_string_lossy(), p.exists()))
+                .collect();
+            self.call(format!("remove {}", there.join(" ")));
+            Box::pin(async {})
+        }
+    }
+
+    pub fn job(dir: &Path) -> Arc<Job> {
+        let log = EventLog::create(&dir.join("events.log")).unwrap();
+        Arc::new(Job::new(dir, "j", JobStatus::new("j".into()), log, &Arc::new(Metrics::default())))
+    }
+
+    fn step(name: &str, run: &str, timeout: Option<Duration>) -> Step {
+        Step {
+            name: name.into(),
+            run: run.into(),
+            env: BTreeMap::new(),
+            timeout,
+        }
+    }
+
+    fn limits(cancel: &CancellationToken, job_timeout: Duration) -> Limits {
+        Limits {
+            cancel: cancel.clone(),
+            job_deadline: Instant::now() + job_timeout,
+            job_timeout,
+        }
+    }
+
+    async fn run(runtime: &FakeRuntime, limits: &Limits, dir: &Path, steps: &[Step]) -> (End, Arc<Job>) {
+        let job = job(dir);
+        let s = Steps {
+            job: &job,
+            env: BTreeMap::from([("PATH".to_string(), "/usr/bin:/bin".to_string())]),
+            user: User::root(),
+            masker: Arc::new(Masker::new(&[])),
+            limits,
+            grace: Duration::from_millis(100),
+            cgroup: runtime.cgroup_path("j"),
+            resources: Resources {
+                memory_bytes: Some(64 << 20),
+                max_pids: Some(32),
+                cpu_millis: None,
+            },
+            runtime,
+        };
+        let mut container = runtime.container();
+        let end = s.run_all(&mut container, steps).await;
+        (end, job)
+    }
+
+    /// Every log line the job recorded.
+    async fn log_text(job: &Job) -> String {
+        job.log.close();
+        let events: Vec<_> = job.watch(0, false).collect().await;
+        let mut out = String::new();
+        for e in events {
+            if let EventKind::Log { data, .. } = e.unwrap().kind {
+                out.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn steps_run_in_order_and_the_first_failure_ends_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = FakeRuntime::default();
+        let cancel = CancellationToken::new();
+        let steps = [
+            step("one", "echo first", None),
+            step("two", "echo second; exit 3", None),
+            step("three", "echo never", None),
+        ];
+        let (end, job) = run(&rt, &limits(&cancel, Duration::from_secs(30)), dir.path(), &steps).await;
+        assert_eq!((end.state, end.failure), (JobState::Failed, FailureKind::Step));
+        assert_eq!(end.message, "step \"two\" failed: exit status 3");
+        let status = job.status();
+        assert_eq!(status.steps.len(), 2);
+        assert_eq!(status.steps[1].exit_code, 3);
+        assert_eq!(log_text(&job).await, "first\nsecond\n");
+        assert_eq!(*rt.calls.lock().unwrap(), ["exec", "exec"]);
+    }
+
+    #[tokio::test]
+    async fn a_step_past_its_timeout_stops_the_container_and_the_job_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = FakeRuntime::default();
+        let cancel = CancellationToken::new();
+        let steps = [
+            step("slow", "sleep 30", Some(Duration::from_millis(200))),
+            step("after", "echo never", None),
+        ];
+        let (end, job) = run(&rt, &limits(&cancel, Duration::from_secs(30)), dir.path(), &steps).await;
+        assert_eq!((end.state, end.failure), (JobState::TimedOut, FailureKind::Timeout));
+        assert_eq!(end.message, "step \"slow\" exceeded its timeout of 200ms");
+        assert_eq!(*rt.calls.lock().unwrap(), ["exec", "stop"]);
+        let result = &job.status().steps[0];
+        assert_eq!((result.state, result.signal), (JobState::TimedOut, libc::SIGTERM));
+        assert!(log_text(&job).await.contains("runnel: step \"slow\" exceeded its timeout of 200ms; stopping the container"));
+    }
+
+    #[tokio::test]
+    async fn the_job_timeout_wins_when_it_comes_before_the_step_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = FakeRuntime::default();
+        let cancel = CancellationToken::new();
+        let steps = [step("slow", "sleep 30", Some(Duration::from_secs(20)))];
+        let (end, _) = run(&rt, &limits(&cancel, Duration::from_millis(200)), dir.path(), &steps).await;
+        assert_eq!(end.state, JobState::TimedOut);
+        assert_eq!(end.message, "the job exceeded its timeout of 200ms during step \"slow\"");
+    }
+
+    #[tokio::test]
+    async fn a_cancel_during_a_step_stops_it_and_cancels_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = FakeRuntime::default();
+        let cancel = CancellationToken::new();
+        let limits = limits(&cancel, Duration::from_secs(30));
+        let steps = [step("long", "sleep 30", None)];
+        let canceller = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                cancel.cancel();
+            })
+        };
+        let (end, _) = run(&rt, &limits, dir.path(), &steps).await;
+        canceller.await.unwrap();
+        assert_eq!((end.state, end.failure), (JobState::Cancelled, FailureKind::Cancelled));
+        assert_eq!(end.message, "cancelled during step \"long\"");
+        assert_eq!(*rt.calls.lock().unwrap(), ["exec", "stop"]);
+    }
+
+    #[tokio::test]
+    async fn a_step_killed_at_the_memory_limit_is_told_so_with_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::default());
+        let cancel = CancellationToken::new();
+        // The kernel's OOM killer, as the cgroup counter shows it: bumped
+        // while the step runs.
+        let flag = dir.path().join("started");
+        let steps = [step("hungry", &format!("touch {}; sleep 0.3; exit 137", flag.display()), None)];
+        let bump = {
+            let rt = rt.clone();
+            tokio::spawn(async move {
+                while !flag.exists() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                rt.oom_kills.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        let (end, _) = run(&rt, &limits(&cancel, Duration::from_secs(30)), dir.path(), &steps).await;
+        bump.await.unwrap();
+        assert_eq!(end.failure, FailureKind::Step);
+        assert_eq!(
+            end.message,
+            "step \"hungry\" ran out of memory: the kernel killed it at the container's limit of 64 MiB \
+             (container.resources.memory_bytes); exit status 137"
+        );
+    }
+}
