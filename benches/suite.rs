@@ -6,9 +6,9 @@
 //! sections; `RUNNEL_BENCH_N` sets the number of samples (default 50).
 //!
 //! It starts the real `runnel` binary (release build) as an agent and drives
-//! it over gRPC, exactly as the integration tests do (tests/support).
+//! it over gRPC, exactly as the integration tests do (tests/it/support).
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::fmt::Write as _;

@@ -2,15 +2,13 @@
 //! before deploy key, pinned host keys, submodules, revisions, and the
 //! failures a user must be told about plainly.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::sshd::{GitServer, KeyPair, git, sh, write};
+use crate::support::*;
 use runnel::api::pb;
-use support::sshd::{GitServer, KeyPair, git, sh, write};
-use support::*;
 
 /// A git server with `org/app.git` (submodule `lib` → `../lib.git`, whose
 /// submodule `deep` → `../deep.git`), `org/dep.git`, a user key for all of

@@ -2,14 +2,12 @@
 //! clients of a running agent, including `logs -f` across a dropped
 //! connection.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use support::*;
+use crate::support::*;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 

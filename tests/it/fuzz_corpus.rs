@@ -4,7 +4,7 @@
 //! accepted, where it says `ok`), and nothing may panic. This is also what
 //! keeps the fuzz targets compiling with a stable toolchain.
 
-#[path = "../fuzz/entries.rs"]
+#[path = "../../fuzz/entries.rs"]
 mod entries;
 
 use std::collections::BTreeMap;

@@ -1,13 +1,11 @@
 //! One job end to end through the real agent: gRPC API, lifecycle, event
 //! log, masking, containers, timeouts and cancellation.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use futures::StreamExt;
 use runnel::api::pb;
-use support::*;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread")]

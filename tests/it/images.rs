@@ -1,14 +1,12 @@
 //! Real images in clean containers: pulled from a real registry on loopback
 //! or read from an OCI layout, fresh every time, isolated and limited.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::image::{Entry, Registry, busybox_layer, write_layout};
+use crate::support::*;
 use runnel::api::pb;
-use support::image::{Entry, Registry, busybox_layer, write_layout};
-use support::*;
 
 fn with_image(id: &str, image: &str, steps: &[&str]) -> pb::JobSpec {
     let mut spec = job(id, steps);

@@ -3,14 +3,12 @@
 //! right CA or certificate refused, and plain text off loopback refused by
 //! the config.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use runnel::api::pb;
-use support::*;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// A CA, and PEM files of certificates it signed.

@@ -2,15 +2,13 @@
 //! second signal cutting it short), sd_notify, recovery after kill -9,
 //! retention of ended jobs, the metrics endpoint and the agent's own log.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::sshd::KeyPair;
+use crate::support::*;
 use futures::StreamExt;
 use nix::sys::signal::Signal;
 use runnel::api::pb;
-use support::sshd::KeyPair;
-use support::*;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -346,7 +344,7 @@ async fn retention_by_age_removes_old_ended_jobs() {
 
 /// A git repository with one commit, for a checkout from a local path.
 fn local_repo(dir: &std::path::Path) -> String {
-    use support::sshd::git;
+    use crate::support::sshd::git;
     std::fs::write(dir.join("README"), "metrics\n").unwrap();
     git(dir, &["init", "-q", "-b", "main"]);
     git(dir, &["add", "README"]);
