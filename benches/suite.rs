@@ -892,7 +892,9 @@ fn proc_meminfo_gib() -> f64 {
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is taken from argv.
-    support::require_root();
+    if let Some(reason) = support::unmet(&[support::Need::Root]) {
+        panic!("the benchmark suite {reason}");
+    }
     let n: usize = std::env::var("RUNNEL_BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -88,6 +88,7 @@ fn ssh_keys() {
 /// asks for billions of rounds.
 #[test]
 fn generated_keys() {
+    require!(SshKeygen);
     use base64::Engine;
     let dir = tempfile::tempdir().unwrap();
     let keygen = |name: &str, pass: &str, rounds: &str| {

@@ -97,6 +97,7 @@ async fn agent_info(c: &mut Client) -> Result<pb::AgentInfo, tonic::Status> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_serves_the_api_and_the_cli_speaks_it() {
+    require!(Root);
     let ca = Ca::new("runnel test CA");
     let (cert, key) = ca.issue("agent", &["127.0.0.1", "localhost"]);
     let agent = Agent::start(&tls_config(&cert, &key, None));
@@ -185,6 +186,7 @@ async fn tls_serves_the_api_and_the_cli_speaks_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mutual_tls_refuses_a_client_without_a_certificate_of_the_client_ca() {
+    require!(Root);
     let ca = Ca::new("runnel server CA");
     let clients = Ca::new("runnel clients CA");
     let (cert, key) = ca.issue("agent", &["127.0.0.1"]);

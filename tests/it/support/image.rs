@@ -11,7 +11,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::sshd::sh;
-use super::wait_for;
+use super::{Need, expect, wait_for};
 
 /// One entry of a layer.
 pub enum Entry {
@@ -25,6 +25,7 @@ pub enum Entry {
 /// A layer holding busybox, its applets as symlinks, a passwd with root and
 /// `builder` (1000:1000), and empty /tmp, /root, /home/builder.
 pub fn busybox_layer() -> Vec<Entry> {
+    expect(Need::Busybox);
     let mut e = vec![
         Entry::Dir("bin"),
         Entry::Dir("etc"),
@@ -203,6 +204,7 @@ pub struct Registry {
 
 impl Registry {
     pub fn start() -> Registry {
+        expect(Need::Registry);
         let dir = tempfile::Builder::new()
             .prefix("runnel-registry.")
             .tempdir()
