@@ -8,6 +8,8 @@
 //! It starts the real `runnel` binary (release build) as an agent and drives
 //! it over gRPC, exactly as the integration tests do (tests/it/support).
 
+// The bench drives the agent with a part of the tests' helpers.
+#[allow(dead_code)]
 #[path = "../tests/it/support/mod.rs"]
 mod support;
 

@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -251,10 +251,6 @@ impl Registry {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
-    }
-
-    pub fn path(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
     }
 }
 

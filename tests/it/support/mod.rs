@@ -2,7 +2,6 @@
 //! loopback port with tokens and a private state directory, and talks to it
 //! with the generated tonic client (over TLS when the agent has `[tls]`).
 //! Everything started here is stopped and removed on drop.
-#![allow(dead_code)]
 
 pub mod image;
 pub mod sshd;
