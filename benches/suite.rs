@@ -6,9 +6,11 @@
 //! sections; `RUNNEL_BENCH_N` sets the number of samples (default 50).
 //!
 //! It starts the real `runnel` binary (release build) as an agent and drives
-//! it over gRPC, exactly as the integration tests do (tests/support).
+//! it over gRPC, exactly as the integration tests do (tests/it/support).
 
-#[path = "../tests/support/mod.rs"]
+// The bench drives the agent with a part of the tests' helpers.
+#[allow(dead_code)]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::fmt::Write as _;
@@ -892,7 +894,9 @@ fn proc_meminfo_gib() -> f64 {
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is taken from argv.
-    support::require_root();
+    if let Some(reason) = support::unmet(&[support::Need::Root]) {
+        panic!("the benchmark suite {reason}");
+    }
     let n: usize = std::env::var("RUNNEL_BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())

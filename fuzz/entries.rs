@@ -1,6 +1,6 @@
 //! The fuzzed entry points, shared by the cargo-fuzz targets
 //! (`fuzz/fuzz_targets/`) and the corpus replay test
-//! (`tests/fuzz_corpus.rs`), so that both run the same code. Each takes raw
+//! (`tests/it/fuzz_corpus.rs`), so that both run the same code. Each takes raw
 //! bytes and returns the message a user would see when the input is
 //! refused. A panic anywhere is a bug; so is a broken invariant on an
 //! accepted input (asserted here).

@@ -2,15 +2,13 @@
 //! before deploy key, pinned host keys, submodules, revisions, and the
 //! failures a user must be told about plainly.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::sshd::{GitServer, KeyPair, git, sh, write};
+use crate::support::*;
 use runnel::api::pb;
-use support::sshd::{GitServer, KeyPair, git, sh, write};
-use support::*;
 
 /// A git server with `org/app.git` (submodule `lib` → `../lib.git`, whose
 /// submodule `deep` → `../deep.git`), `org/dep.git`, a user key for all of
@@ -25,7 +23,6 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
-        require_root();
         let keys = tempfile::tempdir().unwrap();
         let user = KeyPair::generate(keys.path(), "user", "ed25519", "", &[]);
         let deploy = KeyPair::generate(keys.path(), "deploy", "ed25519", "", &[]);
@@ -137,6 +134,7 @@ fn head(dir: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_user_key_wins_and_nested_submodules_are_checked_out() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     let agent = Agent::start("");
     let spec = f.spec(
@@ -180,6 +178,7 @@ async fn the_user_key_wins_and_nested_submodules_are_checked_out() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deploy_key_alone_checks_out_its_repository() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     let agent = Agent::start("");
     let (status, events) = run_job(
@@ -203,6 +202,7 @@ async fn a_deploy_key_alone_checks_out_its_repository() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deploy_key_cannot_read_a_submodule_and_the_user_is_told_why() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     let agent = Agent::start("");
     let (status, _) = run_job(&agent, f.spec("deploy-submodule", false, true, true, &["true"])).await;
@@ -224,6 +224,7 @@ async fn a_deploy_key_cannot_read_a_submodule_and_the_user_is_told_why() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unknown_key_is_permission_denied_naming_the_keys_tried() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     let agent = Agent::start("");
     let stranger = KeyPair::generate(f.keys.path(), "stranger", "ed25519", "", &[]);
@@ -246,6 +247,7 @@ async fn an_unknown_key_is_permission_denied_naming_the_keys_tried() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unpinned_or_changed_host_key_is_refused_before_any_key_is_offered() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     let agent = Agent::start("");
 
@@ -299,6 +301,7 @@ async fn an_unpinned_or_changed_host_key_is_refused_before_any_key_is_offered() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hashed_and_bracketed_known_hosts_entries_match() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     let agent = Agent::start("");
     let kh = f.keys.path().join("known_hosts");
@@ -324,6 +327,7 @@ async fn hashed_and_bracketed_known_hosts_entries_match() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_of_every_kind_and_encrypted_ones() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     let dir = f.keys.path();
     let rsa_pem = KeyPair::generate(dir, "rsa_pem", "rsa", "", &["-m", "PEM"]);
@@ -382,6 +386,7 @@ async fn keys_of_every_kind_and_encrypted_ones() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn revisions_by_sha_branch_and_tag() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     let first = head(&f.app);
     git(&f.app, &["checkout", "-q", "-b", "feature"]);
@@ -426,6 +431,7 @@ async fn revisions_by_sha_branch_and_tag() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_submodule_that_escapes_the_workspace_is_refused() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     f.server.push(&f.app, "evil submodule", |w| {
         write(
@@ -449,6 +455,7 @@ async fn a_submodule_that_escapes_the_workspace_is_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_step_clones_a_private_dependency_with_the_jobs_keys() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     let agent = Agent::start("");
     let dep = f.server.url("org/dep.git");
@@ -488,6 +495,7 @@ async fn a_step_clones_a_private_dependency_with_the_jobs_keys() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_checkout_equals_git_clone_recurse_submodules_file_for_file() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     let agent = Agent::start("");
     let list = "find . -name .git -prune -o -type f -print | sort | xargs sha256sum";
@@ -502,6 +510,7 @@ async fn the_checkout_equals_git_clone_recurse_submodules_file_for_file() {
 
 #[test]
 fn keyscan_prints_pinnable_lines_with_fingerprints() {
+    require!(Sshd);
     let f = Fixture::new();
     let out = sh(Command::new(runnel_bin()).args(["keyscan", &format!("127.0.0.1:{}", f.server.port)]));
     let line = out
@@ -538,6 +547,7 @@ fn mirror_dirs(agent: &Agent) -> Vec<std::path::PathBuf> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_repeated_checkout_borrows_the_cache_and_sees_new_commits() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     let agent = Agent::start("max_jobs = 3");
     let inspect = "git log --format=%s -1; cat lib/lib.txt; git count-objects -v | grep -E '^(count|size-pack):'; cat .git/objects/info/alternates";
@@ -623,6 +633,7 @@ fn clone_listing(f: &Fixture, list: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_warm_workspace_is_laid_over_the_cached_tree_and_equals_git_clone() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     let agent = Agent::start("");
     // What the second commit turns into something else.
@@ -749,6 +760,7 @@ fn tree_layers(agent: &Agent) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unused_checkout_cache_expires_but_never_while_a_job_uses_it() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     let agent = Agent::start("[retention]\ncache_max_age = \"2s\"\ninterval = \"1s\"");
     let mut c = agent.scheduler().await;
@@ -786,6 +798,7 @@ async fn an_unused_checkout_cache_expires_but_never_while_a_job_uses_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_never_uses_a_cache_it_could_not_fetch_itself() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     let agent = Agent::start("");
     let (s1, _) = run_job(&agent, f.spec("fills-cache", true, false, true, &["true"])).await;
@@ -807,6 +820,7 @@ async fn a_job_never_uses_a_cache_it_could_not_fetch_itself() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupt_cache_is_rebuilt_and_never_fails_a_job() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     let agent = Agent::start("");
     let (s1, _) = run_job(&agent, f.spec("before-corruption", true, false, false, &["true"])).await;
@@ -846,6 +860,7 @@ async fn a_corrupt_cache_is_rebuilt_and_never_fails_a_job() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_are_wiped_however_the_job_ends() {
+    require!(Root, Sshd);
     let f = Fixture::new();
     let mut agent = Agent::start("[runtime]\ngrace_period = \"1s\"");
     // Timed out.

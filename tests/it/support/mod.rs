@@ -2,7 +2,6 @@
 //! loopback port with tokens and a private state directory, and talks to it
 //! with the generated tonic client (over TLS when the agent has `[tls]`).
 //! Everything started here is stopped and removed on drop.
-#![allow(dead_code)]
 
 pub mod image;
 pub mod sshd;
@@ -26,12 +25,88 @@ pub fn runnel_bin() -> &'static str {
     env!("CARGO_BIN_EXE_runnel")
 }
 
-/// Containers, mounts and cgroups need root: fail with the reason, never skip.
-pub fn require_root() {
+/// What a test needs that a contributor's machine may lack. A test names
+/// its needs first, with `require!` (tests/it/main.rs).
+#[derive(Clone, Copy, Debug)]
+pub enum Need {
+    /// Containers, mounts and cgroups: every test that starts an agent.
+    Root,
+    /// A real sshd serving git, which logs in as root.
+    Sshd,
+    /// ssh-keygen, to make keys at test time.
+    SshKeygen,
+    /// busybox-static, the one binary of the test images.
+    Busybox,
+    /// A real registry and skopeo to push to it.
+    Registry,
+    /// runc, the alternative runtime.
+    Runc,
+}
+
+impl Need {
+    /// Why this need is not met here, or `None` when it is.
+    fn unmet(self) -> Option<String> {
+        let root = |why: &str| (!nix::unistd::geteuid().is_root()).then(|| format!("needs root: {why}"));
+        let program = |name: &str, package: &str| {
+            (!installed(name))
+                .then(|| format!("needs {name} (Debian's {package}; scripts/setup installs it)"))
+        };
+        match self {
+            Need::Root => root("starts containers, mounts and cgroups"),
+            Need::Sshd => root("runs sshd, which serves git to root")
+                .or_else(|| program("/usr/sbin/sshd", "openssh-server"))
+                .or_else(|| program("git", "git"))
+                .or_else(|| program("ssh-keygen", "openssh-client")),
+            Need::SshKeygen => program("ssh-keygen", "openssh-client"),
+            Need::Busybox => program("/bin/busybox", "busybox-static"),
+            Need::Registry => {
+                program("/usr/bin/docker-registry", "docker-registry").or_else(|| program("skopeo", "skopeo"))
+            }
+            Need::Runc => program("runc", "runc"),
+        }
+    }
+}
+
+/// Whether `program` (a path, or a name looked up on PATH) is a file.
+fn installed(program: &str) -> bool {
+    if program.contains('/') {
+        return Path::new(program).is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+/// Why a test with `needs` cannot run here (the first unmet need), or `None`.
+pub fn unmet(needs: &[Need]) -> Option<String> {
+    needs.iter().find_map(|n| n.unmet())
+}
+
+/// Says that `test` (its function's type name) is skipped for `reason`;
+/// panics with the reason instead when `CI` is set, so that CI never
+/// passes by skipping.
+pub fn skip(test: &str, reason: &str) {
+    use std::io::Write;
+    // `it::agent::name::{{closure}}::here` → `agent::name`, as libtest names it.
+    let name = test
+        .split("::")
+        .skip(1)
+        .filter(|part| *part != "{{closure}}" && *part != "here")
+        .collect::<Vec<_>>()
+        .join("::");
     assert!(
-        nix::unistd::geteuid().is_root(),
-        "these tests start containers and must run as root (run `bash scripts/test` as root)"
+        std::env::var_os("CI").is_none(),
+        "{name}: {reason} (CI is set: there a test fails rather than skip)"
     );
+    // To stderr itself: libtest hides what a passing test prints with eprintln!.
+    let _ = writeln!(std::io::stderr(), "skipped: {name}: {reason}");
+}
+
+/// For the helpers that start what a test needs: panics naming `need` when
+/// it is unmet, i.e. when the test forgot to begin with `require!`.
+pub fn expect(need: Need) {
+    if let Some(reason) = need.unmet() {
+        panic!("{reason}; a test that needs it begins with `require!({need:?})`");
+    }
 }
 
 /// Waits for `cond` with a deadline; panics with `what` when it never holds.
@@ -97,7 +172,7 @@ impl Agent {
 
     /// An agent configured as [`Agent::start`] does, not started yet.
     pub fn new(extra: &str) -> Agent {
-        require_root();
+        expect(Need::Root);
         let state = tempfile::Builder::new().prefix("runnel-test.").tempdir().unwrap();
         let dir = state.path();
         std::fs::write(dir.join("scheduler.tokens"), format!("{SCHEDULER_TOKEN}\n")).unwrap();

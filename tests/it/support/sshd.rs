@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::wait_for;
+use super::{Need, expect, wait_for};
 
 /// Runs a command; panics with its output when it fails. Returns stdout.
 pub fn sh(cmd: &mut Command) -> String {
@@ -54,6 +54,7 @@ pub struct KeyPair {
 impl KeyPair {
     /// `kind`: "ed25519", "rsa", "ecdsa"; `extra`: e.g. ["-m", "PEM"].
     pub fn generate(dir: &Path, name: &str, kind: &str, passphrase: &str, extra: &[&str]) -> KeyPair {
+        expect(Need::SshKeygen);
         let private = dir.join(name);
         let mut cmd = Command::new("ssh-keygen");
         cmd.args(["-q", "-t", kind, "-N", passphrase, "-C", name, "-f"])
@@ -107,6 +108,7 @@ impl GitServer {
     /// Starts sshd. `deploy` keys are each forced to one repository
     /// (`org/app.git`-style path); `users` reach every repository.
     pub fn start(deploy: &[(&KeyPair, &str)], users: &[&KeyPair]) -> GitServer {
+        expect(Need::Sshd);
         std::fs::create_dir_all("/run/sshd").unwrap();
         let dir = tempfile::Builder::new().prefix("runnel-sshd.").tempdir().unwrap();
         let d = dir.path();

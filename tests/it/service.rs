@@ -2,15 +2,13 @@
 //! second signal cutting it short), sd_notify, recovery after kill -9,
 //! retention of ended jobs, the metrics endpoint and the agent's own log.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::sshd::KeyPair;
+use crate::support::*;
 use futures::StreamExt;
 use nix::sys::signal::Signal;
 use runnel::api::pb;
-use support::sshd::KeyPair;
-use support::*;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -46,6 +44,7 @@ async fn until_draining(agent: &Agent) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_running_jobs_refuses_new_ones_then_exits_0() {
+    require!(Root);
     let mut agent = Agent::start("drain_timeout = \"10m\"");
     assert_eq!(agent.health().await, ServingStatus::Serving);
     let gate = Gate::new().await;
@@ -100,6 +99,7 @@ async fn sigterm_drains_running_jobs_refuses_new_ones_then_exits_0() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_signal_cuts_the_drain_short_and_cancels_what_runs() {
+    require!(Root);
     let mut agent = Agent::start("drain_timeout = \"1h\"\n[runtime]\ngrace_period = \"1s\"");
     let events = sleeping_job(&agent, "stubborn", "1000.661").await;
     agent.signal(Signal::SIGTERM);
@@ -115,6 +115,7 @@ async fn a_second_signal_cuts_the_drain_short_and_cancels_what_runs() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_drain_timeout_cancels_what_still_runs_then_exits_0() {
+    require!(Root);
     let mut agent = Agent::start("drain_timeout = \"1s\"\n[runtime]\ngrace_period = \"1s\"");
     let events = sleeping_job(&agent, "too-slow", "1000.771").await;
     agent.signal(Signal::SIGTERM);
@@ -128,6 +129,7 @@ async fn the_drain_timeout_cancels_what_still_runs_then_exits_0() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ready_and_stopping_reach_the_notify_socket_and_no_child_inherits_it() {
+    require!(Root);
     let dir = tempfile::tempdir().unwrap();
     let socket_path = dir.path().join("notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
@@ -179,6 +181,7 @@ async fn ready_and_stopping_reach_the_notify_socket_and_no_child_inherits_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn after_kill_9_a_running_job_is_lost_its_keys_wiped_its_container_gone_and_its_log_kept() {
+    require!(Root, SshKeygen);
     let mut agent = Agent::start("");
     let keys = tempfile::tempdir().unwrap();
     let deploy = KeyPair::generate(keys.path(), "deploy", "ed25519", "", &[]);
@@ -254,6 +257,7 @@ async fn after_kill_9_a_running_job_is_lost_its_keys_wiped_its_container_gone_an
 
 #[tokio::test(flavor = "multi_thread")]
 async fn retention_removes_ended_jobs_beyond_count_bytes_and_age_never_running_ones() {
+    require!(Root);
     let agent = Agent::start("[retention]\nmax_jobs = 2\nmax_bytes = 1000000\ninterval = \"100ms\"");
     let gate = Gate::new().await;
     let mut c = agent.scheduler().await;
@@ -325,6 +329,7 @@ async fn retention_removes_ended_jobs_beyond_count_bytes_and_age_never_running_o
 
 #[tokio::test(flavor = "multi_thread")]
 async fn retention_by_age_removes_old_ended_jobs() {
+    require!(Root);
     let agent = Agent::start("[retention]\nmax_age = \"1s\"\ninterval = \"100ms\"");
     let (status, _) = run_job(&agent, job("aged", &["echo old news"])).await;
     assert_eq!(state(&status), pb::JobState::Succeeded);
@@ -346,7 +351,7 @@ async fn retention_by_age_removes_old_ended_jobs() {
 
 /// A git repository with one commit, for a checkout from a local path.
 fn local_repo(dir: &std::path::Path) -> String {
-    use support::sshd::git;
+    use crate::support::sshd::git;
     std::fs::write(dir.join("README"), "metrics\n").unwrap();
     git(dir, &["init", "-q", "-b", "main"]);
     git(dir, &["add", "README"]);
@@ -356,6 +361,7 @@ fn local_repo(dir: &std::path::Path) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_jobs_steps_checkouts_log_bytes_and_watchers() {
+    require!(Root);
     let agent = Agent::start("metrics_listen = \"127.0.0.1:0\"\nmax_jobs = 3");
     assert_eq!(agent.metric("runnel_job_slots"), 3.0);
     assert_eq!(agent.metric("runnel_jobs_running"), 0.0);
@@ -417,6 +423,7 @@ async fn metrics_count_jobs_steps_checkouts_log_bytes_and_watchers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_log_is_json_by_config_with_job_ids_and_no_secret() {
+    require!(Root);
     const SECRET: &str = "s3cr3t-for-the-log-test";
     let mut spec = job("log-json", &["echo \"$TOKEN\"", "exit 4"]);
     spec.secrets.push(pb::Secret {

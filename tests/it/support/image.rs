@@ -4,14 +4,14 @@
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
 use super::sshd::sh;
-use super::wait_for;
+use super::{Need, expect, wait_for};
 
 /// One entry of a layer.
 pub enum Entry {
@@ -25,6 +25,7 @@ pub enum Entry {
 /// A layer holding busybox, its applets as symlinks, a passwd with root and
 /// `builder` (1000:1000), and empty /tmp, /root, /home/builder.
 pub fn busybox_layer() -> Vec<Entry> {
+    expect(Need::Busybox);
     let mut e = vec![
         Entry::Dir("bin"),
         Entry::Dir("etc"),
@@ -203,6 +204,7 @@ pub struct Registry {
 
 impl Registry {
     pub fn start() -> Registry {
+        expect(Need::Registry);
         let dir = tempfile::Builder::new()
             .prefix("runnel-registry.")
             .tempdir()
@@ -249,10 +251,6 @@ impl Registry {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
-    }
-
-    pub fn path(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
     }
 }
 

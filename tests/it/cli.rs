@@ -2,14 +2,12 @@
 //! clients of a running agent, including `logs -f` across a dropped
 //! connection.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use support::*;
+use crate::support::*;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -31,7 +29,7 @@ fn run_ok(cmd: &mut Command) -> (String, String) {
 
 #[test]
 fn runnel_run_runs_the_readme_example() {
-    require_root();
+    require!(Root);
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello.toml");
     let (out, err) = run_ok(&mut runnel(&["run", example.to_str().unwrap()]));
     assert!(out.contains("hello from runnel\n"), "{out}");
@@ -46,7 +44,7 @@ fn runnel_run_runs_the_readme_example() {
 
 #[test]
 fn runnel_run_exits_non_zero_for_a_failed_job_or_a_bad_file() {
-    require_root();
+    require!(Root);
     let dir = tempfile::tempdir().unwrap();
     let failing = dir.path().join("fail.toml");
     std::fs::write(&failing, "[[steps]]\nrun = \"echo about to fail; exit 7\"\n").unwrap();
@@ -68,6 +66,7 @@ fn runnel_run_exits_non_zero_for_a_failed_job_or_a_bad_file() {
 
 #[test]
 fn the_clients_of_a_running_agent() {
+    require!(Root);
     let agent = Agent::start("[runtime]\ngrace_period = \"1s\"");
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
@@ -164,6 +163,7 @@ async fn proxy(to: String) -> (String, Arc<std::sync::Mutex<CancellationToken>>)
 
 #[tokio::test(flavor = "multi_thread")]
 async fn logs_follow_resumes_after_a_dropped_connection() {
+    require!(Root);
     let agent = Agent::start("");
     let mut c = agent.scheduler().await;
     submit(

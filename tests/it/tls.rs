@@ -3,14 +3,12 @@
 //! right CA or certificate refused, and plain text off loopback refused by
 //! the config.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use runnel::api::pb;
-use support::*;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// A CA, and PEM files of certificates it signed.
@@ -99,6 +97,7 @@ async fn agent_info(c: &mut Client) -> Result<pb::AgentInfo, tonic::Status> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_serves_the_api_and_the_cli_speaks_it() {
+    require!(Root);
     let ca = Ca::new("runnel test CA");
     let (cert, key) = ca.issue("agent", &["127.0.0.1", "localhost"]);
     let agent = Agent::start(&tls_config(&cert, &key, None));
@@ -187,6 +186,7 @@ async fn tls_serves_the_api_and_the_cli_speaks_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mutual_tls_refuses_a_client_without_a_certificate_of_the_client_ca() {
+    require!(Root);
     let ca = Ca::new("runnel server CA");
     let clients = Ca::new("runnel clients CA");
     let (cert, key) = ca.issue("agent", &["127.0.0.1"]);

@@ -4,7 +4,7 @@
 //! accepted, where it says `ok`), and nothing may panic. This is also what
 //! keeps the fuzz targets compiling with a stable toolchain.
 
-#[path = "../fuzz/entries.rs"]
+#[path = "../../fuzz/entries.rs"]
 mod entries;
 
 use std::collections::BTreeMap;
@@ -88,6 +88,7 @@ fn ssh_keys() {
 /// asks for billions of rounds.
 #[test]
 fn generated_keys() {
+    require!(SshKeygen);
     use base64::Engine;
     let dir = tempfile::tempdir().unwrap();
     let keygen = |name: &str, pass: &str, rounds: &str| {

@@ -1,14 +1,12 @@
 //! Real images in clean containers: pulled from a real registry on loopback
 //! or read from an OCI layout, fresh every time, isolated and limited.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::image::{Entry, Registry, busybox_layer, write_layout};
+use crate::support::*;
 use runnel::api::pb;
-use support::image::{Entry, Registry, busybox_layer, write_layout};
-use support::*;
 
 fn with_image(id: &str, image: &str, steps: &[&str]) -> pb::JobSpec {
     let mut spec = job(id, steps);
@@ -37,6 +35,7 @@ fn layout() -> tempfile::TempDir {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_runs_in_an_image_from_a_registry() {
+    require!(Root, Busybox, Registry);
     let layout = layout();
     let registry = Registry::start();
     let reference = registry.push(layout.path(), "v1", "test/busybox");
@@ -67,6 +66,7 @@ async fn a_job_runs_in_an_image_from_a_registry() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn layers_are_shared_whiteouts_honoured_and_each_job_fresh() {
+    require!(Root, Busybox);
     let layout = layout();
     let agent = Agent::start("");
     let v1 = format!("oci:{}:v1", layout.path().display());
@@ -123,6 +123,7 @@ async fn layers_are_shared_whiteouts_honoured_and_each_job_fresh() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_jobs_download_an_image_once() {
+    require!(Root, Busybox, Registry);
     let layout = tempfile::tempdir().unwrap();
     let layers = write_layout(layout.path(), "v1", &[busybox_layer()], &[], "");
     let registry = Registry::start();
@@ -149,6 +150,7 @@ async fn concurrent_jobs_download_an_image_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn image_failures_say_which() {
+    require!(Root, Busybox, Registry);
     let layout = layout();
     let registry = Registry::start();
     let agent = Agent::start(&format!(
@@ -193,6 +195,7 @@ async fn image_failures_say_which() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_sees_only_what_is_its_own() {
+    require!(Root, Busybox);
     let layout = layout();
     let agent = Agent::start("max_jobs = 2\n[runtime]\ngrace_period = \"1s\"");
     let image = format!("oci:{}:v2", layout.path().display());
@@ -276,6 +279,7 @@ async fn a_job_sees_only_what_is_its_own() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn network_none_leaves_only_loopback() {
+    require!(Root, Busybox);
     let layout = layout();
     let agent = Agent::start("");
     let mut spec = with_image(
@@ -295,6 +299,7 @@ async fn network_none_leaves_only_loopback() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn running_out_of_memory_is_said_plainly() {
+    require!(Root, Busybox);
     let layout = layout();
     let agent = Agent::start("");
     let mut spec = with_image(
@@ -318,6 +323,7 @@ async fn running_out_of_memory_is_said_plainly() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fork_bomb_hits_the_pids_limit_and_the_host_stays_fine() {
+    require!(Root, Busybox);
     let layout = layout();
     let agent = Agent::start("[runtime]\ngrace_period = \"1s\"");
     let mut spec = with_image(
@@ -344,6 +350,7 @@ async fn a_fork_bomb_hits_the_pids_limit_and_the_host_stays_fine() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cpu_and_pids_limits_reach_the_cgroup() {
+    require!(Root);
     let agent = Agent::start("[runtime]\ngrace_period = \"1s\"");
     let mut spec = job("limited", &["sleep 1000.771"]);
     spec.container = Some(pb::Container {
@@ -399,6 +406,7 @@ async fn cpu_and_pids_limits_reach_the_cgroup() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn after_kill_9_a_restart_removes_the_jobs_container_mounts_and_cgroups() {
+    require!(Root, Busybox);
     let layout = layout();
     let mut agent = Agent::start("[runtime]\ngrace_period = \"1s\"");
     let mut c = agent.scheduler().await;
@@ -455,6 +463,7 @@ async fn after_kill_9_a_restart_removes_the_jobs_container_mounts_and_cgroups() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn in_a_user_namespace_container_root_is_not_host_root() {
+    require!(Root, Busybox);
     use std::os::unix::fs::MetadataExt;
     let layout = layout();
     let agent = Agent::start("[runtime]\nkind = \"runc\"\nuserns = true\ngrace_period = \"1s\"");
@@ -515,6 +524,7 @@ fn cached_layers(agent: &Agent) -> Vec<std::path::PathBuf> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unused_image_layers_expire_but_never_while_a_job_uses_them() {
+    require!(Root, Busybox);
     let layout = layout();
     let agent = Agent::start("[retention]\ncache_max_age = \"2s\"\ninterval = \"1s\"");
     let mut c = agent.scheduler().await;

@@ -1,17 +1,16 @@
 //! One job end to end through the real agent: gRPC API, lifecycle, event
 //! log, masking, containers, timeouts and cancellation.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use futures::StreamExt;
 use runnel::api::pb;
-use support::*;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_runs_in_a_container_and_its_output_streams_back() {
+    require!(Root);
     let agent = Agent::start("");
     let (status, events) = run_job(
         &agent,
@@ -71,6 +70,7 @@ async fn a_job_runs_in_a_container_and_its_output_streams_back() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn resubmitting_a_job_id_never_runs_it_twice() {
+    require!(Root);
     let agent = Agent::start("");
     let marker = agent.state.path().join("ran");
     let spec = job("once", &["echo ran"]);
@@ -92,6 +92,7 @@ async fn resubmitting_a_job_id_never_runs_it_twice() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_watcher_resuming_from_a_seq_gets_exactly_the_rest() {
+    require!(Root);
     let agent = Agent::start("");
     let (_, all) = run_job(
         &agent,
@@ -125,6 +126,7 @@ async fn a_watcher_resuming_from_a_seq_gets_exactly_the_rest() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_decide_who_may_call_what() {
+    require!(Root);
     let agent = Agent::start("");
     let spec = job("authz", &["true"]);
 
@@ -180,6 +182,7 @@ async fn tokens_decide_who_may_call_what() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bad_spec_is_refused_naming_the_field() {
+    require!(Root);
     let agent = Agent::start("");
     let mut c = agent.scheduler().await;
     let zero = prost_types::Duration { seconds: 0, nanos: 0 };
@@ -222,6 +225,7 @@ async fn a_bad_spec_is_refused_naming_the_field() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_step_ends_the_job_with_its_exit_code() {
+    require!(Root);
     let agent = Agent::start("");
     let (status, events) = run_job(
         &agent,
@@ -239,6 +243,7 @@ async fn a_failing_step_ends_the_job_with_its_exit_code() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_step_timeout_kills_the_whole_container() {
+    require!(Root);
     let agent = Agent::start("[runtime]\ngrace_period = \"2s\"");
     let mut spec = job("slow-step", &["sleep 1000.111 & sleep 1000.112"]);
     spec.steps[0].timeout = Some(prost_types::Duration { seconds: 1, nanos: 0 });
@@ -255,6 +260,7 @@ async fn a_step_timeout_kills_the_whole_container() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_timeout_ends_it_timed_out() {
+    require!(Root);
     let agent = Agent::start("[runtime]\ngrace_period = \"1s\"");
     let mut spec = job("slow-job", &["true", "sleep 1000.221"]);
     spec.timeout = Some(prost_types::Duration { seconds: 2, nanos: 0 });
@@ -270,6 +276,7 @@ async fn a_job_timeout_ends_it_timed_out() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_kills_a_running_step_even_one_that_ignores_sigterm() {
+    require!(Root);
     let agent = Agent::start("[runtime]\ngrace_period = \"1s\"");
     let mut c = agent.scheduler().await;
     submit(
@@ -326,6 +333,7 @@ async fn cancel_kills_a_running_step_even_one_that_ignores_sigterm() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_secret_is_masked_even_split_across_writes_and_never_stored() {
+    require!(Root);
     let agent = Agent::start("");
     let mut spec = job(
         "masked",
@@ -349,6 +357,7 @@ async fn a_secret_is_masked_even_split_across_writes_and_never_stored() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_watcher_does_not_grow_the_agent() {
+    require!(Root);
     let agent = Agent::start("");
     let mut c = agent.scheduler().await;
     let before = rss_bytes(agent.pid());
@@ -403,6 +412,7 @@ async fn a_stalled_watcher_does_not_grow_the_agent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_step_sees_its_workspace_and_cannot_touch_the_host() {
+    require!(Root);
     let agent = Agent::start("");
     let marker = format!("/usr/runnel-test-{}", std::process::id());
     let (status, events) = run_job(
@@ -434,6 +444,7 @@ async fn a_step_sees_its_workspace_and_cannot_touch_the_host() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn runc_runs_the_same_bundle() {
+    require!(Root, Runc);
     let agent = Agent::start("[runtime]\nkind = \"runc\"");
     let (status, events) = run_job(
         &agent,
@@ -457,6 +468,7 @@ async fn runc_runs_the_same_bundle() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_cancelled_while_its_container_starts_leaves_nothing_running() {
+    require!(Root);
     let agent = Agent::start("[runtime]\ngrace_period = \"1s\"");
     let mut c = agent.scheduler().await;
     // Cancelled at once: most land while the container starts.
@@ -479,6 +491,7 @@ async fn a_job_cancelled_while_its_container_starts_leaves_nothing_running() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn busy_slots_answer_resource_exhausted() {
+    require!(Root);
     let agent = Agent::start("max_jobs = 1\n[runtime]\ngrace_period = \"1s\"");
     let mut c = agent.scheduler().await;
     submit(&mut c, job("long", &["sleep 1000.441"])).await;
@@ -517,6 +530,7 @@ async fn busy_slots_answer_resource_exhausted() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn standard_health_and_reflection_are_served() {
+    require!(Root);
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
