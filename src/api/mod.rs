@@ -140,10 +140,11 @@ impl Agent for AgentService {
     }
 }
 
-/// Chooses rustls's process-wide crypto provider: ring. Two are compiled in
-/// (ring for tonic, aws-lc-rs for the registry client's reqwest, which names
-/// its own), so rustls cannot pick one itself and would panic at the first
-/// TLS handshake. Call it before any TLS is set up; calling it again is
+/// Installs rustls's process-wide crypto provider: ring, the only one
+/// compiled in. tonic would pick it itself, but the registry client's
+/// reqwest (built without a provider of its own) only reads the process
+/// default and panics in `oci_client::Client::new` if none is installed.
+/// Call it before any TLS or registry client is set up; calling it again is
 /// harmless.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -116,11 +116,13 @@ pub fn isolate_libgit2(empty_home: &Path) -> Result<(), git2::Error> {
     std::fs::create_dir_all(empty_home).map_err(|e| git2::Error::from_str(&e.to_string()))?;
     let home = std::ffi::CString::new(empty_home.as_os_str().as_encoded_bytes())
         .map_err(|_| git2::Error::from_str("home path contains a NUL byte"))?;
-    // SAFETY: git_libgit2_opts is variadic; GIT_OPT_SET_HOMEDIR takes one
-    // `const char *`, which libgit2 copies. It is called before any thread
-    // uses libgit2 (at agent start), as libgit2 requires for its options.
+    libgit2_sys::init();
+    // SAFETY: git_libgit2_opts is variadic; GIT_OPT_SET_HOMEDIR takes
+    // exactly one `const char *`: `home`, NUL-terminated and alive across
+    // the call (libgit2 copies it). libgit2's global options must not change
+    // while another thread uses libgit2: this runs while the job registry is
+    // built, before any job (libgit2's only user) exists.
     let rc = unsafe {
-        libgit2_sys::init();
         libgit2_sys::git_libgit2_opts(libgit2_sys::GIT_OPT_SET_HOMEDIR as libc::c_int, home.as_ptr())
     };
     if rc < 0 {
@@ -132,7 +134,8 @@ pub fn isolate_libgit2(empty_home: &Path) -> Result<(), git2::Error> {
         git2::ConfigLevel::Global,
         git2::ConfigLevel::ProgramData,
     ] {
-        // SAFETY: as above, process-wide options set once at start.
+        // SAFETY: changes libgit2's global search paths; as above, no other
+        // thread uses libgit2 yet.
         unsafe { git2::opts::set_search_path(level, empty_home)? };
     }
     Ok(())
