@@ -95,12 +95,17 @@ mod layers {
                 }
             }
         }
-        assert!(wrong.is_empty(), "imports that do not point down:\n{}", wrong.join("\n"));
+        assert!(
+            wrong.is_empty(),
+            "imports that do not point down:\n{}",
+            wrong.join("\n")
+        );
     }
 
     #[test]
     fn the_check_sees_an_upward_import() {
-        let found = imports("use crate::job::Registry; // crate::cli\nlet x = crate::model::Secret::new(b\"\");");
+        let found =
+            imports("use crate::job::Registry; // crate::cli\nlet x = crate::model::Secret::new(b\"\");");
         assert_eq!(found, ["job", "model"]);
         assert!(layer_of("job") > layer_of("runtime"));
     }

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use crate::model::state::JobState;
 use crate::model::Stream;
+use crate::model::state::JobState;
 
 /// Final states, in the order they are shown.
 const FINAL_STATES: [JobState; 5] = [

@@ -4,14 +4,14 @@
 use std::time::{Duration, SystemTime};
 
 use super::pb;
-use crate::model::{CheckoutDone, SubmoduleDone};
 use crate::job::AgentInfo;
+use crate::model::Secret;
 use crate::model::spec::{
     CheckoutSpec, ContainerSpec, JobSpec, Network, Resources, SecretVar, SpecError, SshCredentials, Step,
 };
 use crate::model::state::{FailureKind, JobState, JobStatus, StepResult};
+use crate::model::{CheckoutDone, SubmoduleDone};
 use crate::model::{Event, EventKind, KeyKind, Stream};
-use crate::model::Secret;
 
 fn err(field: impl Into<String>, reason: impl Into<String>) -> SpecError {
     SpecError {

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::model::spec::{JobSpec, SpecError};
 use crate::job::{Registry, SubmitError};
 use crate::model::EventKind;
+use crate::model::spec::{JobSpec, SpecError};
 use auth::{Role, Tokens};
 
 #[allow(clippy::all, missing_docs)]

@@ -16,10 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use git2::{CertificateCheckStatus, Cred, CredentialType, ErrorClass, ErrorCode, RemoteCallbacks};
 
 use super::CheckoutError;
-use crate::model::state::FailureKind;
-use crate::ssh::known_hosts::{self, HostKeyCheck, KnownHosts};
 pub use crate::model::KeyKind;
+use crate::model::state::FailureKind;
 pub use crate::ssh::Key;
+use crate::ssh::known_hosts::{self, HostKeyCheck, KnownHosts};
 
 /// The keys (user key first) and pinned host keys of a job.
 #[derive(Debug, Default)]

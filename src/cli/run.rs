@@ -7,8 +7,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Failure, print};
 use crate::api::{self, convert};
-use crate::daemon;
 use crate::config::Config;
+use crate::daemon;
 use crate::job::Registry;
 use crate::sys::sd_notify::Notifier;
 

@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::model::spec::{CheckoutSpec, ContainerSpec, JobSpec, Network, Resources, SecretVar, SpecError, Step};
 use crate::model::Secret;
+use crate::model::spec::{
+    CheckoutSpec, ContainerSpec, JobSpec, Network, Resources, SecretVar, SpecError, Step,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobFileError {

@@ -22,8 +22,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::logs::{EventLog, Masker};
-use crate::model::{Event, EventKind, FailureKind, JobSpec, JobState, JobStatus, Stream as Out};
 use crate::metrics::{Gauges, Metrics};
+use crate::model::{Event, EventKind, FailureKind, JobSpec, JobState, JobStatus, Stream as Out};
 use crate::runtime::Runtime;
 
 const STATUS_FILE: &str = "status.json";

@@ -8,7 +8,6 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-
 use super::Registry;
 use crate::config::RetentionConfig;
 

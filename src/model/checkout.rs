@@ -40,4 +40,3 @@ pub struct SubmoduleDone {
     pub commit: String,
     pub key: KeyKind,
 }
-

@@ -499,8 +499,12 @@ pub trait ContainerRuntime: Send + Sync + std::fmt::Debug {
 /// A started container, as the lifecycle uses it.
 pub trait JobContainer: Send + Sync + std::fmt::Debug {
     /// Starts `process` in the container; see [`Container::exec`].
-    fn exec(&self, process: &Process, stdout: OwnedFd, stderr: OwnedFd)
-    -> Result<(Child, WipeOnDrop), RuntimeError>;
+    fn exec(
+        &self,
+        process: &Process,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    ) -> Result<(Child, WipeOnDrop), RuntimeError>;
     /// SIGTERM to every process, `grace`, then SIGKILL.
     fn stop(&mut self, grace: Duration) -> BoxFuture<'_, ()>;
     /// Stops (if needed) and deletes the container.

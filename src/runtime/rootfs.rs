@@ -6,7 +6,6 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-
 use crate::sys::mount::{mount_overlay, unmount_and_remove};
 
 /// A mounted overlay; unmounted and removed on drop.

@@ -10,8 +10,8 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::keys::Key;
-use crate::model::KeyKind;
 use super::known_hosts::KnownHosts;
+use crate::model::KeyKind;
 
 pub const USER_KEY_FILE: &str = "id_user";
 pub const DEPLOY_KEY_FILE: &str = "id_deploy";

@@ -51,7 +51,11 @@ impl Held {
     }
 
     pub fn run_dir(&self) -> &Path {
-        &self.run_dir.as_ref().expect("the run directory lives until teardown").0
+        &self
+            .run_dir
+            .as_ref()
+            .expect("the run directory lives until teardown")
+            .0
     }
 
     pub fn workspace(&self) -> PathBuf {
@@ -148,7 +152,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path().join("run");
         let mut held = Held::create(run.clone(), 0o700).unwrap();
-        let known = KnownHosts::parse(&["h ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl".into()]).unwrap();
+        let known = KnownHosts::parse(&[
+            "h ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl".into(),
+        ])
+        .unwrap();
         held.ssh_dir = Some(SshDir::write(&run.join(SSH), &[], &known).unwrap());
         let rt = FakeRuntime::default();
         let mut container = rt.container();
@@ -158,7 +165,10 @@ mod tests {
         let stages = held.teardown(Duration::from_secs(1)).await;
         assert_eq!(stages, ["container", "workspace", "keys", "run directory"]);
         // When the container went, its workspace and keys were still there.
-        assert_eq!(*rt.calls.lock().unwrap(), ["remove workspace=true known_hosts=true"]);
+        assert_eq!(
+            *rt.calls.lock().unwrap(),
+            ["remove workspace=true known_hosts=true"]
+        );
         assert!(!run.exists());
     }
 

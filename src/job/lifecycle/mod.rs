@@ -8,7 +8,6 @@
 mod held;
 mod steps;
 
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -459,11 +458,10 @@ impl Phases<'_> {
 }
 
 /// Runs blocking work (the disk, mounts) off the async threads.
-async fn blocking<T: Send + 'static, E: std::fmt::Display>(
-    work: impl FnOnce() -> Result<T, E> + Send + 'static,
-) -> Result<T, String>
+async fn blocking<T, E>(work: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, String>
 where
-    E: Send + 'static,
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
 {
     match tokio::task::spawn_blocking(work).await {
         Ok(r) => r.map_err(|e| e.to_string()),
@@ -538,4 +536,3 @@ fn base_env(spec: &JobSpec, job_id: &str, image_env: &[String], user: &User) -> 
     }
     env
 }
-

@@ -79,7 +79,12 @@ impl Steps<'_> {
         None
     }
 
-    async fn run(&self, container: &mut dyn JobContainer, index: u32, step: &Step) -> (StepResult, Option<End>) {
+    async fn run(
+        &self,
+        container: &mut dyn JobContainer,
+        index: u32,
+        step: &Step,
+    ) -> (StepResult, Option<End>) {
         let job = self.job;
         job.emit(EventKind::StepStarted {
             index,
@@ -275,7 +280,12 @@ pub(super) mod tests {
     }
 
     impl JobContainer for FakeContainer {
-        fn exec(&self, process: &Process, stdout: OwnedFd, stderr: OwnedFd) -> Result<(Child, WipeOnDrop), RuntimeError> {
+        fn exec(
+            &self,
+            process: &Process,
+            stdout: OwnedFd,
+            stderr: OwnedFd,
+        ) -> Result<(Child, WipeOnDrop), RuntimeError> {
             let args = process.args().clone().unwrap_or_default();
             let child = tokio::process::Command::new(&args[0])
                 .args(&args[1..])
@@ -295,7 +305,10 @@ pub(super) mod tests {
         fn stop(&mut self, _grace: Duration) -> BoxFuture<'_, ()> {
             self.call("stop".into());
             for pid in self.pids.lock().unwrap().iter() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::SIGTERM);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid as i32),
+                    nix::sys::signal::SIGTERM,
+                );
             }
             Box::pin(async {})
         }
@@ -313,7 +326,13 @@ pub(super) mod tests {
 
     pub fn job(dir: &Path) -> Arc<Job> {
         let log = EventLog::create(&dir.join("events.log")).unwrap();
-        Arc::new(Job::new(dir, "j", JobStatus::new("j".into()), log, &Arc::new(Metrics::default())))
+        Arc::new(Job::new(
+            dir,
+            "j",
+            JobStatus::new("j".into()),
+            log,
+            &Arc::new(Metrics::default()),
+        ))
     }
 
     fn step(name: &str, run: &str, timeout: Option<Duration>) -> Step {
@@ -398,12 +417,19 @@ pub(super) mod tests {
             step("after", "echo never", None),
         ];
         let (end, job) = run(&rt, &limits(&cancel, Duration::from_secs(30)), dir.path(), &steps).await;
-        assert_eq!((end.state, end.failure), (JobState::TimedOut, FailureKind::Timeout));
+        assert_eq!(
+            (end.state, end.failure),
+            (JobState::TimedOut, FailureKind::Timeout)
+        );
         assert_eq!(end.message, "step \"slow\" exceeded its timeout of 200ms");
         assert_eq!(*rt.calls.lock().unwrap(), ["exec", "stop"]);
         let result = &job.status().steps[0];
         assert_eq!((result.state, result.signal), (JobState::TimedOut, libc::SIGTERM));
-        assert!(log_text(&job).await.contains("runnel: step \"slow\" exceeded its timeout of 200ms; stopping the container"));
+        assert!(
+            log_text(&job)
+                .await
+                .contains("runnel: step \"slow\" exceeded its timeout of 200ms; stopping the container")
+        );
     }
 
     #[tokio::test]
@@ -412,9 +438,18 @@ pub(super) mod tests {
         let rt = FakeRuntime::default();
         let cancel = CancellationToken::new();
         let steps = [step("slow", "sleep 30", Some(Duration::from_secs(20)))];
-        let (end, _) = run(&rt, &limits(&cancel, Duration::from_millis(200)), dir.path(), &steps).await;
+        let (end, _) = run(
+            &rt,
+            &limits(&cancel, Duration::from_millis(200)),
+            dir.path(),
+            &steps,
+        )
+        .await;
         assert_eq!(end.state, JobState::TimedOut);
-        assert_eq!(end.message, "the job exceeded its timeout of 200ms during step \"slow\"");
+        assert_eq!(
+            end.message,
+            "the job exceeded its timeout of 200ms during step \"slow\""
+        );
     }
 
     #[tokio::test]
@@ -433,7 +468,10 @@ pub(super) mod tests {
         };
         let (end, _) = run(&rt, &limits, dir.path(), &steps).await;
         canceller.await.unwrap();
-        assert_eq!((end.state, end.failure), (JobState::Cancelled, FailureKind::Cancelled));
+        assert_eq!(
+            (end.state, end.failure),
+            (JobState::Cancelled, FailureKind::Cancelled)
+        );
         assert_eq!(end.message, "cancelled during step \"long\"");
         assert_eq!(*rt.calls.lock().unwrap(), ["exec", "stop"]);
     }
@@ -446,7 +484,11 @@ pub(super) mod tests {
         // The kernel's OOM killer, as the cgroup counter shows it: bumped
         // while the step runs.
         let flag = dir.path().join("started");
-        let steps = [step("hungry", &format!("touch {}; sleep 0.3; exit 137", flag.display()), None)];
+        let steps = [step(
+            "hungry",
+            &format!("touch {}; sleep 0.3; exit 137", flag.display()),
+            None,
+        )];
         let bump = {
             let rt = rt.clone();
             tokio::spawn(async move {
