@@ -209,9 +209,14 @@ impl ImageStore {
         }
     }
 
-    /// Unpacks the layer with `digest` unless the cache has it; `fetch`
-    /// writes the blob to the path it is given.
-    async fn layer<F, Fut>(&self, digest: &str, fetch: F) -> Result<(PathBuf, LayerHold), String>
+    /// Unpacks the layer with `digest` (of `media_type`) unless the cache
+    /// has it; `fetch` writes the blob to the path it is given.
+    async fn layer<F, Fut>(
+        &self,
+        digest: &str,
+        media_type: &str,
+        fetch: F,
+    ) -> Result<(PathBuf, LayerHold), String>
     where
         F: FnOnce(PathBuf) -> Fut,
         Fut: Future<Output = Result<(), String>>,
@@ -239,6 +244,7 @@ impl ImageStore {
         if dir.join("complete").exists() {
             return Ok((fs_dir, hold)); // another job unpacked it meanwhile
         }
+        let format = layer::Format::of(digest, media_type).map_err(|e| e.to_string())?;
         let tmp = tempfile::Builder::new()
             .prefix(hex)
             .tempdir_in(self.dir.join("tmp"))
@@ -247,14 +253,13 @@ impl ImageStore {
         fetch(blob.clone()).await?;
         verify(&blob, digest).await?;
         let unpacked = tmp.path().join("fs");
-        let (b, u, shift) = (blob.clone(), unpacked.clone(), self.shift);
+        let (b, u, d, shift) = (blob.clone(), unpacked.clone(), digest.to_string(), self.shift);
         tokio::task::spawn_blocking(move || {
-            std::fs::create_dir(&u)?;
-            layer::unpack(&b, &u, shift)
+            std::fs::create_dir(&u).map_err(|e| format!("cannot unpack layer {d}: {e}"))?;
+            layer::unpack(&b, format, &d, &u, shift).map_err(|e| e.to_string())
         })
         .await
-        .map_err(|e| format!("unpacking layer {digest} failed: {e}"))?
-        .map_err(|e| format!("layer {digest}: {e}"))?;
+        .map_err(|e| format!("unpacking layer {digest} failed: {e}"))??;
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
             .and_then(|_| std::fs::rename(&unpacked, &fs_dir))
@@ -351,7 +356,7 @@ impl ImageStore {
         for l in &manifest.layers {
             let src = blob_path(&l.digest)?;
             let (dir, hold) = self
-                .layer(&l.digest, |dest| async move {
+                .layer(&l.digest, &l.media_type, |dest| async move {
                     tokio::fs::copy(&src, &dest)
                         .await
                         .map(|_| ())
@@ -383,7 +388,7 @@ impl ImageStore {
         for l in &manifest.layers {
             let registry = &registry;
             let (dir, hold) = self
-                .layer(&l.digest, |dest| async move {
+                .layer(&l.digest, &l.media_type, |dest| async move {
                     let mut stream = self
                         .client
                         .pull_blob_stream(reference, l)

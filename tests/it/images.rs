@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::support::image::{Entry, Registry, busybox_layer, write_layout};
+use crate::support::image::{
+    Compression, Entry, Registry, busybox_layer, write_layout, write_layout_compressed,
+};
 use crate::support::*;
 use runnel::api::pb;
 
@@ -558,4 +560,321 @@ async fn unused_image_layers_expire_but_never_while_a_job_uses_them() {
     .await;
     assert_eq!(state(&s), pb::JobState::Succeeded, "{s:?}");
     assert_eq!(output(&e, pb::Stream::Stdout), "ok\n");
+}
+
+/// A directory under /var/tmp, outside the agent's state directory, that
+/// hostile layers aim at: a file and a directory with a file.
+fn canary() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("runnel-canary-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::write(dir.path().join("victim"), "precious").unwrap();
+    std::fs::create_dir(dir.path().join("dir")).unwrap();
+    std::fs::write(dir.path().join("dir/inner"), "also precious").unwrap();
+    dir
+}
+
+/// All that can be told of `path` and what is below it: names, types,
+/// contents, modes, owners, link counts, times and extended attributes.
+fn snapshot(path: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        let xattrs = xattrs(&p);
+        let content = if m.is_file() {
+            String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned()
+        } else {
+            String::new()
+        };
+        out.push(format!(
+            "{} {:o} {}:{} n{} t{}.{} {content:?} {xattrs:?}",
+            p.display(),
+            m.mode(),
+            m.uid(),
+            m.gid(),
+            m.nlink(),
+            m.mtime(),
+            m.mtime_nsec()
+        ));
+        if m.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The extended attributes of `path` (not following a symlink), with values.
+fn xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut names = vec![0u8; 64 * 1024];
+    // SAFETY: p is NUL-terminated; the buffer has names.len() writable bytes.
+    let n = unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(
+        n >= 0,
+        "llistxattr {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    names.truncate(n as usize);
+    names
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|name| {
+            let c = std::ffi::CString::new(name).unwrap();
+            let mut value = vec![0u8; 64 * 1024];
+            // SAFETY: both strings are NUL-terminated; the buffer has value.len() writable bytes.
+            let n =
+                unsafe { libc::lgetxattr(p.as_ptr(), c.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+            assert!(
+                n >= 0,
+                "lgetxattr {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+            value.truncate(n as usize);
+            (String::from_utf8_lossy(name).into_owned(), value)
+        })
+        .collect()
+}
+
+fn raw(path: &str, kind: tar::EntryType, link: Option<&str>, data: &[u8]) -> Entry {
+    Entry::Raw {
+        path: path.into(),
+        kind,
+        link: link.map(str::to_string),
+        data: data.to_vec(),
+    }
+}
+
+/// Hostile layers, each with the entry that should be blamed.
+fn hostile_layers(canary: &Path) -> Vec<(&'static str, Vec<Entry>, String)> {
+    use tar::EntryType as T;
+    let c = canary.display().to_string();
+    // From the layer's root (images/tmp/<id>/fs under the state dir) up to
+    // / and down again.
+    let up = format!("../../../../../../../../../..{c}");
+    vec![
+        (
+            "a whiteout through a symlink deletes a host file",
+            vec![
+                Entry::Symlink("x".into(), c.clone()),
+                raw("x/.wh.victim", T::Regular, None, b""),
+            ],
+            "x/.wh.victim".into(),
+        ),
+        (
+            "an opaque marker through a symlink marks a host directory",
+            vec![
+                Entry::Symlink("x".into(), c.clone()),
+                raw("x/dir/.wh..wh..opq", T::Regular, None, b""),
+            ],
+            "x/dir/.wh..wh..opq".into(),
+        ),
+        (
+            "an opaque marker through a symlink makes host directories",
+            vec![
+                Entry::Symlink("x".into(), c.clone()),
+                raw("x/made/deeper/.wh..wh..opq", T::Regular, None, b""),
+            ],
+            "x/made/deeper/.wh..wh..opq".into(),
+        ),
+        (
+            "a hard link to /etc/shadow",
+            vec![Entry::HardLink("shadow".into(), "/etc/shadow".into())],
+            "shadow".into(),
+        ),
+        (
+            "a hard link up and out to the canary",
+            vec![raw("stolen", T::Link, Some(&format!("{up}/victim")), b"")],
+            "stolen".into(),
+        ),
+        (
+            "a hard link through a symlink to the canary",
+            vec![
+                Entry::Symlink("x".into(), c.clone()),
+                Entry::HardLink("stolen".into(), "x/victim".into()),
+            ],
+            "stolen".into(),
+        ),
+        (
+            "a file written up and out",
+            vec![raw(&format!("{up}/victim"), T::Regular, None, b"pwned")],
+            format!("{up}/victim"),
+        ),
+        (
+            "an absolute symlink, then a write through it",
+            vec![
+                Entry::Dir("etc"),
+                Entry::Symlink("etc/conf".into(), c.clone()),
+                raw("etc/conf/victim", T::Regular, None, b"pwned"),
+            ],
+            "etc/conf/victim".into(),
+        ),
+        (
+            "a relative symlink to a host directory, then a directory and a file under it",
+            vec![
+                Entry::Symlink("d".into(), format!("{up}/dir")),
+                raw("d/sub/", T::Directory, None, b""),
+                raw("d/inner", T::Regular, None, b"pwned"),
+            ],
+            "d/sub/".into(),
+        ),
+    ]
+}
+
+/// Asserts that a job with a hostile image ended as it should: failed for
+/// its image, blaming the layer and the entry.
+fn assert_refused(what: &str, status: &pb::JobStatus, digest: &str, entry: &str) {
+    assert_eq!(state(status), pb::JobState::Failed, "{what}: {status:?}");
+    assert_eq!(failure(status), pb::FailureKind::Image, "{what}: {status:?}");
+    assert!(
+        status.message.contains(&format!("layer {digest}")),
+        "{what}: {}",
+        status.message
+    );
+    assert!(
+        status.message.contains(&format!("entry {entry:?}")),
+        "{what}: {}",
+        status.message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_layers_are_refused_and_the_host_is_untouched() {
+    require!(Root, Busybox);
+    let canary = canary();
+    let before = snapshot(canary.path());
+    let shadow = snapshot(Path::new("/etc/shadow"));
+    let agent = Agent::start("");
+    for (i, (what, entries, entry)) in hostile_layers(canary.path()).into_iter().enumerate() {
+        let layout = tempfile::tempdir().unwrap();
+        let digests = write_layout(layout.path(), "v1", &[entries], &[], "");
+        let image = format!("oci:{}:v1", layout.path().display());
+        let (status, _) = run_job(&agent, with_image(&format!("hostile-{i}"), &image, &["true"])).await;
+        assert_refused(what, &status, &digests[0], &entry);
+        assert_eq!(snapshot(canary.path()), before, "{what}");
+        assert_eq!(snapshot(Path::new("/etc/shadow")), shadow, "{what}");
+    }
+    // Nothing of the refused layers is cached, not even in part.
+    assert_eq!(cached_layers(&agent), Vec::<std::path::PathBuf>::new());
+    let tmp = agent.state_dir().join("images/tmp");
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "{}", tmp.display());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hostile_layer_from_a_registry_is_refused() {
+    require!(Root, Busybox, Registry);
+    let canary = canary();
+    let before = snapshot(canary.path());
+    let layout = tempfile::tempdir().unwrap();
+    let (what, entries, entry) = hostile_layers(canary.path()).remove(0);
+    let digests = write_layout(layout.path(), "v1", &[busybox_layer(), entries], &[], "");
+    let registry = Registry::start();
+    let reference = registry.push(layout.path(), "v1", "test/hostile");
+    let agent = Agent::start(&format!(
+        "[runtime]\ninsecure_registries = [\"{}\"]",
+        registry.addr
+    ));
+    let (status, _) = run_job(&agent, with_image("hostile", &reference, &["true"])).await;
+    assert_refused(what, &status, &digests[1], &entry);
+    assert_eq!(snapshot(canary.path()), before);
+    // The good layer below it is cached; the hostile one is not.
+    assert_eq!(cached_layers(&agent).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn links_whiteouts_and_opaque_directories_of_a_layer_work() {
+    require!(Root, Busybox, Registry);
+    let layout = tempfile::tempdir().unwrap();
+    let mut base = busybox_layer();
+    base.extend([
+        Entry::Dir("opt"),
+        Entry::Dir("opt/old"),
+        Entry::File("opt/old/lower", b"lower\n".to_vec(), 0o644),
+        Entry::File("etc/gone", b"gone\n".to_vec(), 0o644),
+    ]);
+    let top = vec![
+        Entry::Dir("data"),
+        Entry::File("data/a", b"A\n".to_vec(), 0o644),
+        Entry::Symlink("data/rel".into(), "a".into()),
+        Entry::Symlink("data/up".into(), "../data/./a".into()),
+        Entry::Symlink("data/abs".into(), "/data/a".into()),
+        Entry::HardLink("data/hard".into(), "data/a".into()),
+        Entry::HardLink("data/hard-abs".into(), "/data/a".into()),
+        Entry::Whiteout("etc/gone"),
+        Entry::Opaque("opt/old"),
+        Entry::File("opt/old/upper", b"upper\n".to_vec(), 0o644),
+    ];
+    write_layout(layout.path(), "v1", &[base, top], &["PATH=/bin"], "");
+    let agent = Agent::start("");
+    let (status, events) = run_job(
+        &agent,
+        with_image(
+            "legit",
+            &format!("oci:{}:v1", layout.path().display()),
+            &["cat /data/rel /data/up /data/abs /data/hard /data/hard-abs; stat -c %h /data/a; ls /opt/old; \
+               test -e /etc/gone && echo present || echo whited-out"],
+        ),
+    )
+    .await;
+    assert_eq!(
+        state(&status),
+        pb::JobState::Succeeded,
+        "{status:?}\n{}",
+        output(&events, pb::Stream::Stderr)
+    );
+    assert_eq!(
+        output(&events, pb::Stream::Stdout),
+        "A\nA\nA\nA\nA\n3\nupper\nwhited-out\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zstd_layers_run_from_a_layout_and_a_registry() {
+    require!(Root, Busybox, Registry);
+    let layout = tempfile::tempdir().unwrap();
+    let base = busybox_layer();
+    let top = vec![Entry::File("etc/zstd", b"from a zstd layer\n".to_vec(), 0o644)];
+    write_layout_compressed(
+        layout.path(),
+        "v1",
+        &[(&base, Compression::Zstd), (&top, Compression::Zstd)],
+        &["PATH=/bin"],
+        "",
+    );
+    let manifest = std::fs::read_dir(layout.path().join("blobs/sha256"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+        .find(|b| b.contains("layer.v1.tar+zstd"));
+    assert!(manifest.is_some(), "the layout's manifest names zstd layers");
+    let registry = Registry::start();
+    let reference = registry.push(layout.path(), "v1", "test/zstd");
+    let agent = Agent::start(&format!(
+        "[runtime]\ninsecure_registries = [\"{}\"]",
+        registry.addr
+    ));
+    for (id, image) in [
+        ("zstd-layout", format!("oci:{}:v1", layout.path().display())),
+        ("zstd-registry", reference),
+    ] {
+        let (status, events) = run_job(&agent, with_image(id, &image, &["cat /etc/zstd"])).await;
+        assert_eq!(
+            state(&status),
+            pb::JobState::Succeeded,
+            "{image}: {status:?}\n{}",
+            output(&events, pb::Stream::Stderr)
+        );
+        assert_eq!(
+            output(&events, pb::Stream::Stdout),
+            "from a zstd layer\n",
+            "{image}"
+        );
+    }
 }

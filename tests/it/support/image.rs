@@ -20,6 +20,25 @@ pub enum Entry {
     Symlink(String, String),
     /// Deletes `path` of a lower layer.
     Whiteout(&'static str),
+    /// Hides what lower layers hold in the directory `path`.
+    Opaque(&'static str),
+    /// A hard link at `.0` to `.1`.
+    HardLink(String, String),
+    /// An entry written as is, with no check of its names: what a hostile
+    /// layer holds (`../`, absolute names, entries through a symlink).
+    Raw {
+        path: String,
+        kind: tar::EntryType,
+        link: Option<String>,
+        data: Vec<u8>,
+    },
+}
+
+/// How a layer blob is compressed.
+#[derive(Debug, Clone, Copy)]
+pub enum Compression {
+    Gzip,
+    Zstd,
 }
 
 /// A layer holding busybox, its applets as symlinks, a passwd with root and
@@ -91,7 +110,19 @@ pub fn busybox_layer() -> Vec<Entry> {
     e
 }
 
-fn tar_gz(entries: &[Entry]) -> (Vec<u8>, String) {
+/// Copies `value` into a header field as is (the tar crate's setters
+/// refuse names that climb out or are absolute).
+fn raw_field(field: &mut [u8], value: &str) {
+    assert!(
+        value.len() < field.len(),
+        "{value:?} is too long for a plain tar header"
+    );
+    field.fill(0);
+    field[..value.len()].copy_from_slice(value.as_bytes());
+}
+
+/// The layer blob of `entries` and its diff id.
+fn layer_blob(entries: &[Entry], compression: Compression) -> (Vec<u8>, String) {
     let mut tar = tar::Builder::new(Vec::new());
     for e in entries {
         let mut h = tar::Header::new_gnu();
@@ -126,13 +157,48 @@ fn tar_gz(entries: &[Entry]) -> (Vec<u8>, String) {
                 h.set_size(0);
                 tar.append_data(&mut h, wh, &[][..]).unwrap();
             }
+            Entry::Opaque(dir) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o644);
+                h.set_size(0);
+                tar.append_data(&mut h, Path::new(dir).join(".wh..wh..opq"), &[][..])
+                    .unwrap();
+            }
+            Entry::HardLink(path, target) => {
+                h.set_entry_type(tar::EntryType::Link);
+                h.set_mode(0o644);
+                h.set_size(0);
+                tar.append_link(&mut h, path, target).unwrap();
+            }
+            Entry::Raw {
+                path,
+                kind,
+                link,
+                data,
+            } => {
+                h.set_entry_type(*kind);
+                h.set_mode(0o644);
+                h.set_size(data.len() as u64);
+                raw_field(&mut h.as_old_mut().name, path);
+                if let Some(link) = link {
+                    raw_field(&mut h.as_old_mut().linkname, link);
+                }
+                h.set_cksum();
+                tar.append(&h, data.as_slice()).unwrap();
+            }
         }
     }
     let raw = tar.into_inner().unwrap();
     let diff_id = format!("sha256:{:x}", Sha256::digest(&raw));
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&raw).unwrap();
-    (gz.finish().unwrap(), diff_id)
+    let blob = match compression {
+        Compression::Gzip => {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(&raw).unwrap();
+            gz.finish().unwrap()
+        }
+        Compression::Zstd => zstd::encode_all(raw.as_slice(), 3).unwrap(),
+    };
+    (blob, diff_id)
 }
 
 fn put_blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
@@ -150,15 +216,31 @@ pub fn write_layout(
     env: &[&str],
     user: &str,
 ) -> Vec<String> {
+    let layers: Vec<_> = layers.iter().map(|l| (l.as_slice(), Compression::Gzip)).collect();
+    write_layout_compressed(layout, tag, &layers, env, user)
+}
+
+/// [`write_layout`] with each layer compressed as it says.
+pub fn write_layout_compressed(
+    layout: &Path,
+    tag: &str,
+    layers: &[(&[Entry], Compression)],
+    env: &[&str],
+    user: &str,
+) -> Vec<String> {
     std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
     std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let mut descs = Vec::new();
     let mut diff_ids = Vec::new();
-    for l in layers {
-        let (gz, diff_id) = tar_gz(l);
-        let (digest, size) = put_blob(layout, &gz);
+    for (entries, compression) in layers {
+        let (blob, diff_id) = layer_blob(entries, *compression);
+        let (digest, size) = put_blob(layout, &blob);
+        let media_type = match compression {
+            Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        };
         descs.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size
+            "mediaType": media_type, "digest": digest, "size": size
         }));
         diff_ids.push(diff_id);
     }
