@@ -470,7 +470,7 @@ async fn prepare_image(registry: &Registry, spec: &JobSpec, run_dir: &Path) -> R
         .images
         .get(image)
         .await
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| failed(format!("image {image:?}: {e}")))?;
     if pulled.layers.is_empty() {
         return Err(failed(format!("image {image:?} has no layers")));
     }
