@@ -77,15 +77,18 @@ pub fn mount_overlay(target: &Path, lower: &[&Path], upper: &Path, work: &Path) 
 }
 
 /// Lazily unmounts whatever is mounted at or under `mountpoint`, then
-/// removes `dir`.
+/// removes `dir` (what a job wrote: it may take long, so an async runtime's
+/// worker hands its other tasks on first).
 pub fn unmount_and_remove(mountpoint: &Path, dir: &Path) -> io::Result<()> {
-    for m in mounts_under(mountpoint)?.into_iter().rev() {
-        let _ = nix::mount::umount2(&m, MntFlags::MNT_DETACH);
-    }
-    match fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
+    super::may_block(|| {
+        for m in mounts_under(mountpoint)?.into_iter().rev() {
+            let _ = nix::mount::umount2(&m, MntFlags::MNT_DETACH);
+        }
+        match fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    })
 }
 
 /// Mount points at or under `path`, from /proc/self/mountinfo, in mount order.
