@@ -311,8 +311,7 @@ impl ImageStore {
         if dir.join("complete").exists() {
             return Ok((fs_dir, hold));
         }
-        let lock = self.lock_for(digest);
-        let _held = lock.lock().await;
+        let unpacking = self.lock_for(digest).lock_owned().await;
         if dir.join("complete").exists() {
             return Ok((fs_dir, hold)); // another job unpacked it meanwhile
         }
@@ -325,8 +324,10 @@ impl ImageStore {
         let (digest, shift, fs) = (digest.to_string(), self.shift, fs_dir.clone());
         // Hashing, unpacking and removing trees take long: off the async
         // threads, the temporary directory (a half-unpacked layer, maybe)
-        // removed there too.
+        // removed there too. The task holds the layer's lock: should this
+        // job be cancelled meanwhile, the next one waits for it.
         blocking(move || {
+            let _unpacking = unpacking;
             verify(&blob, &digest)?;
             let unpacked = tmp.path().join("fs");
             std::fs::create_dir(&unpacked)
