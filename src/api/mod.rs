@@ -139,13 +139,3 @@ impl Agent for AgentService {
         Ok(Response::new(self.registry.info().into()))
     }
 }
-
-/// Installs rustls's process-wide crypto provider: ring, the only one
-/// compiled in. tonic would pick it itself, but the registry client's
-/// reqwest (built without a provider of its own) only reads the process
-/// default and panics in `oci_client::Client::new` if none is installed.
-/// Call it before any TLS or registry client is set up; calling it again is
-/// harmless.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}

@@ -212,7 +212,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 
 /// Runs the command line; the process's exit code.
 pub fn main() -> ExitCode {
-    crate::api::install_crypto_provider();
+    crate::sys::tls::install_crypto_provider();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Oci { root, op } => return oci(&root, op),

@@ -14,10 +14,49 @@ use nix::sys::signal::{SigSet, Signal as NixSignal};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-type Result<T> = std::result::Result<T, String>;
+type Result<T> = std::result::Result<T, OciError>;
 
-fn err(what: &str) -> impl FnOnce(libcontainer::error::LibcontainerError) -> String + '_ {
-    move |e| format!("{what}: {e}")
+/// Why a `runnel oci` command failed. Printed on stderr, where the agent's
+/// command runner reads it (`super::CommandError`): a missing container
+/// says "does not exist", as runc says it.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    #[error("container {id} does not exist")]
+    NotFound { id: String },
+    #[error("{what}: {source}")]
+    Libcontainer {
+        what: &'static str,
+        #[source]
+        source: libcontainer::error::LibcontainerError,
+    },
+    #[error("cannot load container {id}: {source}")]
+    Load {
+        id: String,
+        #[source]
+        source: libcontainer::error::LibcontainerError,
+    },
+    #[error("the container has no init pid")]
+    NoInitPid,
+    #[error("cannot block the signals to pass on: {0}")]
+    Signals(#[source] nix::errno::Errno),
+    #[error("cannot write {path}: {source}")]
+    PidFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for the process: {0}")]
+    Wait(#[source] nix::errno::Errno),
+    #[error("bad signal {signal:?}: {source}")]
+    BadSignal {
+        signal: String,
+        #[source]
+        source: libcontainer::signal::SignalError<String>,
+    },
+}
+
+fn err(what: &'static str) -> impl FnOnce(libcontainer::error::LibcontainerError) -> OciError {
+    move |source| OciError::Libcontainer { what, source }
 }
 
 /// `run --bundle B --pid-file P ID`: creates and starts the container, then
@@ -48,12 +87,15 @@ pub fn run(root: &Path, bundle: &Path, pid_file: &Path, id: &str) -> Result<i32>
     let pid = container
         .pid()
         .map(|p| Pid::from_raw(p.as_raw()))
-        .ok_or_else(|| "the container has no init pid".to_string())?;
-    forwarded.thread_block().map_err(|e| e.to_string())?;
+        .ok_or(OciError::NoInitPid)?;
+    forwarded.thread_block().map_err(OciError::Signals)?;
     let tmp = pid_file.with_extension("tmp");
     std::fs::write(&tmp, pid.to_string())
         .and_then(|_| std::fs::rename(&tmp, pid_file))
-        .map_err(|e| format!("cannot write {}: {e}", pid_file.display()))?;
+        .map_err(|source| OciError::PidFile {
+            path: pid_file.to_path_buf(),
+            source,
+        })?;
     let code = wait_forwarding(pid, &forwarded);
     if let Err(e) = container.delete(true) {
         eprintln!("runnel oci: failed to delete container {id}: {e}");
@@ -99,7 +141,7 @@ pub fn exec(root: &Path, process: &Path, id: &str) -> Result<i32> {
             Ok(WaitStatus::Exited(_, code)) => return Ok(code),
             Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(format!("waiting for the process: {e}")),
+            Err(e) => return Err(OciError::Wait(e)),
             Ok(_) => continue,
         }
     }
@@ -108,15 +150,21 @@ pub fn exec(root: &Path, process: &Path, id: &str) -> Result<i32> {
 fn load(root: &Path, id: &str) -> Result<Container> {
     let dir: PathBuf = root.join(id);
     if !dir.exists() {
-        return Err(format!("container {id} does not exist"));
+        return Err(OciError::NotFound { id: id.to_string() });
     }
-    Container::load(dir).map_err(|e| format!("cannot load container {id}: {e}"))
+    Container::load(dir).map_err(|source| OciError::Load {
+        id: id.to_string(),
+        source,
+    })
 }
 
 /// `kill ID SIGNAL`: signals the container's init.
 pub fn kill(root: &Path, id: &str, signal: &str) -> Result<()> {
     let mut c = load(root, id)?;
-    let sig = Signal::try_from(signal).map_err(|e| format!("bad signal {signal:?}: {e}"))?;
+    let sig = Signal::try_from(signal).map_err(|source| OciError::BadSignal {
+        signal: signal.to_string(),
+        source,
+    })?;
     c.kill(sig, false).map_err(err("cannot signal the container"))
 }
 

@@ -8,26 +8,107 @@
 //! unused for a while, never one that is locked.
 
 use std::collections::HashMap;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::layer;
+use super::layer::{self, LayerError};
 use crate::sys::lockfile;
 
-/// Why an image cannot be had, in a sentence naming it.
+/// Why an image cannot be had. The caller names the image.
 #[derive(Debug, thiserror::Error)]
-#[error("image {image:?}: {reason}")]
-pub struct ImageError {
-    pub image: String,
-    pub reason: String,
+pub enum ImageError {
+    #[error(
+        "not an image reference ({source}); expected e.g. \"registry:5000/team/img:tag\" or \"debian@sha256:...\""
+    )]
+    BadReference {
+        #[source]
+        source: oci_client::ParseError,
+    },
+    #[error("an OCI layout path must be absolute (oci:/path/to/layout[:tag])")]
+    RelativeLayout,
+    #[error("{path} is not an OCI image index: {source}")]
+    NotALayout {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the layout at {layout} has no image tagged {tag:?}")]
+    NoSuchTag { layout: PathBuf, tag: String },
+    /// An index, manifest or config that does not parse.
+    #[error("bad {what}: {source}")]
+    Malformed {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the image has no manifest for {platform}")]
+    NoPlatform { platform: String },
+    #[error("{digest:?} is not a sha256 digest")]
+    BadDigest { digest: String },
+    #[error("digest mismatch: blob {digest} has content {actual}")]
+    DigestMismatch { digest: String, actual: String },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("not found in registry {registry} ({reference})")]
+    NotFound {
+        registry: String,
+        reference: String,
+        #[source]
+        source: OciDistributionError,
+    },
+    #[error("registry {registry} is unreachable ({source})")]
+    Unreachable {
+        registry: String,
+        #[source]
+        source: OciDistributionError,
+    },
+    #[error("registry {registry} refused access ({source})")]
+    Refused {
+        registry: String,
+        #[source]
+        source: OciDistributionError,
+    },
+    #[error("cannot pull from registry {registry}: {source}")]
+    Registry {
+        registry: String,
+        #[source]
+        source: OciDistributionError,
+    },
+    #[error("download of layer {digest} failed: {source}")]
+    Download {
+        digest: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The layer's own error names its digest and entry.
+    #[error(transparent)]
+    Unpack(#[from] LayerError),
+    /// The agent's own layer cache failed (a full disk, say).
+    #[error("cannot {what}: {source}")]
+    Cache {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn cache_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ImageError {
+    let what = what.into();
+    move |source| ImageError::Cache { what, source }
 }
 
 /// What the image's config says about running it.
@@ -105,19 +186,13 @@ pub enum Source {
 /// Parses `oci:<path>[:tag]` or a registry reference (`name[:tag][@digest]`,
 /// Docker Hub short names normalised as Docker does).
 pub fn parse(image: &str) -> Result<Source, ImageError> {
-    let fail = |reason: String| ImageError {
-        image: image.to_string(),
-        reason,
-    };
     if let Some(rest) = image.strip_prefix("oci:") {
         let (path, tag) = match rest.rsplit_once(':') {
             Some((p, t)) if !t.contains('/') && !t.is_empty() => (p, Some(t.to_string())),
             _ => (rest, None),
         };
         if !Path::new(path).is_absolute() {
-            return Err(fail(
-                "an OCI layout path must be absolute (oci:/path/to/layout[:tag])".into(),
-            ));
+            return Err(ImageError::RelativeLayout);
         }
         return Ok(Source::Layout {
             path: PathBuf::from(path),
@@ -127,7 +202,7 @@ pub fn parse(image: &str) -> Result<Source, ImageError> {
     image
         .parse::<Reference>()
         .map(Source::Registry)
-        .map_err(|e| fail(format!("not an image reference ({e}); expected e.g. \"registry:5000/team/img:tag\" or \"debian@sha256:...\"")))
+        .map_err(|source| ImageError::BadReference { source })
 }
 
 /// Pulls and caches images.
@@ -146,9 +221,13 @@ impl std::fmt::Debug for ImageStore {
     }
 }
 
-fn hex_of(digest: &str) -> Option<&str> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())).then_some(hex)
+fn hex_of(digest: &str) -> Result<&str, ImageError> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|hex| hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()))
+        .ok_or_else(|| ImageError::BadDigest {
+            digest: digest.to_string(),
+        })
 }
 
 impl ImageStore {
@@ -159,8 +238,9 @@ impl ImageStore {
             std::fs::create_dir_all(dir.join(sub))?;
         }
         // Half-made downloads and unpacks of an earlier run.
-        let _ = std::fs::remove_dir_all(dir.join("tmp"));
+        let _ = super::may_block(|| std::fs::remove_dir_all(dir.join("tmp")));
         std::fs::create_dir_all(dir.join("tmp"))?;
+        crate::sys::tls::install_crypto_provider();
         let config = ClientConfig {
             protocol: if insecure.is_empty() {
                 ClientProtocol::Https
@@ -199,13 +279,9 @@ impl ImageStore {
 
     /// The image, pulled and unpacked (or taken from the cache).
     pub async fn get(&self, image: &str) -> Result<Image, ImageError> {
-        let fail = |reason: String| ImageError {
-            image: image.to_string(),
-            reason,
-        };
         match parse(image)? {
-            Source::Layout { path, tag } => self.pull_layout(&path, tag.as_deref()).await.map_err(fail),
-            Source::Registry(reference) => self.pull_registry(&reference).await.map_err(fail),
+            Source::Layout { path, tag } => self.pull_layout(&path, tag.as_deref()).await,
+            Source::Registry(reference) => self.pull_registry(&reference).await,
         }
     }
 
@@ -216,55 +292,59 @@ impl ImageStore {
         digest: &str,
         media_type: &str,
         fetch: F,
-    ) -> Result<(PathBuf, LayerHold), String>
+    ) -> Result<(PathBuf, LayerHold), ImageError>
     where
         F: FnOnce(PathBuf) -> Fut,
-        Fut: Future<Output = Result<(), String>>,
+        Fut: Future<Output = Result<(), ImageError>>,
     {
-        let hex = hex_of(digest).ok_or_else(|| format!("layer digest {digest:?} is not a sha256 digest"))?;
+        let hex = hex_of(digest)?;
         let dir = self.layer_dir(hex);
         let fs_dir = dir.join("fs");
         // Held before the cache is looked at: expire() cannot take the
         // layer away from here on (it may be removing it right now: then
         // this waits, and finds it gone).
         let lock_path = dir.with_extension("lock");
-        let hold = tokio::task::spawn_blocking(move || {
-            let held = lockfile::lock(&lock_path, nix::fcntl::FlockArg::LockShared)?;
+        let lock_err = cache_err(format!("lock the cache of layer {digest}"));
+        let hold = blocking(move || {
+            let held = lockfile::lock(&lock_path, nix::fcntl::FlockArg::LockShared).map_err(lock_err)?;
             lockfile::touch(&held);
-            Ok::<_, std::io::Error>(LayerHold(held))
+            Ok(LayerHold(held))
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot lock the cache of layer {digest}: {e}"))?;
+        .await?;
         if dir.join("complete").exists() {
             return Ok((fs_dir, hold));
         }
-        let lock = self.lock_for(digest);
-        let _held = lock.lock().await;
+        let unpacking = self.lock_for(digest).lock_owned().await;
         if dir.join("complete").exists() {
             return Ok((fs_dir, hold)); // another job unpacked it meanwhile
         }
-        let format = layer::Format::of(digest, media_type).map_err(|e| e.to_string())?;
+        let format = layer::Format::of(digest, media_type)?;
         let tmp = tempfile::Builder::new()
             .prefix(hex)
             .tempdir_in(self.dir.join("tmp"))
-            .map_err(|e| format!("cannot make a temporary directory: {e}"))?;
+            .map_err(cache_err("make a temporary directory"))?;
         let blob = tmp.path().join("blob");
         fetch(blob.clone()).await?;
-        verify(&blob, digest).await?;
-        let unpacked = tmp.path().join("fs");
-        let (b, u, d, shift) = (blob.clone(), unpacked.clone(), digest.to_string(), self.shift);
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir(&u).map_err(|e| format!("cannot unpack layer {d}: {e}"))?;
-            layer::unpack(&b, format, &d, &u, shift).map_err(|e| e.to_string())
+        let (digest, shift, fs) = (digest.to_string(), self.shift, fs_dir.clone());
+        // Hashing, unpacking and removing trees take long: off the async
+        // threads, the temporary directory (a half-unpacked layer, maybe)
+        // removed there too. The task holds the layer's lock: should this
+        // job be cancelled meanwhile, the next one waits for it.
+        blocking(move || {
+            let _unpacking = unpacking;
+            verify(&blob, &digest)?;
+            let unpacked = tmp.path().join("fs");
+            std::fs::create_dir(&unpacked).map_err(cache_err(format!("unpack layer {digest}")))?;
+            layer::unpack(&blob, format, &digest, &unpacked, shift)?;
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)
+                .and_then(|_| std::fs::rename(&unpacked, &fs))
+                .and_then(|_| std::fs::write(dir.join("complete"), &digest))
+                .map_err(cache_err(format!("store layer {digest}")))?;
+            drop(tmp);
+            Ok(())
         })
-        .await
-        .map_err(|e| format!("unpacking layer {digest} failed: {e}"))??;
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .and_then(|_| std::fs::rename(&unpacked, &fs_dir))
-            .and_then(|_| std::fs::write(dir.join("complete"), digest))
-            .map_err(|e| format!("cannot store layer {digest}: {e}"))?;
+        .await?;
         Ok((fs_dir, hold))
     }
 
@@ -292,14 +372,19 @@ impl ImageStore {
         removed
     }
 
-    async fn pull_layout(&self, root: &Path, tag: Option<&str>) -> Result<Image, String> {
-        let read_json = |path: PathBuf| async move {
+    async fn pull_layout(&self, root: &Path, tag: Option<&str>) -> Result<Image, ImageError> {
+        let read = |path: PathBuf| async move {
             tokio::fs::read(&path)
                 .await
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                .map_err(|source| ImageError::Read { path, source })
         };
-        let index: Index = serde_json::from_slice(&read_json(root.join("index.json")).await?)
-            .map_err(|e| format!("{}/index.json is not an OCI image index: {e}", root.display()))?;
+        let index_path = root.join("index.json");
+        let index: Index = serde_json::from_slice(&read(index_path.clone()).await?).map_err(|source| {
+            ImageError::NotALayout {
+                path: index_path,
+                source,
+            }
+        })?;
         let wanted = tag.unwrap_or("latest");
         let by_tag = index.manifests.iter().find(|d| {
             d.annotations
@@ -311,30 +396,25 @@ impl ImageStore {
             (Some(d), _, _) => d,
             (None, None, [only]) => only,
             _ => {
-                return Err(format!(
-                    "the layout at {} has no image tagged {wanted:?}",
-                    root.display()
-                ));
+                return Err(ImageError::NoSuchTag {
+                    layout: root.to_path_buf(),
+                    tag: wanted.to_string(),
+                });
             }
         };
-        let blob_path = |digest: &str| -> Result<PathBuf, String> {
-            let hex = hex_of(digest).ok_or_else(|| format!("{digest:?} is not a sha256 digest"))?;
-            Ok(root.join("blobs/sha256").join(hex))
-        };
+        let blob_path = |digest: &str| Ok::<_, ImageError>(root.join("blobs/sha256").join(hex_of(digest)?));
         let read_blob = |digest: String| async move {
-            let path = blob_path(&digest)?;
-            let bytes = read_json(path).await?;
-            let got = format!("sha256:{:x}", Sha256::digest(&bytes));
-            if got != digest {
-                return Err(format!("digest mismatch: blob {digest} has content {got}"));
+            let bytes = read(blob_path(&digest)?).await?;
+            let actual = format!("sha256:{:x}", Sha256::digest(&bytes));
+            if actual != digest {
+                return Err(ImageError::DigestMismatch { digest, actual });
             }
-            Ok::<_, String>(bytes)
+            Ok(bytes)
         };
         let mut manifest_digest = desc.digest.clone();
         let mut bytes = read_blob(manifest_digest.clone()).await?;
         if desc.media_type.contains("index") || desc.media_type.contains("manifest.list") {
-            let nested: Index =
-                serde_json::from_slice(&bytes).map_err(|e| format!("bad image index: {e}"))?;
+            let nested: Index = parse_json("image index", &bytes)?;
             let d = nested
                 .manifests
                 .iter()
@@ -343,24 +423,25 @@ impl ImageStore {
                         .as_ref()
                         .is_some_and(|p| p.os == "linux" && p.architecture == go_arch())
                 })
-                .ok_or_else(|| format!("the image has no manifest for linux/{}", go_arch()))?;
+                .ok_or_else(|| ImageError::NoPlatform {
+                    platform: format!("linux/{}", go_arch()),
+                })?;
             manifest_digest = d.digest.clone();
             bytes = read_blob(manifest_digest.clone()).await?;
         }
-        let manifest: Manifest =
-            serde_json::from_slice(&bytes).map_err(|e| format!("bad image manifest: {e}"))?;
-        let config: ConfigFile = serde_json::from_slice(&read_blob(manifest.config.digest.clone()).await?)
-            .map_err(|e| format!("bad image config: {e}"))?;
+        let manifest: Manifest = parse_json("image manifest", &bytes)?;
+        let config: ConfigFile =
+            parse_json("image config", &read_blob(manifest.config.digest.clone()).await?)?;
         let mut layers = Vec::new();
         let mut holds = Vec::new();
         for l in &manifest.layers {
             let src = blob_path(&l.digest)?;
             let (dir, hold) = self
                 .layer(&l.digest, &l.media_type, |dest| async move {
-                    tokio::fs::copy(&src, &dest)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| format!("cannot read layer {}: {e}", src.display()))
+                    match tokio::fs::copy(&src, &dest).await {
+                        Ok(_) => Ok(()),
+                        Err(source) => Err(ImageError::Read { path: src, source }),
+                    }
                 })
                 .await?;
             layers.push(dir);
@@ -374,15 +455,14 @@ impl ImageStore {
         })
     }
 
-    async fn pull_registry(&self, reference: &Reference) -> Result<Image, String> {
+    async fn pull_registry(&self, reference: &Reference) -> Result<Image, ImageError> {
         let registry = reference.resolve_registry().to_string();
         let (manifest, digest, config) = self
             .client
             .pull_manifest_and_config(reference, &RegistryAuth::Anonymous)
             .await
             .map_err(|e| registry_error(&registry, reference, e))?;
-        let config: ConfigFile =
-            serde_json::from_str(&config).map_err(|e| format!("bad image config: {e}"))?;
+        let config: ConfigFile = parse_json("image config", config.as_bytes())?;
         let mut layers = Vec::new();
         let mut holds = Vec::new();
         for l in &manifest.layers {
@@ -394,17 +474,21 @@ impl ImageStore {
                         .pull_blob_stream(reference, l)
                         .await
                         .map_err(|e| registry_error(registry, reference, e))?;
-                    let mut file = tokio::fs::File::create(&dest)
-                        .await
-                        .map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
+                    let write_err = cache_err(format!("write {}", dest.display()));
+                    let mut file = match tokio::fs::File::create(&dest).await {
+                        Ok(f) => f,
+                        Err(e) => return Err(write_err(e)),
+                    };
                     while let Some(chunk) = stream.next().await {
-                        let chunk =
-                            chunk.map_err(|e| format!("download of layer {} failed: {e}", l.digest))?;
-                        file.write_all(&chunk)
-                            .await
-                            .map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
+                        let chunk = chunk.map_err(|source| ImageError::Download {
+                            digest: l.digest.clone(),
+                            source,
+                        })?;
+                        if let Err(e) = file.write_all(&chunk).await {
+                            return Err(write_err(e));
+                        }
                     }
-                    file.flush().await.map_err(|e| e.to_string())
+                    file.flush().await.map_err(write_err)
                 })
                 .await?;
             layers.push(dir);
@@ -419,48 +503,73 @@ impl ImageStore {
     }
 }
 
-fn registry_error(
-    registry: &str,
-    reference: &Reference,
-    e: oci_client::errors::OciDistributionError,
-) -> String {
+fn parse_json<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, ImageError> {
+    serde_json::from_slice(bytes).map_err(|source| ImageError::Malformed { what, source })
+}
+
+/// What a registry's answer means for the user.
+fn registry_error(registry: &str, reference: &Reference, e: OciDistributionError) -> ImageError {
+    use oci_client::errors::DigestError;
     use oci_client::errors::OciDistributionError as E;
-    match &e {
-        E::ImageManifestNotFoundError(_) => format!("not found in registry {registry}"),
-        E::RequestError(r) if r.is_connect() || r.is_timeout() => {
-            format!("registry {registry} is unreachable ({r})")
+    let registry = registry.to_string();
+    match e {
+        E::ImageManifestNotFoundError(_) => ImageError::NotFound {
+            registry,
+            reference: reference.whole(),
+            source: e,
+        },
+        E::RequestError(ref r) if r.is_connect() || r.is_timeout() => {
+            ImageError::Unreachable { registry, source: e }
         }
-        E::RegistryError { envelope, .. }
+        E::RegistryError { ref envelope, .. }
             if envelope
                 .errors
                 .iter()
                 .any(|x| format!("{:?}", x.code).contains("Unknown")) =>
         {
-            format!("not found in registry {registry} ({})", reference.whole())
+            ImageError::NotFound {
+                registry,
+                reference: reference.whole(),
+                source: e,
+            }
         }
-        E::AuthenticationFailure(m) => format!("registry {registry} refused access ({m})"),
-        E::DigestError(d) => format!("digest mismatch ({d})"),
-        _ => format!("cannot pull from registry {registry}: {e}"),
+        E::AuthenticationFailure(_) => ImageError::Refused { registry, source: e },
+        E::DigestError(DigestError::VerificationError { expected, actual }) => ImageError::DigestMismatch {
+            digest: expected,
+            actual,
+        },
+        _ => ImageError::Registry { registry, source: e },
     }
 }
 
-/// Checks that the file at `path` has `digest`.
-async fn verify(path: &Path, digest: &str) -> Result<(), String> {
-    let p = path.to_path_buf();
-    let got = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-        let mut f = std::fs::File::open(&p)?;
-        let mut h = Sha256::new();
-        std::io::copy(&mut f, &mut h)?;
-        Ok(format!("sha256:{:x}", h.finalize()))
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("cannot read a downloaded layer: {e}"))?;
-    if got == digest {
+/// Checks that the file at `path` has `digest`. Blocks: hashes the file.
+fn verify(path: &Path, digest: &str) -> Result<(), ImageError> {
+    let read_err = |source| ImageError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(read_err)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(read_err)?;
+    let actual = format!("sha256:{:x}", h.finalize());
+    if actual == digest {
         Ok(())
     } else {
-        Err(format!("digest mismatch: layer {digest} has content {got}"))
+        Err(ImageError::DigestMismatch {
+            digest: digest.to_string(),
+            actual,
+        })
     }
+}
+
+/// Runs file work that may take long (locks, hashing, unpacking, removing
+/// trees) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
+) -> Result<T, ImageError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(cache_err("finish the layer's file work")(io::Error::other(e))))
 }
 
 /// This machine's architecture as OCI names it.
@@ -503,8 +612,90 @@ mod tests {
                 tag: None
             }
         );
-        for bad in ["a b", "oci:relative/path", "", "x:y:z@bad"] {
-            assert!(parse(bad).is_err(), "{bad}");
+        for bad in ["a b", "", "x:y:z@bad", "Not A Reference"] {
+            let e = parse(bad).unwrap_err();
+            assert!(matches!(e, ImageError::BadReference { .. }), "{bad}: {e:?}");
+            assert!(e.to_string().starts_with("not an image reference ("), "{e}");
         }
+        assert!(matches!(
+            parse("oci:relative/path"),
+            Err(ImageError::RelativeLayout)
+        ));
+    }
+
+    fn store() -> (tempfile::TempDir, ImageStore) {
+        let state = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(state.path(), &["127.0.0.1:1".to_string()], 0).unwrap();
+        (state, store)
+    }
+
+    #[tokio::test]
+    async fn layout_errors_say_what_is_wrong() {
+        let (state, store) = store();
+        let layout = state.path().join("layout");
+        let e = store.get(&format!("oci:{}", layout.display())).await.unwrap_err();
+        assert!(
+            matches!(&e, ImageError::Read { path, source } if *path == layout.join("index.json") && source.kind() == io::ErrorKind::NotFound),
+            "{e:?}"
+        );
+        std::fs::create_dir(&layout).unwrap();
+        std::fs::write(layout.join("index.json"), "not json").unwrap();
+        let e = store.get(&format!("oci:{}", layout.display())).await.unwrap_err();
+        assert!(matches!(e, ImageError::NotALayout { .. }), "{e:?}");
+        std::fs::write(layout.join("index.json"), r#"{"manifests": []}"#).unwrap();
+        let e = store
+            .get(&format!("oci:{}:v9", layout.display()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ImageError::NoSuchTag { tag, .. } if tag == "v9"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!("the layout at {} has no image tagged \"v9\"", layout.display())
+        );
+        let manifest = br#"{"config": {"digest": "sha256:1"}, "layers": []}"#;
+        let digest = format!("sha256:{:x}", Sha256::digest(manifest));
+        std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+        std::fs::write(
+            layout.join("blobs/sha256").join(hex_of(&digest).unwrap()),
+            b"tampered",
+        )
+        .unwrap();
+        std::fs::write(
+            layout.join("index.json"),
+            format!(r#"{{"manifests": [{{"digest": "{digest}"}}]}}"#),
+        )
+        .unwrap();
+        let e = store.get(&format!("oci:{}", layout.display())).await.unwrap_err();
+        assert!(
+            matches!(&e, ImageError::DigestMismatch { digest: d, .. } if *d == digest),
+            "{e:?}"
+        );
+        std::fs::write(
+            layout.join("blobs/sha256").join(hex_of(&digest).unwrap()),
+            manifest,
+        )
+        .unwrap();
+        let e = store.get(&format!("oci:{}", layout.display())).await.unwrap_err();
+        assert!(
+            matches!(&e, ImageError::BadDigest { digest } if digest == "sha256:1"),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_registry_nobody_listens_on_is_unreachable() {
+        let (_state, store) = store();
+        let e = store.get("127.0.0.1:1/team/img:v1").await.unwrap_err();
+        assert!(
+            matches!(&e, ImageError::Unreachable { registry, .. } if registry == "127.0.0.1:1"),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().starts_with("registry 127.0.0.1:1 is unreachable ("),
+            "{e}"
+        );
     }
 }

@@ -20,9 +20,10 @@ pub mod spec;
 pub mod user;
 
 use std::ffi::OsString;
+use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -50,12 +51,89 @@ pub enum RuntimeError {
     )]
     NotInstalled { kind: &'static str },
     #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("the container did not start: {0}")]
-    Start(String),
+    Start(#[from] StartError),
 }
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
+/// Why a container did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot write {path}: {source}")]
+    WriteConfig {
+        path: PathBuf,
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The runtime's `run` ended before the init ran; what it printed.
+    #[error("the runtime exited ({status}): {stderr}")]
+    RuntimeExited { status: ExitStatus, stderr: String },
+    #[error("no init after {}s", .waited.as_secs())]
+    NoInit { waited: Duration },
+    #[error("the init's pid file {path} is unreadable")]
+    NoInitPid { path: PathBuf },
+    #[error("cannot bring up lo: {0}")]
+    Loopback(#[source] io::Error),
+}
+
+/// Why a short runtime command (`kill`, `delete`) failed. A runtime's
+/// stderr is read in one place, [`CommandError::check`].
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The runtime knows no container of that id (already deleted).
+    #[error("container {id} does not exist")]
+    NotFound { id: String },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+    #[error("cannot signal the init of container {id}: {source}")]
+    Signal {
+        id: String,
+        #[source]
+        source: nix::errno::Errno,
+    },
+}
+
+impl CommandError {
+    /// How the runtime command `command` on container `id` ended, from its
+    /// exit status and stderr. runc and `runnel oci` both say a container
+    /// they do not know "does not exist".
+    pub fn check(command: &str, id: &str, status: ExitStatus, stderr: &[u8]) -> Result<(), CommandError> {
+        if status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(stderr).trim().to_string();
+        if stderr.contains("does not exist") {
+            return Err(CommandError::NotFound { id: id.to_string() });
+        }
+        Err(CommandError::Failed {
+            command: command.to_string(),
+            status,
+            stderr,
+        })
+    }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> RuntimeError {
     let what = what.into();
     move |source| RuntimeError::Io { what, source }
 }
@@ -161,7 +239,7 @@ impl Runtime {
     pub async fn start(&self, id: &str, bundle: &Path, spec: &Spec) -> Result<Container, RuntimeError> {
         let config = bundle.join("config.json");
         spec.save(&config)
-            .map_err(|e| RuntimeError::Start(format!("cannot write {}: {e}", config.display())))?;
+            .map_err(|source| StartError::WriteConfig { path: config, source })?;
         let pid_file = bundle.join("init.pid");
         let mut child = self
             .handle
@@ -176,7 +254,10 @@ impl Runtime {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(io_err(format!("cannot run {}", self.handle.program.display())))?;
+            .map_err(|source| StartError::Spawn {
+                program: self.handle.program.clone(),
+                source,
+            })?;
         let mut stderr = child.stderr.take().expect("stderr is piped");
         let stderr_task = tokio::spawn(async move {
             let mut buf = Vec::new();
@@ -211,9 +292,14 @@ impl Runtime {
             // libcontainer does not. Do it from outside, for every runtime.
             let pid = container
                 .init_pid
-                .ok_or_else(|| RuntimeError::Start("the init's pid file is unreadable".into()))?;
-            crate::sys::netns::loopback_up(pid.as_raw())
-                .map_err(|e| RuntimeError::Start(format!("cannot bring up lo: {e}")))?;
+                .ok_or(StartError::NoInitPid { path: pid_file })?
+                .as_raw();
+            // A thread of its own enters the namespace: wait for it off
+            // the async threads.
+            tokio::task::spawn_blocking(move || crate::sys::netns::loopback_up(pid))
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)))
+                .map_err(StartError::Loopback)?;
         }
         Ok(container)
     }
@@ -227,13 +313,24 @@ impl Runtime {
         let mut removed = Vec::new();
         for entry in entries.flatten() {
             let id = entry.file_name().to_string_lossy().to_string();
-            if let Err(e) = self.handle.run(&["delete", "--force", &id]).await {
+            if let Err(e) = self.handle.run(&id, &["delete", "--force", &id]).await {
                 tracing::warn!(container = %id, error = %e, "could not delete a leftover container");
-                let _ = std::fs::remove_dir_all(entry.path());
+                let _ = may_block(|| std::fs::remove_dir_all(entry.path()));
             }
             removed.push(id);
         }
         removed
+    }
+}
+
+/// Runs `f`, file work that may take long (removing a tree), on this
+/// thread: when that is a worker of tokio's multi-threaded runtime (a
+/// `Drop` in an async task), its other tasks move to another thread first.
+pub(crate) fn may_block<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
@@ -267,14 +364,18 @@ struct RuntimeHandle {
 
 impl RuntimeHandle {
     fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.program);
+        Command::from(self.std_command())
+    }
+
+    fn std_command(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new(&self.program);
         cmd.args(&self.prefix).arg("--root").arg(&self.root);
         cmd.stdin(Stdio::null());
         cmd
     }
 
-    /// Runs a short runtime command to completion; its stderr on failure.
-    async fn run(&self, args: &[&str]) -> Result<(), String> {
+    /// Runs a short runtime command on container `id` to completion.
+    async fn run(&self, id: &str, args: &[&str]) -> Result<(), CommandError> {
         let out = self
             .command()
             .args(args)
@@ -282,21 +383,50 @@ impl RuntimeHandle {
             .stderr(Stdio::piped())
             .output()
             .await
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+            .map_err(|source| self.spawn_error(source))?;
+        CommandError::check(&args.join(" "), id, out.status, &out.stderr)
+    }
+
+    fn spawn_error(&self, source: io::Error) -> CommandError {
+        CommandError::Spawn {
+            program: self.program.clone(),
+            source,
         }
     }
 
-    fn command_sync(&self) -> std::process::Command {
-        let mut cmd = std::process::Command::new(&self.program);
-        cmd.args(&self.prefix).arg("--root").arg(&self.root);
-        cmd.stdin(Stdio::null())
+    /// Starts `delete --force id` and returns at once: for [`Container`]'s
+    /// drop, which may run on an async thread. A thread of its own waits for
+    /// the runtime and logs how it ended; the runtime process deletes the
+    /// container even if the agent exits first.
+    fn delete_in_background(&self, id: &str) {
+        let args = ["delete", "--force", id];
+        let spawned = self
+            .std_command()
+            .args(args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        cmd
+            .stderr(Stdio::piped())
+            .spawn();
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                let e = self.spawn_error(e);
+                tracing::error!(container = %id, error = %e, "cannot delete the container");
+                return;
+            }
+        };
+        let (id, command) = (id.to_string(), args.join(" "));
+        let reaper = move || match child.wait_with_output() {
+            Ok(out) => log_delete(&id, CommandError::check(&command, &id, out.status, &out.stderr)),
+            Err(e) => tracing::warn!(container = %id, error = %e, "cannot wait for the container's deletion"),
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("runnel-delete".into())
+            .spawn(reaper)
+        {
+            // The runtime still deletes the container; only its exit goes
+            // unread.
+            tracing::warn!(error = %e, "cannot wait for a container's deletion");
+        }
     }
 }
 
@@ -317,7 +447,7 @@ pub struct Container {
 }
 
 impl Container {
-    async fn wait_started(&mut self, pid_file: &Path) -> Result<(), RuntimeError> {
+    async fn wait_started(&mut self, pid_file: &Path) -> Result<(), StartError> {
         let started = Instant::now();
         let deadline = started + START_TIMEOUT;
         loop {
@@ -326,15 +456,12 @@ impl Container {
             }
             if let Ok(Some(status)) = self.init.try_wait() {
                 let stderr = self.runtime_stderr().await;
-                return Err(RuntimeError::Start(format!(
-                    "the runtime exited ({status}): {stderr}"
-                )));
+                return Err(StartError::RuntimeExited { status, stderr });
             }
             if Instant::now() > deadline {
-                return Err(RuntimeError::Start(format!(
-                    "no init after {}s",
-                    START_TIMEOUT.as_secs()
-                )));
+                return Err(StartError::NoInit {
+                    waited: START_TIMEOUT,
+                });
             }
             // A container starts in milliseconds: look every millisecond
             // at first, so that a job does not wait for the backoff.
@@ -416,7 +543,7 @@ impl Container {
         }
     }
 
-    async fn signal(&mut self, sig: nix::sys::signal::Signal) -> Result<(), String> {
+    async fn signal(&mut self, sig: nix::sys::signal::Signal) -> Result<(), CommandError> {
         // While the runtime's foreground `run` lives it has not reaped the
         // init (its child), so the pid is still the init's: signal it
         // directly rather than through one more runtime process. (It is
@@ -424,10 +551,13 @@ impl Container {
         if let Some(pid) = self.init_pid
             && self.is_running()
         {
-            return nix::sys::signal::kill(pid, sig).map_err(|e| e.to_string());
+            return nix::sys::signal::kill(pid, sig).map_err(|source| CommandError::Signal {
+                id: self.id.clone(),
+                source,
+            });
         }
         let name = sig.as_str().trim_start_matches("SIG");
-        self.runtime.run(&["kill", &self.id, name]).await
+        self.runtime.run(&self.id, &["kill", &self.id, name]).await
     }
 
     /// Stops (if needed) and deletes the container.
@@ -436,11 +566,8 @@ impl Container {
         // The foreground `run` deletes the container when its init exits;
         // delete only what it left (it was killed, say).
         if self.runtime.root.join(&self.id).exists() {
-            match self.runtime.run(&["delete", "--force", &self.id]).await {
-                Err(e) if e.contains("does not exist") => {}
-                Err(e) => tracing::warn!(container = %self.id, error = %e, "cannot delete the container"),
-                Ok(()) => {}
-            }
+            let deleted = self.runtime.run(&self.id, &["delete", "--force", &self.id]).await;
+            log_delete(&self.id, deleted);
         }
         if let Some(t) = self.init_stderr.take() {
             t.abort();
@@ -459,15 +586,19 @@ impl Container {
     }
 }
 
+/// A container that is already gone needs no deleting.
+fn log_delete(id: &str, deleted: Result<(), CommandError>) {
+    match deleted {
+        Ok(()) | Err(CommandError::NotFound { .. }) => {}
+        Err(e) => tracing::warn!(container = %id, error = %e, "cannot delete the container"),
+    }
+}
+
 impl Drop for Container {
     fn drop(&mut self) {
         if !self.removed {
             // The job's task was cut short (a panic, a dropped future).
-            let _ = self
-                .runtime
-                .command_sync()
-                .args(["delete", "--force", &self.id])
-                .status();
+            self.runtime.delete_in_background(&self.id);
         }
     }
 }
@@ -557,5 +688,113 @@ impl JobContainer for Container {
 
     fn remove(self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()> {
         Box::pin(Container::remove(*self, grace))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    fn handle(program: PathBuf, prefix: &[&str], root: &Path) -> RuntimeHandle {
+        RuntimeHandle {
+            program,
+            prefix: prefix.iter().map(OsString::from).collect(),
+            root: root.to_path_buf(),
+        }
+    }
+
+    /// An exit status with `code`, as `wait` reports it.
+    fn exited(code: i32) -> ExitStatus {
+        ExitStatus::from_raw(code << 8)
+    }
+
+    #[test]
+    fn runnel_oci_says_a_missing_container_does_not_exist() {
+        let root = tempfile::tempdir().unwrap();
+        for e in [
+            embedded::delete(root.path(), "gone", true).unwrap_err(),
+            embedded::kill(root.path(), "gone", "TERM").unwrap_err(),
+            embedded::state(root.path(), "gone").unwrap_err(),
+        ] {
+            assert!(
+                matches!(&e, embedded::OciError::NotFound { id } if id == "gone"),
+                "{e}"
+            );
+            // What `runnel oci` prints for it (cli::oci), as the agent reads it.
+            let stderr = format!("runnel oci: {e}\n");
+            let read = CommandError::check("delete --force gone", "gone", exited(255), stderr.as_bytes());
+            assert!(
+                matches!(&read, Err(CommandError::NotFound { id }) if id == "gone"),
+                "{read:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_runtime_failures_keep_status_and_stderr() {
+        assert!(CommandError::check("kill c1 TERM", "c1", exited(0), b"noise").is_ok());
+        let e = CommandError::check("kill c1 TERM", "c1", exited(1), b"permission denied\n").unwrap_err();
+        let CommandError::Failed {
+            command,
+            status,
+            stderr,
+        } = &e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            (command.as_str(), status.code(), stderr.as_str()),
+            ("kill c1 TERM", Some(1), "permission denied")
+        );
+        assert_eq!(
+            e.to_string(),
+            "`kill c1 TERM` failed (exit status: 1): permission denied"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_runtime_that_cannot_run_says_which() {
+        let root = tempfile::tempdir().unwrap();
+        let missing = root.path().join("no-such-runtime");
+        let e = handle(missing.clone(), &[], root.path())
+            .run("c1", &["delete", "--force", "c1"])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, CommandError::Spawn { program, source } if *program == missing && source.kind() == io::ErrorKind::NotFound),
+            "{e:?}"
+        );
+    }
+
+    /// runc, when installed (scripts/setup installs it); with `CI` set its
+    /// absence fails the test.
+    fn runc() -> Option<PathBuf> {
+        let found = find_on_path("runc");
+        if found.is_none() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "runc is not on PATH (scripts/setup installs it)"
+            );
+            eprintln!("skipped: runc is not on PATH (scripts/setup installs it)");
+        }
+        found
+    }
+
+    #[tokio::test]
+    async fn runc_says_a_missing_container_does_not_exist() {
+        let Some(runc) = runc() else { return };
+        let root = tempfile::tempdir().unwrap();
+        let runc = handle(runc, &[], root.path());
+        for args in [["kill", "gone", "KILL"].as_slice(), &["delete", "gone"]] {
+            let e = runc.run("gone", args).await.unwrap_err();
+            assert!(
+                matches!(&e, CommandError::NotFound { id } if id == "gone"),
+                "{args:?}: {e:?}"
+            );
+        }
+        // A forced delete of what is gone succeeds.
+        runc.run("gone", &["delete", "--force", "gone"]).await.unwrap();
     }
 }

@@ -7,4 +7,5 @@ pub mod lockfile;
 pub mod mount;
 pub mod netns;
 pub mod sd_notify;
+pub mod tls;
 pub mod wipe;

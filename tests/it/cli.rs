@@ -65,6 +65,26 @@ fn runnel_run_exits_non_zero_for_a_failed_job_or_a_bad_file() {
 }
 
 #[test]
+fn runnel_oci_says_a_missing_container_does_not_exist_as_the_agent_reads_it() {
+    use runnel::runtime::CommandError;
+    let root = tempfile::tempdir().unwrap();
+    for args in [
+        ["delete", "--force", "gone"].as_slice(),
+        &["kill", "gone", "TERM"],
+    ] {
+        let out = runnel(&["oci", "--root", root.path().to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        let read = CommandError::check(&args.join(" "), "gone", out.status, &out.stderr);
+        assert!(
+            matches!(&read, Err(CommandError::NotFound { id }) if id == "gone"),
+            "{args:?}: {read:?}"
+        );
+    }
+}
+
+#[test]
 fn the_clients_of_a_running_agent() {
     require!(Root);
     let agent = Agent::start("[runtime]\ngrace_period = \"1s\"");

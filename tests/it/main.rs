@@ -21,6 +21,7 @@ mod checkout;
 mod cli;
 mod fuzz_corpus;
 mod images;
+mod runtime;
 mod service;
 mod support;
 mod tls;

@@ -345,7 +345,7 @@ impl Phases<'_> {
             });
         }
         let pulled = tokio::select! {
-            p = self.registry.images.get(&image) => p.map_err(|e| failed(e.to_string()))?,
+            p = self.registry.images.get(&image) => p.map_err(|e| failed(format!("image {image:?}: {e}")))?,
             why = self.limits.interrupted(None) => return Err(why.end("the image pull")),
         };
         held.image_layers = Some(pulled.holds.clone());

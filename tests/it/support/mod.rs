@@ -109,6 +109,19 @@ pub fn expect(need: Need) {
     }
 }
 
+/// Host processes in the cgroup `path` (any hierarchy).
+pub fn processes_in_cgroup(path: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .is_ok_and(|c| c.lines().any(|l| l.ends_with(path)))
+        })
+        .collect()
+}
+
 /// Waits for `cond` with a deadline; panics with `what` when it never holds.
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -300,7 +313,7 @@ impl Agent {
     ) -> Result<Client, tonic::transport::Error> {
         let mut endpoint = tonic::transport::Endpoint::from_shared(self.addr.clone()).unwrap();
         if let Some(tls) = tls {
-            runnel::api::install_crypto_provider();
+            runnel::sys::tls::install_crypto_provider();
             endpoint = endpoint.tls_config(tls)?;
         }
         let channel = endpoint.connect().await?;
@@ -367,16 +380,7 @@ impl Agent {
     /// Host processes in the cgroup of job `id`'s container (any
     /// hierarchy): what would be left running if the container leaked.
     pub fn container_processes(&self, id: &str) -> Vec<u32> {
-        let cgroup = format!("{}/{id}", self.cgroup_parent());
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-                    .is_ok_and(|c| c.lines().any(|l| l.ends_with(&cgroup)))
-            })
-            .collect()
+        processes_in_cgroup(&format!("{}/{id}", self.cgroup_parent()))
     }
 
     pub async fn scheduler(&self) -> Client {
