@@ -300,13 +300,17 @@ async fn retention_removes_ended_jobs_beyond_count_bytes_and_age_never_running_o
     )
     .await;
     assert_eq!(state(&status), pb::JobState::Succeeded);
+    // The job leaves the registry first, then its files go (outside the
+    // registry's lock): wait for both.
+    let removed = agent.state_dir().join("removed/r-big");
     wait_until("r-big to be removed", Duration::from_secs(30), || {
         let mut c = c.clone();
-        async move { get_job(&mut c, "r-big").await.is_err() }
+        let removed = removed.clone();
+        async move { get_job(&mut c, "r-big").await.is_err() && !removed.exists() }
     })
     .await;
     get_job(&mut c, "r3").await.unwrap();
-    assert!(!agent.state_dir().join("removed/r-big").exists());
+    assert!(!jobs_dir.join("r-big").exists());
 
     // The running job was never touched; once it ends, it counts like any.
     assert_eq!(
