@@ -471,12 +471,7 @@ async fn a_step_clones_a_private_dependency_with_the_jobs_keys() {
         ],
     );
     let (status, events) = run_job(&agent, spec).await;
-    assert_eq!(
-        state(&status),
-        pb::JobState::Succeeded,
-        "{status:?}\n{}",
-        output(&events, pb::Stream::Stderr)
-    );
+    assert_succeeded(&status, &events);
     let out = output(&events, pb::Stream::Stdout);
     assert!(out.contains("a private dependency\n"), "{out}");
     assert!(

@@ -54,12 +54,7 @@ async fn a_job_runs_in_an_image_from_a_registry() {
         ),
     )
     .await;
-    assert_eq!(
-        state(&status),
-        pb::JobState::Succeeded,
-        "{status:?}\n{}",
-        output(&events, pb::Stream::Stderr)
-    );
+    assert_succeeded(&status, &events);
     assert_eq!(
         output(&events, pb::Stream::Stdout),
         "runnel test image\n1000\nfrom-the-image /home/builder\n/workspace\nws-writable\n"
@@ -824,12 +819,7 @@ async fn links_whiteouts_and_opaque_directories_of_a_layer_work() {
         ),
     )
     .await;
-    assert_eq!(
-        state(&status),
-        pb::JobState::Succeeded,
-        "{status:?}\n{}",
-        output(&events, pb::Stream::Stderr)
-    );
+    assert_succeeded(&status, &events);
     assert_eq!(
         output(&events, pb::Stream::Stdout),
         "A\nA\nA\nA\nA\n3\nupper\nwhited-out\n"

@@ -510,6 +510,16 @@ pub fn state(s: &pb::JobStatus) -> pb::JobState {
     pb::JobState::try_from(s.state).unwrap()
 }
 
+/// Asserts the job succeeded; on failure shows its status and stderr.
+pub fn assert_succeeded(status: &pb::JobStatus, events: &[pb::JobEvent]) {
+    assert_eq!(
+        state(status),
+        pb::JobState::Succeeded,
+        "{status:?}\n{}",
+        output(events, pb::Stream::Stderr)
+    );
+}
+
 pub fn failure(s: &pb::JobStatus) -> pb::FailureKind {
     pb::FailureKind::try_from(s.failure).unwrap()
 }
