@@ -16,6 +16,7 @@ pub mod embedded;
 pub mod image;
 pub mod layer;
 pub mod rootfs;
+pub mod seccomp;
 pub mod spec;
 pub mod user;
 
