@@ -22,7 +22,6 @@ mod cli;
 mod fuzz_corpus;
 mod images;
 mod runtime;
-mod sandbox;
 mod service;
 mod support;
 mod tls;
