@@ -332,15 +332,6 @@ impl Config {
         let grace_period = parse_duration(r.grace_period.as_deref(), "runtime.grace_period", "10s")?;
         let job_timeout = positive_duration(r.job_timeout.as_deref(), "runtime.job_timeout", "1h")?;
         let drain_timeout = parse_duration(raw.drain_timeout.as_deref(), "drain_timeout", "10m")?;
-        if r.userns == Some(true) && kind == RuntimeKind::Embedded {
-            // Measured: libcontainer 0.7 starts exec'd processes outside the
-            // container's user namespace, as host root. Never pretend.
-            return Err(invalid(
-                "runtime.userns",
-                "needs runtime.kind = \"runc\" or \"crun\": the embedded libcontainer runtime does not \
-                 put steps in the container's user namespace",
-            ));
-        }
         if r.userns_base
             .is_some_and(|b| b == 0 || b > u32::MAX - USERNS_SIZE)
         {
@@ -537,7 +528,6 @@ mod tests {
             ("[runtime]\nkind = \"docker\"", "runtime.kind"),
             ("[runtime]\ngrace_period = \"soon\"", "runtime.grace_period"),
             ("state_dir = \"relative\"", "state_dir"),
-            ("[runtime]\nuserns = true", "runtime.userns"),
             ("metrics_listen = \"localhost\"", "metrics_listen"),
             ("log_format = \"xml\"", "log_format"),
             ("[retention]\nmax_age = \"forever\"", "retention.max_age"),

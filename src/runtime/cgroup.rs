@@ -1,8 +1,12 @@
 //! The cgroups of job containers, seen from the host: which limits a
 //! container hit (to tell a user their step ran out of memory rather than
-//! "exit status 137"), and removing the cgroups a previous run left.
+//! "exit status 137"), the hierarchies a container must see read-only,
+//! placing the embedded runtime's containers in the hierarchies
+//! libcontainer leaves alone, and removing a container's cgroups (with
+//! whatever children were made in them) or those a previous run left.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 const ROOT: &str = "/sys/fs/cgroup";
 
@@ -69,14 +73,15 @@ fn dirs(path: &str) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// Removes the cgroups under `parent` (children first, then `parent`).
-/// Returns the job cgroups removed, as paths relative to `parent`.
+/// Removes the cgroups under `parent` (each child with everything below
+/// it, then `parent`). Returns the job cgroups removed, as paths relative
+/// to `parent`.
 pub fn remove_tree(parent: &str) -> Vec<String> {
     let mut removed = Vec::new();
     for dir in dirs(parent) {
         if let Ok(children) = std::fs::read_dir(&dir) {
             for child in children.flatten().filter(|c| c.path().is_dir()) {
-                if std::fs::remove_dir(child.path()).is_ok() {
+                if remove_depth_first(&child.path()).is_ok() {
                     let name = child.file_name().to_string_lossy().to_string();
                     if !removed.contains(&name) {
                         removed.push(name);
@@ -87,6 +92,149 @@ pub fn remove_tree(parent: &str) -> Vec<String> {
         let _ = std::fs::remove_dir(&dir);
     }
     removed
+}
+
+/// Removes the cgroup `path` (as in the OCI spec) from every hierarchy,
+/// with any cgroups made below it, deepest first. A cgroup whose last
+/// process is still exiting is busy for a moment: tried again for up to
+/// `patience`. Returns what could not be removed.
+pub fn remove(path: &str, patience: Duration) -> Vec<(PathBuf, std::io::Error)> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let failed: Vec<_> = dirs(path)
+            .into_iter()
+            .filter_map(|d| remove_depth_first(&d).err().map(|e| (d, e)))
+            .collect();
+        let busy = failed.iter().all(|(_, e)| e.raw_os_error() == Some(libc::EBUSY));
+        if failed.is_empty() || !busy || Instant::now() >= deadline {
+            return failed;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Removes the cgroup directory `dir` after every cgroup below it. (A
+/// cgroup directory holds only control files, which go with it, and
+/// child cgroups.)
+fn remove_depth_first(dir: &Path) -> std::io::Result<()> {
+    for child in std::fs::read_dir(dir)?.flatten() {
+        if child.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_depth_first(&child.path())?;
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+/// The v1 controllers libcontainer puts a container's processes in (its
+/// `CONTROLLERS`); a hierarchy with none of them is left to us.
+const LIBCONTAINER_CONTROLLERS: &[&str] = &[
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "devices",
+    "hugetlb",
+    "memory",
+    "pids",
+    "perf_event",
+    "blkio",
+    "net_prio",
+    "net_cls",
+    "freezer",
+];
+
+/// `(mount point, fstype, super options)` of every cgroup hierarchy
+/// mounted under the cgroup root.
+fn hierarchies() -> Vec<(PathBuf, String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mount_point = left.split(' ').nth(4)?;
+            let mut r = right.split(' ');
+            let fstype = r.next()?;
+            let options = r.nth(1).unwrap_or("");
+            ((fstype == "cgroup" || fstype == "cgroup2") && mount_point.starts_with(ROOT)).then(|| {
+                (
+                    PathBuf::from(mount_point),
+                    fstype.to_string(),
+                    options.to_string(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The cgroup file system as a container mounts it: the root and, on
+/// v1, each hierarchy. Every one of them is read-only for the container
+/// (libcontainer ignores a v1 cgroup mount's `ro`; read-only paths are
+/// honoured by every runtime).
+pub fn mount_points() -> Vec<String> {
+    let mut out = vec![ROOT.to_string()];
+    if !unified() {
+        out.extend(
+            hierarchies()
+                .into_iter()
+                .map(|(p, ..)| p.to_string_lossy().to_string())
+                .filter(|p| p != ROOT),
+        );
+    }
+    out
+}
+
+/// Moves the calling process into the cgroup `path` of every hierarchy
+/// libcontainer does not manage (v1 named hierarchies such as
+/// `name=systemd`, and cgroup2 beside v1), making it when `create`. What
+/// it starts then is there too, and a cgroup namespace made there has its
+/// root there: a container sees only its own cgroup in those hierarchies
+/// as well, and cannot reach the host's `name=systemd` root.
+pub fn enter_unmanaged(path: &str, create: bool) -> Result<(), String> {
+    if unified() {
+        return Ok(());
+    }
+    let rel = path.trim_start_matches('/');
+    for (mount_point, fstype, options) in hierarchies() {
+        let managed = fstype == "cgroup" && options.split(',').any(|o| LIBCONTAINER_CONTROLLERS.contains(&o));
+        if managed {
+            continue;
+        }
+        let dir = mount_point.join(rel);
+        if create {
+            std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let procs = dir.join("cgroup.procs");
+        std::fs::write(&procs, "0").map_err(|e| format!("cannot join {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// What runtimes add to a spec's device list: `c *:* m` and `b *:* m`
+/// (make any node: Docker's default, added by runc and libcontainer) and
+/// `c 10:200 rwm` (tun, added by libcontainer).
+const ADDED_DEVICE_RULES: &[&str] = &["c *:* m", "b *:* m", "c 10:200 rwm"];
+
+/// Takes out of the v1 devices cgroup of `path` the rules runtimes add
+/// to the spec's, leaving exactly its allow-list. (On v2 the device
+/// filter is a BPF program the runtime attaches; runc builds it from the
+/// spec's list, libcontainer 0.7 without its `cgroupsv2_devices` feature
+/// attaches none.)
+pub fn restrict_devices(path: &str) -> std::io::Result<()> {
+    if unified() {
+        return Ok(());
+    }
+    let deny = Path::new(ROOT)
+        .join("devices")
+        .join(path.trim_start_matches('/'))
+        .join("devices.deny");
+    if !deny.exists() {
+        return Ok(());
+    }
+    for rule in ADDED_DEVICE_RULES {
+        std::fs::write(&deny, rule)?;
+    }
+    Ok(())
 }
 
 /// Whether any hierarchy still has the cgroup `path`.

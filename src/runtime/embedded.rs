@@ -3,18 +3,93 @@
 //! youki's `libcontainer`. The agent runs it as a child process per
 //! container operation, exactly as it runs `runc`; libcontainer `chdir`s and
 //! forks, which must not happen inside the multi-threaded agent.
+//!
+//! What libcontainer 0.7 (built without libseccomp) leaves out, this adds:
+//! the container's seccomp filter and a session keyring of its own, for
+//! init and for every exec'd process ([`Sandboxed`]), and exec'd processes
+//! in the container's user namespace ([`exec`] joins it first).
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use libcontainer::container::Container;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use nix::sys::signal::{SigSet, Signal as NixSignal};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use seccompiler::BpfProgram;
+
+use super::seccomp;
 
 type Result<T> = std::result::Result<T, OciError>;
+
+/// Execs the container's process as libcontainer's default executor
+/// does, last thing after libcontainer has set up namespaces, mounts,
+/// user and capabilities: first a new (anonymous) session keyring, so
+/// that no key of the agent's session is reachable, then the seccomp
+/// filter.
+#[derive(Clone)]
+struct Sandboxed {
+    filters: Option<Arc<Vec<BpfProgram>>>,
+}
+
+impl Executor for Sandboxed {
+    fn exec(&self, spec: &Spec) -> std::result::Result<(), ExecutorError> {
+        // SAFETY: KEYCTL_JOIN_SESSION_KEYRING with a null name creates and
+        // joins a new anonymous keyring; no pointer is read.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_keyctl,
+                libc::KEYCTL_JOIN_SESSION_KEYRING,
+                std::ptr::null::<libc::c_char>(),
+            )
+        };
+        if r < 0 {
+            return Err(ExecutorError::Other(format!(
+                "cannot join a new session keyring: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        if let Some(filters) = &self.filters {
+            seccomp::install(filters).map_err(|e| ExecutorError::Other(e.to_string()))?;
+        }
+        DefaultExecutor {}.exec(spec)
+    }
+
+    fn validate(&self, spec: &Spec) -> std::result::Result<(), ExecutorValidationError> {
+        DefaultExecutor {}.validate(spec)
+    }
+}
+
+/// The container spec in `bundle`.
+fn bundle_spec(bundle: &Path) -> Result<Spec> {
+    let path = bundle.join("config.json");
+    Spec::load(&path).map_err(|source| OciError::Spec { path, source })
+}
+
+fn cgroups_path(spec: &Spec) -> Option<String> {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .map(|p| p.to_string_lossy().to_string())
+}
+
+/// The executor for the spec's `linux.seccomp`: runnel's own filter or
+/// none. Any other profile is refused rather than ignored.
+fn executor(spec: &Spec) -> Result<Sandboxed> {
+    let filters = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+        None => None,
+        Some(p) if *p == seccomp::oci_profile() => Some(Arc::new(seccomp::bpf().map_err(OciError::Seccomp)?)),
+        Some(_) => return Err(OciError::ForeignSeccomp),
+    };
+    Ok(Sandboxed { filters })
+}
 
 /// Why a `runnel oci` command failed. Printed on stderr, where the agent's
 /// command runner reads it (`super::CommandError`): a missing container
@@ -45,6 +120,23 @@ pub enum OciError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read {path}: {source}")]
+    Spec {
+        path: PathBuf,
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
+    #[error("cannot build the seccomp filter: {0}")]
+    Seccomp(#[source] seccomp::SeccompError),
+    #[error(
+        "linux.seccomp is not runnel's profile: the embedded runtime can apply only runnel's own \
+         filter; use runtime.kind = \"runc\" for another"
+    )]
+    ForeignSeccomp,
+    /// Setting up the sandbox of a container or an exec (cgroups, the user
+    /// namespace, non-dumpable): the step that failed and why.
+    #[error("{0}")]
+    Sandbox(String),
     #[error("waiting for the process: {0}")]
     Wait(#[source] nix::errno::Errno),
     #[error("bad signal {signal:?}: {source}")]
@@ -53,6 +145,12 @@ pub enum OciError {
         #[source]
         source: libcontainer::signal::SignalError<String>,
     },
+}
+
+impl From<String> for OciError {
+    fn from(e: String) -> OciError {
+        OciError::Sandbox(e)
+    }
 }
 
 fn err(what: &'static str) -> impl FnOnce(libcontainer::error::LibcontainerError) -> OciError {
@@ -73,7 +171,13 @@ pub fn run(root: &Path, bundle: &Path, pid_file: &Path, id: &str) -> Result<i32>
     ] {
         forwarded.add(s);
     }
+    let spec = bundle_spec(bundle)?;
+    let executor = executor(&spec)?;
+    if let Some(path) = cgroups_path(&spec) {
+        super::cgroup::enter_unmanaged(&path, true)?;
+    }
     let mut container = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_executor(executor)
         .with_root_path(root)
         .map_err(err("invalid runtime root"))?
         .validate_id()
@@ -124,8 +228,46 @@ fn wait_forwarding(pid: Pid, set: &SigSet) -> i32 {
 /// `exec --process P ID`: runs the process described in `P` (an OCI
 /// process spec) in the container, with our stdio. Returns its exit code,
 /// 128 + n when killed by signal n.
+///
+/// libcontainer's tenant joins every namespace of the container but the
+/// user namespace, and applies no seccomp filter: this process joins the
+/// user namespace itself first (it is single-threaded, as `setns` of a
+/// user namespace requires), so the step's ids are the container's, and
+/// the filter is the one of the container's spec.
 pub fn exec(root: &Path, process: &Path, id: &str) -> Result<i32> {
+    let container = load(root, id)?;
+    let spec = bundle_spec(container.bundle())?;
+    let executor = executor(&spec)?;
+    // Until it execs, the step's process is in the container with the
+    // step's uid and capabilities but without its filter: not ptrace-able
+    // by the container's other processes (runc does the same).
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "cannot make the exec non-dumpable: {}",
+            std::io::Error::last_os_error()
+        )
+        .into());
+    }
+    if let Some(path) = cgroups_path(&spec) {
+        super::cgroup::enter_unmanaged(&path, false)?;
+    }
+    let userns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| ns.iter().any(|n| n.typ() == LinuxNamespaceType::User));
+    if userns {
+        let init = container
+            .pid()
+            .ok_or_else(|| format!("container {id} has no init"))?;
+        let path = format!("/proc/{}/ns/user", init.as_raw());
+        let ns = std::fs::File::open(&path).map_err(|e| format!("cannot open {path}: {e}"))?;
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWUSER)
+            .map_err(|e| format!("cannot join the container's user namespace: {e}"))?;
+    }
     let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_executor(executor)
         .with_root_path(root)
         .map_err(err("invalid runtime root"))?
         .validate_id()

@@ -16,6 +16,7 @@ pub mod embedded;
 pub mod image;
 pub mod layer;
 pub mod rootfs;
+pub mod seccomp;
 pub mod spec;
 pub mod user;
 
@@ -84,6 +85,8 @@ pub enum StartError {
     NoInitPid { path: PathBuf },
     #[error("cannot bring up lo: {0}")]
     Loopback(#[source] io::Error),
+    #[error("cannot restrict the container's devices: {0}")]
+    Devices(String),
 }
 
 /// Why a short runtime command (`kill`, `delete`) failed. A runtime's
@@ -273,8 +276,19 @@ impl Runtime {
             execs: AtomicU32::new(0),
             removed: false,
             init_pid: None,
+            cgroup: spec
+                .linux()
+                .as_ref()
+                .and_then(|l| l.cgroups_path().as_ref())
+                .map(|p| p.to_string_lossy().to_string()),
         };
         container.wait_started(&pid_file).await?;
+        if let Some(path) = &container.cgroup {
+            // Init runs without CAP_MKNOD and no step has started: no node
+            // can have been made with the rules taken out.
+            cgroup::restrict_devices(path)
+                .map_err(|e| RuntimeError::Start(StartError::Devices(e.to_string())))?;
+        }
         container.init_pid = std::fs::read_to_string(&pid_file)
             .ok()
             .and_then(|p| p.trim().parse::<i32>().ok())
@@ -444,6 +458,8 @@ pub struct Container {
     removed: bool,
     /// The container's init, as the host sees it.
     init_pid: Option<nix::unistd::Pid>,
+    /// Its cgroup (as in the spec), removed with it.
+    cgroup: Option<String>,
 }
 
 impl Container {
@@ -572,7 +588,17 @@ impl Container {
         if let Some(t) = self.init_stderr.take() {
             t.abort();
         }
+        self.remove_cgroup();
         self.removed = true;
+    }
+
+    /// Removes the container's cgroups in every hierarchy, with whatever
+    /// was made below them (the runtime removes only its own).
+    fn remove_cgroup(&self) {
+        let Some(path) = &self.cgroup else { return };
+        for (dir, e) in cgroup::remove(path, Duration::from_secs(2)) {
+            tracing::warn!(container = %self.id, cgroup = %dir.display(), error = %e, "cannot remove a cgroup of the container");
+        }
     }
 
     /// What the runtime printed on its stderr, for error messages.
@@ -599,6 +625,7 @@ impl Drop for Container {
         if !self.removed {
             // The job's task was cut short (a panic, a dropped future).
             self.runtime.delete_in_background(&self.id);
+            self.remove_cgroup();
         }
     }
 }

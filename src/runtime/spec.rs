@@ -1,17 +1,19 @@
 //! The OCI runtime spec of a job container and the process spec of a step:
 //! own mount, PID, IPC, UTS and cgroup namespaces (and network, unless the
-//! job shares the host's), no new privileges, a reduced capability set, a
-//! fresh `/tmp`, the workspace at `/workspace`, the job's ssh directory
-//! read-only at `$HOME/.ssh`, agent paths masked, and resource limits.
+//! job shares the host's), no new privileges, a reduced capability set
+//! (nothing inheritable or ambient), runnel's seccomp filter, Docker's
+//! device allow-list, cgroup files read-only, a fresh `/tmp`, the
+//! workspace at `/workspace`, the job's ssh directory read-only at
+//! `$HOME/.ssh`, agent paths masked, and resource limits.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilities, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
-    LinuxIdMappingBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
-    LinuxResourcesBuilder, Mount, MountBuilder, Process, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
-    UserBuilder,
+    LinuxDeviceCgroup, LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxIdMappingBuilder, LinuxMemoryBuilder,
+    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder,
+    Process, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 
 use super::user::User;
@@ -48,17 +50,15 @@ pub struct ContainerConfig {
 }
 
 /// A build needs these; the rest (SYS_ADMIN, NET_ADMIN, SYS_PTRACE, ...) are
-/// dropped. The same set Docker grants by default.
+/// dropped. Docker's default set without NET_RAW (raw sockets: spoofing
+/// on a shared network), MKNOD (device nodes) and AUDIT_WRITE.
 const CAPABILITIES: &[Capability] = &[
-    Capability::AuditWrite,
     Capability::Chown,
     Capability::DacOverride,
     Capability::Fowner,
     Capability::Fsetid,
     Capability::Kill,
-    Capability::Mknod,
     Capability::NetBindService,
-    Capability::NetRaw,
     Capability::Setfcap,
     Capability::Setgid,
     Capability::Setpcap,
@@ -66,14 +66,52 @@ const CAPABILITIES: &[Capability] = &[
     Capability::SysChroot,
 ];
 
+/// Bounding, effective and permitted: [`CAPABILITIES`]; inheritable and
+/// ambient empty, so that nothing passes capabilities to a program
+/// through `execve` (oci-spec's defaults would fill them).
 fn capabilities() -> LinuxCapabilities {
     let set: oci_spec::runtime::Capabilities = CAPABILITIES.iter().copied().collect();
     LinuxCapabilitiesBuilder::default()
         .bounding(set.clone())
         .effective(set.clone())
         .permitted(set)
+        .inheritable(oci_spec::runtime::Capabilities::new())
+        .ambient(oci_spec::runtime::Capabilities::new())
         .build()
         .expect("capability sets are complete")
+}
+
+/// Docker's default device allow-list: everything denied, then read,
+/// write and mknod of null, zero, full, random, urandom, tty, console,
+/// ptmx and the pts. (No `c *:* m`, `b *:* m`: a step cannot make other
+/// nodes, and none it finds opens.)
+fn devices() -> Vec<LinuxDeviceCgroup> {
+    let rule = |allow: bool, typ: LinuxDeviceType, major: Option<i64>, minor: Option<i64>| {
+        let mut b = LinuxDeviceCgroupBuilder::default()
+            .allow(allow)
+            .typ(typ)
+            .access("rwm");
+        if let Some(m) = major {
+            b = b.major(m);
+        }
+        if let Some(m) = minor {
+            b = b.minor(m);
+        }
+        b.build().expect("device rule fields set")
+    };
+    let char_dev = |major, minor| rule(true, LinuxDeviceType::C, Some(major), minor);
+    vec![
+        rule(false, LinuxDeviceType::A, None, None),
+        char_dev(1, Some(3)), // null
+        char_dev(1, Some(5)), // zero
+        char_dev(1, Some(7)), // full
+        char_dev(1, Some(8)), // random
+        char_dev(1, Some(9)), // urandom
+        char_dev(5, Some(0)), // tty
+        char_dev(5, Some(1)), // console
+        char_dev(5, Some(2)), // ptmx
+        char_dev(136, None),  // pts/*
+    ]
 }
 
 fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Mount {
@@ -201,6 +239,7 @@ pub fn container_spec(c: &ContainerConfig) -> Spec {
                 .expect("memory fields set"),
         );
     }
+    resources = resources.devices(devices());
     if let Some(p) = c.resources.max_pids {
         resources = resources.pids(
             LinuxPidsBuilder::default()
@@ -249,23 +288,26 @@ pub fn container_spec(c: &ContainerConfig) -> Spec {
         ];
         linux = linux.uid_mappings(map.clone()).gid_mappings(map);
     }
+    let mut readonly: Vec<String> = [
+        "/proc/bus",
+        "/proc/fs",
+        "/proc/irq",
+        "/proc/sys",
+        "/proc/sysrq-trigger",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // libcontainer mounts cgroup v1 hierarchies writable whatever the
+    // mount's options say; read-only paths are remounted by every runtime.
+    readonly.extend(super::cgroup::mount_points());
     let linux = linux
         .namespaces(namespaces)
         .cgroups_path(PathBuf::from(&c.cgroup_path))
         .resources(resources.build().expect("resources are complete"))
         .masked_paths(masked)
-        .readonly_paths(
-            [
-                "/proc/bus",
-                "/proc/fs",
-                "/proc/irq",
-                "/proc/sys",
-                "/proc/sysrq-trigger",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>(),
-        )
+        .readonly_paths(readonly)
+        .seccomp(super::seccomp::oci_profile())
         .build()
         .expect("linux fields are complete");
 
@@ -337,6 +379,33 @@ mod tests {
             !caps.contains("CAP_SYS_ADMIN") && caps.contains("CAP_CHOWN"),
             "{caps}"
         );
+        for dropped in ["CAP_NET_RAW", "CAP_MKNOD", "CAP_AUDIT_WRITE"] {
+            assert!(!caps.contains(dropped), "{caps}");
+        }
+        for empty in ["inheritable", "ambient"] {
+            assert_eq!(
+                json["process"]["capabilities"][empty],
+                serde_json::json!([]),
+                "{empty}"
+            );
+        }
+        assert_eq!(
+            linux["seccomp"],
+            serde_json::to_value(crate::runtime::seccomp::oci_profile()).unwrap()
+        );
+        let devices = linux["resources"]["devices"].as_array().unwrap();
+        assert_eq!(
+            devices[0],
+            serde_json::json!({"allow": false, "type": "a", "access": "rwm"})
+        );
+        assert_eq!(devices.len(), 10);
+        assert!(
+            devices[1..]
+                .iter()
+                .all(|d| d["allow"] == true && d["type"] == "c")
+        );
+        let readonly = linux["readonlyPaths"].to_string();
+        assert!(readonly.contains("\"/sys/fs/cgroup\""), "{readonly}");
         let mounts = json["mounts"].to_string();
         assert!(mounts.contains("\"/workspace\"") && mounts.contains("\"/root/.ssh\""));
     }

@@ -22,6 +22,7 @@ mod cli;
 mod fuzz_corpus;
 mod images;
 mod runtime;
+mod sandbox;
 mod service;
 mod support;
 mod tls;
