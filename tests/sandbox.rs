@@ -79,9 +79,20 @@ fn attacking(args: &[&str]) -> Vec<u32> {
         .collect()
 }
 
-/// The job's workspace as the host sees it.
-fn workspace(agent: &Agent, id: &str) -> PathBuf {
-    agent.state_dir().join("jobs").join(id).join("run/workspace")
+/// Submits `spec`, whose step touches `/workspace/ready` and then waits,
+/// and returns once it is there with the job's workspace as the host sees
+/// it.
+async fn submit_until_ready(agent: &Agent, c: &mut Client, spec: pb::JobSpec) -> PathBuf {
+    let ws = agent
+        .state_dir()
+        .join("jobs")
+        .join(&spec.job_id)
+        .join("run/workspace");
+    submit(c, spec).await;
+    wait_for("the step to be ready", Duration::from_secs(60), || {
+        ws.join("ready").exists()
+    });
+    ws
 }
 
 /// Bounding, effective and permitted: chown, dac_override, fowner,
@@ -182,11 +193,7 @@ async fn a_step_sees_only_its_own_cgroup_cannot_write_it_and_what_was_made_in_it
             }),
             ..Default::default()
         });
-        submit(&mut c, spec).await;
-        let ws = workspace(&agent, "cgroups");
-        wait_for("the step to be ready", Duration::from_secs(60), || {
-            ws.join("ready").exists()
-        });
+        let ws = submit_until_ready(&agent, &mut c, spec).await;
         let cgroup = format!("{}/cgroups", agent.cgroup_parent());
         let rel = cgroup.trim_start_matches('/');
         let read = |file: &str| std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(file)).unwrap();
@@ -255,11 +262,7 @@ async fn device_nodes_beyond_docker_allow_list_neither_appear_nor_open() {
     for kind in RUNTIMES {
         let agent = agent(kind, "");
         let mut c = agent.scheduler().await;
-        submit(&mut c, job("devices", &[&step])).await;
-        let ws = workspace(&agent, "devices");
-        wait_for("the step to be ready", Duration::from_secs(60), || {
-            ws.join("ready").exists()
-        });
+        submit_until_ready(&agent, &mut c, job("devices", &[&step])).await;
         // A node the step could not make, planted by the host in the
         // container's /dev: the devices cgroup still refuses it.
         let waiting = attacking(&["wait-for", "/dev/planted"]);
@@ -414,11 +417,7 @@ async fn with_userns_an_exec_d_step_of_the_embedded_runtime_is_not_host_root() {
         image: format!("oci:{}:v1", layout.path().display()),
         ..Default::default()
     });
-    submit(&mut c, spec).await;
-    let ws = workspace(&agent, "userns");
-    wait_for("the step to be ready", Duration::from_secs(60), || {
-        ws.join("ready").exists()
-    });
+    let ws = submit_until_ready(&agent, &mut c, spec).await;
     // A file of host root's, in the step's sight and mode 0644.
     std::fs::write(ws.join("host-owned"), "host\n").unwrap();
     let waiting = attacking(&["wait-for", "/workspace/go"]);
