@@ -66,6 +66,17 @@ fn assert_results(out: &str, want: &[(&str, &str)], context: &str) {
     }
 }
 
+/// The host pid of the attack program running with `args`, once there is
+/// exactly one.
+fn waiting_attack(args: &[&str]) -> Vec<u32> {
+    let mut found = Vec::new();
+    wait_for(&format!("attack {}", args.join(" ")), Duration::from_secs(60), || {
+        found = attacking(args);
+        found.len() == 1
+    });
+    found
+}
+
 /// Host pids of the attack program running with `args`.
 fn attacking(args: &[&str]) -> Vec<u32> {
     host_processes_with(&args.join(" "))
@@ -265,8 +276,7 @@ async fn device_nodes_beyond_docker_allow_list_neither_appear_nor_open() {
         submit_until_ready(&agent, &mut c, job("devices", &[&step])).await;
         // A node the step could not make, planted by the host in the
         // container's /dev: the devices cgroup still refuses it.
-        let waiting = attacking(&["wait-for", "/dev/planted"]);
-        assert_eq!(waiting.len(), 1, "{kind}: {waiting:?}");
+        let waiting = waiting_attack(&["wait-for", "/dev/planted"]);
         let proc = PathBuf::from(format!("/proc/{}", waiting[0]));
         let ns = |p: &Path| std::fs::read_link(p.join("ns/mnt")).unwrap();
         assert_ne!(
@@ -420,8 +430,7 @@ async fn with_userns_an_exec_d_step_of_the_embedded_runtime_is_not_host_root() {
     let ws = submit_until_ready(&agent, &mut c, spec).await;
     // A file of host root's, in the step's sight and mode 0644.
     std::fs::write(ws.join("host-owned"), "host\n").unwrap();
-    let waiting = attacking(&["wait-for", "/workspace/go"]);
-    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    let waiting = waiting_attack(&["wait-for", "/workspace/go"]);
     let status = std::fs::read_to_string(format!("/proc/{}/status", waiting[0])).unwrap();
     let uids = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     assert!(
