@@ -184,15 +184,49 @@ pub fn mount_points() -> Vec<String> {
     out
 }
 
+/// The calling process's cgroup directory in the hierarchy mounted at
+/// `mount_point` with `fstype` and super `options`, from
+/// `/proc/self/cgroup` ("ID:controllers:path"; cgroup2 is "0::path").
+fn own_dir(mount_point: &Path, fstype: &str, options: &str) -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let options: Vec<&str> = options.split(',').collect();
+    text.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (id, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        let this = if fstype == "cgroup2" {
+            id == "0" && controllers.is_empty()
+        } else {
+            !controllers.is_empty() && controllers.split(',').all(|c| options.contains(&c))
+        };
+        this.then(|| mount_point.join(path.trim_start_matches('/')))
+    })
+}
+
+/// Where [`enter_unmanaged`] took the calling process from.
+#[derive(Debug)]
+pub struct Entered(Vec<PathBuf>);
+
+impl Entered {
+    /// Moves the calling process back; what it started meanwhile stays.
+    pub fn leave(self) -> Result<(), String> {
+        for dir in self.0 {
+            std::fs::write(dir.join("cgroup.procs"), "0")
+                .map_err(|e| format!("cannot return to {}: {e}", dir.display()))?;
+        }
+        Ok(())
+    }
+}
+
 /// Moves the calling process into the cgroup `path` of every hierarchy
 /// libcontainer does not manage (v1 named hierarchies such as
 /// `name=systemd`, and cgroup2 beside v1), making it when `create`. What
 /// it starts then is there too, and a cgroup namespace made there has its
 /// root there: a container sees only its own cgroup in those hierarchies
 /// as well, and cannot reach the host's `name=systemd` root.
-pub fn enter_unmanaged(path: &str, create: bool) -> Result<(), String> {
+pub fn enter_unmanaged(path: &str, create: bool) -> Result<Entered, String> {
+    let mut left = Vec::new();
     if unified() {
-        return Ok(());
+        return Ok(Entered(left));
     }
     let rel = path.trim_start_matches('/');
     for (mount_point, fstype, options) in hierarchies() {
@@ -200,14 +234,18 @@ pub fn enter_unmanaged(path: &str, create: bool) -> Result<(), String> {
         if managed {
             continue;
         }
+        let Some(own) = own_dir(&mount_point, &fstype, &options) else {
+            continue;
+        };
         let dir = mount_point.join(rel);
         if create {
             std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
         let procs = dir.join("cgroup.procs");
         std::fs::write(&procs, "0").map_err(|e| format!("cannot join {}: {e}", dir.display()))?;
+        left.push(own);
     }
-    Ok(())
+    Ok(Entered(left))
 }
 
 /// What runtimes add to a spec's device list: `c *:* m` and `b *:* m`

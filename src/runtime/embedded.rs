@@ -173,9 +173,10 @@ pub fn run(root: &Path, bundle: &Path, pid_file: &Path, id: &str) -> Result<i32>
     }
     let spec = bundle_spec(bundle)?;
     let executor = executor(&spec)?;
-    if let Some(path) = cgroups_path(&spec) {
-        super::cgroup::enter_unmanaged(&path, true)?;
-    }
+    let entered = match cgroups_path(&spec) {
+        Some(path) => Some(super::cgroup::enter_unmanaged(&path, true)?),
+        None => None,
+    };
     let mut container = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_executor(executor)
         .with_root_path(root)
@@ -188,6 +189,11 @@ pub fn run(root: &Path, bundle: &Path, pid_file: &Path, id: &str) -> Result<i32>
         .build()
         .map_err(err("cannot create the container"))?;
     container.start().map_err(err("cannot start the container"))?;
+    // This process waits for init as long as it runs: outside the job's
+    // cgroups, as runc's would be.
+    if let Some(e) = entered {
+        e.leave()?;
+    }
     let pid = container
         .pid()
         .map(|p| Pid::from_raw(p.as_raw()))
@@ -249,6 +255,7 @@ pub fn exec(root: &Path, process: &Path, id: &str) -> Result<i32> {
         )
         .into());
     }
+    // This process lives exactly as long as the step: it stays there too.
     if let Some(path) = cgroups_path(&spec) {
         super::cgroup::enter_unmanaged(&path, false)?;
     }

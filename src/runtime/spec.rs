@@ -17,6 +17,7 @@ use oci_spec::runtime::{
 };
 
 use super::user::User;
+use super::{cgroup, seccomp};
 use crate::model::spec::{Network, Resources};
 
 pub const USERNS_SIZE: u32 = 65_536;
@@ -300,14 +301,14 @@ pub fn container_spec(c: &ContainerConfig) -> Spec {
     .collect();
     // libcontainer mounts cgroup v1 hierarchies writable whatever the
     // mount's options say; read-only paths are remounted by every runtime.
-    readonly.extend(super::cgroup::mount_points());
+    readonly.extend(cgroup::mount_points());
     let linux = linux
         .namespaces(namespaces)
         .cgroups_path(PathBuf::from(&c.cgroup_path))
         .resources(resources.build().expect("resources are complete"))
         .masked_paths(masked)
         .readonly_paths(readonly)
-        .seccomp(super::seccomp::oci_profile())
+        .seccomp(seccomp::oci_profile())
         .build()
         .expect("linux fields are complete");
 
@@ -391,7 +392,7 @@ mod tests {
         }
         assert_eq!(
             linux["seccomp"],
-            serde_json::to_value(crate::runtime::seccomp::oci_profile()).unwrap()
+            serde_json::to_value(seccomp::oci_profile()).unwrap()
         );
         let devices = linux["resources"]["devices"].as_array().unwrap();
         assert_eq!(

@@ -16,11 +16,13 @@ use runnel::api::pb;
 const RUNTIMES: &[&str] = &["libcontainer", "runc"];
 
 /// The attack program, built once per test run as a static executable.
-/// It lives under the target directory, which the `host` image shows.
+/// It lives under /var/tmp, which the `host` image shows wherever the
+/// checkout is (a container's /tmp is its own tmpfs, so a checkout under
+/// /tmp is out of the step's sight).
 fn attack() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let dir = Path::new("/var/tmp/runnel-tests");
         std::fs::create_dir_all(dir).unwrap();
         let out = dir.join("runnel-attack");
         let tmp = dir.join(format!("runnel-attack.{}", std::process::id()));
@@ -64,6 +66,21 @@ fn assert_results(out: &str, want: &[(&str, &str)], context: &str) {
     }
 }
 
+/// The host pid of the attack program running with `args`, once there is
+/// exactly one.
+fn waiting_attack(args: &[&str]) -> Vec<u32> {
+    let mut found = Vec::new();
+    wait_for(
+        &format!("attack {}", args.join(" ")),
+        Duration::from_secs(60),
+        || {
+            found = attacking(args);
+            found.len() == 1
+        },
+    );
+    found
+}
+
 /// Host pids of the attack program running with `args`.
 fn attacking(args: &[&str]) -> Vec<u32> {
     host_processes_with(&args.join(" "))
@@ -77,9 +94,20 @@ fn attacking(args: &[&str]) -> Vec<u32> {
         .collect()
 }
 
-/// The job's workspace as the host sees it.
-fn workspace(agent: &Agent, id: &str) -> PathBuf {
-    agent.state_dir().join("jobs").join(id).join("run/workspace")
+/// Submits `spec`, whose step touches `/workspace/ready` and then waits,
+/// and returns once it is there with the job's workspace as the host sees
+/// it.
+async fn submit_until_ready(agent: &Agent, c: &mut Client, spec: pb::JobSpec) -> PathBuf {
+    let ws = agent
+        .state_dir()
+        .join("jobs")
+        .join(&spec.job_id)
+        .join("run/workspace");
+    submit(c, spec).await;
+    wait_for("the step to be ready", Duration::from_secs(60), || {
+        ws.join("ready").exists()
+    });
+    ws
 }
 
 /// Bounding, effective and permitted: chown, dac_override, fowner,
@@ -89,6 +117,7 @@ const CAPS: &str = "00000000800405fb";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn seccomp_stops_namespaces_keyrings_mounts_bpf_and_perf_in_init_and_steps() {
+    require!(Root, Runc);
     let a = attack().display().to_string();
     let step = format!(
         "grep -E '^(NoNewPrivs|Seccomp|CapInh|CapPrm|CapEff|CapBnd|CapAmb):' /proc/self/status | tr -s '\\t ' ' '
@@ -152,6 +181,7 @@ fn cgroup_dirs(path: &str) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_step_sees_only_its_own_cgroup_cannot_write_it_and_what_was_made_in_it_goes() {
+    require!(Root, Runc);
     let a = attack().display().to_string();
     // try LABEL ATTACK ARGS: the attack's line under its own label.
     let step = format!(
@@ -180,11 +210,7 @@ async fn a_step_sees_only_its_own_cgroup_cannot_write_it_and_what_was_made_in_it
             }),
             ..Default::default()
         });
-        submit(&mut c, spec).await;
-        let ws = workspace(&agent, "cgroups");
-        wait_for("the step to be ready", Duration::from_secs(60), || {
-            ws.join("ready").exists()
-        });
+        let ws = submit_until_ready(&agent, &mut c, spec).await;
         let cgroup = format!("{}/cgroups", agent.cgroup_parent());
         let rel = cgroup.trim_start_matches('/');
         let read = |file: &str| std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(file)).unwrap();
@@ -258,6 +284,7 @@ async fn a_step_sees_only_its_own_cgroup_cannot_write_it_and_what_was_made_in_it
 
 #[tokio::test(flavor = "multi_thread")]
 async fn device_nodes_beyond_docker_allow_list_neither_appear_nor_open() {
+    require!(Root, Runc);
     let a = attack().display().to_string();
     let step = format!(
         "{a} mknod-block /dev/loop-made
@@ -272,15 +299,10 @@ async fn device_nodes_beyond_docker_allow_list_neither_appear_nor_open() {
     for kind in RUNTIMES {
         let agent = agent(kind, "");
         let mut c = agent.scheduler().await;
-        submit(&mut c, job("devices", &[&step])).await;
-        let ws = workspace(&agent, "devices");
-        wait_for("the step to be ready", Duration::from_secs(60), || {
-            ws.join("ready").exists()
-        });
+        submit_until_ready(&agent, &mut c, job("devices", &[&step])).await;
         // A node the step could not make, planted by the host in the
         // container's /dev: the devices cgroup still refuses it.
-        let waiting = attacking(&["wait-for", "/dev/planted"]);
-        assert_eq!(waiting.len(), 1, "{kind}: {waiting:?}");
+        let waiting = waiting_attack(&["wait-for", "/dev/planted"]);
         let proc = PathBuf::from(format!("/proc/{}", waiting[0]));
         let ns = |p: &Path| std::fs::read_link(p.join("ns/mnt")).unwrap();
         assert_ne!(
@@ -370,6 +392,7 @@ fn host_has_key(name: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn jobs_cannot_reach_the_kernel_keyring_of_the_host_or_of_each_other() {
+    require!(Root, Runc);
     let a = attack().display().to_string();
     let secret = format!("runnel-host-secret-{}", std::process::id());
     let host_key = format!("runnel-sandbox-host-{}", std::process::id());
@@ -417,6 +440,7 @@ async fn jobs_cannot_reach_the_kernel_keyring_of_the_host_or_of_each_other() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_userns_an_exec_d_step_of_the_embedded_runtime_is_not_host_root() {
+    require!(Root, Busybox);
     let layout = tempfile::tempdir().unwrap();
     let mut layer = busybox_layer();
     layer.push(Entry::File("bin/attack", std::fs::read(attack()).unwrap(), 0o755));
@@ -438,15 +462,10 @@ async fn with_userns_an_exec_d_step_of_the_embedded_runtime_is_not_host_root() {
         image: format!("oci:{}:v1", layout.path().display()),
         ..Default::default()
     });
-    submit(&mut c, spec).await;
-    let ws = workspace(&agent, "userns");
-    wait_for("the step to be ready", Duration::from_secs(60), || {
-        ws.join("ready").exists()
-    });
+    let ws = submit_until_ready(&agent, &mut c, spec).await;
     // A file of host root's, in the step's sight and mode 0644.
     std::fs::write(ws.join("host-owned"), "host\n").unwrap();
-    let waiting = attacking(&["wait-for", "/workspace/go"]);
-    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    let waiting = waiting_attack(&["wait-for", "/workspace/go"]);
     let status = std::fs::read_to_string(format!("/proc/{}/status", waiting[0])).unwrap();
     let uids = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     assert!(
