@@ -233,10 +233,7 @@ impl Phases<'_> {
         }
         let path = held.run_dir().join(SSH);
         let (k, kh) = (keys.keys.clone(), keys.known_hosts.clone());
-        let written = tokio::task::spawn_blocking(move || SshDir::write(&path, &k, &kh))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r);
+        let written = blocking(move || SshDir::write(&path, &k, &kh)).await;
         held.ssh_dir = Some(written.map_err(|e| {
             End::failed(
                 FailureKind::Agent,
