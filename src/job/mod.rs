@@ -41,6 +41,13 @@ pub enum SubmitError {
     Draining,
     #[error("cannot set up the job: {0}")]
     Internal(String),
+    /// The job names (or defaults to) the `host` image, which this agent's
+    /// config does not allow.
+    #[error(
+        "container.image: this agent does not run the \"host\" image (runtime.allow_host_image = false \
+         in its config){0}; name an image in container.image"
+    )]
+    HostImageNotAllowed(&'static str),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -281,6 +288,7 @@ impl Registry {
     /// Accepts a validated job and starts it; a job id already known
     /// returns that job's status and runs nothing.
     pub fn submit(self: &Arc<Self>, spec: JobSpec) -> Result<JobStatus, SubmitError> {
+        self.check_image(&spec)?;
         // Submissions take turns, so that one job id is created once; the
         // job map's lock is not held while the job's files are made, so
         // readers (watchers, listings, metrics) never wait on the disk.
@@ -315,6 +323,21 @@ impl Registry {
             drop(permit);
         });
         Ok(status)
+    }
+
+    /// Refuses the `host` image where the config does not allow it.
+    fn check_image(&self, spec: &JobSpec) -> Result<(), SubmitError> {
+        let runtime = &self.config.runtime;
+        if runtime.allow_host_image {
+            return Ok(());
+        }
+        match spec.container.image.as_str() {
+            "host" => Err(SubmitError::HostImageNotAllowed("")),
+            "" if runtime.image == "host" => Err(SubmitError::HostImageNotAllowed(
+                ", and the job names no image while the agent's default (runtime.image) is \"host\"",
+            )),
+            _ => Ok(()),
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Job>> {

@@ -1,11 +1,14 @@
 //! Root filesystems of job containers: a fresh writable overlay layer over a
-//! read-only lower (the host's root for the `host` image), made per job and
-//! removed with it. Nothing a job writes reaches the lower layer.
+//! read-only lower (an image's layers; for the `host` image, a tree of the
+//! job's own with overlays of the host's software directories, see
+//! `hostroot.rs`), made per job and removed with it. Nothing a job writes
+//! reaches a lower layer.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use super::hostroot::HostView;
 use crate::sys::mount::{mount_overlay, unmount_and_remove};
 
 /// A mounted overlay; unmounted and removed on drop.
@@ -39,6 +42,20 @@ impl Rootfs {
             dir: dir.to_path_buf(),
             mountpoint,
         })
+    }
+
+    /// The `host` image's root (see [`HostView`]), made in `dir`; the
+    /// agent's `private` paths in `/etc` are hidden too.
+    pub fn host(dir: &Path, private: &[PathBuf]) -> io::Result<Rootfs> {
+        let host = Path::new("/");
+        let view = HostView::scan(host, private)?;
+        let (skeleton, hiding) = (dir.join("skeleton"), dir.join("hidden"));
+        view.write_skeleton(&skeleton)?;
+        view.write_hiding_layer(&hiding)?;
+        let rootfs = Rootfs::overlay(dir, &[&skeleton], None)?;
+        // Unmounted and removed with `rootfs` if this fails.
+        view.mount(host, rootfs.path(), &dir.join("layers"), &hiding)?;
+        Ok(rootfs)
     }
 
     pub fn path(&self) -> &Path {

@@ -335,14 +335,7 @@ impl Phases<'_> {
         }
         let dir = held.run_dir().join(ROOT);
         if image == "host" {
-            let rootfs = blocking(move || Rootfs::overlay(&dir, &[Path::new("/")], None))
-                .await
-                .map_err(|e| failed(format!("cannot prepare the root filesystem: {e}")))?;
-            held.rootfs = Some(rootfs);
-            return Ok(PreparedImage {
-                user: User::root(),
-                env: Vec::new(),
-            });
+            return self.host_image(dir, held).await;
         }
         let pulled = tokio::select! {
             p = self.registry.images.get(&image) => p.map_err(|e| failed(format!("image {image:?}: {e}")))?,
@@ -370,6 +363,25 @@ impl Phases<'_> {
         Ok(PreparedImage {
             user,
             env: pulled.config.env.clone().unwrap_or_default(),
+        })
+    }
+
+    /// The `host` image: the host's software, not its data (see
+    /// `runtime::hostroot`), as root.
+    async fn host_image(&self, dir: PathBuf, held: &mut Held) -> Result<PreparedImage, End> {
+        let private = self.registry.config().private_paths.clone();
+        let rootfs = blocking(move || Rootfs::host(&dir, &private))
+            .await
+            .map_err(|e| {
+                End::failed(
+                    FailureKind::Image,
+                    format!("cannot prepare the host image's root: {e}"),
+                )
+            })?;
+        held.rootfs = Some(rootfs);
+        Ok(PreparedImage {
+            user: User::root(),
+            env: Vec::new(),
         })
     }
 
