@@ -104,12 +104,17 @@ impl Job {
             .is_final()
     }
 
-    /// Changes the job's status and records the change as an event.
+    /// Changes the job's status and records the change as an event. The
+    /// message is masked, and loses any NUL byte (a runtime's error text
+    /// may end in one; clients take messages as C strings too).
     fn transition(&self, change: impl FnOnce(&mut JobStatus)) {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         change(&mut status);
         if let Some(m) = self.masker.get() {
             status.message = String::from_utf8_lossy(&m.mask_all(status.message.as_bytes())).into_owned();
+        }
+        if status.message.contains('\0') {
+            status.message.retain(|c| c != '\0');
         }
         let result = self.log.append_with(|seq| {
             status.last_seq = seq;
@@ -468,4 +473,26 @@ fn recover_jobs(jobs_dir: &Path, metrics: &Arc<Metrics>) -> io::Result<HashMap<S
         out.insert(id, Arc::new(job));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_nul_byte_reaches_a_jobs_message() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("j");
+        let job = create_job(&dir, "j", 0o700, &Arc::new(Metrics::default())).unwrap();
+        job.transition(|s| {
+            s.state = JobState::Failed;
+            s.message = "step \"s\" failed: failed to execute workload\0".into();
+        });
+        assert_eq!(
+            job.status().message,
+            "step \"s\" failed: failed to execute workload"
+        );
+        let stored = std::fs::read_to_string(dir.join(STATUS_FILE)).unwrap();
+        assert!(!stored.contains("\\u0000"), "{stored}");
+    }
 }
