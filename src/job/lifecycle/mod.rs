@@ -213,6 +213,7 @@ impl Phases<'_> {
         let steps = Steps {
             job: self.job,
             env: base_env(self.spec, &self.job.id, &image.env, &image.user),
+            cwd: image.workdir.unwrap_or_else(|| oci::WORKSPACE.to_string()),
             user: image.user,
             masker,
             limits: self.limits,
@@ -348,10 +349,17 @@ impl Phases<'_> {
         let lower: Vec<PathBuf> = pulled.layers.iter().rev().cloned().collect();
         let root_owner = config.runtime.userns_base.map(|b| (b, b));
         let image_user = pulled.config.user.clone().unwrap_or_default();
+        let workdir = pulled.config.workdir();
+        let made = workdir.clone();
         let (rootfs, user) = blocking(move || {
             let lower: Vec<&Path> = lower.iter().map(PathBuf::as_path).collect();
             let rootfs = Rootfs::overlay(&dir, &lower, root_owner)
                 .map_err(|e| format!("cannot prepare the root filesystem: {e}"))?;
+            if let Some(w) = &made {
+                rootfs
+                    .make_dir(w, root_owner)
+                    .map_err(|e| format!("cannot make its WorkingDir {w}: {e}"))?;
+            }
             let user = user::resolve(rootfs.path(), &image_user);
             Ok::<_, String>((rootfs, user))
         })
@@ -363,6 +371,7 @@ impl Phases<'_> {
         Ok(PreparedImage {
             user,
             env: pulled.config.env.clone().unwrap_or_default(),
+            workdir,
         })
     }
 
@@ -382,6 +391,7 @@ impl Phases<'_> {
         Ok(PreparedImage {
             user: User::root(),
             env: Vec::new(),
+            workdir: None,
         })
     }
 
@@ -521,10 +531,12 @@ fn secrets_of(spec: &JobSpec, extra: &[Secret]) -> Vec<Secret> {
         .collect()
 }
 
-/// Who runs the steps and the image's environment.
+/// Who runs the steps, the image's environment, and where steps start
+/// when not in the workspace.
 struct PreparedImage {
     user: User,
     env: Vec<String>,
+    workdir: Option<String>,
 }
 
 fn base_env(spec: &JobSpec, job_id: &str, image_env: &[String], user: &User) -> BTreeMap<String, String> {
