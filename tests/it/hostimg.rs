@@ -57,7 +57,8 @@ fn presence(paths: &[String]) -> String {
 async fn secrets_and_data_are_out_of_sight(runtime: &str) {
     let id = std::process::id();
     let mut planted = Planted(Vec::new());
-    let tag = format!("runnel-hostimg-{id}");
+    // Per runtime: the tests run at once in one process.
+    let tag = format!("runnel-hostimg-{runtime}-{id}");
     let data = [
         planted.file(&format!("/root/.{tag}"), "host data in /root\n", 0o644),
         planted.file_in_dir(&format!("/home/{tag}"), "notes", "host data in /home\n", 0o644),
