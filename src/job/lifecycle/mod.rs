@@ -379,6 +379,7 @@ impl Phases<'_> {
     /// `runtime::hostroot`), as root.
     async fn host_image(&self, dir: PathBuf, held: &mut Held) -> Result<PreparedImage, End> {
         let private = self.registry.config().private_paths.clone();
+        let started = Instant::now();
         let rootfs = blocking(move || Rootfs::host(&dir, &private))
             .await
             .map_err(|e| {
@@ -388,6 +389,7 @@ impl Phases<'_> {
                 )
             })?;
         held.rootfs = Some(rootfs);
+        tracing::info!(seconds = started.elapsed().as_secs_f64(), "host image ready");
         Ok(PreparedImage {
             user: User::root(),
             env: Vec::new(),
