@@ -109,6 +109,7 @@ struct RawRuntime {
     insecure_registries: Vec<String>,
     userns: Option<bool>,
     userns_base: Option<u32>,
+    allow_host_image: Option<bool>,
 }
 
 /// Defaults for every job's container, each overridable per job.
@@ -129,6 +130,10 @@ pub struct RuntimeConfig {
     /// Run containers in a user namespace whose root is this host uid/gid
     /// (65536 ids are mapped). Images only: the host image cannot.
     pub userns_base: Option<u32>,
+    /// Whether jobs may use the `host` image (the host's `/usr`, `/etc`,
+    /// `/opt`, ... with secrets hidden); when not, such a job is refused at
+    /// submit.
+    pub allow_host_image: bool,
 }
 
 /// The agent's own log on stderr.
@@ -365,6 +370,7 @@ impl Config {
                     .userns
                     .unwrap_or(false)
                     .then(|| r.userns_base.unwrap_or(USERNS_BASE)),
+                allow_host_image: r.allow_host_image.unwrap_or(true),
             },
             checkout_cache: raw.checkout.cache.unwrap_or(true),
             labels: raw.labels,
@@ -464,6 +470,7 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(c.runtime.settings.kind, RuntimeKind::Embedded);
         assert_eq!(c.runtime.image, "host");
+        assert!(c.runtime.allow_host_image);
         assert_eq!(c.runtime.grace_period, Duration::from_secs(10));
         assert!(c.tls.is_none());
         assert_eq!(c.metrics_listen, None);

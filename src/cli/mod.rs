@@ -293,7 +293,9 @@ fn oci(root: &std::path::Path, op: OciOp) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("runnel oci: {e}");
+            // The agent puts this in a job's log or message: no NUL
+            // (libcontainer's error texts may hold one).
+            eprintln!("runnel oci: {}", e.to_string().replace('\0', ""));
             ExitCode::from(255)
         }
     }

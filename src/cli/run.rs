@@ -9,7 +9,7 @@ use super::{Failure, print};
 use crate::api::{self, convert};
 use crate::config::Config;
 use crate::daemon;
-use crate::job::Registry;
+use crate::job::{Registry, SubmitError};
 use crate::sys::sd_notify::Notifier;
 
 /// Fires `first` on the first SIGTERM or SIGINT and `second` on the next.
@@ -79,7 +79,10 @@ pub async fn local(job: &Path, config: Option<PathBuf>, state_dir: Option<PathBu
     config.max_jobs = 1;
     let registry = Registry::open(config).await.map_err(Failure::internal)?;
     let id = spec.job_id.clone();
-    registry.submit(spec).map_err(Failure::internal)?;
+    registry.submit(spec).map_err(|e| match e {
+        SubmitError::HostImageNotAllowed(_) => Failure::input(e),
+        e => Failure::internal(e),
+    })?;
     let job = registry.get(&id).expect("a submitted job is registered");
 
     let stop = CancellationToken::new();

@@ -319,4 +319,13 @@ value = "s3cret"
         let e = load_str("[[steps]]\nrn = \"x\"").unwrap_err();
         assert!(e.to_string().contains("rn"), "{e}");
     }
+
+    #[test]
+    fn an_environment_execve_would_refuse_is_refused_here_too() {
+        let big = "x".repeat(300_000);
+        let e = load_str(&format!("[[steps]]\nrun = \"true\"\nenv = {{ BIG = \"{big}\" }}")).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("steps[0].env[\"BIG\"]"), "{e}");
+        assert!(e.contains("300004 bytes") && e.contains("131072"), "{e}");
+    }
 }

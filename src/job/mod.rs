@@ -41,6 +41,13 @@ pub enum SubmitError {
     Draining,
     #[error("cannot set up the job: {0}")]
     Internal(String),
+    /// The job names (or defaults to) the `host` image, which this agent's
+    /// config does not allow.
+    #[error(
+        "container.image: this agent does not run the \"host\" image (runtime.allow_host_image = false \
+         in its config){0}; name an image in container.image"
+    )]
+    HostImageNotAllowed(&'static str),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,12 +104,17 @@ impl Job {
             .is_final()
     }
 
-    /// Changes the job's status and records the change as an event.
+    /// Changes the job's status and records the change as an event. The
+    /// message is masked, and loses any NUL byte (a runtime's error text
+    /// may end in one; clients take messages as C strings too).
     fn transition(&self, change: impl FnOnce(&mut JobStatus)) {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         change(&mut status);
         if let Some(m) = self.masker.get() {
             status.message = String::from_utf8_lossy(&m.mask_all(status.message.as_bytes())).into_owned();
+        }
+        if status.message.contains('\0') {
+            status.message.retain(|c| c != '\0');
         }
         let result = self.log.append_with(|seq| {
             status.last_seq = seq;
@@ -281,6 +293,7 @@ impl Registry {
     /// Accepts a validated job and starts it; a job id already known
     /// returns that job's status and runs nothing.
     pub fn submit(self: &Arc<Self>, spec: JobSpec) -> Result<JobStatus, SubmitError> {
+        self.check_image(&spec)?;
         // Submissions take turns, so that one job id is created once; the
         // job map's lock is not held while the job's files are made, so
         // readers (watchers, listings, metrics) never wait on the disk.
@@ -315,6 +328,21 @@ impl Registry {
             drop(permit);
         });
         Ok(status)
+    }
+
+    /// Refuses the `host` image where the config does not allow it.
+    fn check_image(&self, spec: &JobSpec) -> Result<(), SubmitError> {
+        let runtime = &self.config.runtime;
+        if runtime.allow_host_image {
+            return Ok(());
+        }
+        match spec.container.image.as_str() {
+            "host" => Err(SubmitError::HostImageNotAllowed("")),
+            "" if runtime.image == "host" => Err(SubmitError::HostImageNotAllowed(
+                ", and the job names no image while the agent's default (runtime.image) is \"host\"",
+            )),
+            _ => Ok(()),
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Job>> {
@@ -445,4 +473,26 @@ fn recover_jobs(jobs_dir: &Path, metrics: &Arc<Metrics>) -> io::Result<HashMap<S
         out.insert(id, Arc::new(job));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_nul_byte_reaches_a_jobs_message() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("j");
+        let job = create_job(&dir, "j", 0o700, &Arc::new(Metrics::default())).unwrap();
+        job.transition(|s| {
+            s.state = JobState::Failed;
+            s.message = "step \"s\" failed: failed to execute workload\0".into();
+        });
+        assert_eq!(
+            job.status().message,
+            "step \"s\" failed: failed to execute workload"
+        );
+        let stored = std::fs::read_to_string(dir.join(STATUS_FILE)).unwrap();
+        assert!(!stored.contains("\\u0000"), "{stored}");
+    }
 }

@@ -9,6 +9,16 @@ use crate::model::Secret;
 
 pub const MAX_JOB_ID_LEN: usize = 128;
 pub const MIN_MEMORY_BYTES: u64 = 4 << 20;
+/// The kernel's limit on one string of a program's arguments or
+/// environment, its NUL included (`MAX_ARG_STRLEN`, 32 pages).
+pub const MAX_ARG_STRLEN: usize = 32 * 4096;
+/// Of what one `execve` may carry, kept for what a step gets besides its
+/// spec: the image's `Env`, runnel's own variables (PATH, HOME, CI,
+/// RUNNEL_*) and the path of `sh`.
+pub const EXEC_RESERVE: usize = 64 * 1024;
+/// The kernel never lets arguments and environment take more than this,
+/// whatever the stack limit (`_STK_LIM / 4 * 3`).
+const EXEC_CEILING: usize = 6 << 20;
 /// The longest timeout a job or step may ask for: a year. (Longer ones
 /// would not survive the trip over the wire as a protobuf Duration.)
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -165,7 +175,90 @@ fn validate_timeout(field: &str, t: Option<Duration>) -> Result<(), SpecError> {
     }
 }
 
+/// What one `execve` of this agent's steps may carry, arguments and
+/// environment with their pointers: `ARG_MAX` (a quarter of the stack
+/// limit the agent, and so each step, runs under), as the kernel bounds it.
+pub fn exec_limit() -> usize {
+    // SAFETY: sysconf reads a limit; it has no preconditions.
+    let arg_max = unsafe { libc::sysconf(libc::_SC_ARG_MAX) };
+    usize::try_from(arg_max)
+        .unwrap_or(MAX_ARG_STRLEN)
+        .clamp(MAX_ARG_STRLEN, EXEC_CEILING)
+}
+
+/// Refuses one `NAME=value` string that `execve` would refuse.
+fn env_string_fits(field: String, name: &str, value_len: usize) -> Result<(), SpecError> {
+    let len = name.len() + 1 + value_len;
+    if len < MAX_ARG_STRLEN {
+        return Ok(());
+    }
+    Err(err(
+        field,
+        format!(
+            "is {len} bytes as {name}=VALUE; execve refuses an environment string over {MAX_ARG_STRLEN} bytes \
+             with its NUL (the kernel's MAX_ARG_STRLEN): pass large data in a file instead"
+        ),
+    ))
+}
+
 impl JobSpec {
+    /// Refuses what `execve` would refuse when a step starts (E2BIG): one
+    /// environment string or the script (`sh -c RUN`) too long, or a
+    /// step's script and environment together over `exec_limit` less
+    /// [`EXEC_RESERVE`].
+    fn check_exec_size(&self, exec_limit: usize) -> Result<(), SpecError> {
+        let mut base: BTreeMap<&str, usize> = BTreeMap::new();
+        for (name, value) in &self.env {
+            env_string_fits(format!("env[{name:?}]"), name, value.len())?;
+            base.insert(name, value.len());
+        }
+        for (i, s) in self.secrets.iter().enumerate() {
+            env_string_fits(format!("secrets[{i}].value"), &s.name, s.value.expose().len())?;
+            base.insert(&s.name, s.value.expose().len());
+        }
+        let budget = exec_limit.saturating_sub(EXEC_RESERVE);
+        for (i, step) in self.steps.iter().enumerate() {
+            let field = format!("steps[{i}]");
+            if step.run.len() + 1 > MAX_ARG_STRLEN {
+                return Err(err(
+                    format!("{field}.run"),
+                    format!(
+                        "is {} bytes; a step runs as `sh -c RUN`, and execve refuses an argument over \
+                         {MAX_ARG_STRLEN} bytes with its NUL (the kernel's MAX_ARG_STRLEN): put a long script in \
+                         a file and run that",
+                        step.run.len()
+                    ),
+                ));
+            }
+            let mut env = base.clone();
+            for (name, value) in &step.env {
+                env_string_fits(format!("{field}.env[{name:?}]"), name, value.len())?;
+                env.insert(name, value.len());
+            }
+            env_string_fits(format!("{field}.name"), "RUNNEL_STEP", step.name.len())?;
+            env.insert("RUNNEL_STEP", step.name.len());
+            // Each string with its NUL, and a pointer to each.
+            // The kernel copies the program's path too: /bin/sh, then argv.
+            let strings: usize = env.iter().map(|(k, v)| k.len() + v + 2).sum::<usize>()
+                + "/bin/sh\0/bin/sh\0-c\0".len()
+                + step.run.len()
+                + 1;
+            let total = strings + (env.len() + 4) * std::mem::size_of::<usize>();
+            if total > budget {
+                return Err(err(
+                    field,
+                    format!(
+                        "its environment and script come to {total} bytes (job env, secrets, step env and run), \
+                         and a step's execve on this agent takes at most {budget} bytes (ARG_MAX {exec_limit} \
+                         less {EXEC_RESERVE} kept for the image's and runnel's own variables): pass large data \
+                         in files instead"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the whole spec, and fills in what has a derived default (step
     /// names). Returns the first problem found.
     pub fn validate(&mut self) -> Result<(), SpecError> {
@@ -212,6 +305,9 @@ impl JobSpec {
             if step.run.contains('\0') {
                 return Err(err(format!("{field}.run"), "contains a NUL byte"));
             }
+            if step.name.contains('\0') {
+                return Err(err(format!("{field}.name"), "contains a NUL byte"));
+            }
             if step.name.is_empty() {
                 step.name = format!("step {}", i + 1);
             }
@@ -229,7 +325,7 @@ impl JobSpec {
             }
         }
         validate_timeout("timeout", self.timeout)?;
-        Ok(())
+        self.check_exec_size(exec_limit())
     }
 }
 
@@ -305,5 +401,87 @@ mod tests {
         let mut s = valid();
         s.ssh.known_hosts.push("a\nb".into());
         assert_eq!(field_of(s), "ssh.known_hosts[0]");
+
+        let mut s = valid();
+        s.steps[0].name = "a\0b".into();
+        assert_eq!(field_of(s), "steps[0].name");
+    }
+
+    /// The reason `check_exec_size` gives with the limit `arg_max`.
+    fn exec_refusal(spec: &JobSpec, arg_max: usize) -> Option<SpecError> {
+        spec.check_exec_size(arg_max).err()
+    }
+
+    #[test]
+    fn one_string_over_max_arg_strlen_is_refused_naming_its_size_and_the_limit() {
+        let big = "x".repeat(300_000);
+        let mut s = valid();
+        s.env.insert("BIG".into(), big.clone());
+        let e = exec_refusal(&s, 2 << 20).unwrap();
+        assert_eq!(e.field, "env[\"BIG\"]");
+        assert!(
+            e.reason.contains("300004 bytes") && e.reason.contains("131072"),
+            "{e}"
+        );
+
+        let mut s = valid();
+        s.steps[0].env.insert("BIG".into(), big.clone());
+        assert_eq!(exec_refusal(&s, 2 << 20).unwrap().field, "steps[0].env[\"BIG\"]");
+
+        let mut s = valid();
+        s.secrets.push(SecretVar::new("TOKEN".into(), big.clone()));
+        assert_eq!(exec_refusal(&s, 2 << 20).unwrap().field, "secrets[0].value");
+
+        let mut s = valid();
+        s.steps[0].run = big;
+        let e = exec_refusal(&s, 2 << 20).unwrap();
+        assert_eq!(e.field, "steps[0].run");
+        assert!(
+            e.reason.contains("300000 bytes") && e.reason.contains("sh -c"),
+            "{e}"
+        );
+
+        // The last length that fits: NAME=VALUE and its NUL are 131072.
+        let mut s = valid();
+        s.env.insert("A".into(), "x".repeat(MAX_ARG_STRLEN - 3));
+        assert_eq!(exec_refusal(&s, 2 << 20), None);
+        s.env.insert("A".into(), "x".repeat(MAX_ARG_STRLEN - 2));
+        assert!(exec_refusal(&s, 2 << 20).is_some());
+    }
+
+    #[test]
+    fn a_steps_whole_environment_must_fit_arg_max_less_the_reserve() {
+        let mut s = valid();
+        for i in 0..16 {
+            s.env.insert(format!("V{i:02}"), "x".repeat(100_000));
+        }
+        // 16 x 100 kB: over 1 MiB, within 2 MiB.
+        assert_eq!(exec_refusal(&s, 2 << 20), None);
+        let e = exec_refusal(&s, 1 << 20).unwrap();
+        assert_eq!(e.field, "steps[0]");
+        let budget = (1 << 20) - EXEC_RESERVE;
+        assert!(
+            e.reason.contains(&format!("at most {budget} bytes")) && e.reason.contains("ARG_MAX 1048576"),
+            "{e}"
+        );
+        // The total counts what a step adds: its env and script, per step.
+        let mut s = valid();
+        s.env.insert("JOB".into(), "x".repeat(100_000));
+        s.steps.push(Step {
+            name: "second".into(),
+            run: "x".repeat(100_000),
+            env: BTreeMap::from([("STEP".to_string(), "x".repeat(100_000))]),
+            timeout: None,
+        });
+        let e = exec_refusal(&s, 256 << 10).unwrap();
+        assert_eq!(e.field, "steps[1]");
+        let total: usize = e.reason.split_whitespace().nth(6).unwrap().parse().unwrap();
+        assert!(total > 300_000, "{e}");
+    }
+
+    #[test]
+    fn the_exec_limit_is_arg_max_within_what_the_kernel_allows() {
+        let l = exec_limit();
+        assert!((MAX_ARG_STRLEN..=EXEC_CEILING).contains(&l), "{l}");
     }
 }

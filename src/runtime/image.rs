@@ -122,6 +122,25 @@ pub struct RunConfig {
     pub working_dir: Option<String>,
 }
 
+impl RunConfig {
+    /// Where the image's processes start, if it says so and names other
+    /// than `/` (what images that do not say get): absolute, with `.` and
+    /// `..` resolved by name.
+    pub fn workdir(&self) -> Option<String> {
+        let mut names: Vec<&str> = Vec::new();
+        for name in self.working_dir.as_deref()?.split('/') {
+            match name {
+                "" | "." => {}
+                ".." => {
+                    names.pop();
+                }
+                n => names.push(n),
+            }
+        }
+        (!names.is_empty()).then(|| format!("/{}", names.join("/")))
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 struct ConfigFile {
     #[serde(default)]
@@ -584,6 +603,23 @@ fn go_arch() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_working_dir_is_absolute_and_plain_and_slash_is_none() {
+        let w = |d: Option<&str>| {
+            RunConfig {
+                working_dir: d.map(str::to_string),
+                ..Default::default()
+            }
+            .workdir()
+        };
+        assert_eq!(w(None), None);
+        assert_eq!(w(Some("")), None);
+        assert_eq!(w(Some("/")), None);
+        assert_eq!(w(Some("/src/app/")), Some("/src/app".into()));
+        assert_eq!(w(Some("src//./app")), Some("/src/app".into()));
+        assert_eq!(w(Some("/../../etc/../go")), Some("/go".into()));
+    }
 
     #[test]
     fn references() {

@@ -13,6 +13,7 @@
 
 pub mod cgroup;
 pub mod embedded;
+pub mod hostroot;
 pub mod image;
 pub mod layer;
 pub mod rootfs;

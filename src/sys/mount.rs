@@ -10,6 +10,17 @@ use nix::mount::{MntFlags, MsFlags};
 /// Mounts an overlay of `lower` (read-only, top first) under `upper` (with
 /// its `work` directory) at `target`.
 pub fn mount_overlay(target: &Path, lower: &[&Path], upper: &Path, work: &Path) -> nix::Result<()> {
+    mount_overlay_with(target, lower, upper, work, MsFlags::empty())
+}
+
+/// [`mount_overlay`] with mount flags (`MS_NOSUID`, `MS_NODEV`, ...).
+pub fn mount_overlay_with(
+    target: &Path,
+    lower: &[&Path],
+    upper: &Path,
+    work: &Path,
+    flags: MsFlags,
+) -> nix::Result<()> {
     let lowerdirs: Vec<String> = lower
         .iter()
         .map(|p| p.to_string_lossy().replace(':', "\\:"))
@@ -24,7 +35,7 @@ pub fn mount_overlay(target: &Path, lower: &[&Path], upper: &Path, work: &Path) 
         Some("overlay"),
         target,
         Some("overlay"),
-        MsFlags::empty(),
+        flags,
         Some(data.as_str()),
     )
 }

@@ -224,6 +224,30 @@ async fn a_bad_spec_is_refused_naming_the_field() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_environment_too_large_for_execve_is_refused_at_submit_naming_size_and_limit() {
+    require!(Root);
+    let agent = Agent::start("");
+    let mut c = agent.scheduler().await;
+    let mut big = job("big-env", &["true"]);
+    big.env.insert("BIG".into(), "x".repeat(300_000));
+    let e = c
+        .submit_job(pb::SubmitJobRequest { job: Some(big) })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let m = e.message();
+    assert!(m.contains("env[\"BIG\"]"), "{m}");
+    assert!(m.contains("300004 bytes") && m.contains("131072"), "{m}");
+    assert!(!m.contains('\0'), "{m:?}");
+    // Just under the limit for one string, it runs.
+    let mut fits = job("fits", &["echo ${#BIG}"]);
+    fits.env.insert("BIG".into(), "x".repeat(131_000));
+    let (status, events) = run_job(&agent, fits).await;
+    assert_succeeded(&status, &events);
+    assert_eq!(output(&events, pb::Stream::Stdout), "131000\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_failing_step_ends_the_job_with_its_exit_code() {
     require!(Root);
     let agent = Agent::start("");

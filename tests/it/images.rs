@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::support::image::{
-    Compression, Entry, Registry, busybox_layer, write_layout, write_layout_compressed,
+    Compression, Entry, Registry, busybox_layer, write_layout, write_layout_compressed, write_layout_in,
 };
 use crate::support::*;
 use runnel::api::pb;
@@ -59,6 +59,54 @@ async fn a_job_runs_in_an_image_from_a_registry() {
         output(&events, pb::Stream::Stdout),
         "runnel test image\n1000\nfrom-the-image /home/builder\n/workspace\nws-writable\n"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn steps_start_in_the_images_working_dir_or_else_in_the_workspace() {
+    require!(Root, Busybox);
+    let dir = tempfile::tempdir().unwrap();
+    let layer = busybox_layer();
+    let layers = [(layer.as_slice(), Compression::Gzip)];
+    // One the image has, one it has not (made for the job, in its own
+    // layer), and none: the workspace, as with "/".
+    write_layout_in(dir.path(), "home", &layers, &[], "builder", "/home/builder");
+    write_layout_in(dir.path(), "new", &layers, &[], "", "/src/app/");
+    write_layout_in(dir.path(), "none", &layers, &[], "", "");
+    let agent = Agent::start("");
+    for (tag, want) in [
+        ("home", "/home/builder"),
+        ("new", "/src/app"),
+        ("none", "/workspace"),
+    ] {
+        let image = format!("oci:{}:{tag}", dir.path().display());
+        let (status, events) = run_job(
+            &agent,
+            with_image(
+                &format!("workdir-{tag}"),
+                &image,
+                &["pwd; touch /workspace/w && echo ws-writable", "pwd"],
+            ),
+        )
+        .await;
+        assert_succeeded(&status, &events);
+        assert_eq!(
+            output(&events, pb::Stream::Stdout),
+            format!("{want}\nws-writable\n{want}\n"),
+            "{tag}"
+        );
+    }
+    // The directory made for a job is in that job's layer, not the cache.
+    let (status, events) = run_job(
+        &agent,
+        with_image(
+            "workdir-not-kept",
+            &format!("oci:{}:none", dir.path().display()),
+            &["test -e /src && echo KEPT || echo not-kept"],
+        ),
+    )
+    .await;
+    assert_succeeded(&status, &events);
+    assert_eq!(output(&events, pb::Stream::Stdout), "not-kept\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]

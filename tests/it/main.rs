@@ -20,6 +20,7 @@ mod agent;
 mod checkout;
 mod cli;
 mod fuzz_corpus;
+mod hostimg;
 mod images;
 mod runtime;
 mod sandbox;

@@ -16,13 +16,13 @@ use runnel::api::pb;
 const RUNTIMES: &[&str] = &["libcontainer", "runc"];
 
 /// The attack program, built once per test run as a static executable.
-/// It lives under /var/tmp, which the `host` image shows wherever the
-/// checkout is (a container's /tmp is its own tmpfs, so a checkout under
-/// /tmp is out of the step's sight).
+/// It is installed on the host under /usr/local/libexec/runnel-tests: the
+/// `host` image shows the host's /usr, and nothing of where the checkout
+/// or /var/tmp are.
 fn attack() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let dir = Path::new("/var/tmp/runnel-tests");
+        let dir = Path::new("/usr/local/libexec/runnel-tests");
         std::fs::create_dir_all(dir).unwrap();
         let out = dir.join("runnel-attack");
         let tmp = dir.join(format!("runnel-attack.{}", std::process::id()));

@@ -213,6 +213,7 @@ impl Phases<'_> {
         let steps = Steps {
             job: self.job,
             env: base_env(self.spec, &self.job.id, &image.env, &image.user),
+            cwd: image.workdir.unwrap_or_else(|| oci::WORKSPACE.to_string()),
             user: image.user,
             masker,
             limits: self.limits,
@@ -332,14 +333,7 @@ impl Phases<'_> {
         }
         let dir = held.run_dir().join(ROOT);
         if image == "host" {
-            let rootfs = blocking(move || Rootfs::overlay(&dir, &[Path::new("/")], None))
-                .await
-                .map_err(|e| failed(format!("cannot prepare the root filesystem: {e}")))?;
-            held.rootfs = Some(rootfs);
-            return Ok(PreparedImage {
-                user: User::root(),
-                env: Vec::new(),
-            });
+            return self.host_image(dir, held).await;
         }
         let pulled = tokio::select! {
             p = self.registry.images.get(&image) => p.map_err(|e| failed(format!("image {image:?}: {e}")))?,
@@ -352,10 +346,17 @@ impl Phases<'_> {
         let lower: Vec<PathBuf> = pulled.layers.iter().rev().cloned().collect();
         let root_owner = config.runtime.userns_base.map(|b| (b, b));
         let image_user = pulled.config.user.clone().unwrap_or_default();
+        let workdir = pulled.config.workdir();
+        let made = workdir.clone();
         let (rootfs, user) = blocking(move || {
             let lower: Vec<&Path> = lower.iter().map(PathBuf::as_path).collect();
             let rootfs = Rootfs::overlay(&dir, &lower, root_owner)
                 .map_err(|e| format!("cannot prepare the root filesystem: {e}"))?;
+            if let Some(w) = &made {
+                rootfs
+                    .make_dir(w, root_owner)
+                    .map_err(|e| format!("cannot make its WorkingDir {w}: {e}"))?;
+            }
             let user = user::resolve(rootfs.path(), &image_user);
             Ok::<_, String>((rootfs, user))
         })
@@ -367,6 +368,29 @@ impl Phases<'_> {
         Ok(PreparedImage {
             user,
             env: pulled.config.env.clone().unwrap_or_default(),
+            workdir,
+        })
+    }
+
+    /// The `host` image: the host's software, not its data (see
+    /// `runtime::hostroot`), as root.
+    async fn host_image(&self, dir: PathBuf, held: &mut Held) -> Result<PreparedImage, End> {
+        let private = self.registry.config().private_paths.clone();
+        let started = Instant::now();
+        let rootfs = blocking(move || Rootfs::host(&dir, &private))
+            .await
+            .map_err(|e| {
+                End::failed(
+                    FailureKind::Image,
+                    format!("cannot prepare the host image's root: {e}"),
+                )
+            })?;
+        held.rootfs = Some(rootfs);
+        tracing::info!(seconds = started.elapsed().as_secs_f64(), "host image ready");
+        Ok(PreparedImage {
+            user: User::root(),
+            env: Vec::new(),
+            workdir: None,
         })
     }
 
@@ -506,10 +530,12 @@ fn secrets_of(spec: &JobSpec, extra: &[Secret]) -> Vec<Secret> {
         .collect()
 }
 
-/// Who runs the steps and the image's environment.
+/// Who runs the steps, the image's environment, and where steps start
+/// when not in the workspace.
 struct PreparedImage {
     user: User,
     env: Vec<String>,
+    workdir: Option<String>,
 }
 
 fn base_env(spec: &JobSpec, job_id: &str, image_env: &[String], user: &User) -> BTreeMap<String, String> {

@@ -18,7 +18,7 @@ use crate::logs::Masker;
 use crate::logs::output::{CHUNK_CAP, Chunker, pump};
 use crate::model::{EventKind, FailureKind, JobState, Resources, Step, StepResult, Stream as Out};
 use crate::runtime::cgroup::LimitsHit;
-use crate::runtime::spec::{self as oci, WORKSPACE};
+use crate::runtime::spec as oci;
 use crate::runtime::user::User;
 use crate::runtime::{ContainerRuntime, JobContainer};
 
@@ -26,6 +26,8 @@ use crate::runtime::{ContainerRuntime, JobContainer};
 pub(super) struct Steps<'a> {
     pub job: &'a Arc<Job>,
     pub env: BTreeMap<String, String>,
+    /// Where each step starts: the image's WorkingDir, or the workspace.
+    pub cwd: String,
     pub user: User,
     pub masker: Arc<Masker>,
     pub limits: &'a Limits,
@@ -110,7 +112,7 @@ impl Steps<'_> {
         env.extend(step.env.clone());
         env.insert("RUNNEL_STEP".into(), step.name.clone());
         let args = vec!["/bin/sh".into(), "-c".into(), step.run.clone()];
-        let process = oci::process(args, &env, WORKSPACE, &self.user);
+        let process = oci::process(args, &env, &self.cwd, &self.user);
         let pipes = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .and_then(|o| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map(|e| (o, e)));
         let ((out_r, out_w), (err_r, err_w)) = match pipes {
@@ -357,6 +359,7 @@ pub(super) mod tests {
         let s = Steps {
             job: &job,
             env: BTreeMap::from([("PATH".to_string(), "/usr/bin:/bin".to_string())]),
+            cwd: oci::WORKSPACE.to_string(),
             user: User::root(),
             masker: Arc::new(Masker::new(&[])),
             limits,

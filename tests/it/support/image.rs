@@ -228,6 +228,18 @@ pub fn write_layout_compressed(
     env: &[&str],
     user: &str,
 ) -> Vec<String> {
+    write_layout_in(layout, tag, layers, env, user, "/")
+}
+
+/// [`write_layout_compressed`] with the image's `WorkingDir`.
+pub fn write_layout_in(
+    layout: &Path,
+    tag: &str,
+    layers: &[(&[Entry], Compression)],
+    env: &[&str],
+    user: &str,
+    working_dir: &str,
+) -> Vec<String> {
     std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
     std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let mut descs = Vec::new();
@@ -246,7 +258,7 @@ pub fn write_layout_compressed(
     }
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
-        "config": { "Env": env, "User": user, "WorkingDir": "/" },
+        "config": { "Env": env, "User": user, "WorkingDir": working_dir },
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
     });
     let (config_digest, config_size) = put_blob(layout, config.to_string().as_bytes());
