@@ -63,43 +63,38 @@ fn pipe() -> io::Result<(File, File)> {
 
 impl UserNs {
     /// A new user namespace whose uids are `uids` and gids `gids`. A child
-    /// process unshares it and waits; this process writes its maps, keeps
-    /// `/proc/CHILD/ns/user` open and lets the child go. Blocking (~1 ms).
+    /// process unshares it and says so; this process writes its maps,
+    /// keeps `/proc/CHILD/ns/user` open and kills the child. Blocking
+    /// (about a millisecond).
+    ///
+    /// The child never waits for the end of a pipe: another thread may
+    /// fork meanwhile (another job's namespace, say) and hold a copy of
+    /// any pipe end of ours until its child is done.
     pub fn new(uids: &[IdRange], gids: &[IdRange]) -> io::Result<UserNs> {
         let (uid_map, gid_map) = (map_text(uids), map_text(gids));
         let (mut ready_r, ready_w) = pipe()?;
-        let (done_r, done_w) = pipe()?;
-        let (ready_w_fd, done_r_fd, parents) = (
-            ready_w.as_raw_fd(),
-            done_r.as_raw_fd(),
-            [ready_r.as_raw_fd(), done_w.as_raw_fd()],
-        );
+        let ready_w_fd = ready_w.as_raw_fd();
         // SAFETY: the child makes raw syscalls only (no allocation, no
-        // locks: the agent is multi-threaded) and leaves with _exit.
+        // locks: the agent is multi-threaded) and never returns.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(io::Error::last_os_error());
         }
         if pid == 0 {
-            // SAFETY: in the child: unshare, write and read on descriptors
-            // it inherited, then _exit; nothing allocates or takes a lock.
+            // SAFETY: in the child: unshare, write to a descriptor it
+            // inherited, then wait to be killed; nothing allocates or takes
+            // a lock.
             unsafe {
-                // The parent's ends: closed here, or the read below never
-                // sees the end of the pipe.
-                for fd in parents {
-                    libc::close(fd);
-                }
-                let ok = libc::unshare(libc::CLONE_NEWUSER) == 0;
-                let byte = [ok as u8];
+                let byte = [(libc::unshare(libc::CLONE_NEWUSER) == 0) as u8];
                 libc::write(ready_w_fd, byte.as_ptr().cast(), 1);
-                let mut buf = [0u8; 1];
-                // Returns when the parent closes its end (or dies).
-                libc::read(done_r_fd, buf.as_mut_ptr().cast(), 1);
-                libc::_exit(0);
+                loop {
+                    libc::pause();
+                }
             }
         }
-        drop((ready_w, done_r));
+        drop(ready_w);
         let made = (|| {
+            wait_readable(&ready_r, 10_000)?;
             let mut byte = [0u8; 1];
             ready_r.read_exact(&mut byte)?;
             if byte[0] != 1 {
@@ -109,27 +104,46 @@ impl UserNs {
                 ));
             }
             let proc = format!("/proc/{pid}");
-            File::options()
-                .write(true)
-                .open(format!("{proc}/uid_map"))?
-                .write_all(uid_map.as_bytes())
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot write uid_map {uid_map:?}: {e}")))?;
-            File::options()
-                .write(true)
-                .open(format!("{proc}/gid_map"))?
-                .write_all(gid_map.as_bytes())
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot write gid_map {gid_map:?}: {e}")))?;
+            for (file, map) in [("uid_map", &uid_map), ("gid_map", &gid_map)] {
+                File::options()
+                    .write(true)
+                    .open(format!("{proc}/{file}"))
+                    .and_then(|mut f| f.write_all(map.as_bytes()))
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot write {file} {map:?}: {e}")))?;
+            }
             File::open(format!("{proc}/ns/user"))
         })();
-        drop(done_w);
-        let mut status = 0;
-        // SAFETY: waits for our own child, which exits once `done_w` is closed.
-        while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
-            if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                break;
-            }
+        // SAFETY: kills and reaps our own child, which waits for this.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            let mut status = 0;
+            while libc::waitpid(pid, &mut status, 0) < 0
+                && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+            {}
         }
         made.map(UserNs)
+    }
+}
+
+/// Waits up to `millis` for `f` to be readable (or at its end).
+fn wait_readable(f: &File, millis: i32) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: f.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: poll on one pollfd we own.
+        match unsafe { libc::poll(&mut pfd, 1, millis) } {
+            0 => {
+                return Err(io::Error::other(
+                    "the user namespace helper did not answer in 10 s",
+                ));
+            }
+            n if n > 0 => return Ok(()),
+            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
+            _ => return Err(io::Error::last_os_error()),
+        }
     }
 }
 
