@@ -26,3 +26,4 @@ mod sandbox;
 mod service;
 mod support;
 mod tls;
+mod userns;
