@@ -3,7 +3,8 @@
 //! with `bash bench/run` (which installs and starts what it needs: Debian's
 //! docker.io, runc, sshd, a registry) or, on a prepared machine, with
 //! `cargo bench --bench suite`. `RUNNEL_BENCH_ONLY=start,checkout` runs some
-//! sections; `RUNNEL_BENCH_N` sets the number of samples (default 50).
+//! sections (start overhead latency throughput checkout concurrent rootfs
+//! userns); `RUNNEL_BENCH_N` sets the number of samples (default 50).
 //!
 //! It starts the real `runnel` binary (release build) as an agent and drives
 //! it over gRPC, exactly as the integration tests do (tests/it/support).
@@ -848,6 +849,31 @@ async fn bench_rootfs(r: &mut Report, runs: usize, dir: &Path) {
     );
 }
 
+/// Job start in a user namespace of its own (the default: the image's
+/// layers idmapped into the job's ids, one user namespace made for them)
+/// against the same jobs with `userns = false`: busybox image,
+/// embedded runtime. No target: what the sandbox costs.
+async fn bench_userns(r: &mut Report, n: usize, dir: &Path) {
+    println!("== job start with and without a user namespace ({n} jobs each)");
+    let image = format!("oci:{}:1", busybox_image(dir).layout.display());
+    let (with, with_phases) = job_starts("[runtime]\nnetwork = \"host\"", &image, n).await;
+    let (without, without_phases) =
+        job_starts("[runtime]\nnetwork = \"host\"\nuserns = false", &image, n).await;
+    r.row(
+        "job start, busybox, in the job's user namespace (submit → end)",
+        with.show(),
+        format!("`userns = false`: {}", without.show()),
+        format!("+{} p50", ms(with.p50() - without.p50())),
+        "—",
+    );
+    r.note(format!(
+        "PREPARING → RUNNING (rootfs with idmapped layers, container start) p50 {} in a user namespace, {} \
+         without",
+        ms(with_phases[1].p50()),
+        ms(without_phases[1].p50()),
+    ));
+}
+
 fn machine_summary() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -934,6 +960,9 @@ fn main() {
         }
         if wanted("rootfs") {
             bench_rootfs(&mut r, n.min(20), dir.path()).await;
+        }
+        if wanted("userns") {
+            bench_userns(&mut r, n, dir.path()).await;
         }
     });
     let date = sh(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
