@@ -859,8 +859,17 @@ async fn keys_are_wiped_however_the_job_ends() {
     require!(Root, Sshd);
     let f = Fixture::new();
     let mut agent = Agent::start("[runtime]\ngrace_period = \"1s\"");
+    // Markers of this run's steps alone: another run's (another checkout
+    // of runnel testing at the same time) must not be taken for them.
+    let marker = |n: u32| format!("1000.{n}{}", std::process::id());
     // Timed out.
-    let mut spec = f.spec("keys-timeout", true, true, false, &["sleep 1000.13"]);
+    let mut spec = f.spec(
+        "keys-timeout",
+        true,
+        true,
+        false,
+        &[&format!("sleep {}", marker(13))],
+    );
     spec.timeout = Some(prost_types::Duration { seconds: 3, nanos: 0 });
     let (status, _) = run_job(&agent, spec).await;
     assert_eq!(state(&status), pb::JobState::TimedOut);
@@ -869,11 +878,17 @@ async fn keys_are_wiped_however_the_job_ends() {
     let mut c = agent.scheduler().await;
     submit(
         &mut c,
-        f.spec("keys-cancel", true, true, false, &["sleep 1000.14"]),
+        f.spec(
+            "keys-cancel",
+            true,
+            true,
+            false,
+            &[&format!("sleep {}", marker(14))],
+        ),
     )
     .await;
     wait_for("the step to run", std::time::Duration::from_secs(30), || {
-        !host_processes_with("1000.14").is_empty()
+        !host_processes_with(&marker(14)).is_empty()
     });
     assert!(
         !files_containing(&agent.state_dir(), &key_line(&f.user)).is_empty(),
@@ -889,11 +904,17 @@ async fn keys_are_wiped_however_the_job_ends() {
     // The agent killed while the job runs, then restarted.
     submit(
         &mut c,
-        f.spec("keys-kill9", true, true, false, &["sleep 1000.15"]),
+        f.spec(
+            "keys-kill9",
+            true,
+            true,
+            false,
+            &[&format!("sleep {}", marker(15))],
+        ),
     )
     .await;
     wait_for("the step to run", std::time::Duration::from_secs(30), || {
-        !host_processes_with("1000.15").is_empty()
+        !host_processes_with(&marker(15)).is_empty()
     });
     agent.kill9();
     assert!(!files_containing(&agent.state_dir(), &key_line(&f.user)).is_empty());
@@ -902,7 +923,7 @@ async fn keys_are_wiped_however_the_job_ends() {
     let events = watch(&mut op, "keys-kill9", 0).await;
     assert_eq!(state(&final_status(&events)), pb::JobState::Lost);
     assert_no_key_bytes(&agent, &[&f.user, &f.deploy]);
-    assert!(host_processes_with("1000.15").is_empty());
+    assert!(host_processes_with(&marker(15)).is_empty());
 }
 
 /// Paths under `dir`, relative, sorted; `.git`'s insides left out.
