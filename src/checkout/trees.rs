@@ -25,7 +25,7 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::stat::{Mode, SFlag, mknod};
 
 use crate::sys::lockfile;
-use crate::sys::mount::bind_idmapped;
+use crate::sys::mount::bind_all_idmapped;
 use crate::sys::userns::{IdRange, UserNs, chown_tree};
 
 /// Past this many changed paths a delta is not worth it: a new base is made.
@@ -319,20 +319,8 @@ pub(crate) fn remount_idmapped(
 
 fn mount_idmapped(workspace: &Path, lower: &[PathBuf], uid: u32, gid: u32) -> io::Result<()> {
     let ns = UserNs::new(&[IdRange::from_zero(uid, 1)], &[IdRange::from_zero(gid, 1)])?;
-    let binds = workspace.with_extension("lower");
-    fs::DirBuilder::new().mode(0o700).create(&binds)?;
-    let mut mapped = Vec::with_capacity(lower.len());
-    for (i, layer) in lower.iter().enumerate() {
-        let at = binds.join(i.to_string());
-        fs::create_dir(&at)?;
-        bind_idmapped(layer, &at, ns.as_fd()).map_err(|e| {
-            other(format!(
-                "cannot idmap the work tree layer {}: {e}",
-                layer.display()
-            ))
-        })?;
-        mapped.push(at);
-    }
+    let lower: Vec<&Path> = lower.iter().map(PathBuf::as_path).collect();
+    let mapped = bind_all_idmapped(&lower, &workspace.with_extension("lower"), ns.as_fd())?;
     mount_again(workspace, &mapped)
 }
 

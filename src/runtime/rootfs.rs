@@ -14,7 +14,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use super::spec::USERNS_SIZE;
-use crate::sys::mount::{bind_idmapped, mount_overlay, unmount_and_remove};
+use crate::sys::mount::{bind_all_idmapped, mount_overlay, unmount_and_remove};
 use crate::sys::userns::{IdRange, UserNs};
 
 /// A mounted overlay; unmounted (with its idmapped lower layers) and
@@ -44,24 +44,7 @@ impl Rootfs {
         let rootfs = Rootfs::upper(dir, Some((base, base)))?;
         let range = [IdRange::from_zero(base, USERNS_SIZE)];
         let ns = UserNs::new(&range, &range)?;
-        let binds = dir.join("lower");
-        fs::DirBuilder::new().mode(0o700).create(&binds)?;
-        let mut mapped = Vec::with_capacity(lower.len());
-        for (i, layer) in lower.iter().enumerate() {
-            let at = binds.join(i.to_string());
-            fs::create_dir(&at)?;
-            bind_idmapped(layer, &at, ns.as_fd()).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "cannot idmap the layer {} at {}: {e}",
-                        layer.display(),
-                        at.display()
-                    ),
-                )
-            })?;
-            mapped.push(at);
-        }
+        let mapped = bind_all_idmapped(lower, &dir.join("lower"), ns.as_fd())?;
         let mapped: Vec<&Path> = mapped.iter().map(PathBuf::as_path).collect();
         rootfs.mount(&mapped)?;
         Ok(rootfs)

@@ -105,6 +105,23 @@ pub fn bind_idmapped(source: &Path, target: &Path, userns: BorrowedFd<'_>) -> io
     Ok(())
 }
 
+/// Binds each of `layers` read-only and idmapped with `userns` at
+/// `dir/0`, `dir/1`, ... (`dir`, made here, is 0700); returns those paths,
+/// in the same order.
+pub fn bind_all_idmapped(layers: &[&Path], dir: &Path, userns: BorrowedFd<'_>) -> io::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().mode(0o700).create(dir)?;
+    let mut mapped = Vec::with_capacity(layers.len());
+    for (i, layer) in layers.iter().enumerate() {
+        let at = dir.join(i.to_string());
+        fs::create_dir(&at)?;
+        bind_idmapped(layer, &at, userns)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot idmap {}: {e}", layer.display())))?;
+        mapped.push(at);
+    }
+    Ok(mapped)
+}
+
 /// Whether the file system of `dir` can be idmapped (with `userns`):
 /// `Err` says why not. Mounts nothing.
 pub fn idmap_supported(dir: &Path, userns: BorrowedFd<'_>) -> io::Result<()> {
