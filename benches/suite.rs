@@ -766,6 +766,19 @@ async fn bench_idle_and_concurrent(r: &mut Report) {
 
 /// Issue 4: the cost of preparing the rootfs of a 100 MB image on second
 /// use (an overlay mount over the cached layers: nothing is copied).
+/// PREPARING → RUNNING of a job, by its events' own times: image lookup,
+/// overlay rootfs, container start.
+fn preparing_ms(events: &[(f64, pb::JobEvent)]) -> f64 {
+    let at = |s| {
+        events
+            .iter()
+            .find(|(_, e)| state_of(e) == Some(s))
+            .map(|(_, e)| event_time(e))
+            .unwrap()
+    };
+    at(pb::JobState::Running) - at(pb::JobState::Preparing)
+}
+
 async fn bench_rootfs(r: &mut Report, runs: usize, dir: &Path) {
     println!("== rootfs of a 100 MB image ({runs} jobs)");
     let layout = dir.join("big-layout");
@@ -790,20 +803,9 @@ async fn bench_rootfs(r: &mut Report, runs: usize, dir: &Path) {
     let small = busybox_image(dir).layout;
     let agent = Agent::start("");
     let mut c = agent.scheduler().await;
-    // PREPARING → RUNNING: image lookup, overlay rootfs, container start.
-    let prepare = |events: &[(f64, pb::JobEvent)]| {
-        let at = |s| {
-            events
-                .iter()
-                .find(|(_, e)| state_of(e) == Some(s))
-                .map(|(_, e)| event_time(e))
-                .unwrap()
-        };
-        at(pb::JobState::Running) - at(pb::JobState::Preparing)
-    };
     let big_ref = format!("oci:{}:1", layout.display());
     let small_ref = format!("oci:{}:1", small.display());
-    let first = prepare(
+    let first = preparing_ms(
         &run_timed(
             &mut c,
             with_image(job("big-first", &["true"]), &big_ref),
@@ -826,14 +828,14 @@ async fn bench_rootfs(r: &mut Report, runs: usize, dir: &Path) {
             Instant::now(),
         )
         .await;
-        big.push(prepare(&ev));
+        big.push(preparing_ms(&ev));
         let ev = run_timed(
             &mut c,
             with_image(job(&format!("small-{i}"), &["true"]), &small_ref),
             Instant::now(),
         )
         .await;
-        little.push(prepare(&ev));
+        little.push(preparing_ms(&ev));
     }
     let (big, little) = (Samples(big), Samples(little));
     r.row(
@@ -880,14 +882,7 @@ async fn bench_userns(r: &mut Report, n: usize, dir: &Path) {
             let t0 = Instant::now();
             let events = run_timed(c, with_image(job(&format!("userns-{i}"), &["true"]), &image), t0).await;
             total[k].push(since_ms(t0));
-            let at = |s| {
-                events
-                    .iter()
-                    .find(|(_, e)| state_of(e) == Some(s))
-                    .map(|(_, e)| event_time(e))
-                    .unwrap()
-            };
-            prepare[k].push(at(pb::JobState::Running) - at(pb::JobState::Preparing));
+            prepare[k].push(preparing_ms(&events));
         }
     }
     let [with, without] = total.map(Samples);
