@@ -3,7 +3,8 @@
 //! with `bash bench/run` (which installs and starts what it needs: Debian's
 //! docker.io, runc, sshd, a registry) or, on a prepared machine, with
 //! `cargo bench --bench suite`. `RUNNEL_BENCH_ONLY=start,checkout` runs some
-//! sections; `RUNNEL_BENCH_N` sets the number of samples (default 50).
+//! sections (start overhead latency throughput checkout concurrent rootfs
+//! userns); `RUNNEL_BENCH_N` sets the number of samples (default 50).
 //!
 //! It starts the real `runnel` binary (release build) as an agent and drives
 //! it over gRPC, exactly as the integration tests do (tests/it/support).
@@ -765,6 +766,19 @@ async fn bench_idle_and_concurrent(r: &mut Report) {
 
 /// Issue 4: the cost of preparing the rootfs of a 100 MB image on second
 /// use (an overlay mount over the cached layers: nothing is copied).
+/// PREPARING → RUNNING of a job, by its events' own times: image lookup,
+/// overlay rootfs, container start.
+fn preparing_ms(events: &[(f64, pb::JobEvent)]) -> f64 {
+    let at = |s| {
+        events
+            .iter()
+            .find(|(_, e)| state_of(e) == Some(s))
+            .map(|(_, e)| event_time(e))
+            .unwrap()
+    };
+    at(pb::JobState::Running) - at(pb::JobState::Preparing)
+}
+
 async fn bench_rootfs(r: &mut Report, runs: usize, dir: &Path) {
     println!("== rootfs of a 100 MB image ({runs} jobs)");
     let layout = dir.join("big-layout");
@@ -789,20 +803,9 @@ async fn bench_rootfs(r: &mut Report, runs: usize, dir: &Path) {
     let small = busybox_image(dir).layout;
     let agent = Agent::start("");
     let mut c = agent.scheduler().await;
-    // PREPARING → RUNNING: image lookup, overlay rootfs, container start.
-    let prepare = |events: &[(f64, pb::JobEvent)]| {
-        let at = |s| {
-            events
-                .iter()
-                .find(|(_, e)| state_of(e) == Some(s))
-                .map(|(_, e)| event_time(e))
-                .unwrap()
-        };
-        at(pb::JobState::Running) - at(pb::JobState::Preparing)
-    };
     let big_ref = format!("oci:{}:1", layout.display());
     let small_ref = format!("oci:{}:1", small.display());
-    let first = prepare(
+    let first = preparing_ms(
         &run_timed(
             &mut c,
             with_image(job("big-first", &["true"]), &big_ref),
@@ -825,14 +828,14 @@ async fn bench_rootfs(r: &mut Report, runs: usize, dir: &Path) {
             Instant::now(),
         )
         .await;
-        big.push(prepare(&ev));
+        big.push(preparing_ms(&ev));
         let ev = run_timed(
             &mut c,
             with_image(job(&format!("small-{i}"), &["true"]), &small_ref),
             Instant::now(),
         )
         .await;
-        little.push(prepare(&ev));
+        little.push(preparing_ms(&ev));
     }
     let (big, little) = (Samples(big), Samples(little));
     r.row(
@@ -846,6 +849,57 @@ async fn bench_rootfs(r: &mut Report, runs: usize, dir: &Path) {
         ),
         "no copy: ≈ 1×",
     );
+}
+
+/// Job start in a user namespace of its own (the default: the image's
+/// layers idmapped into the job's ids, with a user namespace made for
+/// that) against the same job with `userns = false`: busybox image,
+/// embedded runtime, two agents taking turns so that the machine's load
+/// falls on both alike. No target: what the namespace costs.
+async fn bench_userns(r: &mut Report, n: usize, dir: &Path) {
+    println!("== job start with and without a user namespace ({n} jobs each)");
+    let image = format!("oci:{}:1", busybox_image(dir).layout.display());
+    let agents = [
+        Agent::start("[runtime]\nnetwork = \"host\""),
+        Agent::start("[runtime]\nnetwork = \"host\"\nuserns = false"),
+    ];
+    let mut clients = Vec::new();
+    for a in &agents {
+        let mut c = a.scheduler().await;
+        run_timed(
+            &mut c,
+            with_image(job("userns-warmup", &["true"]), &image),
+            Instant::now(),
+        )
+        .await;
+        clients.push(c);
+    }
+    // Submit → end, and PREPARING → RUNNING (rootfs, container start).
+    let mut total: [Vec<f64>; 2] = Default::default();
+    let mut prepare: [Vec<f64>; 2] = Default::default();
+    for i in 0..n {
+        for (k, c) in clients.iter_mut().enumerate() {
+            let t0 = Instant::now();
+            let events = run_timed(c, with_image(job(&format!("userns-{i}"), &["true"]), &image), t0).await;
+            total[k].push(since_ms(t0));
+            prepare[k].push(preparing_ms(&events));
+        }
+    }
+    let [with, without] = total.map(Samples);
+    let [p_with, p_without] = prepare.map(Samples);
+    r.row(
+        "job start, busybox, in the job's user namespace (submit → end)",
+        with.show(),
+        format!("`userns = false`: {}", without.show()),
+        format!("+{} p50", ms(with.p50() - without.p50())),
+        "—",
+    );
+    r.note(format!(
+        "PREPARING → RUNNING (rootfs with idmapped layers, container start): p50 {} in a user namespace, {} \
+         without",
+        ms(p_with.p50()),
+        ms(p_without.p50()),
+    ));
 }
 
 fn machine_summary() -> String {
@@ -934,6 +988,9 @@ fn main() {
         }
         if wanted("rootfs") {
             bench_rootfs(&mut r, n.min(20), dir.path()).await;
+        }
+        if wanted("userns") {
+            bench_userns(&mut r, n, dir.path()).await;
         }
     });
     let date = sh(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));

@@ -17,8 +17,12 @@ use crate::runtime::{RuntimeKind, RuntimeSettings};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/runnel/agent.toml";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/runnel";
-/// The first host uid/gid of containers' user namespaces, and how many ids.
+/// The first host uid/gid of containers' user namespaces when neither the
+/// config nor `/etc/subuid` says.
 pub const USERNS_BASE: u32 = 100_000;
+/// The user whose entries in `/etc/subuid` and `/etc/subgid`, when there
+/// are any, give the ids of containers' user namespaces.
+pub const SUBORDINATE_USER: &str = "runnel";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -127,8 +131,9 @@ pub struct RuntimeConfig {
     pub job_timeout: Duration,
     /// Registries (`host:port`) spoken to over plain HTTP.
     pub insecure_registries: Vec<String>,
-    /// Run containers in a user namespace whose root is this host uid/gid
-    /// (65536 ids are mapped). Images only: the host image cannot.
+    /// Run containers in user namespaces (the default): job slot i's
+    /// root is host uid/gid `userns_base + i * 65536`, and 65536 ids are
+    /// mapped. `None`: containers' root is the host's (`userns = false`).
     pub userns_base: Option<u32>,
     /// Whether jobs may use the `host` image (the host's `/usr`, `/etc`,
     /// `/opt`, ... with secrets hidden); when not, such a job is refused at
@@ -337,14 +342,10 @@ impl Config {
         let grace_period = parse_duration(r.grace_period.as_deref(), "runtime.grace_period", "10s")?;
         let job_timeout = positive_duration(r.job_timeout.as_deref(), "runtime.job_timeout", "1h")?;
         let drain_timeout = parse_duration(raw.drain_timeout.as_deref(), "drain_timeout", "10m")?;
-        if r.userns_base
-            .is_some_and(|b| b == 0 || b > u32::MAX - USERNS_SIZE)
-        {
-            return Err(invalid(
-                "runtime.userns_base",
-                format!("must be between 1 and {}", u32::MAX - USERNS_SIZE),
-            ));
-        }
+        let userns_base = match r.userns.unwrap_or(true) {
+            false => None,
+            true => Some(userns_base(r.userns_base, max_jobs, &subordinate_files)?),
+        };
         Ok(Config {
             agent_id,
             listen,
@@ -366,10 +367,7 @@ impl Config {
                 grace_period,
                 job_timeout,
                 insecure_registries: r.insecure_registries,
-                userns_base: r
-                    .userns
-                    .unwrap_or(false)
-                    .then(|| r.userns_base.unwrap_or(USERNS_BASE)),
+                userns_base,
                 allow_host_image: r.allow_host_image.unwrap_or(true),
             },
             checkout_cache: raw.checkout.cache.unwrap_or(true),
@@ -377,6 +375,82 @@ impl Config {
             private_paths,
         })
     }
+}
+
+/// `/etc/subuid` and `/etc/subgid`, empty when missing.
+fn subordinate_files() -> (String, String) {
+    let read = |p| std::fs::read_to_string(p).unwrap_or_default();
+    (read("/etc/subuid"), read("/etc/subgid"))
+}
+
+/// The first host id of slot 0's user namespace: `configured`, else the
+/// range `/etc/subuid` and `/etc/subgid` give [`SUBORDINATE_USER`] (it
+/// must be the same in both), else [`USERNS_BASE`]. Every slot's 65536
+/// ids must fit.
+fn userns_base(
+    configured: Option<u32>,
+    max_jobs: u32,
+    files: &dyn Fn() -> (String, String),
+) -> Result<u32, ConfigError> {
+    const KEY: &str = "runtime.userns_base";
+    let needed = u64::from(max_jobs) * u64::from(USERNS_SIZE);
+    if let Some(base) = configured {
+        if base == 0 || u64::from(base) + needed > 1 << 32 {
+            return Err(invalid(
+                KEY,
+                format!(
+                    "must be between 1 and {}: {max_jobs} job slots (max_jobs) of {USERNS_SIZE} ids each \
+                     must fit below 2^32",
+                    (1u64 << 32) - needed
+                ),
+            ));
+        }
+        return Ok(base);
+    }
+    let (subuid, subgid) = files();
+    let (uids, gids) = (
+        subordinate_range(&subuid, SUBORDINATE_USER),
+        subordinate_range(&subgid, SUBORDINATE_USER),
+    );
+    let (start, count) = match (uids, gids) {
+        (None, None) => return Ok(USERNS_BASE),
+        (Some(u), Some(g)) if u == g => u,
+        (u, g) => {
+            let show = |r: Option<(u32, u64)>| r.map_or("none".to_string(), |(s, c)| format!("{s}:{c}"));
+            return Err(invalid(
+                KEY,
+                format!(
+                    "/etc/subuid gives {SUBORDINATE_USER} {} and /etc/subgid {}: runnel maps the same \
+                     range for both; make them equal or set runtime.userns_base",
+                    show(u),
+                    show(g)
+                ),
+            ));
+        }
+    };
+    if count < needed || start == 0 || u64::from(start) + needed > 1 << 32 {
+        return Err(invalid(
+            KEY,
+            format!(
+                "/etc/subuid gives {SUBORDINATE_USER} {count} ids from {start}; {max_jobs} job slots \
+                 (max_jobs) need {needed} ({USERNS_SIZE} each): give it more, lower max_jobs or set \
+                 runtime.userns_base"
+            ),
+        ));
+    }
+    Ok(start)
+}
+
+/// `(start, count)` of `user`'s line (`user:start:count`) in a subuid or
+/// subgid file.
+fn subordinate_range(text: &str, user: &str) -> Option<(u32, u64)> {
+    text.lines().find_map(|l| {
+        let mut f = l.trim().split(':');
+        if f.next()? != user {
+            return None;
+        }
+        Some((f.next()?.trim().parse().ok()?, f.next()?.trim().parse().ok()?))
+    })
 }
 
 fn parse_duration(text: Option<&str>, key: &'static str, default: &str) -> Result<Duration, ConfigError> {
@@ -478,6 +552,60 @@ mod tests {
         assert_eq!(c.retention.max_age, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(c.retention.max_jobs, 1000);
         assert_eq!(c.retention.max_bytes, 10 << 30);
+    }
+
+    #[test]
+    fn user_namespaces_are_on_by_default_with_a_range_per_slot() {
+        let none = || (String::new(), String::new());
+        assert_eq!(userns_base(None, 4, &none).unwrap(), USERNS_BASE);
+        assert!(Config::from_toml("").unwrap().runtime.userns_base.is_some());
+        assert_eq!(
+            Config::from_toml("[runtime]\nuserns = false")
+                .unwrap()
+                .runtime
+                .userns_base,
+            None
+        );
+        assert_eq!(userns_base(Some(200_000), 4, &none).unwrap(), 200_000);
+        // Every slot's 65536 ids must fit below 2^32.
+        let top = (1u64 << 32) - 4 * 65_536;
+        assert_eq!(userns_base(Some(top as u32), 4, &none).unwrap(), top as u32);
+        let e = userns_base(Some(top as u32 + 1), 4, &none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("runtime.userns_base") && e.contains("max_jobs"), "{e}");
+        assert!(userns_base(Some(0), 1, &none).is_err());
+    }
+
+    #[test]
+    fn subordinate_ids_of_runnel_give_the_range() {
+        let files = |u: &str, g: &str| {
+            let (u, g) = (u.to_string(), g.to_string());
+            move || (u.clone(), g.clone())
+        };
+        let both = "admin:100000:65536\nrunnel:300000:262144\n";
+        assert_eq!(userns_base(None, 4, &files(both, both)).unwrap(), 300_000);
+        // The config wins.
+        assert_eq!(
+            userns_base(Some(100_000), 4, &files(both, both)).unwrap(),
+            100_000
+        );
+        let e = userns_base(None, 5, &files(both, both)).unwrap_err().to_string();
+        assert!(
+            e.contains("262144 ids from 300000") && e.contains("327680"),
+            "{e}"
+        );
+        let e = userns_base(None, 1, &files(both, "runnel:400000:65536\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("300000:262144") && e.contains("400000:65536"), "{e}");
+        let e = userns_base(None, 1, &files(both, "")).unwrap_err().to_string();
+        assert!(e.contains("none"), "{e}");
+        // A line that does not parse is skipped.
+        assert_eq!(
+            subordinate_range("runnel:x:1\nrunnel:5:6", "runnel"),
+            Some((5, 6))
+        );
     }
 
     #[test]

@@ -43,9 +43,19 @@ pub struct MirrorUse {
     pub container_objects: String,
     /// Its checked-out work trees (see [`super::trees`]).
     pub(crate) trees: PathBuf,
-    /// Locks on the work tree layers the workspace is laid over.
+    /// The work tree layers the workspace is laid over (top first), and
+    /// locks on them.
+    pub(crate) layer_dirs: Vec<PathBuf>,
     pub(crate) layer_locks: Vec<Flock<File>>,
     _lock: Flock<File>,
+}
+
+impl MirrorUse {
+    /// The cached work tree layers the workspace is laid over, top first;
+    /// none when its files were written.
+    pub fn layer_dirs(&self) -> &[PathBuf] {
+        &self.layer_dirs
+    }
 }
 
 /// `url` without what does not change the repository: the user, a trailing
@@ -134,6 +144,7 @@ impl Mirrors {
                     objects: path.join("objects"),
                     container_objects: format!("{CONTAINER_DIR}/{name}/objects"),
                     trees,
+                    layer_dirs: Vec::new(),
                     layer_locks: Vec::new(),
                     _lock: using,
                 },

@@ -108,6 +108,21 @@ pub fn unmount_workspace(workspace: &Path) -> std::io::Result<()> {
     trees::unmount(workspace)
 }
 
+/// Gives a workspace laid over cached work tree layers `layers` (a warm
+/// checkout, see [`MirrorUse::layer_dirs`]) to `uid:gid`, the step user as
+/// the host sees it: the layers are bound again, idmapped, and only the
+/// writable layer's few files change owner; nothing is copied up.
+/// `Ok(Err(e))`: idmapped mounts failed here, the workspace is as it was;
+/// `Err`: the workspace could not be mounted again.
+pub fn give_warm_workspace(
+    workspace: &Path,
+    layers: &[PathBuf],
+    uid: u32,
+    gid: u32,
+) -> std::io::Result<std::io::Result<()>> {
+    trees::remount_idmapped(workspace, layers, uid, gid)
+}
+
 /// Sets libgit2's process-wide options so that nothing of the agent's own
 /// home (its `~/.ssh/known_hosts`, its `~/.gitconfig`) changes what a job
 /// gets: libgit2 reorders the host-key algorithms it asks for by what it
@@ -364,6 +379,7 @@ fn over_cached_tree(
         let _ = std::fs::rename(upper.join(".git"), &git_dir);
         return Err(e.to_string());
     }
+    mirror.layer_dirs = layers.dirs.clone();
     mirror.layer_locks = layers.into_locks();
     let repo = Repository::open(workspace).map_err(|e| e.message().to_string())?;
     trees::adopt(&repo, oid, branch).map_err(|e| e.message().to_string())?;

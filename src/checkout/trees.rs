@@ -16,6 +16,7 @@
 
 use std::fs::{self, File};
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,8 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::stat::{Mode, SFlag, mknod};
 
 use crate::sys::lockfile;
+use crate::sys::mount::bind_all_idmapped;
+use crate::sys::userns::{IdRange, UserNs, chown_tree};
 
 /// Past this many changed paths a delta is not worth it: a new base is made.
 const MAX_DELTA: usize = 256;
@@ -265,9 +268,16 @@ fn collect(trees: &Path) {
 /// the writable layer lives beside it (`workspace.upper`, `.work`) and goes
 /// with the job's run directory.
 pub(crate) fn mount(workspace: &Path, lower: &[PathBuf]) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .mode(0o755)
+        .create(workspace.with_extension("work"))?;
+    mount_again(workspace, lower)
+}
+
+/// Mounts the workspace overlay with the writable layer [`mount`] made.
+fn mount_again(workspace: &Path, lower: &[PathBuf]) -> io::Result<()> {
     let upper = workspace.with_extension("upper");
     let work = workspace.with_extension("work");
-    fs::DirBuilder::new().mode(0o755).create(&work)?;
     let lower: Vec<&Path> = lower.iter().map(PathBuf::as_path).collect();
     crate::sys::mount::mount_overlay(workspace, &lower, &upper, &work)
         .map_err(|e| other(format!("cannot mount the workspace overlay: {e}")))
@@ -283,12 +293,57 @@ pub(crate) fn prepare_upper(workspace: &Path) -> io::Result<PathBuf> {
     Ok(upper)
 }
 
-/// Undoes [`mount`]: unmounts the workspace and removes its writable layer.
+/// Lays the mounted `workspace` over `lower` again, each layer now bound
+/// read-only and idmapped so that its files (owned by host root on disk)
+/// show as owned by `uid:gid`, the step user as the host sees it; its
+/// writable layer (`.git`, submodules) is given to them. No file of the
+/// tree is copied or changed. `Ok(Err(e))`: idmapped mounts cannot be had
+/// here, and the workspace is laid over `lower` as it was; `Err`: the
+/// workspace could not be mounted again at all.
+pub(crate) fn remount_idmapped(
+    workspace: &Path,
+    lower: &[PathBuf],
+    uid: u32,
+    gid: u32,
+) -> io::Result<io::Result<()>> {
+    let upper = workspace.with_extension("upper");
+    nix::mount::umount2(workspace, nix::mount::MntFlags::empty()).map_err(other)?;
+    let laid = chown_tree(&upper, uid, gid).and_then(|_| mount_idmapped(workspace, lower, uid, gid));
+    if let Err(e) = laid {
+        unmount_binds(workspace)?;
+        mount_again(workspace, lower)?;
+        return Ok(Err(e));
+    }
+    Ok(Ok(()))
+}
+
+fn mount_idmapped(workspace: &Path, lower: &[PathBuf], uid: u32, gid: u32) -> io::Result<()> {
+    let ns = UserNs::new(&[IdRange::from_zero(uid, 1)], &[IdRange::from_zero(gid, 1)])?;
+    let lower: Vec<&Path> = lower.iter().map(PathBuf::as_path).collect();
+    let mapped = bind_all_idmapped(&lower, &workspace.with_extension("lower"), ns.as_fd())?;
+    mount_again(workspace, &mapped)
+}
+
+/// Detaches and removes the idmapped binds of [`remount_idmapped`].
+fn unmount_binds(workspace: &Path) -> io::Result<()> {
+    let binds = workspace.with_extension("lower");
+    for m in crate::sys::mount::mounts_under(&binds)?.into_iter().rev() {
+        nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH).map_err(other)?;
+    }
+    match fs::remove_dir_all(&binds) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Undoes [`mount`] (and [`remount_idmapped`]): unmounts the workspace
+/// and removes its writable layer.
 pub(crate) fn unmount(workspace: &Path) -> io::Result<()> {
     if crate::sys::mount::mounts_under(workspace)?.is_empty() {
-        return Ok(());
+        return unmount_binds(workspace);
     }
     nix::mount::umount2(workspace, nix::mount::MntFlags::MNT_DETACH).map_err(other)?;
+    unmount_binds(workspace)?;
     for d in [
         workspace.with_extension("upper"),
         workspace.with_extension("work"),

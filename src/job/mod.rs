@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use futures::Stream;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -197,7 +196,10 @@ pub struct Registry {
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     /// Held while a job is being accepted (see [`Registry::submit`]).
     submitting: Mutex<()>,
-    slots: Arc<Semaphore>,
+    slots: Arc<Slots>,
+    /// Whether image layers can be idmapped into a job's user namespace
+    /// (else each slot gets its own copy, with shifted owners).
+    idmap_layers: bool,
     tasks: TaskTracker,
     draining: AtomicBool,
     metrics: Arc<Metrics>,
@@ -242,12 +244,11 @@ impl Registry {
         for id in runtime.remove_leftover_cgroups() {
             tracing::warn!(cgroup = %id, "removed a cgroup left by a previous run of the agent");
         }
-        let images = crate::runtime::image::ImageStore::new(
-            &config.state_dir,
-            &config.runtime.insecure_registries,
-            config.runtime.userns_base.unwrap_or(0),
-        )
-        .map_err(state_err)?;
+        let images =
+            crate::runtime::image::ImageStore::new(&config.state_dir, &config.runtime.insecure_registries)
+                .map_err(state_err)?;
+        let idmap_layers =
+            config.runtime.userns_base.is_some() && idmap_works(&config.state_dir.join("images"));
         let mirrors = if config.checkout_cache {
             Some(crate::checkout::Mirrors::new(config.state_dir.join("mirrors")).map_err(state_err)?)
         } else {
@@ -256,7 +257,7 @@ impl Registry {
         Registry::finish_removals(&config.state_dir);
         let metrics = Arc::new(Metrics::default());
         let jobs = recover_jobs(&config.state_dir.join("jobs"), &metrics).map_err(state_err)?;
-        let slots = Arc::new(Semaphore::new(config.max_jobs as usize));
+        let slots = Arc::new(Slots::new(config.max_jobs));
         Ok(Arc::new(Registry {
             runtime,
             images,
@@ -264,6 +265,7 @@ impl Registry {
             jobs: Mutex::new(jobs),
             submitting: Mutex::new(()),
             slots,
+            idmap_layers,
             tasks: TaskTracker::new(),
             draining: AtomicBool::new(false),
             metrics,
@@ -304,11 +306,7 @@ impl Registry {
         if self.draining.load(Ordering::SeqCst) {
             return Err(SubmitError::Draining);
         }
-        let permit = self
-            .slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| SubmitError::Busy(self.config.max_jobs))?;
+        let slot = Slots::take(&self.slots).ok_or(SubmitError::Busy(self.config.max_jobs))?;
         let dir = self.config.state_dir.join("jobs").join(&spec.job_id);
         let mode = dir_mode(self.config.runtime.userns_base.is_some());
         let job = create_job(&dir, &spec.job_id, mode, &self.metrics).map_err(|e| {
@@ -323,9 +321,9 @@ impl Registry {
         let status = job.status();
         let registry = self.clone();
         self.tasks.spawn(async move {
-            lifecycle::run(&registry, &job, spec).await;
+            lifecycle::run(&registry, &job, spec, slot.index).await;
             registry.metrics.job_ended(job.status().state);
-            drop(permit);
+            drop(slot);
         });
         Ok(status)
     }
@@ -386,7 +384,7 @@ impl Registry {
             version: env!("CARGO_PKG_VERSION").to_string(),
             labels: self.config.labels.clone(),
             max_jobs: self.config.max_jobs,
-            running_jobs: self.config.max_jobs - self.slots.available_permits() as u32,
+            running_jobs: self.config.max_jobs - self.slots.free(),
             draining: self.draining.load(Ordering::SeqCst),
             runtime: self.runtime.name().to_string(),
         }
@@ -416,6 +414,68 @@ impl Registry {
         self.tasks.close();
         self.tasks.wait().await;
         self.tasks.reopen();
+    }
+}
+
+/// The job slots: `max_jobs` of them, numbered from 0. A job holds one
+/// while it runs; its number picks the job's user namespace ids, so two
+/// jobs at once never share ids.
+#[derive(Debug)]
+struct Slots(Mutex<std::collections::BTreeSet<u32>>);
+
+/// A slot taken; given back on drop.
+#[derive(Debug)]
+struct Slot {
+    index: u32,
+    slots: Arc<Slots>,
+}
+
+impl Slots {
+    fn new(count: u32) -> Slots {
+        Slots(Mutex::new((0..count).collect()))
+    }
+
+    /// The lowest free slot.
+    fn take(slots: &Arc<Slots>) -> Option<Slot> {
+        let index = slots.0.lock().unwrap_or_else(|e| e.into_inner()).pop_first()?;
+        Some(Slot {
+            index,
+            slots: slots.clone(),
+        })
+    }
+
+    fn free(&self) -> u32 {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len() as u32
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.index);
+    }
+}
+
+/// Whether `dir`'s file system takes idmapped mounts; says why not, and
+/// what runnel does instead, in the agent's log.
+fn idmap_works(dir: &Path) -> bool {
+    use crate::sys::userns::{IdRange, UserNs};
+    use std::os::fd::AsFd;
+    let range = [IdRange::from_zero(crate::config::USERNS_BASE, 1)];
+    match UserNs::new(&range, &range).and_then(|ns| crate::sys::mount::idmap_supported(dir, ns.as_fd())) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                path = %dir.display(),
+                error = %e,
+                "idmapped mounts are not possible here: image layers are unpacked once per job slot \
+                 with shifted owners instead (slower first use, more disk)"
+            );
+            false
+        }
     }
 }
 
@@ -494,5 +554,22 @@ mod tests {
         );
         let stored = std::fs::read_to_string(dir.join(STATUS_FILE)).unwrap();
         assert!(!stored.contains("\\u0000"), "{stored}");
+    }
+
+    #[test]
+    fn a_job_takes_the_lowest_free_slot_and_gives_it_back() {
+        let slots = Arc::new(Slots::new(3));
+        let a = Slots::take(&slots).unwrap();
+        let b = Slots::take(&slots).unwrap();
+        let c = Slots::take(&slots).unwrap();
+        assert_eq!([a.index, b.index, c.index], [0, 1, 2]);
+        assert!(Slots::take(&slots).is_none());
+        assert_eq!(slots.free(), 0);
+        drop(b);
+        assert_eq!(slots.free(), 1);
+        // Slot 1's ids are free again, and only they.
+        assert_eq!(Slots::take(&slots).unwrap().index, 1);
+        drop((a, c));
+        assert_eq!(slots.free(), 3);
     }
 }

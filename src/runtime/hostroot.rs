@@ -158,12 +158,17 @@ impl HostView {
 
     /// Makes the container's tree at `skeleton`: the empty directories, the
     /// links, and a mount point for each shown directory.
-    pub fn write_skeleton(&self, skeleton: &Path) -> io::Result<()> {
+    /// The job's own empty directories belong to `owner` (the job's root
+    /// as the host sees it, in a user namespace; host root when `None`).
+    pub fn write_skeleton(&self, skeleton: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
         fs::create_dir_all(skeleton)?;
         for (name, mode) in EMPTY {
             let p = skeleton.join(name);
             fs::create_dir(&p)?;
             fs::set_permissions(&p, fs::Permissions::from_mode(*mode))?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::chown(&p, Some(uid), Some(gid))?;
+            }
         }
         for d in &self.dirs {
             fs::create_dir(skeleton.join(d))?;
@@ -397,7 +402,7 @@ mod tests {
             hidden: vec![],
         };
         let s = d.path().join("s");
-        view.write_skeleton(&s).unwrap();
+        view.write_skeleton(&s, None).unwrap();
         assert_eq!(fs::read_link(s.join("bin")).unwrap(), Path::new("usr/bin"));
         assert_eq!(fs::read_link(s.join("var/run")).unwrap(), Path::new("/run"));
         let mode = |p: &str| fs::metadata(s.join(p)).unwrap().permissions().mode() & 0o7777;

@@ -230,8 +230,6 @@ pub struct ImageStore {
     client: Client,
     /// One lock per layer digest, so a layer is fetched once at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Added to every owner when unpacking (user namespaces).
-    shift: u32,
 }
 
 impl std::fmt::Debug for ImageStore {
@@ -251,11 +249,16 @@ fn hex_of(digest: &str) -> Result<&str, ImageError> {
 
 impl ImageStore {
     /// `insecure`: registries (`host:port`) spoken to over plain HTTP.
-    pub fn new(state_dir: &Path, insecure: &[String], shift: u32) -> std::io::Result<ImageStore> {
+    pub fn new(state_dir: &Path, insecure: &[String]) -> std::io::Result<ImageStore> {
         let dir = state_dir.join("images");
         for sub in ["layers", "tmp"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
+        // Layers keep the owners they were built with: a set-user-ID root
+        // program of an image must be out of reach of the host's users
+        // (the state directory is passable for user namespaces).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         // Half-made downloads and unpacks of an earlier run.
         let _ = super::may_block(|| std::fs::remove_dir_all(dir.join("tmp")));
         std::fs::create_dir_all(dir.join("tmp"))?;
@@ -274,7 +277,6 @@ impl ImageStore {
             dir,
             client: Client::new(config),
             locks: Mutex::new(HashMap::new()),
-            shift,
         })
     }
 
@@ -287,20 +289,22 @@ impl ImageStore {
             .clone()
     }
 
-    /// A layer's directory; layers for user namespaces are kept apart,
-    /// with their owners shifted.
-    fn layer_dir(&self, hex: &str) -> PathBuf {
-        match self.shift {
+    /// A layer's directory; layers unpacked with their owners shifted
+    /// (for a user namespace, where idmapped mounts cannot be had) are
+    /// kept apart, one copy per shift.
+    fn layer_dir(&self, hex: &str, shift: u32) -> PathBuf {
+        match shift {
             0 => self.dir.join("layers").join(hex),
             s => self.dir.join("layers").join(format!("{hex}+{s}")),
         }
     }
 
-    /// The image, pulled and unpacked (or taken from the cache).
-    pub async fn get(&self, image: &str) -> Result<Image, ImageError> {
+    /// The image, pulled and unpacked (or taken from the cache), with
+    /// `shift` added to every owner of its files (0: as built).
+    pub async fn get(&self, image: &str, shift: u32) -> Result<Image, ImageError> {
         match parse(image)? {
-            Source::Layout { path, tag } => self.pull_layout(&path, tag.as_deref()).await,
-            Source::Registry(reference) => self.pull_registry(&reference).await,
+            Source::Layout { path, tag } => self.pull_layout(&path, tag.as_deref(), shift).await,
+            Source::Registry(reference) => self.pull_registry(&reference, shift).await,
         }
     }
 
@@ -310,6 +314,7 @@ impl ImageStore {
         &self,
         digest: &str,
         media_type: &str,
+        shift: u32,
         fetch: F,
     ) -> Result<(PathBuf, LayerHold), ImageError>
     where
@@ -317,7 +322,7 @@ impl ImageStore {
         Fut: Future<Output = Result<(), ImageError>>,
     {
         let hex = hex_of(digest)?;
-        let dir = self.layer_dir(hex);
+        let dir = self.layer_dir(hex, shift);
         let fs_dir = dir.join("fs");
         // Held before the cache is looked at: expire() cannot take the
         // layer away from here on (it may be removing it right now: then
@@ -344,7 +349,7 @@ impl ImageStore {
             .map_err(cache_err("make a temporary directory"))?;
         let blob = tmp.path().join("blob");
         fetch(blob.clone()).await?;
-        let (digest, shift, fs) = (digest.to_string(), self.shift, fs_dir.clone());
+        let (digest, fs) = (digest.to_string(), fs_dir.clone());
         // Hashing, unpacking and removing trees take long: off the async
         // threads, the temporary directory (a half-unpacked layer, maybe)
         // removed there too. The task holds the layer's lock: should this
@@ -391,7 +396,7 @@ impl ImageStore {
         removed
     }
 
-    async fn pull_layout(&self, root: &Path, tag: Option<&str>) -> Result<Image, ImageError> {
+    async fn pull_layout(&self, root: &Path, tag: Option<&str>, shift: u32) -> Result<Image, ImageError> {
         let read = |path: PathBuf| async move {
             tokio::fs::read(&path)
                 .await
@@ -456,7 +461,7 @@ impl ImageStore {
         for l in &manifest.layers {
             let src = blob_path(&l.digest)?;
             let (dir, hold) = self
-                .layer(&l.digest, &l.media_type, |dest| async move {
+                .layer(&l.digest, &l.media_type, shift, |dest| async move {
                     match tokio::fs::copy(&src, &dest).await {
                         Ok(_) => Ok(()),
                         Err(source) => Err(ImageError::Read { path: src, source }),
@@ -474,7 +479,7 @@ impl ImageStore {
         })
     }
 
-    async fn pull_registry(&self, reference: &Reference) -> Result<Image, ImageError> {
+    async fn pull_registry(&self, reference: &Reference, shift: u32) -> Result<Image, ImageError> {
         let registry = reference.resolve_registry().to_string();
         let (manifest, digest, config) = self
             .client
@@ -487,7 +492,7 @@ impl ImageStore {
         for l in &manifest.layers {
             let registry = &registry;
             let (dir, hold) = self
-                .layer(&l.digest, &l.media_type, |dest| async move {
+                .layer(&l.digest, &l.media_type, shift, |dest| async move {
                     let mut stream = self
                         .client
                         .pull_blob_stream(reference, l)
@@ -661,7 +666,7 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, ImageStore) {
         let state = tempfile::tempdir().unwrap();
-        let store = ImageStore::new(state.path(), &["127.0.0.1:1".to_string()], 0).unwrap();
+        let store = ImageStore::new(state.path(), &["127.0.0.1:1".to_string()]).unwrap();
         (state, store)
     }
 
@@ -669,18 +674,24 @@ mod tests {
     async fn layout_errors_say_what_is_wrong() {
         let (state, store) = store();
         let layout = state.path().join("layout");
-        let e = store.get(&format!("oci:{}", layout.display())).await.unwrap_err();
+        let e = store
+            .get(&format!("oci:{}", layout.display()), 0)
+            .await
+            .unwrap_err();
         assert!(
             matches!(&e, ImageError::Read { path, source } if *path == layout.join("index.json") && source.kind() == io::ErrorKind::NotFound),
             "{e:?}"
         );
         std::fs::create_dir(&layout).unwrap();
         std::fs::write(layout.join("index.json"), "not json").unwrap();
-        let e = store.get(&format!("oci:{}", layout.display())).await.unwrap_err();
+        let e = store
+            .get(&format!("oci:{}", layout.display()), 0)
+            .await
+            .unwrap_err();
         assert!(matches!(e, ImageError::NotALayout { .. }), "{e:?}");
         std::fs::write(layout.join("index.json"), r#"{"manifests": []}"#).unwrap();
         let e = store
-            .get(&format!("oci:{}:v9", layout.display()))
+            .get(&format!("oci:{}:v9", layout.display()), 0)
             .await
             .unwrap_err();
         assert!(
@@ -704,7 +715,10 @@ mod tests {
             format!(r#"{{"manifests": [{{"digest": "{digest}"}}]}}"#),
         )
         .unwrap();
-        let e = store.get(&format!("oci:{}", layout.display())).await.unwrap_err();
+        let e = store
+            .get(&format!("oci:{}", layout.display()), 0)
+            .await
+            .unwrap_err();
         assert!(
             matches!(&e, ImageError::DigestMismatch { digest: d, .. } if *d == digest),
             "{e:?}"
@@ -714,7 +728,10 @@ mod tests {
             manifest,
         )
         .unwrap();
-        let e = store.get(&format!("oci:{}", layout.display())).await.unwrap_err();
+        let e = store
+            .get(&format!("oci:{}", layout.display()), 0)
+            .await
+            .unwrap_err();
         assert!(
             matches!(&e, ImageError::BadDigest { digest } if digest == "sha256:1"),
             "{e:?}"
@@ -724,7 +741,7 @@ mod tests {
     #[tokio::test]
     async fn a_registry_nobody_listens_on_is_unreachable() {
         let (_state, store) = store();
-        let e = store.get("127.0.0.1:1/team/img:v1").await.unwrap_err();
+        let e = store.get("127.0.0.1:1/team/img:v1", 0).await.unwrap_err();
         assert!(
             matches!(&e, ImageError::Unreachable { registry, .. } if registry == "127.0.0.1:1"),
             "{e:?}"

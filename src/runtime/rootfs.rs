@@ -3,10 +3,15 @@
 //! job's own with overlays of the host's software directories, see
 //! `hostroot.rs`), made per job and removed with it. Nothing a job writes
 //! reaches a lower layer.
+//!
+//! In a user namespace, an image's layers (unpacked once, with the owners
+//! they were built with) are each bound read-only and idmapped into the
+//! job's id range first ([`Rootfs::overlay_idmapped`]): no job changes an
+//! owner on disk, and two jobs of different ranges share one layer cache.
 
 use std::fs;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
@@ -15,9 +20,12 @@ use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
 
 use super::hostroot::HostView;
-use crate::sys::mount::{mount_overlay, unmount_and_remove};
+use super::spec::USERNS_SIZE;
+use crate::sys::mount::{bind_all_idmapped, mount_overlay, unmount_and_remove};
+use crate::sys::userns::{IdRange, UserNs};
 
-/// A mounted overlay; unmounted and removed on drop.
+/// A mounted overlay; unmounted (with its idmapped lower layers) and
+/// removed on drop.
 #[derive(Debug)]
 pub struct Rootfs {
     dir: PathBuf,
@@ -29,36 +37,41 @@ impl Rootfs {
     /// `dir`, whose root belongs to `owner` (the container's root as the
     /// host sees it; host root when `None`).
     pub fn overlay(dir: &Path, lower: &[&Path], owner: Option<(u32, u32)>) -> io::Result<Rootfs> {
-        let upper = dir.join("upper");
-        let work = dir.join("work");
-        let mountpoint = dir.join("rootfs");
-        for d in [&upper, &work, &mountpoint] {
-            fs::create_dir_all(d)?;
-        }
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(&upper, Some(uid), Some(gid))?;
-        }
-        mount_overlay(&mountpoint, lower, &upper, &work).map_err(|e| {
-            io::Error::other(format!(
-                "cannot mount the overlay root at {}: {e}",
-                mountpoint.display()
-            ))
-        })?;
-        Ok(Rootfs {
-            dir: dir.to_path_buf(),
-            mountpoint,
-        })
+        let rootfs = Rootfs::upper(dir, owner)?;
+        rootfs.mount(lower)?;
+        Ok(rootfs)
+    }
+
+    /// As [`Rootfs::overlay`], for a container in the user namespace whose
+    /// ids 0..65536 are host ids `base`..: each lower layer is first bound
+    /// read-only under `dir/lower/`, idmapped so that a file owned by N on
+    /// disk shows as owned by `base + N` (the container's N). Copied up,
+    /// a file keeps that owner. ~0.03 ms per layer.
+    pub fn overlay_idmapped(dir: &Path, lower: &[&Path], base: u32) -> io::Result<Rootfs> {
+        let rootfs = Rootfs::upper(dir, Some((base, base)))?;
+        let range = [IdRange::from_zero(base, USERNS_SIZE)];
+        let ns = UserNs::new(&range, &range)?;
+        let mapped = bind_all_idmapped(lower, &dir.join("lower"), ns.as_fd())?;
+        let mapped: Vec<&Path> = mapped.iter().map(PathBuf::as_path).collect();
+        rootfs.mount(&mapped)?;
+        Ok(rootfs)
     }
 
     /// The `host` image's root (see [`HostView`]), made in `dir`; the
-    /// agent's `private` paths in `/etc` are hidden too.
-    pub fn host(dir: &Path, private: &[PathBuf]) -> io::Result<Rootfs> {
+    /// agent's `private` paths in `/etc` are hidden too. In a user
+    /// namespace (its root host uid `userns_base`) nothing of the host is
+    /// remapped: host files keep their owners, which the namespace does not
+    /// map, so a step, its root included, reads what any unprivileged host
+    /// user can and changes none of it; the job's own empty directories
+    /// (`/root`, `/home`, `/var`, `/tmp`, ...) belong to its root.
+    pub fn host(dir: &Path, private: &[PathBuf], userns_base: Option<u32>) -> io::Result<Rootfs> {
         let host = Path::new("/");
+        let owner = userns_base.map(|b| (b, b));
         let view = HostView::scan(host, private)?;
         let (skeleton, hiding) = (dir.join("skeleton"), dir.join("hidden"));
-        view.write_skeleton(&skeleton)?;
+        view.write_skeleton(&skeleton, owner)?;
         view.write_hiding_layer(&hiding)?;
-        let rootfs = Rootfs::overlay(dir, &[&skeleton], None)?;
+        let rootfs = Rootfs::overlay(dir, &[&skeleton], owner)?;
         // Unmounted and removed with `rootfs` if this fails.
         view.mount(host, rootfs.path(), &dir.join("layers"), &hiding)?;
         Ok(rootfs)
@@ -106,6 +119,34 @@ impl Rootfs {
         Ok(())
     }
 
+    /// The writable layer's directories, its root given to `owner`.
+    fn upper(dir: &Path, owner: Option<(u32, u32)>) -> io::Result<Rootfs> {
+        let upper = dir.join("upper");
+        let work = dir.join("work");
+        let mountpoint = dir.join("rootfs");
+        for d in [&upper, &work, &mountpoint] {
+            fs::create_dir_all(d)?;
+        }
+        let rootfs = Rootfs {
+            dir: dir.to_path_buf(),
+            mountpoint,
+        };
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&upper, Some(uid), Some(gid))?;
+        }
+        Ok(rootfs)
+    }
+
+    fn mount(&self, lower: &[&Path]) -> io::Result<()> {
+        let (upper, work) = (self.dir.join("upper"), self.dir.join("work"));
+        mount_overlay(&self.mountpoint, lower, &upper, &work).map_err(|e| {
+            io::Error::other(format!(
+                "cannot mount the overlay root at {}: {e}",
+                self.mountpoint.display()
+            ))
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.mountpoint
     }
@@ -113,7 +154,8 @@ impl Rootfs {
 
 impl Drop for Rootfs {
     fn drop(&mut self) {
-        if let Err(e) = unmount_and_remove(&self.mountpoint, &self.dir) {
+        // The overlay, then the idmapped layers it was laid over.
+        if let Err(e) = unmount_and_remove(&self.dir, &self.dir) {
             tracing::error!(path = %self.dir.display(), error = %e, "failed to remove a container root filesystem");
         }
     }

@@ -68,18 +68,6 @@ pub fn resolve(rootfs: &Path, spec: &str) -> Result<User, String> {
     Ok(User { uid, gid, home })
 }
 
-/// Gives `dir` and everything under it to `uid:gid` (symlinks themselves,
-/// never their targets).
-pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
-    if std::fs::symlink_metadata(dir)?.is_dir() {
-        for entry in std::fs::read_dir(dir)? {
-            chown_tree(&entry?.path(), uid, gid)?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! Thin wrappers over the operating system that several modules need:
-//! mounts, lock files, network namespaces, wiping files that held secrets,
-//! and systemd's readiness notification. A leaf: it uses no other module of
+//! mounts (idmapped ones too), user namespaces for their mappings, lock
+//! files, network namespaces, wiping files that held secrets, and systemd's
+//! readiness notification. A leaf: it uses no other module of
 //! the crate and knows nothing of jobs.
 
 pub mod lockfile;
@@ -8,4 +9,5 @@ pub mod mount;
 pub mod netns;
 pub mod sd_notify;
 pub mod tls;
+pub mod userns;
 pub mod wipe;

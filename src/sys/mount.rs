@@ -1,8 +1,12 @@
-//! Mounts: overlays, and unmounting whatever is mounted under a directory
-//! before it is removed.
+//! Mounts: overlays, idmapped read-only binds (the lower layers of a job's
+//! overlays, shown with the job's ids), and unmounting whatever is mounted
+//! under a directory before it is removed.
 
+use std::ffi::CString;
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
@@ -38,6 +42,101 @@ pub fn mount_overlay_with(
         flags,
         Some(data.as_str()),
     )
+}
+
+/// A detached copy of the mount at `source` (not of mounts under it).
+fn clone_tree(source: &Path) -> io::Result<OwnedFd> {
+    let path = CString::new(source.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other(format!("{} contains a NUL byte", source.display())))?;
+    // SAFETY: open_tree with a NUL-terminated path; returns a new descriptor.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just made and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// Makes the detached mount `tree` read-only and idmapped with `userns`.
+fn set_idmap(tree: &OwnedFd, userns: BorrowedFd<'_>) -> io::Result<()> {
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_IDMAP | libc::MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: mount_setattr on a descriptor we own, an empty path with
+    // AT_EMPTY_PATH, and a mount_attr of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Binds `source` at `target` (an empty directory) read-only and
+/// idmapped with `userns`: a file whose owner on disk is N shows as owned
+/// by the host id that N is in `userns`. Nothing on disk changes.
+pub fn bind_idmapped(source: &Path, target: &Path, userns: BorrowedFd<'_>) -> io::Result<()> {
+    let tree = clone_tree(source)?;
+    set_idmap(&tree, userns)?;
+    let to = CString::new(target.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other(format!("{} contains a NUL byte", target.display())))?;
+    // SAFETY: move_mount of a descriptor we own (empty path) onto a
+    // NUL-terminated path.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Binds each of `layers` read-only and idmapped with `userns` at
+/// `dir/0`, `dir/1`, ... (`dir`, made here, is 0700); returns those paths,
+/// in the same order.
+pub fn bind_all_idmapped(layers: &[&Path], dir: &Path, userns: BorrowedFd<'_>) -> io::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().mode(0o700).create(dir)?;
+    let mut mapped = Vec::with_capacity(layers.len());
+    for (i, layer) in layers.iter().enumerate() {
+        let at = dir.join(i.to_string());
+        fs::create_dir(&at)?;
+        bind_idmapped(layer, &at, userns)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot idmap {}: {e}", layer.display())))?;
+        mapped.push(at);
+    }
+    Ok(mapped)
+}
+
+/// Whether the file system of `dir` can be idmapped (with `userns`):
+/// `Err` says why not. Mounts nothing.
+pub fn idmap_supported(dir: &Path, userns: BorrowedFd<'_>) -> io::Result<()> {
+    set_idmap(&clone_tree(dir)?, userns)
 }
 
 /// Lazily unmounts whatever is mounted at or under `mountpoint`, then

@@ -438,14 +438,19 @@ async fn a_stalled_watcher_does_not_grow_the_agent() {
 async fn a_step_sees_its_workspace_and_cannot_touch_the_host() {
     require!(Root);
     let agent = Agent::start("");
-    let marker = format!("/usr/runnel-test-{}", std::process::id());
+    // The step's own root directory is writable (its layer); the host's
+    // /usr, in its user namespace, is not even there.
+    let marker = format!("/runnel-test-{}", std::process::id());
+    let in_usr = format!("/usr{marker}");
     let (status, events) = run_job(
         &agent,
         job(
             "isolated",
             &[
                 "test \"$(pwd)\" = /workspace && touch /workspace/built && echo ws-ok",
-                &format!("echo x > {marker} && echo wrote-in-container"),
+                &format!(
+                    "echo x > {marker} && echo wrote-in-container; echo x 2>/dev/null > {in_usr} || echo usr-refused"
+                ),
                 &format!(
                     "ls {} >/dev/null 2>&1 && echo SEES-STATE || echo state-hidden",
                     agent.state_dir().display()
@@ -457,9 +462,16 @@ async fn a_step_sees_its_workspace_and_cannot_touch_the_host() {
     .await;
     assert_eq!(state(&status), pb::JobState::Succeeded, "{status:?}");
     let out = output(&events, pb::Stream::Stdout);
-    assert!(out.contains("ws-ok\nwrote-in-container\nstate-hidden\n"), "{out}");
+    assert!(
+        out.contains("ws-ok\nwrote-in-container\nusr-refused\nstate-hidden\n"),
+        "{out}"
+    );
     assert!(
         !std::path::Path::new(&marker).exists(),
+        "the step wrote the host's /"
+    );
+    assert!(
+        !std::path::Path::new(&in_usr).exists(),
         "the step wrote the host's /usr"
     );
     // The container is gone, and its run directory with it.

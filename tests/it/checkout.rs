@@ -550,8 +550,9 @@ async fn a_repeated_checkout_borrows_the_cache_and_sees_new_commits() {
     assert_eq!(
         state(&s1),
         pb::JobState::Succeeded,
-        "{s1:?}\n{}",
-        output(&e1, pb::Stream::Stderr)
+        "{s1:?}\n{}\n{}",
+        output(&e1, pb::Stream::Stderr),
+        agent.log()
     );
     assert_eq!(
         mirror_dirs(&agent).len(),
@@ -858,8 +859,17 @@ async fn keys_are_wiped_however_the_job_ends() {
     require!(Root, Sshd);
     let f = Fixture::new();
     let mut agent = Agent::start("[runtime]\ngrace_period = \"1s\"");
+    // Markers of this run's steps alone: another run's (another checkout
+    // of runnel testing at the same time) must not be taken for them.
+    let marker = |n: u32| format!("1000.{n}{}", std::process::id());
     // Timed out.
-    let mut spec = f.spec("keys-timeout", true, true, false, &["sleep 1000.13"]);
+    let mut spec = f.spec(
+        "keys-timeout",
+        true,
+        true,
+        false,
+        &[&format!("sleep {}", marker(13))],
+    );
     spec.timeout = Some(prost_types::Duration { seconds: 3, nanos: 0 });
     let (status, _) = run_job(&agent, spec).await;
     assert_eq!(state(&status), pb::JobState::TimedOut);
@@ -868,11 +878,17 @@ async fn keys_are_wiped_however_the_job_ends() {
     let mut c = agent.scheduler().await;
     submit(
         &mut c,
-        f.spec("keys-cancel", true, true, false, &["sleep 1000.14"]),
+        f.spec(
+            "keys-cancel",
+            true,
+            true,
+            false,
+            &[&format!("sleep {}", marker(14))],
+        ),
     )
     .await;
     wait_for("the step to run", std::time::Duration::from_secs(30), || {
-        !host_processes_with("1000.14").is_empty()
+        !host_processes_with(&marker(14)).is_empty()
     });
     assert!(
         !files_containing(&agent.state_dir(), &key_line(&f.user)).is_empty(),
@@ -888,11 +904,17 @@ async fn keys_are_wiped_however_the_job_ends() {
     // The agent killed while the job runs, then restarted.
     submit(
         &mut c,
-        f.spec("keys-kill9", true, true, false, &["sleep 1000.15"]),
+        f.spec(
+            "keys-kill9",
+            true,
+            true,
+            false,
+            &[&format!("sleep {}", marker(15))],
+        ),
     )
     .await;
     wait_for("the step to run", std::time::Duration::from_secs(30), || {
-        !host_processes_with("1000.15").is_empty()
+        !host_processes_with(&marker(15)).is_empty()
     });
     agent.kill9();
     assert!(!files_containing(&agent.state_dir(), &key_line(&f.user)).is_empty());
@@ -901,5 +923,81 @@ async fn keys_are_wiped_however_the_job_ends() {
     let events = watch(&mut op, "keys-kill9", 0).await;
     assert_eq!(state(&final_status(&events)), pb::JobState::Lost);
     assert_no_key_bytes(&agent, &[&f.user, &f.deploy]);
-    assert!(host_processes_with("1000.15").is_empty());
+    assert!(host_processes_with(&marker(15)).is_empty());
+}
+
+/// Paths under `dir`, relative, sorted; `.git`'s insides left out.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let rel = e.path().strip_prefix(dir).unwrap().display().to_string();
+            if e.file_type().unwrap().is_dir() && rel != ".git" {
+                todo.push(e.path());
+            }
+            out.push(rel);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_warm_checkout_for_a_non_root_image_user_copies_nothing_up() {
+    require!(Root, Sshd, Busybox);
+    use crate::support::image::{Entry, busybox_layer, write_layout};
+    use std::os::unix::fs::MetadataExt;
+    let f = Fixture::new();
+    let layout = tempfile::tempdir().unwrap();
+    let mut layer = busybox_layer();
+    let attack = std::fs::read(crate::sandbox::attack()).unwrap();
+    layer.push(Entry::File("bin/attack", attack, 0o755));
+    write_layout(layout.path(), "v1", &[layer], &["PATH=/bin:/usr/bin"], "builder");
+    let image = |mut spec: pb::JobSpec| {
+        spec.container = Some(pb::Container {
+            image: format!("oci:{}:v1", layout.path().display()),
+            ..Default::default()
+        });
+        spec
+    };
+    let step = "echo \"owners: $(stat -c %u:%g app.txt src/main.c . | sort -u | tr '\\n' ' ')\"
+        echo more >> app.txt && echo new > new.txt && echo \"write: ok\"
+        touch ready
+        attack wait-for go";
+    // The step user, builder (1000:1000), as the host sees it: in slot 0's
+    // user namespace (the default), and without one.
+    for (config, host_id) in [("", 101_000), ("[runtime]\nuserns = false", 1000)] {
+        let agent = Agent::start(config);
+        let (s, _) = run_job(&agent, image(f.spec("fill", true, false, false, &["true"]))).await;
+        assert_eq!(state(&s), pb::JobState::Succeeded, "{config}: {s:?}");
+        let mut c = agent.scheduler().await;
+        let spec = image(f.spec("warm", true, false, false, &[step]));
+        let ws = crate::sandbox::submit_until_ready(&agent, &mut c, spec).await;
+        // The job's writable layer holds its .git and what the step wrote:
+        // no file of the tree was copied up to change its owner.
+        let upper = ws.with_extension("upper");
+        assert_eq!(
+            files_under(&upper),
+            [".git", "app.txt", "new.txt", "ready"],
+            "{config}"
+        );
+        for name in [".", "app.txt", "new.txt", ".git/HEAD"] {
+            let m = std::fs::symlink_metadata(upper.join(name)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (host_id, host_id), "{config}: {name}");
+        }
+        std::fs::write(ws.join("go"), "").unwrap();
+        let events = watch(&mut c, "warm", 0).await;
+        assert_succeeded(&final_status(&events), &events);
+        let out = output(&events, pb::Stream::Stdout);
+        assert!(
+            out.contains("owners: 1000:1000 \n") && out.contains("write: ok"),
+            "{config}: {out}"
+        );
+        assert!(
+            mounts_under(&agent.state_dir()).is_empty(),
+            "{config}: {:?}",
+            mounts_under(&agent.state_dir())
+        );
+    }
 }

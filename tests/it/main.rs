@@ -27,3 +27,4 @@ mod sandbox;
 mod service;
 mod support;
 mod tls;
+mod userns;

@@ -13,13 +13,13 @@ use crate::support::image::{Entry, busybox_layer, write_layout};
 use crate::support::*;
 use runnel::api::pb;
 
-const RUNTIMES: &[&str] = &["libcontainer", "runc"];
+pub(crate) const RUNTIMES: &[&str] = &["libcontainer", "runc"];
 
 /// The attack program, built once per test run as a static executable.
 /// It is installed on the host under /usr/local/libexec/runnel-tests: the
 /// `host` image shows the host's /usr, and nothing of where the checkout
 /// or /var/tmp are.
-fn attack() -> &'static Path {
+pub(crate) fn attack() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
         let dir = Path::new("/usr/local/libexec/runnel-tests");
@@ -41,21 +41,26 @@ fn attack() -> &'static Path {
 }
 
 /// An agent with runtime `kind`; `top` holds top-level settings.
-fn agent(kind: &str, top: &str) -> Agent {
+pub(crate) fn agent(kind: &str, top: &str) -> Agent {
+    agent_with(kind, top, "")
+}
+
+/// An agent with runtime `kind` and more `[runtime]` settings.
+fn agent_with(kind: &str, top: &str, runtime: &str) -> Agent {
     Agent::start(&format!(
-        "{top}\n[runtime]\nkind = \"{kind}\"\ngrace_period = \"1s\""
+        "{top}\n[runtime]\nkind = \"{kind}\"\ngrace_period = \"1s\"\n{runtime}"
     ))
 }
 
 /// `name: result` lines of the attack program, by name.
-fn results(out: &str) -> BTreeMap<String, String> {
+pub(crate) fn results(out: &str) -> BTreeMap<String, String> {
     out.lines()
         .filter_map(|l| l.split_once(": "))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect()
 }
 
-fn assert_results(out: &str, want: &[(&str, &str)], context: &str) {
+pub(crate) fn assert_results(out: &str, want: &[(&str, &str)], context: &str) {
     let got = results(out);
     for (name, result) in want {
         assert_eq!(
@@ -68,7 +73,7 @@ fn assert_results(out: &str, want: &[(&str, &str)], context: &str) {
 
 /// The host pid of the attack program running with `args`, once there is
 /// exactly one.
-fn waiting_attack(args: &[&str]) -> Vec<u32> {
+pub(crate) fn waiting_attack(args: &[&str]) -> Vec<u32> {
     let mut found = Vec::new();
     wait_for(
         &format!("attack {}", args.join(" ")),
@@ -82,7 +87,7 @@ fn waiting_attack(args: &[&str]) -> Vec<u32> {
 }
 
 /// Host pids of the attack program running with `args`.
-fn attacking(args: &[&str]) -> Vec<u32> {
+pub(crate) fn attacking(args: &[&str]) -> Vec<u32> {
     host_processes_with(&args.join(" "))
         .into_iter()
         .filter(|pid| {
@@ -97,14 +102,22 @@ fn attacking(args: &[&str]) -> Vec<u32> {
 /// Submits `spec`, whose step touches `/workspace/ready` and then waits,
 /// and returns once it is there with the job's workspace as the host sees
 /// it.
-async fn submit_until_ready(agent: &Agent, c: &mut Client, spec: pb::JobSpec) -> PathBuf {
+pub(crate) async fn submit_until_ready(agent: &Agent, c: &mut Client, spec: pb::JobSpec) -> PathBuf {
     let ws = agent
         .state_dir()
         .join("jobs")
         .join(&spec.job_id)
         .join("run/workspace");
+    let status = ws.parent().unwrap().parent().unwrap().join("status.json");
     submit(c, spec).await;
     wait_for("the step to be ready", Duration::from_secs(60), || {
+        // A job that ended before its step was ready: say how.
+        let now = std::fs::read_to_string(&status).unwrap_or_default();
+        assert!(
+            now.is_empty() || now.contains("\"finished\": null"),
+            "the job ended: {now}\n{}",
+            agent.log()
+        );
         ws.join("ready").exists()
     });
     ws
@@ -198,8 +211,13 @@ async fn a_step_sees_only_its_own_cgroup_cannot_write_it_and_what_was_made_in_it
          touch /workspace/ready
          {a} wait-for /workspace/go"
     );
-    for kind in RUNTIMES {
-        let agent = agent(kind, "");
+    // The cgroup files are read-only mounts, and in a user namespace (the
+    // default) they belong to host root besides, which the namespace does
+    // not map: the mounts alone without one (EROFS), both with (EACCES).
+    let configs = [("userns = false", "EROFS"), ("", "EACCES")];
+    for (kind, (userns, refused)) in RUNTIMES.iter().flat_map(|k| configs.map(|c| (k, c))) {
+        let kind = &format!("{kind} {userns}");
+        let agent = agent_with(kind.split(' ').next().unwrap(), "", userns);
         let mut c = agent.scheduler().await;
         let mut spec = job("cgroups", &[&step]);
         spec.container = Some(pb::Container {
@@ -260,9 +278,9 @@ async fn a_step_sees_only_its_own_cgroup_cannot_write_it_and_what_was_made_in_it
         assert_results(
             &out,
             &[
-                ("memory.limit_in_bytes", "EROFS"),
-                ("pids.max", "EROFS"),
-                ("devices.allow", "EROFS"),
+                ("memory.limit_in_bytes", refused),
+                ("pids.max", refused),
+                ("devices.allow", refused),
                 ("mkdir-memory", "EROFS"),
                 ("mkdir-systemd", "EROFS"),
                 ("mkdir-root", "EROFS"),
@@ -297,7 +315,11 @@ async fn device_nodes_beyond_docker_allow_list_neither_appear_nor_open() {
          {a} open-rw /dev/null | sed s/open-rw/null/"
     );
     for kind in RUNTIMES {
-        let agent = agent(kind, "");
+        // The devices cgroup alone, without a user namespace: in one (the
+        // default) the container's /dev is a tmpfs of the namespace's, on
+        // which no device node opens at all and where host root cannot
+        // even plant one (EOVERFLOW: its uid is not mapped).
+        let agent = agent_with(kind, "", "userns = false");
         let mut c = agent.scheduler().await;
         submit_until_ready(&agent, &mut c, job("devices", &[&step])).await;
         // A node the step could not make, planted by the host in the

@@ -25,9 +25,11 @@ use crate::logs::Masker;
 use crate::model::{EventKind, FailureKind, JobSpec, JobState, KeyKind, Network, Resources, Secret};
 use crate::runtime::ContainerRuntime;
 use crate::runtime::rootfs::Rootfs;
+use crate::runtime::spec::USERNS_SIZE;
 use crate::runtime::spec::{self as oci, ContainerConfig};
 use crate::runtime::user::{self, User};
 use crate::ssh::{self, KnownHosts, SshDir};
+use crate::sys::userns::chown_tree;
 pub(super) use held::remove_run_dir;
 use held::{BUNDLE, Held, ROOT, SSH};
 use steps::Steps;
@@ -115,11 +117,12 @@ impl Limits {
     }
 }
 
-pub(super) async fn run(registry: &Arc<Registry>, job: &Arc<Job>, spec: JobSpec) {
+/// Runs the job in slot `slot` (of `max_jobs`) to its end.
+pub(super) async fn run(registry: &Arc<Registry>, job: &Arc<Job>, spec: JobSpec, slot: u32) {
     let span = tracing::info_span!("job", job_id = %job.id);
     async {
         let started = Instant::now();
-        let end = std::panic::AssertUnwindSafe(phases(registry, job, &spec))
+        let end = std::panic::AssertUnwindSafe(phases(registry, job, &spec, slot))
             .catch_unwind()
             .await
             .unwrap_or_else(|_| {
@@ -146,7 +149,7 @@ pub(super) async fn run(registry: &Arc<Registry>, job: &Arc<Job>, spec: JobSpec)
     .await
 }
 
-async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
+async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec, slot: u32) -> End {
     let config = registry.config();
     let job_timeout = spec.timeout.unwrap_or(config.runtime.job_timeout);
     let limits = Limits {
@@ -185,6 +188,7 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec) -> End {
         job,
         spec,
         limits: &limits,
+        userns_base: userns_base(config.runtime.userns_base, slot),
     };
     let end = match phase.all(&keys, masker, &mut held).await {
         Ok(end) | Err(end) => end,
@@ -200,6 +204,9 @@ struct Phases<'a> {
     job: &'a Arc<Job>,
     spec: &'a JobSpec,
     limits: &'a Limits,
+    /// The host uid/gid of the container's root: the job's own range of
+    /// ids (its slot's), when it runs in a user namespace.
+    userns_base: Option<u32>,
 }
 
 impl Phases<'_> {
@@ -324,19 +331,16 @@ impl Phases<'_> {
             self.spec.container.image.clone()
         };
         let failed = |e: String| End::failed(FailureKind::Image, e);
-        if image == "host" && config.runtime.userns_base.is_some() {
-            return Err(failed(
-                "the \"host\" image cannot run in a user namespace (runtime.userns = true): its \
-                 files belong to the host's users; name an image"
-                    .into(),
-            ));
-        }
         let dir = held.run_dir().join(ROOT);
         if image == "host" {
             return self.host_image(dir, held).await;
         }
+        // Layers keep their owners and are idmapped into the job's ids;
+        // where that cannot be, each slot has its own shifted copy.
+        let idmap = self.registry.idmap_layers;
+        let shift = self.userns_base.filter(|_| !idmap).unwrap_or(0);
         let pulled = tokio::select! {
-            p = self.registry.images.get(&image) => p.map_err(|e| failed(format!("image {image:?}: {e}")))?,
+            p = self.registry.images.get(&image, shift) => p.map_err(|e| failed(format!("image {image:?}: {e}")))?,
             why = self.limits.interrupted(None) => return Err(why.end("the image pull")),
         };
         held.image_layers = Some(pulled.holds.clone());
@@ -344,17 +348,20 @@ impl Phases<'_> {
             return Err(failed(format!("image {image:?} has no layers")));
         }
         let lower: Vec<PathBuf> = pulled.layers.iter().rev().cloned().collect();
-        let root_owner = config.runtime.userns_base.map(|b| (b, b));
+        let base = self.userns_base;
         let image_user = pulled.config.user.clone().unwrap_or_default();
         let workdir = pulled.config.workdir();
         let made = workdir.clone();
         let (rootfs, user) = blocking(move || {
             let lower: Vec<&Path> = lower.iter().map(PathBuf::as_path).collect();
-            let rootfs = Rootfs::overlay(&dir, &lower, root_owner)
-                .map_err(|e| format!("cannot prepare the root filesystem: {e}"))?;
+            let rootfs = match base {
+                Some(base) if idmap => Rootfs::overlay_idmapped(&dir, &lower, base),
+                _ => Rootfs::overlay(&dir, &lower, base.map(|b| (b, b))),
+            }
+            .map_err(|e| format!("cannot prepare the root filesystem: {e}"))?;
             if let Some(w) = &made {
                 rootfs
-                    .make_dir(w, root_owner)
+                    .make_dir(w, base.map(|b| (b, b)))
                     .map_err(|e| format!("cannot make its WorkingDir {w}: {e}"))?;
             }
             let user = user::resolve(rootfs.path(), &image_user);
@@ -376,8 +383,9 @@ impl Phases<'_> {
     /// `runtime::hostroot`), as root.
     async fn host_image(&self, dir: PathBuf, held: &mut Held) -> Result<PreparedImage, End> {
         let private = self.registry.config().private_paths.clone();
+        let base = self.userns_base;
         let started = Instant::now();
-        let rootfs = blocking(move || Rootfs::host(&dir, &private))
+        let rootfs = blocking(move || Rootfs::host(&dir, &private, base))
             .await
             .map_err(|e| {
                 End::failed(
@@ -395,18 +403,44 @@ impl Phases<'_> {
     }
 
     /// The step user owns the workspace and its keys, as the host sees it.
+    /// A warm checkout's cached layers are idmapped to them (no file is
+    /// copied up); written files (and, where idmapped mounts fail, the
+    /// whole workspace) change owner.
     async fn give_workspace(&self, user: &User, held: &Held) -> Result<(), End> {
-        let shift = self.registry.config().runtime.userns_base.unwrap_or(0);
+        let shift = self.userns_base.unwrap_or(0);
         let (uid, gid) = (user.uid + shift, user.gid + shift);
         if uid == 0 {
             return Ok(());
         }
         let workspace = held.workspace();
         let ssh = held.ssh_dir.as_ref().map(|d| d.path().to_path_buf());
+        let layers = held
+            .borrowed
+            .iter()
+            .map(|m| m.layer_dirs().to_vec())
+            .find(|l| !l.is_empty());
+        let span = tracing::Span::current();
         blocking(move || {
-            user::chown_tree(&workspace, uid, gid)?;
+            let warm = match layers {
+                None => false,
+                Some(layers) => match checkout::give_warm_workspace(&workspace, &layers, uid, gid)? {
+                    Ok(()) => true,
+                    Err(e) => {
+                        let _in = span.enter();
+                        tracing::warn!(
+                            error = %e,
+                            "idmapped mounts failed: giving the workspace away file by file, which \
+                             copies every file of the cached work tree up"
+                        );
+                        false
+                    }
+                },
+            };
+            if !warm {
+                chown_tree(&workspace, uid, gid)?;
+            }
             match ssh {
-                Some(d) => user::chown_tree(&d, uid, gid),
+                Some(d) => chown_tree(&d, uid, gid),
                 None => Ok(()),
             }
         })
@@ -442,7 +476,7 @@ impl Phases<'_> {
                 cpu_millis: r.cpu_millis.or(d.cpu_millis),
             },
             cgroup_path: registry.runtime.cgroup_path(&job.id),
-            userns_base: d.userns_base,
+            userns_base: self.userns_base,
             readonly_mounts: held
                 .borrowed
                 .iter()
@@ -476,6 +510,13 @@ impl Phases<'_> {
         held.container = Some(container);
         Ok((container_config.resources, container_config.cgroup_path))
     }
+}
+
+/// The host id of the container's root for the job in `slot`: slot i of
+/// `max_jobs` gets ids `base + i * 65536`.., so that two jobs at once never
+/// share one.
+fn userns_base(base: Option<u32>, slot: u32) -> Option<u32> {
+    base.map(|b| b + slot * USERNS_SIZE)
 }
 
 /// Runs blocking work (the disk, mounts) off the async threads.

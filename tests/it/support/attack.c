@@ -117,6 +117,8 @@ int main(int argc, char **argv) {
     if (!strcmp(n, "mknod-kvm")) return report(n, mknod(a, S_IFCHR | 0600, makedev(10, 232)));
     if (!strcmp(n, "open-rw")) return report(n, open(a, O_RDWR));
     if (!strcmp(n, "open-w")) return report(n, open(a, O_WRONLY));
+    if (!strcmp(n, "open-r")) return report(n, open(a, O_RDONLY));
+    if (!strcmp(n, "kill")) return report(n, kill((pid_t)atoi(a), SIGKILL)); /* kill PID */
     if (!strcmp(n, "wait-for")) { /* wait-for PATH: up to a minute */
         struct timespec tick = {0, 10 * 1000 * 1000};
         for (int i = 0; i < 6000; i++) {
