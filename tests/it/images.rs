@@ -356,6 +356,7 @@ async fn cpu_and_pids_limits_reach_the_cgroup() {
             memory_bytes: 256 << 20,
             max_pids: 99,
             cpu_millis: 500,
+            ..Default::default()
         }),
         ..Default::default()
     });

@@ -207,6 +207,7 @@ async fn a_step_sees_only_its_own_cgroup_cannot_write_it_and_what_was_made_in_it
                 memory_bytes: 64 << 20,
                 max_pids: 100,
                 cpu_millis: 0,
+                ..Default::default()
             }),
             ..Default::default()
         });
