@@ -102,7 +102,7 @@ async fn submit_until_ready(agent: &Agent, c: &mut Client, spec: pb::JobSpec) ->
         .state_dir()
         .join("jobs")
         .join(&spec.job_id)
-        .join("run/workspace");
+        .join("run/disk/workspace");
     submit(c, spec).await;
     wait_for("the step to be ready", Duration::from_secs(60), || {
         ws.join("ready").exists()
