@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::support::image::{busybox_layer, write_layout};
+use crate::support::sshd::{GitServer, KeyPair};
 use crate::support::*;
 use runnel::api::pb;
 
@@ -145,4 +146,47 @@ async fn after_kill_9_a_restart_detaches_the_jobs_disk() {
     assert_eq!(state(&status), pb::JobState::Lost, "{status:?}");
     assert_nothing_left(&state_dir);
     assert!(!state_dir.join("jobs/orphan-disk/run").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkout_that_fills_the_disk_says_so() {
+    require!(Root, Sshd);
+    let keys = tempfile::tempdir().unwrap();
+    let user = KeyPair::generate(keys.path(), "user", "ed25519", "", &[]);
+    let server = GitServer::start(&[], &[&user]);
+    server.create_repo("org/big.git", |w| {
+        // 24 MiB that do not compress (xorshift), for a 16 MiB disk.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let data: Vec<u8> = (0..24 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(w.join("big.bin"), data).unwrap();
+    });
+    // Without the cache, the repository itself is in the workspace.
+    let agent = Agent::start("[checkout]\ncache = false");
+    let mut spec = with_disk("big-checkout", "host", 16 << 20, &["true"]);
+    spec.checkout = Some(pb::Checkout {
+        repo_url: server.url("org/big.git"),
+        ..Default::default()
+    });
+    spec.ssh = Some(pb::SshCredentials {
+        user_key: user.private_bytes(),
+        known_hosts: vec![server.known_hosts_line.clone()],
+        ..Default::default()
+    });
+    let (status, _) = run_job(&agent, spec).await;
+    assert_eq!(state(&status), pb::JobState::Failed, "{status:?}");
+    assert!(
+        status
+            .message
+            .contains("the job's disk limit of 16 MiB (container.resources.disk_bytes) is full"),
+        "{}",
+        status.message
+    );
+    assert_nothing_left(&agent.state_dir());
 }

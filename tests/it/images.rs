@@ -476,7 +476,9 @@ async fn in_a_user_namespace_container_root_is_not_host_root() {
         ),
     )
     .await;
-    let made = agent.state_dir().join("jobs/userns/run/disk/workspace/made-by-root");
+    let made = agent
+        .state_dir()
+        .join("jobs/userns/run/disk/workspace/made-by-root");
     // The shell's own command line holds "1000.12" too: wait for its file,
     // made before the sleep starts.
     wait_for("the step to run", Duration::from_secs(60), || {

@@ -80,12 +80,23 @@ pub(super) struct DiskLimit {
 impl DiskLimit {
     /// "the job's disk limit of N MiB (...)" when the job's disk is full.
     pub fn full(&self) -> Option<String> {
-        loopfs::is_full(&self.path).then(|| {
-            format!(
-                "the job's disk limit of {} MiB (container.resources.disk_bytes)",
-                self.bytes >> 20
-            )
-        })
+        loopfs::is_full(&self.path).then(|| self.named())
+    }
+
+    /// The same when the job's disk is full, or `error` says a write under
+    /// it found no space (what failed may have removed what it wrote, as
+    /// libgit2 does with a pack it could not finish).
+    pub fn filled(&self, error: &str) -> Option<String> {
+        let here =
+            error.contains("No space left on device") && error.contains(self.path.to_string_lossy().as_ref());
+        if here { Some(self.named()) } else { self.full() }
+    }
+
+    fn named(&self) -> String {
+        format!(
+            "the job's disk limit of {} MiB (container.resources.disk_bytes)",
+            self.bytes >> 20
+        )
     }
 }
 
@@ -108,5 +119,35 @@ impl Phases<'_> {
             )
         })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_that_found_no_space_under_the_disk_names_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = DiskLimit {
+            path: dir.path().join(DISK),
+            bytes: 64 << 20,
+        };
+        let pack = format!(
+            "cannot extend packfile '{}/workspace/.git/objects/pack/p': No space left on device",
+            limit.path.display()
+        );
+        assert_eq!(
+            limit.filled(&pack).as_deref(),
+            Some("the job's disk limit of 64 MiB (container.resources.disk_bytes)")
+        );
+        // Elsewhere (the host's disk, under the checkout cache), or not
+        // about space: not the job's disk.
+        let mirror = "cannot write '/var/lib/runnel/mirrors/x/pack': No space left on device";
+        assert_eq!(limit.filled(mirror), None);
+        assert_eq!(
+            limit.filled(&pack.replace("No space left on device", "Permission denied")),
+            None
+        );
     }
 }

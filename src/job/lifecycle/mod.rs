@@ -1,6 +1,6 @@
 //! One job, from QUEUED to its end, as named phases: make the job's disk
-//! (`disk.rs`) → prepare the keys → check out → prepare the image → start the container → run the steps
-//! (`steps.rs`) → tear down. Every resource a phase acquires goes into one
+//! (`disk.rs`) → prepare the keys → check out → prepare the image → start
+//! the container → run the steps (`steps.rs`) → tear down. Every resource a phase acquires goes into one
 //! [`Held`] (`held.rs`), whose fields are in teardown order, so every way a
 //! job ends (success, failure, timeout, cancel, panic) lets go of them in
 //! the same order.
@@ -286,7 +286,7 @@ impl Phases<'_> {
         let Checkout { done, mirrors } = match result {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                let full = held.disk.as_ref().and_then(|d| d.limit().full());
+                let full = held.disk.as_ref().and_then(|d| d.limit().filled(&e.message));
                 let message = match full {
                     Some(limit) => format!("{}; {limit} is full", e.message),
                     None => e.message,
