@@ -17,6 +17,8 @@ use crate::runtime::{RuntimeKind, RuntimeSettings};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/runnel/agent.toml";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/runnel";
+/// What a job may write unless it or the config says otherwise.
+pub const DEFAULT_DISK_BYTES: u64 = 10 << 30;
 /// The first host uid/gid of containers' user namespaces when neither the
 /// config nor `/etc/subuid` says.
 pub const USERNS_BASE: u32 = 100_000;
@@ -107,6 +109,7 @@ struct RawRuntime {
     memory_bytes: Option<u64>,
     max_pids: Option<u32>,
     cpu_millis: Option<u32>,
+    disk_bytes: Option<u64>,
     grace_period: Option<String>,
     job_timeout: Option<String>,
     #[serde(default)]
@@ -126,6 +129,10 @@ pub struct RuntimeConfig {
     pub memory_bytes: Option<u64>,
     pub max_pids: Option<u32>,
     pub cpu_millis: Option<u32>,
+    /// What a job may write (workspace and writable layer), on a
+    /// filesystem of its own; `None` (`disk_bytes = 0`): no limit, the
+    /// job writes to the state directory's disk.
+    pub disk_bytes: Option<u64>,
     /// Between SIGTERM and SIGKILL when a container is stopped.
     pub grace_period: Duration,
     pub job_timeout: Duration,
@@ -333,6 +340,14 @@ impl Config {
         {
             return Err(invalid("runtime.memory_bytes", "must be at least 4 MiB"));
         }
+        let disk_bytes = match r.disk_bytes.unwrap_or(DEFAULT_DISK_BYTES) {
+            0 => None,
+            d => {
+                crate::model::spec::validate_disk_bytes(d)
+                    .map_err(|e| invalid("runtime.disk_bytes", format!("{e}, or 0 for no limit")))?;
+                Some(d)
+            }
+        };
         if r.max_pids == Some(0) {
             return Err(invalid("runtime.max_pids", "must be at least 1"));
         }
@@ -364,6 +379,7 @@ impl Config {
                 memory_bytes: r.memory_bytes,
                 max_pids: Some(r.max_pids.unwrap_or(4096)),
                 cpu_millis: r.cpu_millis,
+                disk_bytes,
                 grace_period,
                 job_timeout,
                 insecure_registries: r.insecure_registries,
@@ -552,6 +568,22 @@ mod tests {
         assert_eq!(c.retention.max_age, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(c.retention.max_jobs, 1000);
         assert_eq!(c.retention.max_bytes, 10 << 30);
+        assert_eq!(c.runtime.disk_bytes, Some(10 << 30));
+    }
+
+    #[test]
+    fn the_disk_limit_is_a_size_or_0_for_none() {
+        let disk =
+            |text: &str| Config::from_toml(&format!("[runtime]\n{text}")).map(|c| c.runtime.disk_bytes);
+        assert_eq!(disk("disk_bytes = 0").unwrap(), None);
+        assert_eq!(disk("disk_bytes = 67108864").unwrap(), Some(64 << 20));
+        let err = disk("disk_bytes = 1048576").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "config key `runtime.disk_bytes`: is 1048576 bytes; must be at least 16 MiB (16777216), \
+             or 0 for no limit"
+        );
+        assert!(disk("disk_bytes = 9007199254740992").is_err());
     }
 
     #[test]

@@ -88,6 +88,7 @@ impl TryFrom<pb::JobSpec> for JobSpec {
                     memory_bytes: nonzero(resources.memory_bytes),
                     max_pids: nonzero(resources.max_pids),
                     cpu_millis: nonzero(resources.cpu_millis),
+                    disk_bytes: nonzero(resources.disk_bytes),
                 },
                 network,
             },
@@ -134,6 +135,7 @@ impl From<&JobSpec> for pb::JobSpec {
                     memory_bytes: s.container.resources.memory_bytes.unwrap_or(0),
                     max_pids: s.container.resources.max_pids.unwrap_or(0),
                     cpu_millis: s.container.resources.cpu_millis.unwrap_or(0),
+                    disk_bytes: s.container.resources.disk_bytes.unwrap_or(0),
                 }),
                 network: match s.container.network {
                     Network::Default => pb::Network::Unspecified,

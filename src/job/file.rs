@@ -83,6 +83,7 @@ struct RawResources {
     memory_bytes: Option<u64>,
     max_pids: Option<u32>,
     cpu_millis: Option<u32>,
+    disk_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -254,6 +255,7 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
                 memory_bytes: raw.container.resources.memory_bytes.filter(|&m| m > 0),
                 max_pids: raw.container.resources.max_pids.filter(|&p| p > 0),
                 cpu_millis: raw.container.resources.cpu_millis.filter(|&c| c > 0),
+                disk_bytes: raw.container.resources.disk_bytes.filter(|&d| d > 0),
             },
             network,
         },

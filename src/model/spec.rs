@@ -19,6 +19,12 @@ pub const EXEC_RESERVE: usize = 64 * 1024;
 /// The kernel never lets arguments and environment take more than this,
 /// whatever the stack limit (`_STK_LIM / 4 * 3`).
 const EXEC_CEILING: usize = 6 << 20;
+/// The smallest disk a job may have: room for a small workspace and
+/// the filesystem's own metadata.
+pub const MIN_DISK_BYTES: u64 = 16 << 20;
+/// The largest: half of the largest file ext4 holds (16 TiB), the job's
+/// disk being a sparse file on the host.
+pub const MAX_DISK_BYTES: u64 = 8 << 40;
 /// The longest timeout a job or step may ask for: a year. (Longer ones
 /// would not survive the trip over the wire as a protobuf Duration.)
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -65,6 +71,9 @@ pub struct Resources {
     pub memory_bytes: Option<u64>,
     pub max_pids: Option<u32>,
     pub cpu_millis: Option<u32>,
+    /// What the job may write: its workspace and the container's writable
+    /// layer, together.
+    pub disk_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -136,6 +145,22 @@ pub fn validate_job_id(id: &str) -> Result<(), SpecError> {
     }
     if id == "." || id == ".." {
         return Err(err("job_id", "must not be \".\" or \"..\""));
+    }
+    Ok(())
+}
+
+/// A disk size between [`MIN_DISK_BYTES`] and [`MAX_DISK_BYTES`]; what is
+/// wrong with it otherwise. (The agent's config checks its default with it.)
+pub fn validate_disk_bytes(bytes: u64) -> Result<(), String> {
+    if bytes < MIN_DISK_BYTES {
+        return Err(format!(
+            "is {bytes} bytes; must be at least 16 MiB ({MIN_DISK_BYTES})"
+        ));
+    }
+    if bytes > MAX_DISK_BYTES {
+        return Err(format!(
+            "is {bytes} bytes; must be at most 8 TiB ({MAX_DISK_BYTES})"
+        ));
     }
     Ok(())
 }
@@ -293,6 +318,9 @@ impl JobSpec {
         let r = &self.container.resources;
         if r.memory_bytes.is_some_and(|m| m < MIN_MEMORY_BYTES) {
             return Err(err("container.resources.memory_bytes", "must be at least 4 MiB"));
+        }
+        if let Some(d) = r.disk_bytes {
+            validate_disk_bytes(d).map_err(|reason| err("container.resources.disk_bytes", reason))?;
         }
         if self.steps.is_empty() {
             return Err(err("steps", "a job needs at least one step"));
@@ -483,5 +511,26 @@ mod tests {
     fn the_exec_limit_is_arg_max_within_what_the_kernel_allows() {
         let l = exec_limit();
         assert!((MAX_ARG_STRLEN..=EXEC_CEILING).contains(&l), "{l}");
+    }
+
+    #[test]
+    fn a_disk_limit_is_between_16_mib_and_8_tib() {
+        let with_disk = |bytes| {
+            let mut s = valid();
+            s.container.resources.disk_bytes = Some(bytes);
+            s.validate()
+        };
+        for bad in [0, 1, MIN_DISK_BYTES - 1, MAX_DISK_BYTES + 1, u64::MAX] {
+            let e = with_disk(bad).unwrap_err();
+            assert_eq!(e.field, "container.resources.disk_bytes", "{bad}");
+            assert!(e.reason.contains(&bad.to_string()), "{e}");
+        }
+        assert_eq!(
+            with_disk(1 << 20).unwrap_err().to_string(),
+            "container.resources.disk_bytes: is 1048576 bytes; must be at least 16 MiB (16777216)"
+        );
+        for good in [MIN_DISK_BYTES, 10 << 30, MAX_DISK_BYTES] {
+            with_disk(good).unwrap();
+        }
     }
 }

@@ -348,6 +348,7 @@ mod tests {
                 memory_bytes: Some(64 << 20),
                 max_pids: Some(100),
                 cpu_millis: Some(500),
+                disk_bytes: None,
             },
             cgroup_path: "/runnel.x/job".into(),
             masked: vec!["/var/lib/runnel".into()],

@@ -1,10 +1,11 @@
 //! Thin wrappers over the operating system that several modules need:
-//! mounts (idmapped ones too), user namespaces for their mappings, lock
-//! files, network namespaces, wiping files that held secrets, and systemd's
-//! readiness notification. A leaf: it uses no other module of
-//! the crate and knows nothing of jobs.
+//! mounts (idmapped ones too), size-limited loop filesystems, user
+//! namespaces for their mappings, lock files, network namespaces, wiping
+//! files that held secrets, and systemd's readiness notification. A leaf:
+//! it uses no other module of the crate and knows nothing of jobs.
 
 pub mod lockfile;
+pub mod loopfs;
 pub mod mount;
 pub mod netns;
 pub mod sd_notify;

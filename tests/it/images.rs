@@ -374,7 +374,7 @@ async fn a_fork_bomb_hits_the_pids_limit_and_the_host_stays_fine() {
     let mut spec = with_image(
         "forkbomb",
         &format!("oci:{}:v2", layout.path().display()),
-        &["bomb() { bomb | bomb & }; bomb; sleep 1000.661"],
+        &["bomb() { bomb | bomb & }; bomb; sleep 1000.662"],
     );
     spec.steps[0].timeout = Some(prost_types::Duration { seconds: 5, nanos: 0 });
     spec.container.as_mut().unwrap().resources = Some(pb::Resources {
@@ -388,7 +388,7 @@ async fn a_fork_bomb_hits_the_pids_limit_and_the_host_stays_fine() {
         "{}",
         status.message
     );
-    assert!(host_processes_with("1000.661").is_empty());
+    assert!(host_processes_with("1000.662").is_empty());
     let (ok, _) = run_job(&agent, job("after-bomb", &["true"])).await;
     assert_eq!(state(&ok), pb::JobState::Succeeded);
 }
@@ -404,6 +404,7 @@ async fn cpu_and_pids_limits_reach_the_cgroup() {
             memory_bytes: 256 << 20,
             max_pids: 99,
             cpu_millis: 500,
+            ..Default::default()
         }),
         ..Default::default()
     });
@@ -523,7 +524,9 @@ async fn in_a_user_namespace_container_root_is_not_host_root() {
         ),
     )
     .await;
-    let made = agent.state_dir().join("jobs/userns/run/workspace/made-by-root");
+    let made = agent
+        .state_dir()
+        .join("jobs/userns/run/disk/workspace/made-by-root");
     // The shell's own command line holds "1000.12" too: wait for its file,
     // made before the sleep starts.
     wait_for("the step to run", Duration::from_secs(60), || {

@@ -19,6 +19,7 @@ macro_rules! require {
 mod agent;
 mod checkout;
 mod cli;
+mod disk;
 mod fuzz_corpus;
 mod hostimg;
 mod images;

@@ -107,8 +107,15 @@ pub(crate) async fn submit_until_ready(agent: &Agent, c: &mut Client, spec: pb::
         .state_dir()
         .join("jobs")
         .join(&spec.job_id)
-        .join("run/workspace");
-    let status = ws.parent().unwrap().parent().unwrap().join("status.json");
+        .join("run/disk/workspace");
+    let status = ws
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("status.json");
     submit(c, spec).await;
     wait_for("the step to be ready", Duration::from_secs(60), || {
         // A job that ended before its step was ready: say how.
@@ -225,6 +232,7 @@ async fn a_step_sees_only_its_own_cgroup_cannot_write_it_and_what_was_made_in_it
                 memory_bytes: 64 << 20,
                 max_pids: 100,
                 cpu_millis: 0,
+                ..Default::default()
             }),
             ..Default::default()
         });

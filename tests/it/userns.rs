@@ -4,7 +4,7 @@
 //! the job's ids), and is no one outside it. Tried as an attacker would,
 //! with the embedded runtime and with runc.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
@@ -121,10 +121,16 @@ async fn two_jobs_at_once_have_disjoint_ids_and_cannot_reach_each_other() {
             [pid_a],
             "{kind}: a lives"
         );
-        // Each one's secret, put in the other's sight (the same file, a
-        // hard link): mode 0600 of an owner the namespace does not map.
-        std::fs::hard_link(ws_a.join("secret"), ws_b.join("planted")).unwrap();
-        std::fs::hard_link(ws_b.join("secret"), ws_a.join("planted")).unwrap();
+        // Each one's secret, put in the other's sight (a copy with its
+        // owner and mode: each job's workspace is on a disk of its own, so
+        // no hard link): mode 0600 of an owner the namespace does not map.
+        for (from, to) in [(&ws_a, &ws_b), (&ws_b, &ws_a)] {
+            let (secret, planted) = (from.join("secret"), to.join("planted"));
+            let meta = std::fs::metadata(&secret).unwrap();
+            std::fs::copy(&secret, &planted).unwrap();
+            std::os::unix::fs::chown(&planted, Some(meta.uid()), Some(meta.gid())).unwrap();
+            std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         for (me, ws) in [("a", &ws_a), ("b", &ws_b)] {
             std::fs::write(ws.join(format!("go-{me}")), "").unwrap();
             let events = watch(&mut c, &format!("ids-{me}"), 0).await;
@@ -162,7 +168,7 @@ async fn root_in_the_container_installs_and_chowns_and_is_no_one_on_the_host() {
         });
         // What root in the container made, as the host sees it: the job's
         // ids (slot 0: 100000 + the container's), in the job's own layer.
-        let upper = agent.state_dir().join("jobs/apt/run/root/upper");
+        let upper = agent.state_dir().join("jobs/apt/run/disk/root/upper");
         let meta = std::fs::metadata(upper.join("usr/share/pkg/file")).unwrap();
         assert_eq!((meta.uid(), meta.gid()), (101_000, 101_000), "{kind}");
         assert_eq!(

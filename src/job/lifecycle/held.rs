@@ -1,7 +1,8 @@
 //! What a job holds while it runs, and the one order in which it lets go:
 //! the container, the workspace overlay, the container's root filesystem,
 //! the image's layers, the keys (overwritten, then unlinked), the checkout
-//! cache's locks, the run directory. The fields of [`Held`] are declared in
+//! cache's locks, the job's disk (which held the workspace and the
+//! root's writable layer), the run directory. The fields of [`Held`] are declared in
 //! that order, so a job cut short by a panic drops them in the same order
 //! as [`Held::teardown`] releases them.
 
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::disk::{DISK, JobDisk};
 use crate::checkout::MirrorUse;
 use crate::runtime::JobContainer;
 use crate::runtime::image::LayerHold;
@@ -35,14 +37,18 @@ pub(super) struct Held {
     pub ssh_dir: Option<SshDir>,
     /// The mirrors and work tree layers the workspace borrows from.
     pub borrowed: Vec<MirrorUse>,
+    /// The filesystem the workspace and the root's writable layer are on,
+    /// when the job's disk is limited: unmounted after both.
+    pub disk: Option<JobDisk>,
     pub run_dir: Option<RunDir>,
 }
 
 impl Held {
-    /// Creates the run directory (with its workspace and bundle) at `path`.
+    /// Creates the run directory (with its bundle) at `path`; the job's
+    /// disk, with the workspace, comes next (`disk::make`).
     pub fn create(path: PathBuf, mode: u32) -> std::io::Result<Held> {
         let run_dir = RunDir::create(path, mode)?;
-        let workspace = Workspace(run_dir.0.join(WORKSPACE));
+        let workspace = Workspace(run_dir.0.join(DISK).join(WORKSPACE));
         Ok(Held {
             workspace: Some(workspace),
             run_dir: Some(run_dir),
@@ -58,8 +64,13 @@ impl Held {
             .0
     }
 
+    /// Where the job writes: its workspace and its root's writable layer.
+    pub fn disk(&self) -> PathBuf {
+        self.run_dir().join(DISK)
+    }
+
     pub fn workspace(&self) -> PathBuf {
-        self.run_dir().join(WORKSPACE)
+        self.disk().join(WORKSPACE)
     }
 
     /// Lets go of everything, in order: the container first (async), the
@@ -91,6 +102,7 @@ impl Held {
         stage("image", self.image_layers.take().map(drop).is_some());
         stage("keys", self.ssh_dir.take().map(drop).is_some());
         stage("checkout cache", !std::mem::take(&mut self.borrowed).is_empty());
+        stage("disk", self.disk.take().map(drop).is_some());
         stage("run directory", self.run_dir.take().map(drop).is_some());
         stages
     }
@@ -117,9 +129,9 @@ impl RunDir {
     fn create(path: PathBuf, mode: u32) -> std::io::Result<RunDir> {
         std::fs::DirBuilder::new().mode(mode).create(&path)?;
         let dir = RunDir(path);
-        for sub in [WORKSPACE, BUNDLE] {
-            std::fs::DirBuilder::new().mode(0o700).create(dir.0.join(sub))?;
-        }
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir.0.join(BUNDLE))?;
         Ok(dir)
     }
 }
@@ -130,8 +142,9 @@ impl Drop for RunDir {
     }
 }
 
-/// Wipes the keys under a run directory, unmounts anything under it and
-/// removes it. Also used at agent start for jobs an earlier run left.
+/// Wipes the keys under a run directory, unmounts anything under it (the
+/// job's disk last), detaches its disk's loop device and removes it. Also
+/// used at agent start for jobs an earlier run left.
 pub(in crate::job) fn remove_run_dir(path: &Path) {
     if let Err(e) = ssh::dir::wipe_dir(&path.join(SSH)) {
         tracing::error!(path = %path.display(), error = %e, "cannot wipe a job's keys");
@@ -139,11 +152,16 @@ pub(in crate::job) fn remove_run_dir(path: &Path) {
     if let Err(e) = crate::sys::mount::unmount_and_remove(path, path) {
         tracing::error!(path = %path.display(), error = %e, "cannot remove a job's run directory");
     }
+    // Unmounting the disk detached it (autoclear), unless it was busy.
+    if let Err(e) = crate::sys::loopfs::detach_under(path) {
+        tracing::error!(path = %path.display(), error = %e, "cannot detach a job's loop device");
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::lifecycle::disk;
     use crate::job::lifecycle::steps::tests::FakeRuntime;
     use crate::ssh::KnownHosts;
 
@@ -152,6 +170,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path().join("run");
         let mut held = Held::create(run.clone(), 0o700).unwrap();
+        held.disk = disk::make(&run, None, 0o700).unwrap();
         let known = KnownHosts::parse(&[
             "h ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl".into(),
         ])
@@ -159,7 +178,7 @@ mod tests {
         held.ssh_dir = Some(SshDir::write(&run.join(SSH), &[], &known).unwrap());
         let rt = FakeRuntime::default();
         let mut container = rt.container();
-        container.checks = vec![run.join(WORKSPACE), run.join(SSH).join("known_hosts")];
+        container.checks = vec![held.workspace(), run.join(SSH).join("known_hosts")];
         held.container = Some(Box::new(container));
 
         let stages = held.teardown(Duration::from_secs(1)).await;
@@ -177,7 +196,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path().join("run");
         let held = Held::create(run.clone(), 0o700).unwrap();
-        assert!(run.join(WORKSPACE).is_dir() && run.join(BUNDLE).is_dir());
+        disk::make(&run, None, 0o700).unwrap();
+        assert!(held.workspace().is_dir() && run.join(BUNDLE).is_dir());
         drop(held);
         assert!(!run.exists());
     }

@@ -1,10 +1,11 @@
-//! One job, from QUEUED to its end, as named phases: prepare the keys →
-//! check out → prepare the image → start the container → run the steps
-//! (`steps.rs`) → tear down. Every resource a phase acquires goes into one
+//! One job, from QUEUED to its end, as named phases: make the job's disk
+//! (`disk.rs`) → prepare the keys → check out → prepare the image → start
+//! the container → run the steps (`steps.rs`) → tear down. Every resource a phase acquires goes into one
 //! [`Held`] (`held.rs`), whose fields are in teardown order, so every way a
 //! job ends (success, failure, timeout, cancel, panic) lets go of them in
 //! the same order.
 
+mod disk;
 mod held;
 mod steps;
 
@@ -211,6 +212,7 @@ struct Phases<'a> {
 
 impl Phases<'_> {
     async fn all(&self, keys: &PreparedKeys, masker: Arc<Masker>, held: &mut Held) -> Result<End, End> {
+        self.make_disk(held).await?;
         self.install_keys(keys, held).await?;
         self.check_out(keys, held).await?;
         let image = self.prepare_image(held).await?;
@@ -227,6 +229,7 @@ impl Phases<'_> {
             grace: self.registry.config().runtime.grace_period,
             cgroup,
             resources,
+            disk: held.disk.as_ref().map(|d| d.limit()),
             runtime: &self.registry.runtime,
         };
         let container = held.container.as_deref_mut().expect("started above");
@@ -287,7 +290,14 @@ impl Phases<'_> {
         registry.metrics.checkout_ended(started.elapsed());
         let Checkout { done, mirrors } = match result {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(End::failed(e.kind, e.message)),
+            Ok(Err(e)) => {
+                let full = held.disk.as_ref().and_then(|d| d.limit().filled(&e.message));
+                let message = match full {
+                    Some(limit) => format!("{}; {limit} is full", e.message),
+                    None => e.message,
+                };
+                return Err(End::failed(e.kind, message));
+            }
             Err(e) => {
                 return Err(End::failed(
                     FailureKind::Agent,
@@ -331,7 +341,7 @@ impl Phases<'_> {
             self.spec.container.image.clone()
         };
         let failed = |e: String| End::failed(FailureKind::Image, e);
-        let dir = held.run_dir().join(ROOT);
+        let dir = held.disk().join(ROOT);
         if image == "host" {
             return self.host_image(dir, held).await;
         }
@@ -453,11 +463,22 @@ impl Phases<'_> {
         })
     }
 
+    /// The job's limits: its own, else the agent's defaults.
+    fn resources(&self) -> Resources {
+        let r = &self.spec.container.resources;
+        let d = &self.registry.config().runtime;
+        Resources {
+            memory_bytes: r.memory_bytes.or(d.memory_bytes),
+            max_pids: r.max_pids.or(d.max_pids),
+            cpu_millis: r.cpu_millis.or(d.cpu_millis),
+            disk_bytes: r.disk_bytes.or(d.disk_bytes),
+        }
+    }
+
     /// The container, its init running; its limits and cgroup.
     async fn start_container(&self, user: &User, held: &mut Held) -> Result<(Resources, String), End> {
         let (registry, job, spec) = (self.registry, self.job, self.spec);
         let config = registry.config();
-        let r = &spec.container.resources;
         let d = &config.runtime;
         let container_config = ContainerConfig {
             hostname: job.id.chars().take(63).collect(),
@@ -470,11 +491,7 @@ impl Phases<'_> {
                 Network::Default => d.network,
                 n => n,
             },
-            resources: Resources {
-                memory_bytes: r.memory_bytes.or(d.memory_bytes),
-                max_pids: r.max_pids.or(d.max_pids),
-                cpu_millis: r.cpu_millis.or(d.cpu_millis),
-            },
+            resources: self.resources(),
             cgroup_path: registry.runtime.cgroup_path(&job.id),
             userns_base: self.userns_base,
             readonly_mounts: held

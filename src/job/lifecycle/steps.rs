@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::disk::DiskLimit;
 use super::{End, Limits};
 use crate::job::Job;
 use crate::logs::Masker;
@@ -35,6 +36,8 @@ pub(super) struct Steps<'a> {
     /// The container's cgroup and limits, to explain a kill.
     pub cgroup: String,
     pub resources: Resources,
+    /// The job's disk, when limited, to explain a step that filled it.
+    pub disk: Option<DiskLimit>,
     pub runtime: &'a dyn ContainerRuntime,
 }
 
@@ -78,7 +81,8 @@ impl Steps<'_> {
                  it could not start more processes"
             ));
         }
-        None
+        let disk = self.disk.as_ref().and_then(DiskLimit::full)?;
+        Some(format!("ran out of disk space: it filled {disk}"))
     }
 
     async fn run(
@@ -369,7 +373,9 @@ pub(super) mod tests {
                 memory_bytes: Some(64 << 20),
                 max_pids: Some(32),
                 cpu_millis: None,
+                disk_bytes: Some(64 << 20),
             },
+            disk: None,
             runtime,
         };
         let mut container = runtime.container();

@@ -561,15 +561,48 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
             }
             if m.is_dir() {
                 stack.push(p);
-            } else if m.is_file()
-                && let Ok(bytes) = std::fs::read(&p)
-                && bytes.windows(needle.len()).any(|w| w == needle)
-            {
+            } else if m.is_file() && file_contains(&p, needle) {
                 out.push(p);
             }
         }
     }
     out
+}
+
+/// Whether the file at `path` holds `needle`: read in pieces, and only
+/// where it has data (a job's disk is a sparse file of gigabytes).
+fn file_contains(path: &Path, needle: &[u8]) -> bool {
+    use nix::unistd::{Whence, lseek};
+    use std::os::unix::fs::FileExt;
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0;
+    // Each extent of data, to its end; ENXIO past the last.
+    while let Ok(start) = lseek(&file, offset, Whence::SeekData) {
+        let end = lseek(&file, start, Whence::SeekHole).unwrap_or(start);
+        // What may begin the needle at the end of the last piece.
+        let mut window: Vec<u8> = Vec::new();
+        let mut at = start;
+        while at < end {
+            let want = buf.len().min((end - at) as usize);
+            let Ok(n) = file.read_at(&mut buf[..want], at as u64) else {
+                return false;
+            };
+            if n == 0 {
+                break;
+            }
+            window.extend_from_slice(&buf[..n]);
+            if window.windows(needle.len()).any(|w| w == needle) {
+                return true;
+            }
+            window.drain(..window.len().saturating_sub(needle.len() - 1));
+            at += n as i64;
+        }
+        offset = end.max(start + 1);
+    }
+    false
 }
 
 /// Resident set size of a process, in bytes.
