@@ -57,6 +57,11 @@ pub enum AgentError {
     Runtime(#[from] crate::runtime::RuntimeError),
     #[error("cannot isolate libgit2 from the agent's home: {0}")]
     Git(#[from] git2::Error),
+    #[error(
+        "runtime.disk_bytes = {bytes}: cannot make the jobs' disks here: {source}. A disk limit needs \
+         mkfs.ext4 (Debian's e2fsprogs) and loop devices; runtime.disk_bytes = 0 turns it off"
+    )]
+    Disk { bytes: u64, source: io::Error },
 }
 
 /// A job the agent knows: running, or ended and kept for its logs.
@@ -243,6 +248,9 @@ impl Registry {
         }
         for id in runtime.remove_leftover_cgroups() {
             tracing::warn!(cgroup = %id, "removed a cgroup left by a previous run of the agent");
+        }
+        if let Some(bytes) = config.runtime.disk_bytes {
+            crate::sys::loopfs::prepare(bytes).map_err(|source| AgentError::Disk { bytes, source })?;
         }
         let images =
             crate::runtime::image::ImageStore::new(&config.state_dir, &config.runtime.insecure_registries)
