@@ -382,8 +382,17 @@ impl RuntimeHandle {
         Command::from(self.std_command())
     }
 
+    /// The runtime's command line. It gets none of the agent's
+    /// environment but `PATH`: nothing the agent was started with (a
+    /// token, `LD_LIBRARY_PATH` or `LD_PRELOAD`) reaches a process that
+    /// enters a job's container; every step's environment is in its own
+    /// process spec.
     fn std_command(&self) -> std::process::Command {
         let mut cmd = std::process::Command::new(&self.program);
+        cmd.env_clear();
+        if let Some(path) = std::env::var_os("PATH") {
+            cmd.env("PATH", path);
+        }
         cmd.args(&self.prefix).arg("--root").arg(&self.root);
         cmd.stdin(Stdio::null());
         cmd
@@ -736,6 +745,31 @@ mod tests {
     /// An exit status with `code`, as `wait` reports it.
     fn exited(code: i32) -> ExitStatus {
         ExitStatus::from_raw(code << 8)
+    }
+
+    #[test]
+    fn the_runtime_gets_none_of_the_agents_environment_but_path() {
+        // Under cargo the test process has HOME, CARGO_* and maybe
+        // LD_LIBRARY_PATH; `sh -c env` stands in for the runtime.
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        let root = tempfile::tempdir().unwrap();
+        let out = handle("/bin/sh".into(), &["-c", "env", "sh"], root.path())
+            .std_command()
+            .output()
+            .unwrap();
+        let env = String::from_utf8(out.stdout).unwrap();
+        let names: Vec<&str> = env
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, _)| k)
+            .collect();
+        // sh itself adds PWD (and maybe SHLVL, _).
+        let unexpected: Vec<&&str> = names
+            .iter()
+            .filter(|n| !["PATH", "PWD", "SHLVL", "_"].contains(n))
+            .collect();
+        assert!(unexpected.is_empty(), "the runtime got {unexpected:?}");
+        assert!(names.contains(&"PATH"));
     }
 
     #[test]
