@@ -251,7 +251,7 @@ impl ImageStore {
     /// `insecure`: registries (`host:port`) spoken to over plain HTTP.
     pub fn new(state_dir: &Path, insecure: &[String]) -> std::io::Result<ImageStore> {
         let dir = state_dir.join("images");
-        for sub in ["layers", "tmp"] {
+        for sub in ["layers", "configs", "tmp"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
         // Layers keep the owners they were built with: a set-user-ID root
@@ -481,12 +481,13 @@ impl ImageStore {
 
     async fn pull_registry(&self, reference: &Reference, shift: u32) -> Result<Image, ImageError> {
         let registry = reference.resolve_registry().to_string();
-        let (manifest, digest, config) = self
+        let (manifest, digest) = self
             .client
-            .pull_manifest_and_config(reference, &RegistryAuth::Anonymous)
+            .pull_image_manifest(reference, &RegistryAuth::Anonymous)
             .await
             .map_err(|e| registry_error(&registry, reference, e))?;
-        let config: ConfigFile = parse_json("image config", config.as_bytes())?;
+        let config = self.config_blob(&registry, reference, &manifest.config).await?;
+        let config: ConfigFile = parse_json("image config", &config)?;
         let mut layers = Vec::new();
         let mut holds = Vec::new();
         for l in &manifest.layers {
@@ -525,6 +526,50 @@ impl ImageStore {
             holds: Arc::new(holds),
         })
     }
+}
+
+impl ImageStore {
+    /// The image's config blob: from the cache (`images/configs`, by
+    /// digest), else from the registry. A job's lookup of a known image is
+    /// then one request (the tag's manifest) instead of two.
+    async fn config_blob(
+        &self,
+        registry: &str,
+        reference: &Reference,
+        desc: &oci_client::manifest::OciDescriptor,
+    ) -> Result<Vec<u8>, ImageError> {
+        let path = self.dir.join("configs").join(hex_of(&desc.digest)?);
+        if let Ok(bytes) = tokio::fs::read(&path).await
+            && sha256_digest(&bytes) == desc.digest
+        {
+            return Ok(bytes);
+        }
+        let mut bytes = Vec::new();
+        self.client
+            .pull_blob(reference, desc, &mut bytes)
+            .await
+            .map_err(|e| registry_error(registry, reference, e))?;
+        let actual = sha256_digest(&bytes);
+        if actual != desc.digest {
+            return Err(ImageError::DigestMismatch {
+                digest: desc.digest.clone(),
+                actual,
+            });
+        }
+        // Written whole or not at all; a cache that cannot be written
+        // only costs the next job a request.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("{}-{n}.tmp", std::process::id()));
+        if tokio::fs::write(&tmp, &bytes).await.is_ok() && tokio::fs::rename(&tmp, &path).await.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        Ok(bytes)
+    }
+}
+
+fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(bytes))
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, ImageError> {

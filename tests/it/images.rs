@@ -55,9 +55,38 @@ async fn a_job_runs_in_an_image_from_a_registry() {
     )
     .await;
     assert_succeeded(&status, &events);
-    assert_eq!(
-        output(&events, pb::Stream::Stdout),
-        "runnel test image\n1000\nfrom-the-image /home/builder\n/workspace\nws-writable\n"
+    let want = "runnel test image\n1000\nfrom-the-image /home/builder\n/workspace\nws-writable\n";
+    assert_eq!(output(&events, pb::Stream::Stdout), want);
+
+    // The image's config is kept by digest: the next job asks the registry
+    // only for the tag's manifest. A cached config that is not what its
+    // digest says (tampered with) is fetched again, never used.
+    let configs = agent.state_dir().join("images/configs");
+    let cached: Vec<_> = std::fs::read_dir(&configs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    let tampered = String::from_utf8(std::fs::read(&cached[0]).unwrap())
+        .unwrap()
+        .replace("from-the-image", "from-an-attacker");
+    std::fs::write(&cached[0], tampered).unwrap();
+    let (status, events) = run_job(
+        &agent,
+        with_image(
+            "from-registry-again",
+            &reference,
+            &["cat /etc/image-release; id -u; echo $IMAGE_VAR $HOME; pwd; touch /workspace/mine && echo ws-writable"],
+        ),
+    )
+    .await;
+    assert_succeeded(&status, &events);
+    assert_eq!(output(&events, pb::Stream::Stdout), want);
+    assert!(
+        !std::fs::read_to_string(&cached[0])
+            .unwrap()
+            .contains("from-an-attacker")
     );
 }
 
