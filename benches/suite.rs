@@ -4,7 +4,7 @@
 //! docker.io, runc, sshd, a registry) or, on a prepared machine, with
 //! `cargo bench --bench suite`. `RUNNEL_BENCH_ONLY=start,checkout` runs some
 //! sections (start overhead latency throughput checkout concurrent rootfs
-//! userns); `RUNNEL_BENCH_N` sets the number of samples (default 50).
+//! sandbox); `RUNNEL_BENCH_N` sets the number of samples (default 50).
 //!
 //! It starts the real `runnel` binary (release build) as an agent and drives
 //! it over gRPC, exactly as the integration tests do (tests/it/support).
@@ -225,8 +225,10 @@ fn busybox_image(dir: &Path) -> BusyboxImage {
 
 /// `n` jobs running `true` in `image` on an agent configured with `extra`:
 /// submit → end as a watcher sees it, and the phases inside the agent.
-async fn job_starts(extra: &str, image: &str, n: usize) -> (Samples, [Samples; 4]) {
-    let agent = Agent::start(extra);
+async fn job_starts(extra: &str, image: &str, n: usize) -> (Samples, [Samples; 4], String) {
+    let mut agent = Agent::new(extra);
+    agent.env.push(("RUNNEL_LOG".into(), PHASE_LOG.into()));
+    agent.launch();
     let mut c = agent.scheduler().await;
     // The first job pulls and unpacks the image; the rest measure starts.
     run_timed(
@@ -265,7 +267,41 @@ async fn job_starts(extra: &str, image: &str, n: usize) -> (Samples, [Samples; 4
             }
         }
     }
-    (Samples(ours), phases.map(Samples))
+    (Samples(ours), phases.map(Samples), phase_profile(&agent.log(), n))
+}
+
+/// The agent's log filter that times each phase of a job.
+const PHASE_LOG: &str = "info,runnel::job::lifecycle=debug";
+
+/// p50 of each phase the agent timed (`phase took` lines of its log) over
+/// the last `n` jobs, in the order the phases first appear.
+fn phase_profile(log: &str, n: usize) -> String {
+    let mut order: Vec<String> = Vec::new();
+    let mut times: std::collections::HashMap<String, Vec<f64>> = Default::default();
+    for line in log.lines().filter(|l| l.contains("phase took")) {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+                .map(|v| v.trim_matches('"').to_string())
+        };
+        let (Some(phase), Some(ms)) = (field("phase"), field("ms").and_then(|m| m.parse::<f64>().ok()))
+        else {
+            continue;
+        };
+        if !times.contains_key(&phase) {
+            order.push(phase.clone());
+        }
+        times.entry(phase).or_default().push(ms);
+    }
+    order
+        .iter()
+        .map(|p| {
+            let t = &times[p];
+            let last = t[t.len().saturating_sub(n)..].to_vec();
+            format!("{p} {}", ms(Samples(last).p50()))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// 1. Step container start: a whole runnel job running `true` in the busybox
@@ -282,8 +318,8 @@ async fn bench_start(r: &mut Report, n: usize, dir: &Path) {
             registry.addr
         )
     };
-    let (ours, phases) = job_starts(&config("libcontainer"), &reference, n).await;
-    let (ours_runc, _) = job_starts(&config("runc"), &reference, n).await;
+    let (ours, phases, profile) = job_starts(&config("libcontainer"), &reference, n).await;
+    let (ours_runc, _, profile_runc) = job_starts(&config("runc"), &reference, n).await;
 
     // runc on the unpacked rootfs: `runc spec`, then `true`, host network.
     let bundle = img.rootfs.parent().unwrap().to_path_buf();
@@ -330,6 +366,10 @@ async fn bench_start(r: &mut Report, n: usize, dir: &Path) {
         ms(phases[2].p50()),
         ms(phases[3].p50()),
     ));
+    r.note(format!(
+        "p50 of each step of those jobs, as the agent timed it: {profile}"
+    ));
+    r.note(format!("the same with `kind = \"runc\"`: {profile_runc}"));
     if docker_ok() {
         run_quiet(Command::new("docker").args(["pull", "-q", &reference]));
         let docker = time_runs(n, |_| {
@@ -851,54 +891,70 @@ async fn bench_rootfs(r: &mut Report, runs: usize, dir: &Path) {
     );
 }
 
-/// Job start in a user namespace of its own (the default: the image's
-/// layers idmapped into the job's ids, with a user namespace made for
-/// that) against the same job with `userns = false`: busybox image,
-/// embedded runtime, two agents taking turns so that the machine's load
-/// falls on both alike. No target: what the namespace costs.
-async fn bench_userns(r: &mut Report, n: usize, dir: &Path) {
-    println!("== job start with and without a user namespace ({n} jobs each)");
+/// The sandbox's cost: job start (busybox, submit → end) with everything
+/// on (the job's user namespace, its own disk, the seccomp filter, the
+/// cgroup and device restrictions, as by default) against the same agent
+/// with the configurable parts off (`userns = false`, `disk_bytes = 0`),
+/// and each of those alone, jobs of the three agents taking turns.
+async fn bench_sandbox(r: &mut Report, n: usize, dir: &Path) {
+    println!("== job start with and without the sandbox ({n} jobs each)");
     let image = format!("oci:{}:1", busybox_image(dir).layout.display());
-    let agents = [
-        Agent::start("[runtime]\nnetwork = \"host\""),
-        Agent::start("[runtime]\nnetwork = \"host\"\nuserns = false"),
+    let configs = [
+        "[runtime]\nnetwork = \"host\"",
+        "[runtime]\nnetwork = \"host\"\nuserns = false",
+        "[runtime]\nnetwork = \"host\"\nuserns = false\ndisk_bytes = 0",
     ];
+    let agents: Vec<Agent> = configs.iter().map(|c| Agent::start(c)).collect();
     let mut clients = Vec::new();
     for a in &agents {
         let mut c = a.scheduler().await;
         run_timed(
             &mut c,
-            with_image(job("userns-warmup", &["true"]), &image),
+            with_image(job("sandbox-warmup", &["true"]), &image),
             Instant::now(),
         )
         .await;
         clients.push(c);
     }
-    // Submit → end, and PREPARING → RUNNING (rootfs, container start).
-    let mut total: [Vec<f64>; 2] = Default::default();
-    let mut prepare: [Vec<f64>; 2] = Default::default();
+    // Submit → end, and PREPARING → RUNNING (disk, rootfs, container start).
+    let mut total: [Vec<f64>; 3] = Default::default();
+    let mut prepare: [Vec<f64>; 3] = Default::default();
     for i in 0..n {
         for (k, c) in clients.iter_mut().enumerate() {
             let t0 = Instant::now();
-            let events = run_timed(c, with_image(job(&format!("userns-{i}"), &["true"]), &image), t0).await;
+            let events = run_timed(c, with_image(job(&format!("sandbox-{i}"), &["true"]), &image), t0).await;
             total[k].push(since_ms(t0));
             prepare[k].push(preparing_ms(&events));
         }
     }
-    let [with, without] = total.map(Samples);
-    let [p_with, p_without] = prepare.map(Samples);
+    let [full, no_userns, none] = total.map(Samples);
+    let [p_full, p_no_userns, p_none] = prepare.map(Samples);
+    let extra = full.p50() - none.p50();
     r.row(
-        "job start, busybox, in the job's user namespace (submit → end)",
-        with.show(),
-        format!("`userns = false`: {}", without.show()),
-        format!("+{} p50", ms(with.p50() - without.p50())),
-        "—",
+        "sandbox: job start, busybox, full sandbox (default) vs `userns = false` + `disk_bytes = 0` (submit → end)",
+        full.show(),
+        format!("without: {}", none.show()),
+        format!("+{} p50", ms(extra)),
+        &format!("< 10 ms p50 more ({})", if extra < 10.0 { "met" } else { "MISSED" }),
     );
     r.note(format!(
-        "PREPARING → RUNNING (rootfs with idmapped layers, container start): p50 {} in a user namespace, {} \
-         without",
-        ms(p_with.p50()),
-        ms(p_without.p50()),
+        "of which the user namespace (idmapped layers, id maps) +{} p50, the job's own disk +{} p50; PREPARING → \
+         RUNNING p50: {} full, {} without userns, {} without either",
+        ms(full.p50() - no_userns.p50()),
+        ms(no_userns.p50() - none.p50()),
+        ms(p_full.p50()),
+        ms(p_no_userns.p50()),
+        ms(p_none.p50()),
+    ));
+    let t = Instant::now();
+    let runs = 20;
+    for _ in 0..runs {
+        runnel::runtime::seccomp::bpf().unwrap();
+    }
+    r.note(format!(
+        "the seccomp filter, which cannot be turned off, is compiled in each `runnel oci run`/`exec`: {} per \
+         compile (mean of {runs}, in this process)",
+        ms(since_ms(t) / runs as f64),
     ));
 }
 
@@ -989,8 +1045,8 @@ fn main() {
         if wanted("rootfs") {
             bench_rootfs(&mut r, n.min(20), dir.path()).await;
         }
-        if wanted("userns") {
-            bench_userns(&mut r, n, dir.path()).await;
+        if wanted("sandbox") {
+            bench_sandbox(&mut r, n, dir.path()).await;
         }
     });
     let date = sh(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));

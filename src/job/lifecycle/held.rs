@@ -9,9 +9,10 @@
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::disk::{DISK, JobDisk};
+use super::timed;
 use crate::checkout::MirrorUse;
 use crate::runtime::JobContainer;
 use crate::runtime::image::LayerHold;
@@ -79,7 +80,7 @@ impl Held {
     pub async fn teardown(mut self, grace: Duration) -> Vec<&'static str> {
         let mut stages = Vec::new();
         if let Some(c) = self.container.take() {
-            c.remove(grace).await;
+            super::timed!("remove_container", c.remove(grace).await);
             stages.push("container");
         }
         match tokio::task::spawn_blocking(move || self.release()).await {
@@ -97,13 +98,28 @@ impl Held {
                 stages.push(name);
             }
         };
-        stage("workspace", self.workspace.take().map(drop).is_some());
-        stage("rootfs", self.rootfs.take().map(drop).is_some());
+        stage(
+            "workspace",
+            timed!("release_workspace", self.workspace.take().map(drop).is_some()),
+        );
+        stage(
+            "rootfs",
+            timed!("release_rootfs", self.rootfs.take().map(drop).is_some()),
+        );
         stage("image", self.image_layers.take().map(drop).is_some());
-        stage("keys", self.ssh_dir.take().map(drop).is_some());
+        stage(
+            "keys",
+            timed!("release_keys", self.ssh_dir.take().map(drop).is_some()),
+        );
         stage("checkout cache", !std::mem::take(&mut self.borrowed).is_empty());
-        stage("disk", self.disk.take().map(drop).is_some());
-        stage("run directory", self.run_dir.take().map(drop).is_some());
+        stage(
+            "disk",
+            timed!("release_disk", self.disk.take().map(drop).is_some()),
+        );
+        stage(
+            "run directory",
+            timed!("release_run_dir", self.run_dir.take().map(drop).is_some()),
+        );
         stages
     }
 }

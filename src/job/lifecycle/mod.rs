@@ -198,6 +198,23 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec, slot: u32) 
     end
 }
 
+/// Runs `$phase` and logs, at debug level, how long it took: the start
+/// path's profile (`RUNNEL_LOG=info,runnel::job::lifecycle=debug`; the
+/// benchmarks read it).
+macro_rules! timed {
+    ($phase:literal, $work:expr) => {{
+        let started = Instant::now();
+        let result = $work;
+        tracing::debug!(
+            phase = $phase,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "phase took"
+        );
+        result
+    }};
+}
+use timed;
+
 /// The phases of one job, each adding what it acquires to the job's
 /// [`Held`]; an `Err` ends the job there.
 struct Phases<'a> {
@@ -212,12 +229,12 @@ struct Phases<'a> {
 
 impl Phases<'_> {
     async fn all(&self, keys: &PreparedKeys, masker: Arc<Masker>, held: &mut Held) -> Result<End, End> {
-        self.make_disk(held).await?;
-        self.install_keys(keys, held).await?;
-        self.check_out(keys, held).await?;
-        let image = self.prepare_image(held).await?;
-        self.give_workspace(&image.user, held).await?;
-        let (resources, cgroup) = self.start_container(&image.user, held).await?;
+        timed!("make_disk", self.make_disk(held).await)?;
+        timed!("install_keys", self.install_keys(keys, held).await)?;
+        timed!("check_out", self.check_out(keys, held).await)?;
+        let image = timed!("prepare_image", self.prepare_image(held).await)?;
+        timed!("give_workspace", self.give_workspace(&image.user, held).await)?;
+        let (resources, cgroup) = timed!("start_container", self.start_container(&image.user, held).await)?;
         self.job.transition(|s| s.state = JobState::Running);
         let steps = Steps {
             job: self.job,
@@ -350,7 +367,7 @@ impl Phases<'_> {
         let idmap = self.registry.idmap_layers;
         let shift = self.userns_base.filter(|_| !idmap).unwrap_or(0);
         let pulled = tokio::select! {
-            p = self.registry.images.get(&image, shift) => p.map_err(|e| failed(format!("image {image:?}: {e}")))?,
+            p = async { timed!("image_lookup", self.registry.images.get(&image, shift).await) } => p.map_err(|e| failed(format!("image {image:?}: {e}")))?,
             why = self.limits.interrupted(None) => return Err(why.end("the image pull")),
         };
         held.image_layers = Some(pulled.holds.clone());
@@ -362,22 +379,25 @@ impl Phases<'_> {
         let image_user = pulled.config.user.clone().unwrap_or_default();
         let workdir = pulled.config.workdir();
         let made = workdir.clone();
-        let (rootfs, user) = blocking(move || {
-            let lower: Vec<&Path> = lower.iter().map(PathBuf::as_path).collect();
-            let rootfs = match base {
-                Some(base) if idmap => Rootfs::overlay_idmapped(&dir, &lower, base),
-                _ => Rootfs::overlay(&dir, &lower, base.map(|b| (b, b))),
-            }
-            .map_err(|e| format!("cannot prepare the root filesystem: {e}"))?;
-            if let Some(w) = &made {
-                rootfs
-                    .make_dir(w, base.map(|b| (b, b)))
-                    .map_err(|e| format!("cannot make its WorkingDir {w}: {e}"))?;
-            }
-            let user = user::resolve(rootfs.path(), &image_user);
-            Ok::<_, String>((rootfs, user))
-        })
-        .await
+        let (rootfs, user) = timed!(
+            "rootfs",
+            blocking(move || {
+                let lower: Vec<&Path> = lower.iter().map(PathBuf::as_path).collect();
+                let rootfs = match base {
+                    Some(base) if idmap => Rootfs::overlay_idmapped(&dir, &lower, base),
+                    _ => Rootfs::overlay(&dir, &lower, base.map(|b| (b, b))),
+                }
+                .map_err(|e| format!("cannot prepare the root filesystem: {e}"))?;
+                if let Some(w) = &made {
+                    rootfs
+                        .make_dir(w, base.map(|b| (b, b)))
+                        .map_err(|e| format!("cannot make its WorkingDir {w}: {e}"))?;
+                }
+                let user = user::resolve(rootfs.path(), &image_user);
+                Ok::<_, String>((rootfs, user))
+            })
+            .await
+        )
         .map_err(|e| failed(format!("image {image:?}: {e}")))?;
         held.rootfs = Some(rootfs);
         let user = user.map_err(|e| failed(format!("image {image:?}: {e}")))?;

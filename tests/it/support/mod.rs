@@ -219,7 +219,13 @@ impl Agent {
             .arg("agent")
             .arg("--config")
             .arg(&self.config_path)
-            .env("RUNNEL_LOG", "info")
+            // RUNNEL_TEST_AGENT_LOG: another filter for the agents tests and
+            // benchmarks start (`info,runnel::job::lifecycle=debug`: the
+            // time of each phase of each job).
+            .env(
+                "RUNNEL_LOG",
+                std::env::var("RUNNEL_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
