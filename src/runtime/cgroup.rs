@@ -208,12 +208,28 @@ pub struct Entered(Vec<PathBuf>);
 
 impl Entered {
     /// Moves the calling process back; what it started meanwhile stays.
-    pub fn leave(self) -> Result<(), String> {
+    pub fn leave(self) -> Result<(), MoveError> {
         for dir in self.0 {
-            std::fs::write(dir.join("cgroup.procs"), "0")
-                .map_err(|e| format!("cannot return to {}: {e}", dir.display()))?;
+            std::fs::write(dir.join("cgroup.procs"), "0").map_err(MoveError::at("return to", &dir))?;
         }
         Ok(())
+    }
+}
+
+/// A process could not be moved into (or out of) a cgroup.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} {}: {source}", dir.display())]
+pub struct MoveError {
+    action: &'static str,
+    dir: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+impl MoveError {
+    fn at(action: &'static str, dir: &Path) -> impl FnOnce(std::io::Error) -> MoveError {
+        let dir = dir.to_path_buf();
+        move |source| MoveError { action, dir, source }
     }
 }
 
@@ -223,7 +239,7 @@ impl Entered {
 /// it starts then is there too, and a cgroup namespace made there has its
 /// root there: a container sees only its own cgroup in those hierarchies
 /// as well, and cannot reach the host's `name=systemd` root.
-pub fn enter_unmanaged(path: &str, create: bool) -> Result<Entered, String> {
+pub fn enter_unmanaged(path: &str, create: bool) -> Result<Entered, MoveError> {
     let mut left = Vec::new();
     if unified() {
         return Ok(Entered(left));
@@ -239,10 +255,9 @@ pub fn enter_unmanaged(path: &str, create: bool) -> Result<Entered, String> {
         };
         let dir = mount_point.join(rel);
         if create {
-            std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(&dir).map_err(MoveError::at("create", &dir))?;
         }
-        let procs = dir.join("cgroup.procs");
-        std::fs::write(&procs, "0").map_err(|e| format!("cannot join {}: {e}", dir.display()))?;
+        std::fs::write(dir.join("cgroup.procs"), "0").map_err(MoveError::at("join", &dir))?;
         left.push(own);
     }
     Ok(Entered(left))

@@ -133,10 +133,18 @@ pub enum OciError {
          filter; use runtime.kind = \"runc\" for another"
     )]
     ForeignSeccomp,
-    /// Setting up the sandbox of a container or an exec (cgroups, the user
-    /// namespace, non-dumpable): the step that failed and why.
-    #[error("{0}")]
-    Sandbox(String),
+    #[error(transparent)]
+    Cgroup(#[from] super::cgroup::MoveError),
+    #[error("cannot make the exec non-dumpable: {0}")]
+    NotDumpable(#[source] std::io::Error),
+    #[error("cannot open {path}: {source}")]
+    OpenUserns {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot join the container's user namespace: {0}")]
+    JoinUserns(#[source] nix::errno::Errno),
     #[error("waiting for the process: {0}")]
     Wait(#[source] nix::errno::Errno),
     #[error("bad signal {signal:?}: {source}")]
@@ -145,12 +153,6 @@ pub enum OciError {
         #[source]
         source: libcontainer::signal::SignalError<String>,
     },
-}
-
-impl From<String> for OciError {
-    fn from(e: String) -> OciError {
-        OciError::Sandbox(e)
-    }
 }
 
 fn err(what: &'static str) -> impl FnOnce(libcontainer::error::LibcontainerError) -> OciError {
@@ -249,11 +251,7 @@ pub fn exec(root: &Path, process: &Path, id: &str) -> Result<i32> {
     // by the container's other processes (runc does the same).
     // SAFETY: prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        return Err(format!(
-            "cannot make the exec non-dumpable: {}",
-            std::io::Error::last_os_error()
-        )
-        .into());
+        return Err(OciError::NotDumpable(std::io::Error::last_os_error()));
     }
     // This process lives exactly as long as the step: it stays there too.
     if let Some(path) = cgroups_path(&spec) {
@@ -265,13 +263,10 @@ pub fn exec(root: &Path, process: &Path, id: &str) -> Result<i32> {
         .and_then(|l| l.namespaces().as_ref())
         .is_some_and(|ns| ns.iter().any(|n| n.typ() == LinuxNamespaceType::User));
     if userns {
-        let init = container
-            .pid()
-            .ok_or_else(|| format!("container {id} has no init"))?;
+        let init = container.pid().ok_or(OciError::NoInitPid)?;
         let path = format!("/proc/{}/ns/user", init.as_raw());
-        let ns = std::fs::File::open(&path).map_err(|e| format!("cannot open {path}: {e}"))?;
-        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWUSER)
-            .map_err(|e| format!("cannot join the container's user namespace: {e}"))?;
+        let ns = std::fs::File::open(&path).map_err(|source| OciError::OpenUserns { path, source })?;
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWUSER).map_err(OciError::JoinUserns)?;
     }
     let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_executor(executor)
