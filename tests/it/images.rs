@@ -88,6 +88,20 @@ async fn a_job_runs_in_an_image_from_a_registry() {
             .unwrap()
             .contains("from-an-attacker")
     );
+
+    // The root's writable layer is thrown away with the job: its overlay
+    // is volatile (never synced; unmounting it waits for no disk).
+    let (status, events) = run_job(
+        &agent,
+        with_image(
+            "volatile-root",
+            &reference,
+            &["grep ' / / ' /proc/self/mountinfo | grep -qE '(fsync=|,)volatile' && echo volatile"],
+        ),
+    )
+    .await;
+    assert_succeeded(&status, &events);
+    assert_eq!(output(&events, pb::Stream::Stdout), "volatile\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]
