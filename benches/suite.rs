@@ -100,6 +100,15 @@ impl Samples {
     }
 }
 
+/// A difference of two times: "+1.20 ms", "−0.40 ms".
+fn signed_ms(v: f64) -> String {
+    if v < 0.0 {
+        format!("−{}", ms(-v))
+    } else {
+        format!("+{}", ms(v))
+    }
+}
+
 fn ms(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0} ms")
@@ -934,14 +943,14 @@ async fn bench_sandbox(r: &mut Report, n: usize, dir: &Path) {
         "sandbox: job start, busybox, full sandbox (default) vs `userns = false` + `disk_bytes = 0` (submit → end)",
         full.show(),
         format!("without: {}", none.show()),
-        format!("+{} p50", ms(extra)),
+        format!("{} p50", signed_ms(extra)),
         &format!("< 10 ms p50 more ({})", if extra < 10.0 { "met" } else { "MISSED" }),
     );
     r.note(format!(
-        "of which the user namespace (idmapped layers, id maps) +{} p50, the job's own disk +{} p50; PREPARING → \
+        "of which the user namespace (idmapped layers, id maps) {} p50, the job's own disk {} p50; PREPARING → \
          RUNNING p50: {} full, {} without userns, {} without either",
-        ms(full.p50() - no_userns.p50()),
-        ms(no_userns.p50() - none.p50()),
+        signed_ms(full.p50() - no_userns.p50()),
+        signed_ms(no_userns.p50() - none.p50()),
         ms(p_full.p50()),
         ms(p_no_userns.p50()),
         ms(p_none.p50()),
@@ -984,7 +993,39 @@ fn machine_summary() -> String {
         "cgroup v1"
     };
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{nproc} × {cpu}, {mem:.0} GiB RAM, {os}, Linux {kernel}, {cgroup}")
+    let migration = cgroup_migration_ms().map_or(String::new(), |m| {
+        format!(" (moving a process into a cgroup: {}, see BENCHMARKS.md)", ms(m))
+    });
+    format!("{nproc} × {cpu}, {mem:.0} GiB RAM, {os}, Linux {kernel}, {cgroup}{migration}")
+}
+
+/// p50 of moving a process into a cgroup of the cgroup2 hierarchy, 100 ms
+/// apart: an RCU grace period each (5–15 ms) unless the kernel favours
+/// dynamic cgroup changes (`cgroup_favordynmods`); every container start
+/// and exec pays it, for runnel, runc and docker alike.
+fn cgroup_migration_ms() -> Option<f64> {
+    let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.subtree_control").exists())?;
+    let dir = root.join(format!("runnel-bench-{}", std::process::id()));
+    std::fs::create_dir(&dir).ok()?;
+    let mut child = Command::new("sleep").arg("10").spawn().ok()?;
+    let pid = child.id().to_string();
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        std::thread::sleep(Duration::from_millis(100));
+        let t = Instant::now();
+        if std::fs::write(dir.join("cgroup.procs"), &pid).is_err() {
+            break;
+        }
+        times.push(since_ms(t));
+        let _ = std::fs::write(root.join("cgroup.procs"), &pid);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir(&dir);
+    (!times.is_empty()).then(|| Samples(times).p50())
 }
 
 fn proc_meminfo_gib() -> f64 {
