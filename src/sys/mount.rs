@@ -43,6 +43,14 @@ pub fn mount_overlay_with(
     // of the upper's filesystem cost ~25 ms on a journaled host disk (the
     // host image's seven overlays: 180 ms of its teardown). After a crash
     // such an upper is never mounted again: it is removed.
+    // An upper mounted before (a job's workspace, mounted again when it
+    // is given to the step's user) carries the marker of a volatile
+    // mount, which makes overlayfs refuse it: in the same boot, after a
+    // clean unmount, its data is whole, so the marker goes.
+    let marker = work.join("work/incompat/volatile");
+    if marker.exists() {
+        let _ = fs::remove_dir_all(&marker);
+    }
     static VOLATILE: AtomicBool = AtomicBool::new(true);
     if VOLATILE.load(Ordering::Relaxed) {
         return match mount(&format!("{data},volatile")) {
