@@ -112,6 +112,7 @@ struct RawRuntime {
     disk_bytes: Option<u64>,
     grace_period: Option<String>,
     job_timeout: Option<String>,
+    no_output_timeout: Option<String>,
     #[serde(default)]
     insecure_registries: Vec<String>,
     userns: Option<bool>,
@@ -136,6 +137,9 @@ pub struct RuntimeConfig {
     /// Between SIGTERM and SIGKILL when a container is stopped.
     pub grace_period: Duration,
     pub job_timeout: Duration,
+    /// A step silent this long is ended (NO_OUTPUT), unless the job or
+    /// step says otherwise.
+    pub no_output_timeout: Duration,
     /// Registries (`host:port`) spoken to over plain HTTP.
     pub insecure_registries: Vec<String>,
     /// Run containers in user namespaces (the default): job slot i's
@@ -356,6 +360,8 @@ impl Config {
         }
         let grace_period = parse_duration(r.grace_period.as_deref(), "runtime.grace_period", "10s")?;
         let job_timeout = positive_duration(r.job_timeout.as_deref(), "runtime.job_timeout", "1h")?;
+        let no_output_timeout =
+            positive_duration(r.no_output_timeout.as_deref(), "runtime.no_output_timeout", "10m")?;
         let drain_timeout = parse_duration(raw.drain_timeout.as_deref(), "drain_timeout", "10m")?;
         let userns_base = match r.userns.unwrap_or(true) {
             false => None,
@@ -382,6 +388,7 @@ impl Config {
                 disk_bytes,
                 grace_period,
                 job_timeout,
+                no_output_timeout,
                 insecure_registries: r.insecure_registries,
                 userns_base,
                 allow_host_image: r.allow_host_image.unwrap_or(true),

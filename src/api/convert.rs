@@ -8,6 +8,7 @@ use crate::job::AgentInfo;
 use crate::model::Secret;
 use crate::model::spec::{
     CheckoutSpec, ContainerSpec, JobSpec, Network, Resources, SecretVar, SpecError, SshCredentials, Step,
+    When,
 };
 use crate::model::state::{FailureKind, JobState, JobStatus, StepResult};
 use crate::model::{CheckoutDone, SubmoduleDone};
@@ -61,11 +62,30 @@ impl TryFrom<pb::JobSpec> for JobSpec {
         let resources = container.resources.unwrap_or_default();
         let mut steps = Vec::with_capacity(p.steps.len());
         for (i, s) in p.steps.into_iter().enumerate() {
+            let when = match pb::StepWhen::try_from(s.when) {
+                Ok(pb::StepWhen::Unspecified | pb::StepWhen::OnSuccess) => When::OnSuccess,
+                Ok(pb::StepWhen::OnFail) => When::OnFail,
+                Ok(pb::StepWhen::Always) => When::Always,
+                Err(_) => {
+                    return Err(err(
+                        format!("steps[{i}].when"),
+                        format!("{} is not a StepWhen value", s.when),
+                    ));
+                }
+            };
             steps.push(Step {
                 name: s.name,
                 run: s.run,
                 env: s.env.into_iter().collect(),
                 timeout: duration_in(&format!("steps[{i}].timeout"), s.timeout)?,
+                when,
+                background: s.background,
+                no_output_timeout: duration_in(
+                    &format!("steps[{i}].no_output_timeout"),
+                    s.no_output_timeout,
+                )?,
+                working_directory: nonzero(s.working_directory),
+                shell: s.shell.split_whitespace().map(str::to_string).collect(),
             });
         }
         let mut spec = JobSpec {
@@ -100,6 +120,7 @@ impl TryFrom<pb::JobSpec> for JobSpec {
                 .map(|s| SecretVar::new(s.name, s.value))
                 .collect(),
             timeout: duration_in("timeout", p.timeout)?,
+            no_output_timeout: duration_in("no_output_timeout", p.no_output_timeout)?,
         };
         spec.validate()?;
         Ok(spec)
@@ -151,6 +172,11 @@ impl From<&JobSpec> for pb::JobSpec {
                     run: st.run.clone(),
                     env: st.env.clone().into_iter().collect(),
                     timeout: st.timeout.map(duration_out),
+                    when: when_out(st.when) as i32,
+                    background: st.background,
+                    no_output_timeout: st.no_output_timeout.map(duration_out),
+                    working_directory: st.working_directory.clone().unwrap_or_default(),
+                    shell: st.shell.join(" "),
                 })
                 .collect(),
             env: s.env.clone().into_iter().collect(),
@@ -163,6 +189,7 @@ impl From<&JobSpec> for pb::JobSpec {
                 })
                 .collect(),
             timeout: s.timeout.map(duration_out),
+            no_output_timeout: s.no_output_timeout.map(duration_out),
         }
     }
 }
@@ -194,6 +221,15 @@ fn failure_out(f: FailureKind) -> pb::FailureKind {
         FailureKind::Timeout => pb::FailureKind::Timeout,
         FailureKind::Cancelled => pb::FailureKind::Cancelled,
         FailureKind::Agent => pb::FailureKind::Agent,
+        FailureKind::NoOutput => pb::FailureKind::NoOutput,
+    }
+}
+
+fn when_out(w: When) -> pb::StepWhen {
+    match w {
+        When::OnSuccess => pb::StepWhen::OnSuccess,
+        When::OnFail => pb::StepWhen::OnFail,
+        When::Always => pb::StepWhen::Always,
     }
 }
 
@@ -210,10 +246,18 @@ impl From<&StepResult> for pb::StepResult {
         pb::StepResult {
             index: r.index,
             name: r.name.clone(),
-            state: state_out(r.state) as i32,
+            // A step that did not run has no state.
+            state: match r.started {
+                Some(_) => state_out(r.state) as i32,
+                None => pb::JobState::Unspecified as i32,
+            },
             exit_code: r.exit_code,
             signal: r.signal,
             duration: Some(duration_out(r.duration)),
+            started: r.started.map(time_out),
+            when: when_out(r.when) as i32,
+            note: r.note.clone(),
+            background: r.background,
         }
     }
 }

@@ -175,6 +175,29 @@ pub async fn jobs(remote: &Remote) -> Result<(), Failure> {
     Ok(())
 }
 
+/// One job: its state, why it failed, and its steps.
+pub async fn job(remote: &Remote, job: &str) -> Result<(), Failure> {
+    let mut client = connect(remote).await?;
+    let s = client
+        .get_job(pb::GetJobRequest {
+            job_id: job.to_string(),
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    let failure = pb::FailureKind::try_from(s.failure)
+        .ok()
+        .filter(|f| *f != pb::FailureKind::Unspecified)
+        .map(|f| format!(" ({})", f.as_str_name().trim_start_matches("FAILURE_KIND_")))
+        .unwrap_or_default();
+    println!("{} {}{failure}", s.job_id, state_name(s.state));
+    if !s.message.is_empty() {
+        println!("{}", s.message);
+    }
+    print!("{}", print::steps_table(&s.steps).replace("runnel: ", ""));
+    Ok(())
+}
+
 pub async fn logs(remote: &Remote, job: &str, after: u64, follow: bool) -> Result<(), Failure> {
     let mut client = connect(remote).await?;
     if follow {

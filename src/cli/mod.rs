@@ -80,8 +80,9 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
-    /// List the agent's jobs.
+    /// List the agent's jobs; with a job id, that job's state and steps.
     Jobs {
+        job: Option<String>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -241,7 +242,11 @@ pub fn main() -> ExitCode {
         Command::Submit { job, follow, remote } => {
             runtime().and_then(|rt| rt.block_on(client::submit(&remote, &job, follow)))
         }
-        Command::Jobs { remote } => runtime().and_then(|rt| rt.block_on(client::jobs(&remote))),
+        Command::Jobs { job: None, remote } => runtime().and_then(|rt| rt.block_on(client::jobs(&remote))),
+        Command::Jobs {
+            job: Some(job),
+            remote,
+        } => runtime().and_then(|rt| rt.block_on(client::job(&remote, &job))),
         Command::Logs {
             job,
             follow,

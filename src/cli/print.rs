@@ -25,21 +25,16 @@ pub fn event(e: &pb::JobEvent) -> Option<pb::JobState> {
             let _ = writeln!(err, "runnel: ── step {} \"{}\"", s.index + 1, s.name);
         }
         Event::StepFinished(r) => {
-            let secs = r
-                .duration
-                .map(|d| d.seconds as f64 + d.nanos as f64 / 1e9)
-                .unwrap_or(0.0);
-            let how = match (r.exit_code, r.signal) {
-                (0, _) => "succeeded".to_string(),
-                (-1, s) if s > 0 => format!("killed (signal {s})"),
-                (c, _) => format!("failed: exit status {c}"),
-            };
-            let _ = writeln!(
-                err,
-                "runnel: step {} \"{}\" {how} in {secs:.2}s",
-                r.index + 1,
-                r.name
-            );
+            if r.started.is_some() {
+                let _ = writeln!(
+                    err,
+                    "runnel: step {} \"{}\" {} in {:.2}s",
+                    r.index + 1,
+                    r.name,
+                    how(r),
+                    seconds(r)
+                );
+            }
         }
         Event::Checkout(_) => {}
         Event::State(s) => {
@@ -56,6 +51,9 @@ pub fn event(e: &pb::JobEvent) -> Option<pb::JobState> {
                     .map(|f| f.as_str_name().trim_start_matches("FAILURE_KIND_").to_string())
                     .unwrap_or_default();
                 let name = state.as_str_name().trim_start_matches("JOB_STATE_");
+                if !s.steps.is_empty() {
+                    let _ = err.write_all(steps_table(&s.steps).as_bytes());
+                }
                 if state == pb::JobState::Succeeded {
                     let _ = writeln!(err, "runnel: job {} {name}", s.job_id);
                 } else {
@@ -66,4 +64,130 @@ pub fn event(e: &pb::JobEvent) -> Option<pb::JobState> {
         }
     }
     None
+}
+
+fn seconds(r: &pb::StepResult) -> f64 {
+    r.duration
+        .map(|d| d.seconds as f64 + d.nanos as f64 / 1e9)
+        .unwrap_or(0.0)
+}
+
+/// How a step ended, in a few words.
+fn how(r: &pb::StepResult) -> String {
+    let ended = match (r.exit_code, r.signal) {
+        (0, _) => "succeeded".to_string(),
+        (-1, s) if s > 0 => format!("killed (signal {s})"),
+        (c, _) => format!("failed: exit status {c}"),
+    };
+    match (r.started.is_some(), r.note.as_str()) {
+        (false, note) => note.to_string(),
+        (true, "") => ended,
+        (true, note) if r.background && r.exit_code == -1 && r.signal == 0 => note.to_string(),
+        (true, note) => format!("{ended} ({note})"),
+    }
+}
+
+/// The job's steps, one line each: when each ran, how it ended, how long
+/// it took.
+pub fn steps_table(steps: &[pb::StepResult]) -> String {
+    let when = |r: &pb::StepResult| {
+        pb::StepWhen::try_from(r.when)
+            .ok()
+            .filter(|w| *w != pb::StepWhen::Unspecified)
+            .map_or("on_success".to_string(), |w| {
+                w.as_str_name().trim_start_matches("STEP_WHEN_").to_lowercase()
+            })
+    };
+    let name = |r: &pb::StepResult| {
+        if r.background {
+            format!("{} (background)", r.name)
+        } else {
+            r.name.clone()
+        }
+    };
+    let width = steps
+        .iter()
+        .map(|r| name(r).chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut out = format!(
+        "runnel: {:>3}  {:<width$}  {:<10}  {:>8}  result\n",
+        "#", "step", "when", "time"
+    );
+    for r in steps {
+        let time = if r.started.is_some() {
+            format!("{:.2}s", seconds(r))
+        } else {
+            "-".to_string()
+        };
+        out.push_str(&format!(
+            "runnel: {:>3}  {:<width$}  {:<10}  {:>8}  {}\n",
+            r.index + 1,
+            name(r),
+            when(r),
+            time,
+            how(r)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_steps_table_says_when_each_ran_how_it_ended_and_how_long_it_took() {
+        let started = Some(prost_types::Timestamp::default());
+        let d = |ms: i32| {
+            Some(prost_types::Duration {
+                seconds: 0,
+                nanos: ms * 1_000_000,
+            })
+        };
+        let steps = [
+            pb::StepResult {
+                index: 0,
+                name: "build".into(),
+                exit_code: 2,
+                duration: d(250),
+                started,
+                ..Default::default()
+            },
+            pb::StepResult {
+                index: 1,
+                name: "deploy".into(),
+                exit_code: -1,
+                note: "skipped: an earlier step failed (when = on_success)".into(),
+                ..Default::default()
+            },
+            pb::StepResult {
+                index: 2,
+                name: "logs".into(),
+                when: pb::StepWhen::Always as i32,
+                duration: d(10),
+                started,
+                ..Default::default()
+            },
+            pb::StepResult {
+                index: 3,
+                name: "db".into(),
+                exit_code: -1,
+                background: true,
+                duration: d(500),
+                started,
+                note: "running at the end of the job's steps: stopped with the container".into(),
+                ..Default::default()
+            },
+        ];
+        assert_eq!(
+            steps_table(&steps),
+            "runnel:   #  step             when            time  result\n\
+             runnel:   1  build            on_success     0.25s  failed: exit status 2\n\
+             runnel:   2  deploy           on_success         -  skipped: an earlier step failed (when = on_success)\n\
+             runnel:   3  logs             always         0.01s  succeeded\n\
+             runnel:   4  db (background)  on_success     0.50s  running at the end of the job's steps: stopped with the container\n"
+        );
+    }
 }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::model::Secret;
 use crate::model::spec::{
-    CheckoutSpec, ContainerSpec, JobSpec, Network, Resources, SecretVar, SpecError, Step,
+    CheckoutSpec, ContainerSpec, JobSpec, Network, Resources, SecretVar, SpecError, Step, When,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,7 @@ struct RawJob {
     #[serde(default)]
     secrets: Vec<RawSecret>,
     timeout: Option<RawDuration>,
+    no_output_timeout: Option<RawDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +96,14 @@ struct RawStep {
     #[serde(default)]
     env: BTreeMap<String, String>,
     timeout: Option<RawDuration>,
+    /// "on_success" (default), "on_fail", "always".
+    when: Option<String>,
+    #[serde(default)]
+    background: bool,
+    no_output_timeout: Option<RawDuration>,
+    working_directory: Option<String>,
+    /// "/bin/bash -eo pipefail"
+    shell: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -223,11 +232,28 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
     };
     let mut steps = Vec::new();
     for (i, s) in raw.steps.into_iter().enumerate() {
+        let when = match s.when.as_deref() {
+            None | Some("") => When::OnSuccess,
+            Some(w) => When::parse(w).ok_or_else(|| SpecError {
+                field: format!("steps[{i}].when"),
+                reason: format!("{w:?} is not \"on_success\", \"on_fail\" or \"always\""),
+            })?,
+        };
         steps.push(Step {
             name: s.name,
             run: s.run,
             env: s.env,
             timeout: duration(&format!("steps[{i}].timeout"), s.timeout)?,
+            when,
+            background: s.background,
+            no_output_timeout: duration(&format!("steps[{i}].no_output_timeout"), s.no_output_timeout)?,
+            working_directory: s.working_directory.filter(|d| !d.is_empty()),
+            shell: s
+                .shell
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
         });
     }
     Ok(JobSpec {
@@ -267,6 +293,7 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
             .map(|s| SecretVar::new(s.name, s.value))
             .collect(),
         timeout: duration("timeout", raw.timeout)?,
+        no_output_timeout: duration("no_output_timeout", raw.no_output_timeout)?,
     })
 }
 
@@ -320,6 +347,45 @@ value = "s3cret"
         assert!(e.to_string().contains("ssh.user_key_file"), "{e}");
         let e = load_str("[[steps]]\nrn = \"x\"").unwrap_err();
         assert!(e.to_string().contains("rn"), "{e}");
+    }
+
+    #[test]
+    fn step_conditions_background_shell_and_directories() {
+        let spec = load_str(
+            r#"
+no_output_timeout = "5m"
+[[steps]]
+run = "serve"
+background = true
+[[steps]]
+run = "make test"
+shell = "/bin/bash -eo pipefail"
+working_directory = "app"
+no_output_timeout = "30s"
+[[steps]]
+run = "upload"
+when = "on_fail"
+"#,
+        )
+        .unwrap();
+        assert_eq!(spec.no_output_timeout, Some(Duration::from_secs(300)));
+        let [serve, test, upload] = &spec.steps[..] else {
+            panic!("{:?}", spec.steps)
+        };
+        assert!(serve.background && !test.background);
+        assert_eq!(serve.argv(), ["/bin/sh", "-e", "-c", "serve"]);
+        assert_eq!(test.argv(), ["/bin/bash", "-eo", "pipefail", "-c", "make test"]);
+        assert_eq!(test.cwd("/workspace").as_deref(), Some("/workspace/app"));
+        assert_eq!(test.no_output_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(upload.when, When::OnFail);
+        assert_eq!(serve.when, When::OnSuccess);
+
+        let e = load_str("[[steps]]\nrun = \"x\"\nwhen = \"sometimes\"").unwrap_err();
+        assert!(e.to_string().contains("steps[0].when"), "{e}");
+        let e = load_str("[[steps]]\nrun = \"x\"\nbackground = true").unwrap_err();
+        assert!(e.to_string().contains("every step is a background step"), "{e}");
+        let e = load_str("[[steps]]\nrun = \"x\"\nshell = \"bash\"").unwrap_err();
+        assert!(e.to_string().contains("steps[0].shell"), "{e}");
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct JobSpec {
     pub secrets: Vec<SecretVar>,
     /// `None` = the agent's default.
     pub timeout: Option<Duration>,
+    /// For every step without its own; `None` = the agent's default.
+    pub no_output_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -90,6 +92,79 @@ pub struct Step {
     pub run: String,
     pub env: BTreeMap<String, String>,
     pub timeout: Option<Duration>,
+    pub when: When,
+    pub background: bool,
+    pub no_output_timeout: Option<Duration>,
+    /// Relative to /workspace, or absolute; `None`: the image's WorkingDir
+    /// or /workspace.
+    pub working_directory: Option<String>,
+    /// The shell's words; `run` follows them after `-c`. Empty: [`DEFAULT_SHELL`].
+    pub shell: Vec<String>,
+}
+
+/// The shell of a step that names none: stops at the first command that
+/// fails, as CircleCI's and GitHub's steps do.
+pub const DEFAULT_SHELL: &[&str] = &["/bin/sh", "-e"];
+
+impl Step {
+    /// The step's command line: its shell, `-c` and its script.
+    pub fn argv(&self) -> Vec<String> {
+        let mut argv: Vec<String> = if self.shell.is_empty() {
+            DEFAULT_SHELL.iter().map(|s| s.to_string()).collect()
+        } else {
+            self.shell.clone()
+        };
+        argv.push("-c".into());
+        argv.push(self.run.clone());
+        argv
+    }
+
+    /// Where the step runs, as the container sees it, if it says.
+    pub fn cwd(&self, workspace: &str) -> Option<String> {
+        let dir = self.working_directory.as_deref()?;
+        Some(if dir.starts_with('/') {
+            dir.to_string()
+        } else {
+            format!("{workspace}/{dir}")
+        })
+    }
+}
+
+/// When a step runs, given how the steps before it went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum When {
+    /// While no earlier step has failed.
+    #[default]
+    OnSuccess,
+    /// Only after an earlier step failed.
+    OnFail,
+    Always,
+}
+
+impl When {
+    pub fn name(self) -> &'static str {
+        match self {
+            When::OnSuccess => "on_success",
+            When::OnFail => "on_fail",
+            When::Always => "always",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<When> {
+        [When::OnSuccess, When::OnFail, When::Always]
+            .into_iter()
+            .find(|w| w.name() == s)
+    }
+
+    /// Whether a step runs when an earlier one has (or has not) failed.
+    pub fn runs(self, failed: bool) -> bool {
+        match self {
+            When::OnSuccess => !failed,
+            When::OnFail => failed,
+            When::Always => true,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -264,11 +339,12 @@ impl JobSpec {
             env.insert("RUNNEL_STEP", step.name.len());
             // Each string with its NUL, and a pointer to each.
             // The kernel copies the program's path too: /bin/sh, then argv.
+            let argv = step.argv();
             let strings: usize = env.iter().map(|(k, v)| k.len() + v + 2).sum::<usize>()
-                + "/bin/sh\0/bin/sh\0-c\0".len()
-                + step.run.len()
-                + 1;
-            let total = strings + (env.len() + 4) * std::mem::size_of::<usize>();
+                + argv[0].len()
+                + 1
+                + argv.iter().map(|a| a.len() + 1).sum::<usize>();
+            let total = strings + (env.len() + argv.len() + 2) * std::mem::size_of::<usize>();
             if total > budget {
                 return Err(err(
                     field,
@@ -341,6 +417,28 @@ impl JobSpec {
             }
             validate_env(&format!("{field}.env"), &step.env)?;
             validate_timeout(&format!("{field}.timeout"), step.timeout)?;
+            validate_timeout(&format!("{field}.no_output_timeout"), step.no_output_timeout)?;
+            if let Some(dir) = &step.working_directory {
+                if dir.trim().is_empty() || dir.contains('\0') {
+                    return Err(err(
+                        format!("{field}.working_directory"),
+                        "must be a path (relative to /workspace, or absolute) without NUL bytes; leave it \
+                         unset for the default",
+                    ));
+                }
+            }
+            if step.shell.iter().any(|w| w.contains('\0')) {
+                return Err(err(format!("{field}.shell"), "contains a NUL byte"));
+            }
+            if step.shell.first().is_some_and(|p| !p.starts_with('/')) {
+                return Err(err(
+                    format!("{field}.shell"),
+                    format!(
+                        "must start with the shell's absolute path (\"/bin/bash -eo pipefail\"), not {:?}",
+                        step.shell[0]
+                    ),
+                ));
+            }
         }
         validate_env("env", &self.env)?;
         for (i, s) in self.secrets.iter().enumerate() {
@@ -353,6 +451,13 @@ impl JobSpec {
             }
         }
         validate_timeout("timeout", self.timeout)?;
+        validate_timeout("no_output_timeout", self.no_output_timeout)?;
+        if self.steps.iter().all(|s| s.background) {
+            return Err(err(
+                "steps",
+                "every step is a background step: a job needs a step it waits for",
+            ));
+        }
         self.check_exec_size(exec_limit())
     }
 }
@@ -499,7 +604,7 @@ mod tests {
             name: "second".into(),
             run: "x".repeat(100_000),
             env: BTreeMap::from([("STEP".to_string(), "x".repeat(100_000))]),
-            timeout: None,
+            ..Default::default()
         });
         let e = exec_refusal(&s, 256 << 10).unwrap();
         assert_eq!(e.field, "steps[1]");

@@ -61,6 +61,8 @@ pub enum FailureKind {
     Timeout,
     Cancelled,
     Agent,
+    /// A step printed nothing for its no-output timeout.
+    NoOutput,
 }
 
 impl FailureKind {
@@ -78,6 +80,7 @@ impl FailureKind {
             FailureKind::Timeout => "TIMEOUT",
             FailureKind::Cancelled => "CANCELLED",
             FailureKind::Agent => "AGENT",
+            FailureKind::NoOutput => "NO_OUTPUT",
         }
     }
 }
@@ -91,6 +94,16 @@ pub struct StepResult {
     pub exit_code: i32,
     pub signal: i32,
     pub duration: Duration,
+    /// `None`: the step did not run (see `note`).
+    #[serde(default)]
+    pub started: Option<SystemTime>,
+    #[serde(default)]
+    pub when: super::spec::When,
+    /// Why it did not run, or how a background step ended.
+    #[serde(default)]
+    pub note: String,
+    #[serde(default)]
+    pub background: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -259,8 +259,11 @@ async fn a_failing_step_ends_the_job_with_its_exit_code() {
     assert_eq!(state(&status), pb::JobState::Failed);
     assert_eq!(failure(&status), pb::FailureKind::Step);
     assert!(status.message.contains("exit status 3"), "{}", status.message);
-    assert_eq!(status.steps.len(), 2);
+    // The third did not run: its result says so.
+    assert_eq!(status.steps.len(), 3);
     assert_eq!(status.steps[1].exit_code, 3);
+    assert_eq!(status.steps[2].started, None);
+    assert_eq!(status.steps[2].state, pb::JobState::Unspecified as i32);
     assert_eq!(output(&events, pb::Stream::Stdout), "first\n");
     assert_eq!(output(&events, pb::Stream::Stderr), "boom\n");
 }

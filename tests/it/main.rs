@@ -26,6 +26,7 @@ mod images;
 mod runtime;
 mod sandbox;
 mod service;
+mod steps;
 mod support;
 mod tls;
 mod userns;

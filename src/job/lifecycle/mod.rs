@@ -67,6 +67,8 @@ enum Interrupt {
     Cancelled,
     JobTimeout(Duration),
     StepTimeout(Duration),
+    /// A step printed nothing for this long.
+    NoOutput(Duration),
 }
 
 impl Interrupt {
@@ -90,6 +92,14 @@ impl Interrupt {
                 failure: FailureKind::Timeout,
                 message: format!(
                     "{during} exceeded its timeout of {}",
+                    humantime::format_duration(t)
+                ),
+            },
+            Interrupt::NoOutput(t) => End {
+                state: JobState::Failed,
+                failure: FailureKind::NoOutput,
+                message: format!(
+                    "{during} printed nothing for {} (its no_output_timeout) and was ended",
                     humantime::format_duration(t)
                 ),
             },
@@ -244,6 +254,10 @@ impl Phases<'_> {
             masker,
             limits: self.limits,
             grace: self.registry.config().runtime.grace_period,
+            no_output_timeout: self
+                .spec
+                .no_output_timeout
+                .unwrap_or(self.registry.config().runtime.no_output_timeout),
             cgroup,
             resources,
             disk: held.disk.as_ref().map(|d| d.limit()),

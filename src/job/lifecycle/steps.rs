@@ -5,15 +5,18 @@
 //! which.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
+use futures::future::BoxFuture;
+use tokio::process::Child;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::disk::DiskLimit;
-use super::{End, Limits};
+use super::{End, Interrupt, Limits};
 use crate::job::Job;
 use crate::logs::Masker;
 use crate::logs::output::{CHUNK_CAP, Chunker, pump};
@@ -22,6 +25,7 @@ use crate::runtime::cgroup::LimitsHit;
 use crate::runtime::spec as oci;
 use crate::runtime::user::User;
 use crate::runtime::{ContainerRuntime, JobContainer};
+use crate::sys::wipe::WipeOnDrop;
 
 /// What every step of a job shares.
 pub(super) struct Steps<'a> {
@@ -33,6 +37,8 @@ pub(super) struct Steps<'a> {
     pub masker: Arc<Masker>,
     pub limits: &'a Limits,
     pub grace: Duration,
+    /// For a step without its own.
+    pub no_output_timeout: Duration,
     /// The container's cgroup and limits, to explain a kill.
     pub cgroup: String,
     pub resources: Resources,
@@ -41,19 +47,145 @@ pub(super) struct Steps<'a> {
     pub runtime: &'a dyn ContainerRuntime,
 }
 
+/// A step's process: started, its output on the way to the log.
+struct Started {
+    child: Child,
+    _process_file: WipeOnDrop,
+    /// Ends when both pipes have closed.
+    output: BoxFuture<'static, ()>,
+    /// When it last printed anything.
+    last_output: Arc<Mutex<Instant>>,
+    exited: CancellationToken,
+}
+
+/// A background step still running, or how it ended.
+struct Background {
+    result: StepResult,
+    started: Instant,
+    what: String,
+    task: tokio::task::JoinHandle<std::io::Result<std::process::ExitStatus>>,
+}
+
 impl Steps<'_> {
-    /// Runs the steps in order; the first that fails ends the job.
+    /// Runs the steps in order. A step runs when its `when` says so given
+    /// whether an earlier one failed; the job's outcome is the first
+    /// failure's. Once the container was stopped (a timeout, a cancel) no
+    /// step runs any more.
     pub async fn run_all(&self, container: &mut dyn JobContainer, steps: &[Step]) -> End {
+        let mut first: Option<End> = None;
+        let mut stopped: Option<String> = None;
+        let mut background: Vec<Background> = Vec::new();
         for (i, step) in steps.iter().enumerate() {
             let index = i as u32;
+            self.reap(&mut background, &mut first, false).await;
+            let skip = match &stopped {
+                Some(why) => Some(format!("skipped: {why}")),
+                None if !step.when.runs(first.is_some()) => Some(format!(
+                    "skipped: {} (when = {})",
+                    if first.is_some() {
+                        "an earlier step failed"
+                    } else {
+                        "no earlier step failed"
+                    },
+                    step.when.name()
+                )),
+                None => None,
+            };
+            if let Some(note) = skip {
+                self.job
+                    .system_line(index, &format!("runnel: step {:?} {note}", step.name));
+                self.job.step_finished(StepResult {
+                    index,
+                    name: step.name.clone(),
+                    state: JobState::Cancelled,
+                    exit_code: -1,
+                    signal: 0,
+                    duration: Duration::ZERO,
+                    started: None,
+                    when: step.when,
+                    note,
+                    background: step.background,
+                });
+                continue;
+            }
             let span = tracing::info_span!("step", step = %step.name, index);
-            let (result, end) = self.run(container, index, step).instrument(span).await;
+            if step.background {
+                match self
+                    .start_background(container, index, step)
+                    .instrument(span)
+                    .await
+                {
+                    Ok(b) => background.push(b),
+                    Err((result, end)) => {
+                        self.job.step_finished(result);
+                        first.get_or_insert(end);
+                    }
+                }
+                continue;
+            }
+            let (result, end, container_stopped) = self.run(container, index, step).instrument(span).await;
             self.job.step_finished(result);
             if let Some(end) = end {
-                return end;
+                if container_stopped {
+                    stopped = Some(format!("the container was stopped ({})", end.message));
+                }
+                first.get_or_insert(end);
             }
         }
-        End::ok()
+        self.reap(&mut background, &mut first, true).await;
+        first.unwrap_or_else(End::ok)
+    }
+
+    /// Reports the background steps that have ended: one that failed
+    /// while the job's other steps ran fails the job (unless something
+    /// failed first). At the `end` of the job, the rest are reported as
+    /// stopped with the container.
+    async fn reap(&self, background: &mut Vec<Background>, first: &mut Option<End>, end: bool) {
+        let mut still = Vec::new();
+        for mut b in background.drain(..) {
+            if !b.task.is_finished() && !end {
+                still.push(b);
+                continue;
+            }
+            b.result.duration = b.started.elapsed();
+            if !b.task.is_finished() {
+                b.result.state = JobState::Succeeded;
+                b.result.note = "running at the end of the job's steps: stopped with the container".into();
+                self.job.step_finished(b.result);
+                // Its output goes on to the log until the container stops.
+                continue;
+            }
+            match (&mut b.task).await {
+                Ok(Ok(status)) if status.success() => {
+                    b.result.state = JobState::Succeeded;
+                    b.result.exit_code = 0;
+                    b.result.note = "ended by itself".into();
+                }
+                Ok(Ok(status)) => {
+                    let code = status.code().unwrap_or(-1);
+                    b.result.exit_code = code;
+                    b.result.note = "failed while the job's steps ran".into();
+                    first.get_or_insert(End::failed(
+                        FailureKind::Step,
+                        format!("background {} failed: exit status {code}", b.what),
+                    ));
+                }
+                Ok(Err(e)) => {
+                    first.get_or_insert(End::failed(
+                        FailureKind::Agent,
+                        format!("cannot wait for {}: {e}", b.what),
+                    ));
+                }
+                Err(e) => {
+                    first.get_or_insert(End::failed(
+                        FailureKind::Agent,
+                        format!("{} was lost: {e}", b.what),
+                    ));
+                }
+            }
+            self.job.step_finished(b.result);
+        }
+        *background = still;
     }
 
     /// Why the container's processes were killed, if a limit did it.
@@ -85,53 +217,52 @@ impl Steps<'_> {
         Some(format!("ran out of disk space: it filled {disk}"))
     }
 
-    async fn run(
-        &self,
-        container: &mut dyn JobContainer,
-        index: u32,
-        step: &Step,
-    ) -> (StepResult, Option<End>) {
-        let job = self.job;
-        job.emit(EventKind::StepStarted {
-            index,
-            name: step.name.clone(),
-        });
-        let started = Instant::now();
-        let before = self.runtime.limits_hit(&self.cgroup);
-        let mut result = StepResult {
+    /// The step's result before it has run.
+    fn result(&self, index: u32, step: &Step) -> StepResult {
+        StepResult {
             index,
             name: step.name.clone(),
             state: JobState::Failed,
             exit_code: -1,
             signal: 0,
             duration: Duration::ZERO,
-        };
-        let what = format!("step {:?}", step.name);
-        let fail = |mut result: StepResult, message: String| {
-            result.duration = started.elapsed();
-            (result, Some(End::failed(FailureKind::Agent, message)))
-        };
+            started: Some(SystemTime::now()),
+            when: step.when,
+            note: String::new(),
+            background: step.background,
+        }
+    }
 
+    /// Starts the step's process in the container, its output pumped into
+    /// the log under `index`.
+    fn start(
+        &self,
+        container: &dyn JobContainer,
+        index: u32,
+        step: &Step,
+        what: &str,
+    ) -> Result<Started, String> {
+        let job = self.job;
         let mut env = self.env.clone();
         env.extend(step.env.clone());
         env.insert("RUNNEL_STEP".into(), step.name.clone());
-        let args = vec!["/bin/sh".into(), "-c".into(), step.run.clone()];
-        let process = oci::process(args, &env, &self.cwd, &self.user);
+        let cwd = step.cwd(oci::WORKSPACE).unwrap_or_else(|| self.cwd.clone());
+        let process = oci::process(step.argv(), &env, &cwd, &self.user);
         let pipes = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .and_then(|o| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map(|e| (o, e)));
-        let ((out_r, out_w), (err_r, err_w)) = match pipes {
-            Ok(p) => p,
-            Err(e) => return fail(result, format!("cannot create pipes for {what}: {e}")),
-        };
-        let (mut child, _process_file) = match container.exec(&process, out_w, err_w) {
-            Ok(c) => c,
-            Err(e) => return fail(result, format!("cannot start {what}: {e}")),
-        };
+        let ((out_r, out_w), (err_r, err_w)) =
+            pipes.map_err(|e| format!("cannot create pipes for {what}: {e}"))?;
+        let (child, process_file) = container
+            .exec(&process, out_w, err_w)
+            .map_err(|e| format!("cannot start {what}: {e}"))?;
         let exited = CancellationToken::new();
+        let last_output = Arc::new(Mutex::new(Instant::now()));
         let pump_to_log = |pipe, stream: Out| {
             let job = job.clone();
+            let last = last_output.clone();
             let chunker = Chunker::new(self.masker.clone(), CHUNK_CAP);
             pump(pipe, chunker, exited.clone(), move |data: Vec<u8>| {
+                *last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
                 job.emit(EventKind::Log {
                     step: index,
                     stream,
@@ -139,21 +270,151 @@ impl Steps<'_> {
                 })
             })
         };
+        let (out, err) = (pump_to_log(out_r, Out::Stdout), pump_to_log(err_r, Out::Stderr));
+        let output = Box::pin(async move {
+            let _ = tokio::join!(out, err);
+        });
+        Ok(Started {
+            child,
+            _process_file: process_file,
+            output,
+            last_output,
+            exited,
+        })
+    }
+
+    /// A step's working directory, made (as the step's user, by its
+    /// shell) when it does not exist.
+    async fn make_cwd(&self, container: &dyn JobContainer, step: &Step) -> Result<(), String> {
+        let Some(dir) = step.cwd(oci::WORKSPACE) else {
+            return Ok(());
+        };
+        let shell = step.argv()[0].clone();
+        let args = vec![
+            shell,
+            "-c".into(),
+            "mkdir -p -- \"$1\"".into(),
+            "sh".into(),
+            dir.clone(),
+        ];
+        let process = oci::process(args, &self.env, "/", &self.user);
+        let devnull = |_| std::fs::File::open("/dev/null").map(OwnedFd::from);
+        let (Ok(out), Ok(err)) = (devnull(()), devnull(())) else {
+            return Err("cannot open /dev/null".into());
+        };
+        let (mut child, _file) = container.exec(&process, out, err).map_err(|e| e.to_string())?;
+        match child.wait().await {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(format!(
+                "cannot make its working_directory {dir}: mkdir -p exited with {s}"
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Starts a background step: the job goes on at once.
+    async fn start_background(
+        &self,
+        container: &mut dyn JobContainer,
+        index: u32,
+        step: &Step,
+    ) -> Result<Background, (StepResult, End)> {
+        let what = format!("step {:?}", step.name);
+        self.job.emit(EventKind::StepStarted {
+            index,
+            name: step.name.clone(),
+        });
+        let started = Instant::now();
+        let result = self.result(index, step);
+        let failed = |message: String| (result.clone(), End::failed(FailureKind::Agent, message));
+        self.make_cwd(container, step)
+            .await
+            .map_err(|e| failed(format!("{what}: {e}")))?;
+        let s = self.start(container, index, step, &what).map_err(failed)?;
+        self.job
+            .system_line(index, &format!("runnel: {what} runs in the background"));
+        // The task outlives this call: it ends when the process has exited
+        // and its pipes have closed (the container stopped, at the latest).
+        let Started {
+            mut child,
+            _process_file: file,
+            output,
+            exited,
+            ..
+        } = s;
+        let task = tokio::spawn(async move {
+            let _file = file;
+            let wait = async {
+                let status = child.wait().await;
+                exited.cancel();
+                status
+            };
+            let (status, ()) = tokio::join!(wait, output);
+            status
+        });
+        Ok(Background {
+            result,
+            started,
+            what,
+            task,
+        })
+    }
+
+    /// Runs one foreground step to its end. Returns its result, the end
+    /// of the job if it failed, and whether the container was stopped.
+    async fn run(
+        &self,
+        container: &mut dyn JobContainer,
+        index: u32,
+        step: &Step,
+    ) -> (StepResult, Option<End>, bool) {
+        let job = self.job;
+        job.emit(EventKind::StepStarted {
+            index,
+            name: step.name.clone(),
+        });
+        let started = Instant::now();
+        let before = self.runtime.limits_hit(&self.cgroup);
+        let mut result = self.result(index, step);
+        let what = format!("step {:?}", step.name);
+        let fail = |mut result: StepResult, message: String| {
+            result.duration = started.elapsed();
+            (result, Some(End::failed(FailureKind::Agent, message)), false)
+        };
+        if let Err(e) = self.make_cwd(container, step).await {
+            return fail(result, format!("{what}: {e}"));
+        }
+        let Started {
+            mut child,
+            _process_file,
+            output,
+            last_output,
+            exited,
+        } = match self.start(container, index, step, &what) {
+            Ok(s) => s,
+            Err(e) => return fail(result, e),
+        };
         let work = async {
             let wait = async {
                 let status = child.wait().await;
                 exited.cancel();
                 status
             };
-            let (status, _, _) = tokio::join!(
-                wait,
-                pump_to_log(out_r, Out::Stdout),
-                pump_to_log(err_r, Out::Stderr)
-            );
+            let (status, ()) = tokio::join!(wait, output);
             status
         };
         tokio::pin!(work);
         let step_limit = step.timeout.map(|t| (started + t, t));
+        let quiet_limit = step.no_output_timeout.unwrap_or(self.no_output_timeout);
+        let silence = async {
+            loop {
+                let last = *last_output.lock().unwrap_or_else(|e| e.into_inner());
+                if last.elapsed() >= quiet_limit {
+                    return Interrupt::NoOutput(quiet_limit);
+                }
+                tokio::time::sleep_until(last + quiet_limit).await;
+            }
+        };
         let interrupt = tokio::select! {
             status = &mut work => {
                 result.duration = started.elapsed();
@@ -161,7 +422,7 @@ impl Steps<'_> {
                     Ok(s) if s.success() => {
                         result.state = JobState::Succeeded;
                         result.exit_code = 0;
-                        (result, None)
+                        (result, None, false)
                     }
                     Ok(s) => {
                         let code = s.code().unwrap_or(-1);
@@ -170,12 +431,13 @@ impl Steps<'_> {
                             Some(why) => format!("{what} {why}; exit status {code}"),
                             None => format!("{what} failed: exit status {code}"),
                         };
-                        (result, Some(End::failed(FailureKind::Step, message)))
+                        (result, Some(End::failed(FailureKind::Step, message)), false)
                     }
                     Err(e) => fail(result, format!("cannot wait for {what}: {e}")),
                 };
             }
             why = self.limits.interrupted(step_limit) => why,
+            why = silence => why,
         };
         let mut end = interrupt.end(&what);
         if let Some(why) = self.limit_hit(before) {
@@ -198,7 +460,7 @@ impl Steps<'_> {
                 .unwrap_or(libc::SIGKILL),
             _ => libc::SIGKILL,
         };
-        (result, Some(end))
+        (result, Some(end), true)
     }
 }
 
@@ -222,6 +484,7 @@ pub(super) mod tests {
     use crate::logs::EventLog;
     use crate::metrics::Metrics;
     use crate::model::JobStatus;
+    use crate::model::When;
     use crate::runtime::RuntimeError;
     use crate::sys::wipe::WipeOnDrop;
 
@@ -345,8 +608,8 @@ pub(super) mod tests {
         Step {
             name: name.into(),
             run: run.into(),
-            env: BTreeMap::new(),
             timeout,
+            ..Default::default()
         }
     }
 
@@ -368,6 +631,7 @@ pub(super) mod tests {
             masker: Arc::new(Masker::new(&[])),
             limits,
             grace: Duration::from_millis(100),
+            no_output_timeout: Duration::from_secs(600),
             cgroup: runtime.cgroup_path("j"),
             resources: Resources {
                 memory_bytes: Some(64 << 20),
@@ -410,10 +674,139 @@ pub(super) mod tests {
         assert_eq!((end.state, end.failure), (JobState::Failed, FailureKind::Step));
         assert_eq!(end.message, "step \"two\" failed: exit status 3");
         let status = job.status();
-        assert_eq!(status.steps.len(), 2);
+        assert_eq!(status.steps.len(), 3);
         assert_eq!(status.steps[1].exit_code, 3);
-        assert_eq!(log_text(&job).await, "first\nsecond\n");
+        // The third did not run, and says why.
+        assert_eq!(status.steps[2].started, None);
+        assert_eq!(
+            status.steps[2].note,
+            "skipped: an earlier step failed (when = on_success)"
+        );
+        assert_eq!(
+            log_text(&job).await,
+            "first\nsecond\nrunnel: step \"three\" skipped: an earlier step failed (when = on_success)\n"
+        );
         assert_eq!(*rt.calls.lock().unwrap(), ["exec", "exec"]);
+    }
+
+    fn when(mut s: Step, when: When) -> Step {
+        s.when = when;
+        s
+    }
+
+    #[tokio::test]
+    async fn on_fail_and_always_steps_run_after_a_failure_which_stays_the_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = FakeRuntime::default();
+        let cancel = CancellationToken::new();
+        let steps = [
+            when(step("only-on-fail", "echo not-yet", None), When::OnFail),
+            step("fails", "exit 3", None),
+            step("on-success", "echo skipped", None),
+            when(step("on-fail", "echo cleanup; exit 5", None), When::OnFail),
+            when(step("always", "echo always", None), When::Always),
+        ];
+        let (end, job) = run(&rt, &limits(&cancel, Duration::from_secs(30)), dir.path(), &steps).await;
+        // The first failure is the job's, not the on_fail step's.
+        assert_eq!(end.message, "step \"fails\" failed: exit status 3");
+        let status = job.status();
+        let ran: Vec<(&str, bool)> = status
+            .steps
+            .iter()
+            .map(|s| (s.name.as_str(), s.started.is_some()))
+            .collect();
+        assert_eq!(
+            ran,
+            [
+                ("only-on-fail", false),
+                ("fails", true),
+                ("on-success", false),
+                ("on-fail", true),
+                ("always", true)
+            ]
+        );
+        assert_eq!(
+            status.steps[0].note,
+            "skipped: no earlier step failed (when = on_fail)"
+        );
+        assert_eq!(status.steps[3].when, When::OnFail);
+        assert_eq!(status.steps[3].exit_code, 5);
+        let log = log_text(&job).await;
+        assert!(log.contains("cleanup\n") && log.contains("always\n"), "{log}");
+        assert!(!log.contains("not-yet") && !log.contains("skipped\n"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn a_step_silent_for_its_no_output_timeout_ends_the_job_with_no_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = FakeRuntime::default();
+        let cancel = CancellationToken::new();
+        let mut chatty = step(
+            "chatty",
+            "for i in 1 2 3 4 5 6; do echo $i; sleep 0.1; done",
+            None,
+        );
+        chatty.no_output_timeout = Some(Duration::from_millis(400));
+        let mut silent = step("silent", "echo once; sleep 30", None);
+        silent.no_output_timeout = Some(Duration::from_millis(300));
+        let steps = [
+            chatty,
+            silent,
+            when(step("after", "echo after", None), When::Always),
+        ];
+        let (end, job) = run(&rt, &limits(&cancel, Duration::from_secs(30)), dir.path(), &steps).await;
+        assert_eq!(
+            (end.state, end.failure),
+            (JobState::Failed, FailureKind::NoOutput)
+        );
+        assert_eq!(
+            end.message,
+            "step \"silent\" printed nothing for 300ms (its no_output_timeout) and was ended"
+        );
+        let status = job.status();
+        assert_eq!(status.steps[0].state, JobState::Succeeded);
+        // The container was stopped: nothing runs after it.
+        assert!(
+            status.steps[2]
+                .note
+                .starts_with("skipped: the container was stopped"),
+            "{:?}",
+            status.steps[2]
+        );
+        assert_eq!(*rt.calls.lock().unwrap(), ["exec", "exec", "stop"]);
+    }
+
+    #[tokio::test]
+    async fn a_background_step_runs_beside_the_next_and_fails_the_job_only_while_they_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = FakeRuntime::default();
+        let cancel = CancellationToken::new();
+        let mut server = step("server", "echo serving; sleep 0.2; exit 4", None);
+        server.background = true;
+        let steps = [server, step("client", "sleep 1; echo client-done", None)];
+        let (end, job) = run(&rt, &limits(&cancel, Duration::from_secs(30)), dir.path(), &steps).await;
+        assert_eq!((end.state, end.failure), (JobState::Failed, FailureKind::Step));
+        assert_eq!(end.message, "background step \"server\" failed: exit status 4");
+        let status = job.status();
+        let names: Vec<&str> = status.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["client", "server"]);
+        assert!(status.steps[1].background);
+        assert_eq!(status.steps[1].note, "failed while the job's steps ran");
+
+        // Still running when the others end: stopped with the container,
+        // the job succeeds.
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = step("server", "echo serving; sleep 30", None);
+        server.background = true;
+        let steps = [server, step("client", "sleep 0.2", None)];
+        let (end, job) = run(&rt, &limits(&cancel, Duration::from_secs(30)), dir.path(), &steps).await;
+        assert_eq!(end.state, JobState::Succeeded, "{}", end.message);
+        let status = job.status();
+        assert_eq!(
+            status.steps[1].note,
+            "running at the end of the job's steps: stopped with the container"
+        );
+        assert!(log_text(&job).await.contains("serving\n"));
     }
 
     #[tokio::test]
