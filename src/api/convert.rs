@@ -7,8 +7,8 @@ use super::pb;
 use crate::job::AgentInfo;
 use crate::model::Secret;
 use crate::model::spec::{
-    CheckoutSpec, ContainerSpec, JobSpec, Network, Resources, SecretVar, SpecError, SshCredentials, Step,
-    When,
+    CheckoutSpec, ContainerSpec, ExtraKey, JobSpec, Network, Resources, SecretVar, SpecError, SshCredentials,
+    Step, When,
 };
 use crate::model::state::{FailureKind, JobState, JobStatus, StepResult};
 use crate::model::{CheckoutDone, SubmoduleDone};
@@ -101,6 +101,14 @@ impl TryFrom<pb::JobSpec> for JobSpec {
                 user_key: nonzero(ssh.user_key).map(Secret::new),
                 known_hosts: ssh.known_hosts,
                 passphrase: nonzero(ssh.passphrase).map(Secret::from),
+                extra_keys: ssh
+                    .extra_keys
+                    .into_iter()
+                    .map(|k| ExtraKey {
+                        private: Secret::new(k.private_key),
+                        host: nonzero(k.host),
+                    })
+                    .collect(),
             },
             container: ContainerSpec {
                 image: container.image,
@@ -149,6 +157,15 @@ impl From<&JobSpec> for pb::JobSpec {
                     .as_ref()
                     .map(|p| String::from_utf8_lossy(p.expose()).into_owned())
                     .unwrap_or_default(),
+                extra_keys: s
+                    .ssh
+                    .extra_keys
+                    .iter()
+                    .map(|k| pb::ExtraKey {
+                        private_key: k.private.expose().to_vec(),
+                        host: k.host.clone().unwrap_or_default(),
+                    })
+                    .collect(),
             }),
             container: Some(pb::Container {
                 image: s.container.image.clone(),

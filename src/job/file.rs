@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::model::Secret;
 use crate::model::spec::{
-    CheckoutSpec, ContainerSpec, JobSpec, Network, Resources, SecretVar, SpecError, Step, When,
+    CheckoutSpec, ContainerSpec, ExtraKey, JobSpec, Network, Resources, SecretVar, SpecError, Step, When,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +66,16 @@ struct RawSsh {
     known_hosts: Vec<String>,
     known_hosts_file: Option<PathBuf>,
     passphrase: Option<String>,
+    #[serde(default)]
+    extra_keys: Vec<RawExtraKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExtraKey {
+    key: Option<String>,
+    key_file: Option<PathBuf>,
+    host: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -230,6 +240,18 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
             });
         }
     };
+    let mut extra_keys = Vec::new();
+    for (i, k) in raw.ssh.extra_keys.into_iter().enumerate() {
+        let field = format!("ssh.extra_keys[{i}].key");
+        let private = key(base, &field, k.key, k.key_file)?.ok_or_else(|| SpecError {
+            field: field.clone(),
+            reason: format!("give {field} or {field}_file"),
+        })?;
+        extra_keys.push(ExtraKey {
+            private,
+            host: k.host.filter(|h| !h.is_empty()),
+        });
+    }
     let mut steps = Vec::new();
     for (i, s) in raw.steps.into_iter().enumerate() {
         let when = match s.when.as_deref() {
@@ -274,6 +296,7 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
             user_key: key(base, "ssh.user_key", raw.ssh.user_key, raw.ssh.user_key_file)?,
             known_hosts,
             passphrase: raw.ssh.passphrase.map(Secret::from),
+            extra_keys,
         },
         container: ContainerSpec {
             image: raw.container.image,

@@ -58,6 +58,16 @@ pub struct SshCredentials {
     pub user_key: Option<Secret>,
     pub known_hosts: Vec<String>,
     pub passphrase: Option<Secret>,
+    /// For steps only, never for the checkout.
+    pub extra_keys: Vec<ExtraKey>,
+}
+
+/// A key a step may use (to deploy, to push), offered to `host` only
+/// when given.
+#[derive(Debug, Clone)]
+pub struct ExtraKey {
+    pub private: Secret,
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -389,6 +399,27 @@ impl JobSpec {
         ] {
             if key.as_ref().is_some_and(Secret::is_empty) {
                 return Err(err(field, "is empty; leave it unset instead"));
+            }
+        }
+        for (i, k) in self.ssh.extra_keys.iter().enumerate() {
+            if k.private.is_empty() {
+                return Err(err(format!("ssh.extra_keys[{i}].private_key"), "is empty"));
+            }
+            // A pattern goes into the job's ssh_config: one word of these
+            // characters, so that it can never add a line of its own.
+            if let Some(host) = &k.host
+                && (host.is_empty()
+                    || !host
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".-_*?:[]".contains(c)))
+            {
+                return Err(err(
+                    format!("ssh.extra_keys[{i}].host"),
+                    format!(
+                        "{host:?} is not a host name or pattern (letters, digits and . - _ * ? : [ ]); \
+                         leave it empty for every host"
+                    ),
+                ));
             }
         }
         let r = &self.container.resources;

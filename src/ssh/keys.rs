@@ -32,8 +32,8 @@ pub struct Key {
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("{field}: {reason}")]
 pub struct KeyError {
-    /// "ssh.user_key" or "ssh.deploy_key".
-    pub field: &'static str,
+    /// "ssh.user_key", "ssh.deploy_key", "ssh.extra_keys[0].private_key".
+    pub field: String,
     pub reason: String,
 }
 
@@ -41,11 +41,14 @@ pub struct KeyError {
 /// it with `passphrase` if it is encrypted.
 pub fn parse(
     kind: KeyKind,
-    field: &'static str,
+    field: &str,
     bytes: &Secret,
     passphrase: Option<&Secret>,
 ) -> Result<Key, KeyError> {
-    let fail = |reason: String| KeyError { field, reason };
+    let fail = |reason: String| KeyError {
+        field: field.to_string(),
+        reason,
+    };
     let text = bytes
         .expose_str()
         .ok_or_else(|| fail("is not text; give the private key file's contents".into()))?

@@ -8,6 +8,6 @@ pub mod keys;
 pub mod keyscan;
 pub mod known_hosts;
 
-pub use dir::SshDir;
+pub use dir::{ExtraKey, SshDir};
 pub use keys::{Key, KeyError};
 pub use known_hosts::{HostKeyCheck, KnownHosts, KnownHostsError};

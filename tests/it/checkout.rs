@@ -95,6 +95,7 @@ impl Fixture {
             },
             known_hosts: vec![self.server.known_hosts_line.clone()],
             passphrase: String::new(),
+            ..Default::default()
         });
         spec
     }
@@ -1000,4 +1001,94 @@ async fn a_warm_checkout_for_a_non_root_image_user_copies_nothing_up() {
             mounts_under(&agent.state_dir())
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn extra_keys_push_a_tag_and_log_in_to_a_second_host_and_leave_nothing() {
+    require!(Root, Sshd);
+    let keys = tempfile::tempdir().unwrap();
+    let pusher = KeyPair::generate(keys.path(), "pusher", "ed25519", "", &[]);
+    let login = KeyPair::generate(keys.path(), "login", "ed25519", "", &[]);
+    let stray = KeyPair::generate(keys.path(), "stray", "ed25519", "", &[]);
+    let git_host = GitServer::start(&[], &[&pusher]);
+    git_host.create_repo("org/app.git", |w| write(&w.join("app.txt"), "app\n"));
+    let other = GitServer::start(&[], &[&login]);
+    other.create_repo("org/other.git", |w| write(&w.join("other.txt"), "other\n"));
+    let agent = Agent::start("");
+    let mut spec = job(
+        "extra-keys",
+        &[
+            &format!(
+                "git clone -q {} /tmp/app && cd /tmp/app && git tag v1.0 && git push -q origin v1.0 && echo pushed",
+                git_host.url("org/app.git")
+            ),
+            &format!(
+                "git ls-remote {} | grep -c refs/heads/main",
+                other.url("org/other.git")
+            ),
+            "ls ~/.ssh | grep -c '^id_.*[^b]$'",
+        ],
+    );
+    let extra = |k: &KeyPair, host: &str| pb::ExtraKey {
+        private_key: k.private_bytes(),
+        host: host.into(),
+    };
+    spec.ssh = Some(pb::SshCredentials {
+        known_hosts: vec![git_host.known_hosts_line.clone(), other.known_hosts_line.clone()],
+        extra_keys: vec![
+            extra(&pusher, "127.0.0.1"),
+            extra(&login, ""),
+            extra(&stray, "deploy.example.com"),
+        ],
+        ..Default::default()
+    });
+    let (status, events) = run_job(&agent, spec).await;
+    assert_succeeded(&status, &events);
+    assert_eq!(output(&events, pb::Stream::Stdout), "pushed\n1\n3\n");
+    // The tag is on the server.
+    let tags = git(&git_host.repos().join("org/app.git"), &["tag"]);
+    assert_eq!(tags.trim(), "v1.0");
+    // The log names each key by fingerprint and host, never by content.
+    let system = output(&events, pb::Stream::System);
+    for (k, host) in [
+        (&pusher, "127.0.0.1"),
+        (&login, "every host"),
+        (&stray, "deploy.example.com"),
+    ] {
+        assert!(
+            system.contains(&format!(
+                "runnel: extra key for {host} ssh-ed25519 {}",
+                k.fingerprint
+            )),
+            "{system}"
+        );
+    }
+    // A key for another host is never offered to these.
+    for server in [&git_host, &other] {
+        assert!(!server.log().contains(&stray.fingerprint), "{}", server.log());
+    }
+    assert_no_key_bytes(&agent, &[&pusher, &login, &stray]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_extra_key_whose_host_could_add_a_config_line_is_refused() {
+    require!(Root);
+    let agent = Agent::start("");
+    let mut c = agent.scheduler().await;
+    let keys = tempfile::tempdir().unwrap();
+    let k = KeyPair::generate(keys.path(), "k", "ed25519", "", &[]);
+    let mut spec = job("bad-host", &["true"]);
+    spec.ssh = Some(pb::SshCredentials {
+        extra_keys: vec![pb::ExtraKey {
+            private_key: k.private_bytes(),
+            host: "example.com\n    ProxyCommand sh -c id".into(),
+        }],
+        ..Default::default()
+    });
+    let e = c
+        .submit_job(pb::SubmitJobRequest { job: Some(spec) })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("ssh.extra_keys[0].host"), "{}", e.message());
 }

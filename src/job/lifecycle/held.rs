@@ -191,7 +191,7 @@ mod tests {
             "h ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl".into(),
         ])
         .unwrap();
-        held.ssh_dir = Some(SshDir::write(&run.join(SSH), &[], &known).unwrap());
+        held.ssh_dir = Some(SshDir::write(&run.join(SSH), &[], &[], &known).unwrap());
         let rt = FakeRuntime::default();
         let mut container = rt.container();
         container.checks = vec![held.workspace(), run.join(SSH).join("known_hosts")];

@@ -29,7 +29,7 @@ use crate::runtime::rootfs::Rootfs;
 use crate::runtime::spec::USERNS_SIZE;
 use crate::runtime::spec::{self as oci, ContainerConfig};
 use crate::runtime::user::{self, User};
-use crate::ssh::{self, KnownHosts, SshDir};
+use crate::ssh::{self, ExtraKey, KnownHosts, SshDir};
 use crate::sys::userns::chown_tree;
 pub(super) use held::remove_run_dir;
 use held::{BUNDLE, Held, ROOT, SSH};
@@ -270,12 +270,12 @@ impl Phases<'_> {
     /// The job's `.ssh` (keys, known_hosts, config), written off the async
     /// threads; the log names each key by fingerprint.
     async fn install_keys(&self, keys: &PreparedKeys, held: &mut Held) -> Result<(), End> {
-        if keys.keys.is_empty() && keys.known_hosts.is_empty() {
+        if keys.keys.is_empty() && keys.extra.is_empty() && keys.known_hosts.is_empty() {
             return Ok(());
         }
         let path = held.run_dir().join(SSH);
-        let (k, kh) = (keys.keys.clone(), keys.known_hosts.clone());
-        let written = blocking(move || SshDir::write(&path, &k, &kh)).await;
+        let (k, e, kh) = (keys.keys.clone(), keys.extra.clone(), keys.known_hosts.clone());
+        let written = blocking(move || SshDir::write(&path, &k, &e, &kh)).await;
         held.ssh_dir = Some(written.map_err(|e| {
             End::failed(
                 FailureKind::Agent,
@@ -286,6 +286,18 @@ impl Phases<'_> {
             self.job.system_line(
                 0,
                 &format!("runnel: {} {} {}", k.kind.label(), k.algorithm, k.fingerprint),
+            );
+        }
+        for e in &keys.extra {
+            let host = e.host.as_deref().unwrap_or("every host");
+            self.job.system_line(
+                0,
+                &format!(
+                    "runnel: extra key for {host} {} {} (~/.ssh/{})",
+                    e.key.algorithm,
+                    e.key.fingerprint,
+                    ssh::dir::extra_key_file(&e.key)
+                ),
             );
         }
         Ok(())
@@ -585,6 +597,8 @@ where
 /// The job's keys and pinned hosts, checked; the values to mask.
 struct PreparedKeys {
     keys: Vec<ssh::Key>,
+    /// The steps' own keys.
+    extra: Vec<ExtraKey>,
     known_hosts: KnownHosts,
     mask: Vec<Secret>,
 }
@@ -604,11 +618,24 @@ fn prepare_keys(spec: &JobSpec) -> Result<PreparedKeys, String> {
         mask.extend(ssh::keys::mask_values(bytes, Some(&key)));
         keys.push(key);
     }
+    let mut extra = Vec::new();
+    for (i, k) in spec.ssh.extra_keys.iter().enumerate() {
+        let field = format!("ssh.extra_keys[{i}].private_key");
+        mask.extend(ssh::keys::mask_values(&k.private, None));
+        let key = ssh::keys::parse(KeyKind::None, &field, &k.private, spec.ssh.passphrase.as_ref())
+            .map_err(|e| e.to_string())?;
+        mask.extend(ssh::keys::mask_values(&k.private, Some(&key)));
+        extra.push(ExtraKey {
+            key,
+            host: k.host.clone(),
+        });
+    }
     if let Some(p) = &spec.ssh.passphrase {
         mask.push(p.clone());
     }
     Ok(PreparedKeys {
         keys,
+        extra,
         known_hosts,
         mask,
     })
