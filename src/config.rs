@@ -65,7 +65,15 @@ struct RawConfig {
     #[serde(default)]
     checkout: RawCheckout,
     #[serde(default)]
+    logs: RawLogs,
+    #[serde(default)]
     labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogs {
+    max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -218,6 +226,9 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// Keep a mirror per repository to check out from (warm checkouts).
     pub checkout_cache: bool,
+    /// A job's log keeps at most this many bytes of output (its first and
+    /// last half); `None`: all of it.
+    pub log_max_bytes: Option<u64>,
     pub labels: BTreeMap<String, String>,
     /// Paths on the host that hold agent secrets (token files): hidden from
     /// containers that see the host's root filesystem.
@@ -394,6 +405,18 @@ impl Config {
                 allow_host_image: r.allow_host_image.unwrap_or(true),
             },
             checkout_cache: raw.checkout.cache.unwrap_or(true),
+            log_max_bytes: match raw.logs.max_bytes {
+                None | Some(0) => None,
+                Some(b) if b < 1024 => {
+                    return Err(invalid(
+                        "logs.max_bytes",
+                        format!(
+                            "{b} bytes is too small to keep anything useful: at least 1024, or 0 for no limit"
+                        ),
+                    ));
+                }
+                Some(b) => Some(b),
+            },
             labels: raw.labels,
             private_paths,
         })

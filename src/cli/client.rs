@@ -141,7 +141,7 @@ pub async fn submit(remote: &Remote, job: &Path, follow: bool) -> Result<(), Fai
         .into_inner();
     eprintln!("runnel: job {} {}", status.job_id, state_name(status.state));
     if follow {
-        return follow_logs(&mut client, &status.job_id, 0).await;
+        return follow_logs(&mut client, &status.job_id, 0, &mut print::Printer::default()).await;
     }
     println!("{}", status.job_id);
     Ok(())
@@ -198,10 +198,17 @@ pub async fn job(remote: &Remote, job: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-pub async fn logs(remote: &Remote, job: &str, after: u64, follow: bool) -> Result<(), Failure> {
+pub async fn logs(
+    remote: &Remote,
+    job: &str,
+    after: u64,
+    follow: bool,
+    timestamps: bool,
+) -> Result<(), Failure> {
     let mut client = connect(remote).await?;
+    let mut printer = print::Printer::new(timestamps);
     if follow {
-        return follow_logs(&mut client, job, after).await;
+        return follow_logs(&mut client, job, after, &mut printer).await;
     }
     let mut stream = client
         .watch_job(pb::WatchJobRequest {
@@ -213,14 +220,19 @@ pub async fn logs(remote: &Remote, job: &str, after: u64, follow: bool) -> Resul
         .map_err(refused)?
         .into_inner();
     while let Some(e) = stream.next().await {
-        print::event(&e.map_err(refused)?);
+        printer.event(&e.map_err(refused)?);
     }
     Ok(())
 }
 
 /// Follows a job until it ends, reconnecting after a dropped connection
 /// and resuming after the last seq printed: nothing missed, nothing twice.
-async fn follow_logs(client: &mut Client, job: &str, after: u64) -> Result<(), Failure> {
+async fn follow_logs(
+    client: &mut Client,
+    job: &str,
+    after: u64,
+    printer: &mut print::Printer,
+) -> Result<(), Failure> {
     let mut last = after;
     let mut retry = Duration::from_millis(200);
     let mut end = None;
@@ -247,7 +259,7 @@ async fn follow_logs(client: &mut Client, job: &str, after: u64) -> Result<(), F
                 Some(Ok(e)) => {
                     last = e.seq;
                     retry = Duration::from_millis(200);
-                    if let Some(state) = print::event(&e) {
+                    if let Some(state) = printer.event(&e) {
                         end = Some(state);
                     }
                 }

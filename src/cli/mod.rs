@@ -91,6 +91,9 @@ enum Command {
         job: String,
         #[arg(short, long)]
         follow: bool,
+        /// Each line with the time the agent read it (RFC 3339, UTC).
+        #[arg(short, long)]
+        timestamps: bool,
         /// Start after this event seq.
         #[arg(long, default_value_t = 0)]
         after: u64,
@@ -250,9 +253,10 @@ pub fn main() -> ExitCode {
         Command::Logs {
             job,
             follow,
+            timestamps,
             after,
             remote,
-        } => runtime().and_then(|rt| rt.block_on(client::logs(&remote, &job, after, follow))),
+        } => runtime().and_then(|rt| rt.block_on(client::logs(&remote, &job, after, follow, timestamps))),
         Command::Cancel { job, remote } => {
             runtime().and_then(|rt| rt.block_on(client::cancel(&remote, &job)))
         }

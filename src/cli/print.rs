@@ -9,18 +9,70 @@ use pb::job_event::Event;
 
 /// Prints one event. Returns the job's state when the event ends the job.
 pub fn event(e: &pb::JobEvent) -> Option<pb::JobState> {
-    let mut out = std::io::stdout().lock();
+    Printer::default().event(e)
+}
+
+/// Prints events, optionally each line with the time the agent read it.
+#[derive(Debug, Default)]
+pub struct Printer {
+    timestamps: bool,
+    /// Per stream: the last chunk ended mid-line.
+    mid_line: [bool; 4],
+}
+
+impl Printer {
+    pub fn new(timestamps: bool) -> Printer {
+        Printer {
+            timestamps,
+            ..Printer::default()
+        }
+    }
+
+    /// Prints one event. Returns the job's state when the event ends the
+    /// job.
+    pub fn event(&mut self, e: &pb::JobEvent) -> Option<pb::JobState> {
+        if let Some(Event::Log(chunk)) = e.event.as_ref() {
+            let stdout = chunk.stream == pb::Stream::Stdout as i32;
+            let data = if self.timestamps {
+                let slot = (chunk.stream.clamp(0, 3)) as usize;
+                let when = e
+                    .time
+                    .and_then(|t| std::time::SystemTime::try_from(t).ok())
+                    .map(|t| humantime::format_rfc3339_millis(t).to_string())
+                    .unwrap_or_default();
+                stamp(&chunk.data, &when, &mut self.mid_line[slot])
+            } else {
+                chunk.data.clone()
+            };
+            let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+            let w: &mut dyn Write = if stdout { &mut out } else { &mut err };
+            let _ = w.write_all(&data);
+            let _ = w.flush();
+            return None;
+        }
+        print_other(e)
+    }
+}
+
+/// `data` with `when ` at the start of each line (`mid_line`: the last
+/// chunk of this stream did not end its line).
+fn stamp(data: &[u8], when: &str, mid_line: &mut bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 32);
+    for line in data.split_inclusive(|b| *b == b'\n') {
+        if !*mid_line {
+            out.extend_from_slice(when.as_bytes());
+            out.push(b' ');
+        }
+        out.extend_from_slice(line);
+        *mid_line = !line.ends_with(b"\n");
+    }
+    out
+}
+
+fn print_other(e: &pb::JobEvent) -> Option<pb::JobState> {
     let mut err = std::io::stderr().lock();
     match e.event.as_ref()? {
-        Event::Log(chunk) => {
-            let w: &mut dyn Write = if chunk.stream == pb::Stream::Stdout as i32 {
-                &mut out
-            } else {
-                &mut err
-            };
-            let _ = w.write_all(&chunk.data);
-            let _ = w.flush();
-        }
+        Event::Log(_) => {}
         Event::StepStarted(s) => {
             let _ = writeln!(err, "runnel: ── step {} \"{}\"", s.index + 1, s.name);
         }
@@ -136,6 +188,15 @@ pub fn steps_table(steps: &[pb::StepResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_start_every_line_and_only_lines() {
+        let mut mid = false;
+        assert_eq!(stamp(b"a\nb", "T1", &mut mid), b"T1 a\nT1 b");
+        assert!(mid);
+        assert_eq!(stamp(b"c\nd\n", "T2", &mut mid), b"c\nT2 d\n");
+        assert!(!mid);
+    }
 
     #[test]
     fn the_steps_table_says_when_each_ran_how_it_ended_and_how_long_it_took() {

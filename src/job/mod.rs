@@ -72,6 +72,8 @@ pub struct Job {
     status: Mutex<JobStatus>,
     log: EventLog,
     masker: OnceLock<Arc<Masker>>,
+    /// The log's budget, when `[logs] max_bytes` limits it.
+    budget: OnceLock<Mutex<crate::logs::budget::Budget>>,
     cancel: CancellationToken,
     metrics: Arc<Metrics>,
 }
@@ -84,6 +86,7 @@ impl Job {
             status: Mutex::new(status),
             log,
             masker: OnceLock::new(),
+            budget: OnceLock::new(),
             cancel: CancellationToken::new(),
             metrics: metrics.clone(),
         }
@@ -145,11 +148,50 @@ impl Job {
     }
 
     fn emit(&self, kind: EventKind) {
+        let kind = match (kind, self.budget.get()) {
+            // A step's output counts against the log's budget; the agent's
+            // own lines do not.
+            (EventKind::Log { step, stream, data }, Some(budget)) if stream != Out::System => {
+                let admitted = budget
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .admit(step, stream, data);
+                match admitted {
+                    Some(data) => EventKind::Log { step, stream, data },
+                    None => return,
+                }
+            }
+            (kind, _) => kind,
+        };
         if let EventKind::Log { stream, data, .. } = &kind {
             self.metrics.log_written(*stream, data.len());
         }
         if let Err(e) = self.log.append(kind) {
             tracing::error!(job_id = %self.id, error = %e, "cannot append to the event log");
+        }
+    }
+
+    /// Limits the output the job's log keeps to `max` bytes (its first and
+    /// last half).
+    fn limit_log(&self, max: Option<u64>) {
+        if let Some(max) = max {
+            let _ = self.budget.set(Mutex::new(crate::logs::budget::Budget::new(max)));
+        }
+    }
+
+    /// Records what a limited log held back: the marker line, then the
+    /// last part of the output.
+    fn flush_log(&self) {
+        let Some(budget) = self.budget.get() else { return };
+        let (marker, tail) = budget.lock().unwrap_or_else(|e| e.into_inner()).finish();
+        if let Some(marker) = marker {
+            self.system_line(tail.first().map_or(0, |c| c.0), &marker);
+        }
+        for (step, stream, data) in tail {
+            self.metrics.log_written(stream, data.len());
+            if let Err(e) = self.log.append(EventKind::Log { step, stream, data }) {
+                tracing::error!(job_id = %self.id, error = %e, "cannot append to the event log");
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 //! follow it live. This module never runs processes and never decides a
 //! job's state; it records what the lifecycle tells it.
 
+pub mod budget;
 pub mod eventlog;
 pub mod mask;
 pub mod output;

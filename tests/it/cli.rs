@@ -119,6 +119,26 @@ fn the_clients_of_a_running_agent() {
     let mut logs = runnel(&["logs", "cli-1"]);
     remote(&mut logs);
     assert_eq!(run_ok(&mut logs).0, "hi from cli\n");
+    // With the time the agent read each line.
+    let mut logs = runnel(&["logs", "--timestamps", "cli-1"]);
+    remote(&mut logs);
+    let (out, _) = run_ok(&mut logs);
+    let (when, line) = out.trim_end().split_once(' ').unwrap();
+    assert_eq!(line, "hi from cli", "{out}");
+    assert!(
+        when.len() == "2026-11-29T09:48:35.123Z".len() && when.ends_with('Z') && when.contains('T'),
+        "{out}"
+    );
+    // One job: its state and a table of its steps.
+    let mut one = runnel(&["jobs", "cli-1"]);
+    remote(&mut one);
+    let (out, _) = run_ok(&mut one);
+    assert!(out.starts_with("cli-1 SUCCEEDED\n"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("on_success") && l.ends_with("succeeded")),
+        "{out}"
+    );
 
     let mut info = runnel(&["info"]);
     remote(&mut info);

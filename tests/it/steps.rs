@@ -216,3 +216,60 @@ async fn a_shell_that_is_not_an_absolute_path_is_refused_at_submit() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("steps[0].shell"), "{}", e.message());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_over_its_limit_keeps_head_and_tail_with_a_marker_and_the_agent_stays_small() {
+    require!(Root);
+    let agent = Agent::start("[logs]\nmax_bytes = 1048576");
+    // 100 MB of numbered lines: the head and the tail are recognisable.
+    let spec = job_of(
+        "big-log",
+        vec![step(
+            "loud",
+            "seq -w 1 20000000 | head -c 100000000; echo; echo the-end",
+        )],
+    );
+    let (status, events) = run_job(&agent, spec).await;
+    assert_succeeded(&status, &events);
+    let out = output(&events, pb::Stream::Stdout);
+    // seq may say on stderr that its pipe closed: that counts too.
+    let err = output(&events, pb::Stream::Stderr);
+    let total = 100_000_000 + "\nthe-end\n".len() + err.len();
+    assert_eq!(out.len() + err.len(), 1 << 20);
+    assert!(out.starts_with("00000001\n00000002\n"), "{}", &out[..40]);
+    assert!(out.ends_with("\nthe-end\n"), "{}", &out[out.len() - 40..]);
+    let system = output(&events, pb::Stream::System);
+    assert!(
+        system.contains(&format!(
+            "runnel: {} bytes of output dropped here: the job's log is limited to 1048576 bytes (logs.max_bytes)",
+            total - (1 << 20)
+        )),
+        "{system}"
+    );
+    // The marker sits between the head and the tail.
+    let kinds: Vec<i32> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(pb::job_event::Event::Log(l)) if l.stream != pb::Stream::Stderr as i32 => Some(l.stream),
+            _ => None,
+        })
+        .collect();
+    let marker_at = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(pb::job_event::Event::Log(l)) if l.stream != pb::Stream::Stderr as i32 => Some(l),
+            _ => None,
+        })
+        .position(|l| String::from_utf8_lossy(&l.data).contains("bytes of output dropped"))
+        .unwrap();
+    assert!(kinds[..marker_at].contains(&(pb::Stream::Stdout as i32)));
+    assert!(kinds[marker_at + 1..].contains(&(pb::Stream::Stdout as i32)));
+    // The agent never held the 100 MB: its peak memory stays small.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(hwm_kib < 96 * 1024, "the agent's peak RSS was {hwm_kib} KiB");
+}

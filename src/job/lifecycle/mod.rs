@@ -133,6 +133,7 @@ pub(super) async fn run(registry: &Arc<Registry>, job: &Arc<Job>, spec: JobSpec,
     let span = tracing::info_span!("job", job_id = %job.id);
     async {
         let started = Instant::now();
+        job.limit_log(registry.config().log_max_bytes);
         let end = std::panic::AssertUnwindSafe(phases(registry, job, &spec, slot))
             .catch_unwind()
             .await
@@ -142,6 +143,7 @@ pub(super) async fn run(registry: &Arc<Registry>, job: &Arc<Job>, spec: JobSpec,
                     "runnel itself failed while running this job (a bug); see the agent's log",
                 )
             });
+        job.flush_log();
         tracing::info!(
             state = end.state.name(),
             failure = end.failure.name(),
