@@ -74,6 +74,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawLogs {
     max_bytes: Option<u64>,
+    progress_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -229,6 +230,8 @@ pub struct Config {
     /// A job's log keeps at most this many bytes of output (its first and
     /// last half); `None`: all of it.
     pub log_max_bytes: Option<u64>,
+    /// How often a long image pull says how far it has come.
+    pub progress_interval: Duration,
     pub labels: BTreeMap<String, String>,
     /// Paths on the host that hold agent secrets (token files): hidden from
     /// containers that see the host's root filesystem.
@@ -405,6 +408,11 @@ impl Config {
                 allow_host_image: r.allow_host_image.unwrap_or(true),
             },
             checkout_cache: raw.checkout.cache.unwrap_or(true),
+            progress_interval: positive_duration(
+                raw.logs.progress_interval.as_deref(),
+                "logs.progress_interval",
+                "1s",
+            )?,
             log_max_bytes: match raw.logs.max_bytes {
                 None | Some(0) => None,
                 Some(b) if b < 1024 => {

@@ -159,6 +159,34 @@ pub struct Image {
     pub holds: Arc<Vec<LayerHold>>,
 }
 
+/// How far getting an image has come, for the job's log: written by the
+/// store as it goes, read by whoever reports it.
+#[derive(Debug, Default)]
+pub struct PullProgress(Mutex<PullState>);
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PullState {
+    /// The image's layers, once its manifest is read.
+    pub layers: usize,
+    /// Layers ready (from the cache, or fetched and unpacked).
+    pub done: usize,
+    /// Layers that were not in the cache.
+    pub fetched: usize,
+    pub fetched_bytes: u64,
+    /// A layer is being unpacked.
+    pub unpacking: bool,
+}
+
+impl PullProgress {
+    pub fn state(&self) -> PullState {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn update(&self, change: impl FnOnce(&mut PullState)) {
+        change(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
 /// A shared lock on a cached layer: [`ImageStore::expire`] leaves it be.
 #[derive(Debug)]
 pub struct LayerHold(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
@@ -302,9 +330,19 @@ impl ImageStore {
     /// The image, pulled and unpacked (or taken from the cache), with
     /// `shift` added to every owner of its files (0: as built).
     pub async fn get(&self, image: &str, shift: u32) -> Result<Image, ImageError> {
+        self.get_reporting(image, shift, &PullProgress::default()).await
+    }
+
+    /// [`ImageStore::get`], telling `progress` how far it has come.
+    pub async fn get_reporting(
+        &self,
+        image: &str,
+        shift: u32,
+        progress: &PullProgress,
+    ) -> Result<Image, ImageError> {
         match parse(image)? {
-            Source::Layout { path, tag } => self.pull_layout(&path, tag.as_deref(), shift).await,
-            Source::Registry(reference) => self.pull_registry(&reference, shift).await,
+            Source::Layout { path, tag } => self.pull_layout(&path, tag.as_deref(), shift, progress).await,
+            Source::Registry(reference) => self.pull_registry(&reference, shift, progress).await,
         }
     }
 
@@ -315,6 +353,7 @@ impl ImageStore {
         digest: &str,
         media_type: &str,
         shift: u32,
+        progress: &PullProgress,
         fetch: F,
     ) -> Result<(PathBuf, LayerHold), ImageError>
     where
@@ -335,13 +374,17 @@ impl ImageStore {
             Ok(LayerHold(held))
         })
         .await?;
+        let ready = || progress.update(|p| p.done += 1);
         if dir.join("complete").exists() {
+            ready();
             return Ok((fs_dir, hold));
         }
         let unpacking = self.lock_for(digest).lock_owned().await;
         if dir.join("complete").exists() {
+            ready();
             return Ok((fs_dir, hold)); // another job unpacked it meanwhile
         }
+        progress.update(|p| p.fetched += 1);
         let format = layer::Format::of(digest, media_type)?;
         let tmp = tempfile::Builder::new()
             .prefix(hex)
@@ -349,6 +392,7 @@ impl ImageStore {
             .map_err(cache_err("make a temporary directory"))?;
         let blob = tmp.path().join("blob");
         fetch(blob.clone()).await?;
+        progress.update(|p| p.unpacking = true);
         let (digest, fs) = (digest.to_string(), fs_dir.clone());
         // Hashing, unpacking and removing trees take long: off the async
         // threads, the temporary directory (a half-unpacked layer, maybe)
@@ -369,6 +413,10 @@ impl ImageStore {
             Ok(())
         })
         .await?;
+        progress.update(|p| {
+            p.unpacking = false;
+            p.done += 1;
+        });
         Ok((fs_dir, hold))
     }
 
@@ -396,7 +444,13 @@ impl ImageStore {
         removed
     }
 
-    async fn pull_layout(&self, root: &Path, tag: Option<&str>, shift: u32) -> Result<Image, ImageError> {
+    async fn pull_layout(
+        &self,
+        root: &Path,
+        tag: Option<&str>,
+        shift: u32,
+        progress: &PullProgress,
+    ) -> Result<Image, ImageError> {
         let read = |path: PathBuf| async move {
             tokio::fs::read(&path)
                 .await
@@ -458,12 +512,16 @@ impl ImageStore {
             parse_json("image config", &read_blob(manifest.config.digest.clone()).await?)?;
         let mut layers = Vec::new();
         let mut holds = Vec::new();
+        progress.update(|p| p.layers = manifest.layers.len());
         for l in &manifest.layers {
             let src = blob_path(&l.digest)?;
             let (dir, hold) = self
-                .layer(&l.digest, &l.media_type, shift, |dest| async move {
+                .layer(&l.digest, &l.media_type, shift, progress, |dest| async move {
                     match tokio::fs::copy(&src, &dest).await {
-                        Ok(_) => Ok(()),
+                        Ok(n) => {
+                            progress.update(|p| p.fetched_bytes += n);
+                            Ok(())
+                        }
                         Err(source) => Err(ImageError::Read { path: src, source }),
                     }
                 })
@@ -479,7 +537,12 @@ impl ImageStore {
         })
     }
 
-    async fn pull_registry(&self, reference: &Reference, shift: u32) -> Result<Image, ImageError> {
+    async fn pull_registry(
+        &self,
+        reference: &Reference,
+        shift: u32,
+        progress: &PullProgress,
+    ) -> Result<Image, ImageError> {
         let registry = reference.resolve_registry().to_string();
         let (manifest, digest) = self
             .client
@@ -490,10 +553,11 @@ impl ImageStore {
         let config: ConfigFile = parse_json("image config", &config)?;
         let mut layers = Vec::new();
         let mut holds = Vec::new();
+        progress.update(|p| p.layers = manifest.layers.len());
         for l in &manifest.layers {
             let registry = &registry;
             let (dir, hold) = self
-                .layer(&l.digest, &l.media_type, shift, |dest| async move {
+                .layer(&l.digest, &l.media_type, shift, progress, |dest| async move {
                     let mut stream = self
                         .client
                         .pull_blob_stream(reference, l)
@@ -512,6 +576,7 @@ impl ImageStore {
                         if let Err(e) = file.write_all(&chunk).await {
                             return Err(write_err(e));
                         }
+                        progress.update(|p| p.fetched_bytes += chunk.len() as u64);
                     }
                     file.flush().await.map_err(write_err)
                 })

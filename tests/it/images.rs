@@ -959,3 +959,52 @@ async fn zstd_layers_run_from_a_layout_and_a_registry() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_says_what_it_got_and_how_far_it_has_come() {
+    require!(Root, Busybox, Registry);
+    let dir = tempfile::tempdir().unwrap();
+    // A layer of 64 MB: unpacking it takes longer than the agent's
+    // progress interval of 10 ms.
+    write_layout(
+        dir.path(),
+        "big",
+        &[
+            busybox_layer(),
+            vec![Entry::File("big.bin", vec![0u8; 64 << 20], 0o644)],
+        ],
+        &["PATH=/bin"],
+        "",
+    );
+    let registry = Registry::start();
+    let reference = registry.push(dir.path(), "big", "test/big");
+    let agent = Agent::start(&format!(
+        "[runtime]\ninsecure_registries = [\"{}\"]\n[logs]\nprogress_interval = \"10ms\"",
+        registry.addr
+    ));
+    let (status, events) = run_job(&agent, with_image("pull-1", &reference, &["true"])).await;
+    assert_succeeded(&status, &events);
+    let system = output(&events, pb::Stream::System);
+    let said = |what: &str| system.lines().filter(|l| l.contains(what)).count();
+    assert!(said(&format!("runnel: pulling {reference}: ")) >= 1, "{system}");
+    assert!(
+        system.contains("layers ready") && system.contains("MB fetched"),
+        "{system}"
+    );
+    let line = system
+        .lines()
+        .find(|l| l.starts_with(&format!("runnel: image {reference} is sha256:")))
+        .unwrap_or_else(|| panic!("{system}"));
+    assert!(line.contains("(pulled 2 of 2 layers, "), "{line}");
+
+    // The next job finds it in the cache, and says so.
+    let (status, events) = run_job(&agent, with_image("pull-2", &reference, &["true"])).await;
+    assert_succeeded(&status, &events);
+    let system = output(&events, pb::Stream::System);
+    assert!(
+        system.contains(&format!("runnel: image {reference} is sha256:")),
+        "{system}"
+    );
+    assert!(system.contains("(cached)"), "{system}");
+    assert!(!system.contains("runnel: pulling"), "{system}");
+}

@@ -25,6 +25,7 @@ use crate::checkout::{self, Auth, Checkout};
 use crate::logs::Masker;
 use crate::model::{EventKind, FailureKind, JobSpec, JobState, KeyKind, Network, Resources, Secret};
 use crate::runtime::ContainerRuntime;
+use crate::runtime::image::PullProgress;
 use crate::runtime::rootfs::Rootfs;
 use crate::runtime::spec::USERNS_SIZE;
 use crate::runtime::spec::{self as oci, ContainerConfig};
@@ -394,10 +395,28 @@ impl Phases<'_> {
         // where that cannot be, each slot has its own shifted copy.
         let idmap = self.registry.idmap_layers;
         let shift = self.userns_base.filter(|_| !idmap).unwrap_or(0);
+        let progress = PullProgress::default();
+        let started = Instant::now();
+        let get = self.registry.images.get_reporting(&image, shift, &progress);
         let pulled = tokio::select! {
-            p = async { timed!("image_lookup", self.registry.images.get(&image, shift).await) } => p.map_err(|e| failed(format!("image {image:?}: {e}")))?,
+            p = async { timed!("image_lookup", get.await) } => p.map_err(|e| failed(format!("image {image:?}: {e}")))?,
+            never = self.report_pull(&image, &progress, started) => match never {},
             why = self.limits.interrupted(None) => return Err(why.end("the image pull")),
         };
+        let state = progress.state();
+        let how = if state.fetched == 0 {
+            "cached".to_string()
+        } else {
+            format!(
+                "pulled {} of {} layers, {} in {:.1}s",
+                state.fetched,
+                state.layers,
+                megabytes(state.fetched_bytes),
+                started.elapsed().as_secs_f64()
+            )
+        };
+        self.job
+            .system_line(0, &format!("runnel: image {image} is {} ({how})", pulled.digest));
         held.image_layers = Some(pulled.holds.clone());
         if pulled.layers.is_empty() {
             return Err(failed(format!("image {image:?} has no layers")));
@@ -435,6 +454,39 @@ impl Phases<'_> {
             env: pulled.config.env.clone().unwrap_or_default(),
             workdir,
         })
+    }
+
+    /// Says every `progress_interval` how far the image's pull has come;
+    /// runs until dropped.
+    async fn report_pull(
+        &self,
+        image: &str,
+        progress: &PullProgress,
+        started: Instant,
+    ) -> std::convert::Infallible {
+        let every = self.registry.config().progress_interval;
+        let mut last = None;
+        loop {
+            tokio::time::sleep(every).await;
+            let state = progress.state();
+            // Quiet while only the cache is read, or nothing moved.
+            if state.fetched == 0 || last.as_ref() == Some(&state) {
+                continue;
+            }
+            let rate = state.fetched_bytes as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            self.job.system_line(
+                0,
+                &format!(
+                    "runnel: pulling {image}: {}/{} layers ready, {} fetched ({}/s){}",
+                    state.done,
+                    state.layers,
+                    megabytes(state.fetched_bytes),
+                    megabytes(rate as u64),
+                    if state.unpacking { ", unpacking" } else { "" }
+                ),
+            );
+            last = Some(state);
+        }
     }
 
     /// The `host` image: the host's software, not its data (see
@@ -575,6 +627,11 @@ impl Phases<'_> {
         held.container = Some(container);
         Ok((container_config.resources, container_config.cgroup_path))
     }
+}
+
+/// "12.3 MB".
+fn megabytes(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
 /// The host id of the container's root for the job in `slot`: slot i of
