@@ -371,7 +371,7 @@ async fn a_secret_is_masked_even_split_across_writes_and_never_stored() {
         value: "hunter2-xyz".into(),
     });
     let (status, events) = run_job(&agent, spec).await;
-    assert_eq!(state(&status), pb::JobState::Succeeded, "{status:?}");
+    assert_succeeded(&status, &events);
     assert_eq!(output(&events, pb::Stream::Stdout), "token=[MASKED]\n");
     assert_eq!(output(&events, pb::Stream::Stderr), "env=[MASKED]\n");
     let leaks = files_containing(&agent.state_dir(), b"hunter2-xyz");
