@@ -75,6 +75,7 @@ impl TryFrom<pb::JobSpec> for JobSpec {
                 revision: c.revision,
                 submodules: c.submodules,
                 depth: c.depth,
+                refspecs: c.refspecs,
             }),
             ssh: SshCredentials {
                 deploy_key: nonzero(ssh.deploy_key).map(Secret::new),
@@ -113,6 +114,7 @@ impl From<&JobSpec> for pb::JobSpec {
         pb::JobSpec {
             job_id: s.job_id.clone(),
             checkout: s.checkout.as_ref().map(|c| pb::Checkout {
+                refspecs: c.refspecs.clone(),
                 repo_url: c.repo_url.clone(),
                 revision: c.revision.clone(),
                 submodules: c.submodules,

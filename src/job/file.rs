@@ -52,6 +52,8 @@ struct RawCheckout {
     submodules: bool,
     #[serde(default)]
     depth: u32,
+    #[serde(default)]
+    refspecs: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -237,6 +239,7 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
             revision: c.revision,
             submodules: c.submodules,
             depth: c.depth,
+            refspecs: c.refspecs,
         }),
         ssh: crate::model::spec::SshCredentials {
             deploy_key: key(

@@ -48,6 +48,8 @@ pub struct CheckoutSpec {
     pub revision: String,
     pub submodules: bool,
     pub depth: u32,
+    /// Refs fetched beyond branches and tags (`[+]refs/SRC[:refs/DST]`).
+    pub refspecs: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]

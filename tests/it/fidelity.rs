@@ -132,10 +132,7 @@ fn app_tree(v: &str, sub_attrs: &str, lib: &str, none: &str, pinned: &str) -> Ve
         file("-early.txt", b"also before\nit\n"),
         file("plain.txt", format!("one\ntwo {v}\n").as_bytes()),
         file("mixed.txt", b"already\r\nmixed\n"),
-        file(
-            "two.id",
-            format!("first $Id$ and\nsecond $Id$ {v}\n$Id: foreign id $\n").as_bytes(),
-        ),
+        file("two.id", format!("first $Id$ and\nsecond $Id$ {v}\n").as_bytes()),
         file("w.utf16", format!("h\u{e9}llo {v}\nw\u{f6}rld\n").as_bytes()),
         file("data.bin", b"\0binary\nfile\n"),
         file("nul.txt", b"looks\0binary\n"),
@@ -258,33 +255,30 @@ impl Corpus {
                 .env("GIT_CONFIG_NOSYSTEM", "1")
                 .env("HOME", dir.path()))
         };
+        let by_id = revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit());
+        let fetched = by_id || revision.starts_with("refs/") && !revision.starts_with("refs/heads/");
         let mut clone = Command::new("git");
-        clone.args(["clone", "-q", "--recurse-submodules"]);
-        let branch = match revision.strip_prefix("refs/heads/") {
-            Some(b) => Some(b),
-            None => (!revision.is_empty() && !revision.starts_with("refs/")).then_some(revision),
-        };
-        if let Some(branch) = branch {
+        clone.args(["clone", "-q"]);
+        if fetched {
+            clone.arg("--no-checkout");
+        } else {
+            clone.arg("--recurse-submodules");
+        }
+        if let Some(branch) = revision
+            .strip_prefix("refs/heads/")
+            .or((!fetched && !revision.is_empty()).then_some(revision))
+        {
             clone.args(["-b", branch]);
         }
         clone.arg(self.server.url("org/app.git")).arg(&work);
         run(&mut clone);
-        if revision.starts_with("refs/") && !revision.starts_with("refs/heads/") {
-            run(Command::new("git")
-                .arg("-C")
-                .arg(&work)
-                .args(["fetch", "-q", "origin", revision]));
-            run(Command::new("git")
-                .arg("-C")
-                .arg(&work)
-                .args(["checkout", "-q", "--detach", "FETCH_HEAD"]));
-            run(Command::new("git").arg("-C").arg(&work).args([
-                "submodule",
-                "update",
-                "-q",
-                "--init",
-                "--recursive",
-            ]));
+        if fetched {
+            let git_in = |args: &[&str]| {
+                run(Command::new("git").arg("-C").arg(&work).args(args));
+            };
+            git_in(&["fetch", "-q", "origin", revision]);
+            git_in(&["checkout", "-q", "--detach", "FETCH_HEAD"]);
+            git_in(&["submodule", "update", "-q", "--init", "--recursive"]);
         }
         run(Command::new("sh").arg("-c").arg(script).current_dir(&work))
     }
@@ -348,6 +342,30 @@ fn git_clone_is_what_it_should_be(report: &str) {
             .any(|l| l.starts_with('-') && l.ends_with(" libs/none")),
         "{report}"
     );
+    let digest = |bytes: &[u8]| {
+        use sha2::Digest;
+        sha2::Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    for (path, bytes) in [
+        ("./plain.txt", &b"one\r\ntwo v1\r\n"[..]),
+        ("./#hash.txt", b"sorts before .gitattributes\r\nv1\r\n"),
+        ("./sub/keep.txt", b"lf\nhere\n"),
+        ("./mixed.txt", b"already\r\nmixed\n"),
+        ("./x.keep", b"a macro\nkeeps LF\n"),
+        (
+            "./w.utf16",
+            b"\xff\xfeh\0\xe9\0l\0l\0o\0 \0v\x001\0\r\0\n\0w\0\xf6\0r\0l\0d\0\r\0\n\0",
+        ),
+    ] {
+        let line = report
+            .lines()
+            .find(|l| l.split(' ').nth(2) == Some(path))
+            .unwrap_or_else(|| panic!("{path} not in {report}"));
+        assert!(line.contains(&digest(bytes)), "{path}: {line}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -385,6 +403,15 @@ async fn any_ref_is_a_revision_and_a_remote_deleting_branches_is_no_corruption()
     git(app, &["update-ref", "refs/pull-requests/1/from", &first]);
     git(app, &["update-ref", "refs/pull/1/head", &first]);
     git(app, &["update-ref", "refs/heads/feat", &second]);
+    // A commit no ref advertises (a force-pushed build): fetched by id.
+    let hidden = import(
+        app,
+        "refs/heads/hidden",
+        "hidden",
+        &[file("hidden.txt", b"hidden\n")],
+    );
+    git(app, &["update-ref", "-d", "refs/heads/hidden"]);
+    git(app, &["config", "uploadpack.allowAnySHA1InWant", "true"]);
     for cache in ["", "[checkout]\ncache = false"] {
         let agent = Agent::start(cache);
         for (i, revision) in [
@@ -392,6 +419,7 @@ async fn any_ref_is_a_revision_and_a_remote_deleting_branches_is_no_corruption()
             "refs/pull/1/head",
             "refs/heads/main",
             "feat",
+            &hidden,
         ]
         .iter()
         .enumerate()
@@ -413,5 +441,39 @@ async fn any_ref_is_a_revision_and_a_remote_deleting_branches_is_no_corruption()
         );
         git(app, &["update-ref", "-d", "refs/heads/feat/x"]);
         git(app, &["update-ref", "refs/heads/feat", &second]);
+
+        // Refspecs: more refs for the step (a merge build's target).
+        let mut spec = corpus.spec(
+            &format!("refspecs-{}", cache.is_empty()),
+            "refs/pull/1/head",
+            &["git rev-parse HEAD origin/target pr/1 refs/pull-requests/1/from"],
+        );
+        spec.checkout.as_mut().unwrap().refspecs = vec![
+            "+refs/heads/main:refs/remotes/origin/target".into(),
+            "refs/pull/*/head:refs/remotes/pr/*".into(),
+            "refs/pull-requests/1/from".into(),
+        ];
+        let (status, events) = run_job(&agent, spec).await;
+        assert_succeeded(&status, &events);
+        assert_eq!(
+            output(&events, pb::Stream::Stdout),
+            format!("{first}\n{second}\n{first}\n{first}\n")
+        );
+        let mut bad = corpus.spec(&format!("bad-refspec-{}", cache.is_empty()), "", &["true"]);
+        bad.checkout.as_mut().unwrap().refspecs = vec!["main:target".into()];
+        let (status, _) = run_job(&agent, bad).await;
+        assert_eq!(failure(&status), pb::FailureKind::BadSpec, "{status:?}");
+        assert!(status.message.contains("\"main:target\""), "{}", status.message);
+
+        // depth: the workspace's history is as shallow as asked, cache or not.
+        let mut shallow = corpus.spec(
+            &format!("depth-{}", cache.is_empty()),
+            "",
+            &["git rev-parse --is-shallow-repository; git log --format=%s | wc -l; git status --porcelain"],
+        );
+        shallow.checkout.as_mut().unwrap().depth = 1;
+        let (status, events) = run_job(&agent, shallow).await;
+        assert_succeeded(&status, &events);
+        assert_eq!(output(&events, pb::Stream::Stdout), "true\n1\n");
     }
 }
