@@ -3,7 +3,7 @@
 //! with `bash bench/run` (which installs and starts what it needs: Debian's
 //! docker.io, runc, sshd, a registry) or, on a prepared machine, with
 //! `cargo bench --bench suite`. `RUNNEL_BENCH_ONLY=start,checkout` runs some
-//! sections (start overhead latency throughput checkout concurrent rootfs
+//! sections (start overhead latency throughput checkout checkout-wide concurrent rootfs
 //! userns); `RUNNEL_BENCH_N` sets the number of samples (default 50).
 //!
 //! It starts the real `runnel` binary (release build) as an agent and drives
@@ -684,6 +684,138 @@ async fn bench_checkout(r: &mut Report, runs: usize, dir: &Path) {
     );
 }
 
+/// A bare repository of one commit: `files` small files in 100
+/// directories and one `big` bytes file of pseudo-random (incompressible)
+/// bytes, made with git fast-import.
+fn wide_repo(bare: &Path, files: usize, big: usize) {
+    std::fs::create_dir_all(bare).unwrap();
+    git(bare, &["init", "-q", "--bare", "-b", "main"]);
+    let mut stream = Vec::new();
+    stream.extend_from_slice(
+        b"commit refs/heads/main\ncommitter Bench <bench@localhost> 1700000000 +0000\ndata 4\nwide\n",
+    );
+    for f in 0..files {
+        let body = format!("file {f}\n{}", "lorem ipsum dolor sit amet\n".repeat(20 + f % 40));
+        let _ = std::io::Write::write_all(
+            &mut stream,
+            format!(
+                "M 100644 inline src/d{}/f{f}.txt\ndata {}\n{body}\n",
+                f % 100,
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut blob = Vec::with_capacity(big);
+    while blob.len() < big {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        blob.extend_from_slice(&seed.to_le_bytes());
+    }
+    blob.truncate(big);
+    stream.extend_from_slice(format!("M 100644 inline assets/big.bin\ndata {big}\n").as_bytes());
+    stream.extend_from_slice(&blob);
+    stream.push(b'\n');
+    let mut child = Command::new("git")
+        .args(["fast-import", "--quiet"])
+        .current_dir(bare)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(&stream).unwrap();
+    assert!(child.wait().unwrap().success(), "git fast-import");
+    git(bare, &["repack", "-adq"]);
+}
+
+/// 5b. Cold and warm checkout of a wide repository (20,000 files and a
+///     50 MB file) against `git clone` in the same run: where writing the
+///     files, not fetching history, is the cost.
+async fn bench_checkout_wide(r: &mut Report, runs: usize, dir: &Path) {
+    const FILES: usize = 20_000;
+    const BIG: usize = 50 << 20;
+    println!("== checkout of a wide repository ({FILES} files and a 50 MB file, {runs} runs each)");
+    let keys = dir.join("keys-wide");
+    std::fs::create_dir_all(&keys).unwrap();
+    let user = KeyPair::generate(&keys, "user", "ed25519", "", &[]);
+    let server = GitServer::start(&[], &[&user]);
+    wide_repo(&server.repos().join("org/wide.git"), FILES, BIG);
+    let url = server.url("org/wide.git");
+    let kh = keys.join("known_hosts");
+    std::fs::write(&kh, format!("{}\n", server.known_hosts_line)).unwrap();
+    let ssh_cmd = format!(
+        "ssh -i {} -o IdentitiesOnly=yes -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes",
+        user.private.display(),
+        kh.display()
+    );
+    let clones = dir.join("clones-wide");
+    let spec = |id: &str| {
+        let mut s = job(id, &["test -f assets/big.bin"]);
+        s.checkout = Some(pb::Checkout {
+            repo_url: url.clone(),
+            ..Default::default()
+        });
+        s.ssh = Some(pb::SshCredentials {
+            user_key: user.private_bytes(),
+            known_hosts: vec![server.known_hosts_line.clone()],
+            ..Default::default()
+        });
+        s
+    };
+    // Interleaved, so that both see the same machine (page cache, other load).
+    let (mut git_ms, mut cold, mut direct, mut warm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        let dest = clones.join(format!("cold-{i}"));
+        let t = Instant::now();
+        run_quiet(
+            Command::new("git")
+                .env("GIT_SSH_COMMAND", &ssh_cmd)
+                .args(["clone", "-q"])
+                .arg(&url)
+                .arg(&dest),
+        );
+        git_ms.push(since_ms(t));
+        let _ = std::fs::remove_dir_all(&dest);
+        let agent = Agent::start("");
+        let mut c = agent.scheduler().await;
+        cold.push(checkout_ms(
+            &run_timed(&mut c, spec(&format!("wide-cold-{i}")), Instant::now()).await,
+        ));
+        warm.push(checkout_ms(
+            &run_timed(&mut c, spec(&format!("wide-warm-{i}")), Instant::now()).await,
+        ));
+        drop(agent);
+        let agent = Agent::start("[checkout]\ncache = false\n");
+        let mut c = agent.scheduler().await;
+        direct.push(checkout_ms(
+            &run_timed(&mut c, spec(&format!("wide-direct-{i}")), Instant::now()).await,
+        ));
+    }
+    let (git_ms, cold, direct, warm) = (Samples(git_ms), Samples(cold), Samples(direct), Samples(warm));
+    let verdict = |ours: &Samples| {
+        if ours.p50() <= git_ms.p50() {
+            "≤ git clone (met)"
+        } else {
+            "≤ git clone (MISSED)"
+        }
+    };
+    for (what, ours) in [
+        ("cold (empty cache: mirror fetch, base layer, workspace)", &cold),
+        ("without cache (`[checkout] cache = false`)", &direct),
+        ("warm (second job, nothing new)", &warm),
+    ] {
+        r.row(
+            &format!("5b. checkout of {FILES} files + 50 MB, {what}"),
+            format!("p50 {}", ms(ours.p50())),
+            format!("`git clone`: p50 {}", ms(git_ms.p50())),
+            ratio(git_ms.p50(), ours.p50()),
+            verdict(ours),
+        );
+    }
+}
+
 /// 6. Idle RSS; 50 concurrent `sleep 1` jobs.
 async fn bench_idle_and_concurrent(r: &mut Report) {
     const JOBS: usize = 50;
@@ -982,6 +1114,9 @@ fn main() {
         }
         if wanted("checkout") {
             bench_checkout(&mut r, 3, dir.path()).await;
+        }
+        if wanted("checkout") || wanted("checkout-wide") {
+            bench_checkout_wide(&mut r, 3, dir.path()).await;
         }
         if wanted("concurrent") {
             bench_idle_and_concurrent(&mut r).await;

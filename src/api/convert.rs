@@ -76,6 +76,7 @@ impl TryFrom<pb::JobSpec> for JobSpec {
                 submodules: c.submodules,
                 depth: c.depth,
                 refspecs: c.refspecs,
+                sparse_paths: c.sparse_paths,
             }),
             ssh: SshCredentials {
                 deploy_key: nonzero(ssh.deploy_key).map(Secret::new),
@@ -115,6 +116,7 @@ impl From<&JobSpec> for pb::JobSpec {
             job_id: s.job_id.clone(),
             checkout: s.checkout.as_ref().map(|c| pb::Checkout {
                 refspecs: c.refspecs.clone(),
+                sparse_paths: c.sparse_paths.clone(),
                 repo_url: c.repo_url.clone(),
                 revision: c.revision.clone(),
                 submodules: c.submodules,

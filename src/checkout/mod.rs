@@ -6,6 +6,7 @@
 
 mod auth;
 pub mod mirror;
+mod sparse;
 mod submodules;
 mod trees;
 mod worktree;
@@ -161,18 +162,28 @@ pub(crate) fn fetch_commit(
 /// Checks out `oid` detached (a submodule's pinned commit).
 fn check_out_detached(repo: &Repository, oid: Oid, cancel: &AtomicBool) -> Result<(), git2::Error> {
     repo.set_head_detached(oid)?;
-    write_work_tree(repo, oid, cancel)
+    write_work_tree(repo, oid, cancel, None)
 }
 
 /// Writes the files of `oid` into the (empty) work tree of `repo` as git
 /// does ([`worktree`]), and an index of them with their metadata, so that
 /// `git status` need not read them again.
-fn write_work_tree(repo: &Repository, oid: Oid, cancel: &AtomicBool) -> Result<(), git2::Error> {
+/// With a `cone`, only its files are written; the index marks the others
+/// skip-worktree and the repository is set up as `git sparse-checkout set
+/// --cone` leaves it.
+fn write_work_tree(
+    repo: &Repository,
+    oid: Oid,
+    cancel: &AtomicBool,
+    cone: Option<&sparse::Cone>,
+) -> Result<(), git2::Error> {
     let io = |e: std::io::Error| git2::Error::from_str(&e.to_string());
     let workdir = repo
         .workdir()
         .ok_or_else(|| git2::Error::from_str("a bare repository has no work tree"))?;
-    let written = worktree::write(repo.path(), oid, workdir, None, true, cancel).map_err(io)?;
+    let in_cone = |p: &[u8]| cone.is_none_or(|c| c.contains(p));
+    let only: worktree::Only<'_> = cone.map(|_| &in_cone as &dyn Fn(&[u8]) -> bool);
+    let written = worktree::write(repo.path(), oid, workdir, only, true, cancel).map_err(io)?;
     let tree = repo.find_commit(oid)?.tree()?;
     let mut index = repo.index()?;
     index.read_tree(&tree)?;
@@ -195,8 +206,25 @@ fn write_work_tree(repo: &Repository, oid: Oid, cancel: &AtomicBool) -> Result<(
             path: e.path.clone(),
         })?;
     }
+    if let Some(cone) = cone {
+        let outside: Vec<git2::IndexEntry> = index.iter().filter(|e| !cone.contains(&e.path)).collect();
+        for mut e in outside {
+            e.flags_extended |= SKIP_WORKTREE;
+            index.add(&e)?;
+        }
+        let mut config = repo.config()?;
+        config.set_bool("core.sparseCheckout", true)?;
+        config.set_bool("core.sparseCheckoutCone", true)?;
+        let info = repo.path().join("info");
+        std::fs::create_dir_all(&info)
+            .and_then(|_| std::fs::write(info.join("sparse-checkout"), cone.patterns()))
+            .map_err(io)?;
+    }
     index.write()
 }
+
+/// libgit2's GIT_INDEX_ENTRY_SKIP_WORKTREE (an extended index flag).
+const SKIP_WORKTREE: u16 = 1 << 14;
 
 impl Ctx<'_> {
     /// Gets `url`'s objects and refs into `repo` (a fresh repository) as
@@ -389,6 +417,8 @@ fn checkout_with(spec: &CheckoutSpec, ctx: &Ctx<'_>) -> Result<Checkout, Checkou
         .map_err(|e| CheckoutError::new(FailureKind::Agent, e.message().to_string()))?;
     let cached = !uses.is_empty();
     let blame_cache = |e: CheckoutError| if cached { e.blaming_cache(url) } else { e };
+    let cone =
+        sparse::Cone::parse(&spec.sparse_paths).map_err(|m| CheckoutError::new(FailureKind::BadSpec, m))?;
     let revision = spec.revision.trim();
     let (oid, branch) = match resolve(&repo, url, revision) {
         Ok(found) => found,
@@ -405,17 +435,19 @@ fn checkout_with(spec: &CheckoutSpec, ctx: &Ctx<'_>) -> Result<Checkout, Checkou
     };
     let repo = Repository::open(ctx.workspace)
         .map_err(|e| CheckoutError::new(FailureKind::Agent, e.message().to_string()))?;
-    let repo = match uses.first_mut() {
+    // A sparse workspace is written (its objects still borrowed): the
+    // cached layers hold every file.
+    let repo = match uses.first_mut().filter(|_| cone.is_none()) {
         Some(mirror) => match over_cached_tree(ctx.workspace, mirror, oid, branch.as_deref()) {
             Ok(repo) => repo,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot lay the workspace over a cached work tree; writing it");
-                check_out(&repo, oid, branch.as_deref(), ctx.cancel).map_err(blame_cache)?;
+                check_out(&repo, oid, branch.as_deref(), ctx.cancel, cone.as_ref()).map_err(blame_cache)?;
                 repo
             }
         },
         None => {
-            check_out(&repo, oid, branch.as_deref(), ctx.cancel).map_err(blame_cache)?;
+            check_out(&repo, oid, branch.as_deref(), ctx.cancel, cone.as_ref()).map_err(blame_cache)?;
             repo
         }
     };
@@ -604,6 +636,7 @@ fn check_out(
     oid: Oid,
     branch: Option<&str>,
     cancel: &AtomicBool,
+    cone: Option<&sparse::Cone>,
 ) -> Result<(), CheckoutError> {
     let fail = |e: git2::Error| {
         CheckoutError::new(
@@ -612,7 +645,7 @@ fn check_out(
         )
     };
     set_head(repo, oid, branch).map_err(fail)?;
-    write_work_tree(repo, oid, cancel).map_err(fail)
+    write_work_tree(repo, oid, cancel, cone).map_err(fail)
 }
 
 /// Points HEAD at `oid`: on the local branch `branch` (made there, its

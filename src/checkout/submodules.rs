@@ -102,6 +102,9 @@ pub(super) fn update(
         if sm.update_strategy() == git2::SubmoduleUpdate::None {
             continue;
         }
+        // Outside a sparse checkout's cone its directory was not made; git
+        // checks it out all the same.
+        std::fs::create_dir_all(&dest).map_err(|e| refuse(format!("{what}: {e}")))?;
         repo.config()
             .and_then(|mut c| c.set_str(&format!("submodule.{name}.url"), &url))
             .map_err(|e| git_err(&what, e))?;

@@ -109,7 +109,7 @@ fn write_files(
     mirror: &Repository,
     commit: Oid,
     dir: &Path,
-    only: Option<&HashSet<Vec<u8>>>,
+    only: super::worktree::Only<'_>,
 ) -> io::Result<()> {
     super::worktree::write(mirror.path(), commit, dir, only, false, &AtomicBool::new(false)).map(drop)
 }
@@ -169,7 +169,7 @@ fn write_delta(
             .iter()
             .map(|p| p.as_os_str().as_bytes().to_vec())
             .collect();
-        write_files(repo, commit, tmp.path(), Some(&only))?;
+        write_files(repo, commit, tmp.path(), Some(&|p: &[u8]| only.contains(p)))?;
     }
     // What it does not have: a whiteout at the highest directory that is
     // gone, else at the file; nothing under a path the delta replaces.

@@ -26,6 +26,9 @@ fn other(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
+/// Which paths (relative to the tree's root) to write.
+pub(crate) type Only<'a> = Option<&'a dyn Fn(&[u8]) -> bool>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     File,
@@ -130,15 +133,15 @@ fn collect(
 
 /// Writes the files of `commit` (in the repository at `git_dir`, whose
 /// objects may be borrowed) into `dest`, an existing directory holding at
-/// most a `.git`: all of them, or only `only` (paths relative to the
-/// tree's root, and the directories leading to them). `stat`: return the
+/// most a `.git`: all of them, or those `only` takes (by path relative to
+/// the tree's root; with the directories leading to them). `stat`: return the
 /// metadata of each file written (for an index git need not refresh).
 /// `cancel` stops the writing between files.
 pub(crate) fn write(
     git_dir: &Path,
     commit: Oid,
     dest: &Path,
-    only: Option<&HashSet<Vec<u8>>>,
+    only: Only<'_>,
     stat: bool,
     cancel: &AtomicBool,
 ) -> io::Result<Written> {
@@ -147,7 +150,7 @@ pub(crate) fn write(
     let (mut entries, mut dirs, mut attributes) = (Vec::new(), Vec::new(), false);
     collect(&repo, &tree, b"", &mut entries, &mut dirs, &mut attributes)?;
     if let Some(only) = only {
-        entries.retain(|e| only.contains(&e.path));
+        entries.retain(|e| only(&e.path));
         let mut needed = HashSet::new();
         for e in &entries {
             let mut p = e.path.as_slice();

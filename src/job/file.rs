@@ -54,6 +54,8 @@ struct RawCheckout {
     depth: u32,
     #[serde(default)]
     refspecs: Vec<String>,
+    #[serde(default)]
+    sparse_paths: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -240,6 +242,7 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
             submodules: c.submodules,
             depth: c.depth,
             refspecs: c.refspecs,
+            sparse_paths: c.sparse_paths,
         }),
         ssh: crate::model::spec::SshCredentials {
             deploy_key: key(

@@ -245,8 +245,8 @@ impl Corpus {
 
     /// `script` run in `git clone --recurse-submodules` of `revision` (a
     /// branch, or any ref: fetched and checked out detached, as a pull
-    /// request build does).
-    pub fn clone_report(&self, revision: &str, script: &str) -> String {
+    /// request build does), sparse with a cone of `sparse` if not empty.
+    pub fn clone_report(&self, revision: &str, sparse: &[&str], script: &str) -> String {
         let dir = tempfile::tempdir().unwrap();
         let work = dir.path().join("app");
         let run = |cmd: &mut Command| {
@@ -261,7 +261,11 @@ impl Corpus {
         clone.args(["clone", "-q"]);
         if fetched {
             clone.arg("--no-checkout");
-        } else {
+        }
+        if !sparse.is_empty() {
+            clone.arg("--sparse");
+        }
+        if !fetched && sparse.is_empty() {
             clone.arg("--recurse-submodules");
         }
         if let Some(branch) = revision
@@ -272,12 +276,17 @@ impl Corpus {
         }
         clone.arg(self.server.url("org/app.git")).arg(&work);
         run(&mut clone);
+        let git_in = |args: &[&str]| {
+            run(Command::new("git").arg("-C").arg(&work).args(args));
+        };
+        if !sparse.is_empty() {
+            git_in(&[&["sparse-checkout", "set", "--cone"][..], sparse].concat());
+        }
         if fetched {
-            let git_in = |args: &[&str]| {
-                run(Command::new("git").arg("-C").arg(&work).args(args));
-            };
             git_in(&["fetch", "-q", "origin", revision]);
             git_in(&["checkout", "-q", "--detach", "FETCH_HEAD"]);
+        }
+        if fetched || !sparse.is_empty() {
             git_in(&["submodule", "update", "-q", "--init", "--recursive"]);
         }
         run(Command::new("sh").arg("-c").arg(script).current_dir(&work))
@@ -286,7 +295,14 @@ impl Corpus {
     /// Runs a job at `revision` that reports on its workspace, and
     /// asserts the report equals git's.
     pub async fn assert_same(&self, agent: &Agent, id: &str, revision: &str) {
-        let (status, events) = run_job(agent, self.spec(id, revision, &[REPORT])).await;
+        self.assert_same_sparse(agent, id, revision, &[]).await
+    }
+
+    /// [`Corpus::assert_same`] for a sparse checkout of the cone `sparse`.
+    pub async fn assert_same_sparse(&self, agent: &Agent, id: &str, revision: &str, sparse: &[&str]) {
+        let mut spec = self.spec(id, revision, &[REPORT]);
+        spec.checkout.as_mut().unwrap().sparse_paths = sparse.iter().map(|s| s.to_string()).collect();
+        let (status, events) = run_job(agent, spec).await;
         assert_eq!(
             state(&status),
             pb::JobState::Succeeded,
@@ -295,7 +311,7 @@ impl Corpus {
             output(&events, pb::Stream::System)
         );
         let ours = output(&events, pb::Stream::Stdout);
-        let theirs = self.clone_report(revision, REPORT);
+        let theirs = self.clone_report(revision, sparse, REPORT);
         if ours != theirs {
             let diff = first_difference(&ours, &theirs);
             panic!(
@@ -372,7 +388,7 @@ fn git_clone_is_what_it_should_be(report: &str) {
 async fn a_checkout_equals_git_clone_cold_warm_after_a_push_and_without_the_cache() {
     require!(Root, Sshd);
     let corpus = Corpus::new();
-    git_clone_is_what_it_should_be(&corpus.clone_report("", REPORT));
+    git_clone_is_what_it_should_be(&corpus.clone_report("", &[], REPORT));
     let agent = Agent::start("");
     corpus.assert_same(&agent, "cold", "").await;
     corpus.assert_same(&agent, "warm", "").await;
@@ -382,8 +398,18 @@ async fn a_checkout_equals_git_clone_cold_warm_after_a_push_and_without_the_cach
     // A directory's .gitattributes changes: a new base.
     corpus.push("v3", "*.md text eol=crlf\n");
     corpus.assert_same(&agent, "attributes-pushed", "").await;
+    // Sparse (cone mode): written, not laid over the cached layers.
+    corpus
+        .assert_same_sparse(&agent, "sparse", "", &["sub/deep"])
+        .await;
+    corpus
+        .assert_same_sparse(&agent, "sparse-pinned-out", "refs/heads/main", &["sub"])
+        .await;
     let nocache = Agent::start("[checkout]\ncache = false");
     corpus.assert_same(&nocache, "no-cache", "").await;
+    corpus
+        .assert_same_sparse(&nocache, "no-cache-sparse", "", &["sub/deep"])
+        .await;
     assert!(
         !agent.log().contains("will be rebuilt"),
         "no checkout cache was found corrupt:\n{}",
