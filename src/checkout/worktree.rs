@@ -171,10 +171,12 @@ pub(crate) fn write(
     ) {
         make_dir(&dest.join(OsStr::from_bytes(d)))?;
     }
+    // Creating a file waits on the file system more than on a CPU: two
+    // writers per core.
     let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
+        .map_or(2, |n| n.get() * 2)
         .clamp(2, 8)
-        .min(entries.len().max(1));
+        .min(entries.len().div_ceil(BATCH).max(1));
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let results: Vec<io::Result<Vec<(usize, fs::Metadata)>>> = std::thread::scope(|s| {
@@ -214,6 +216,10 @@ pub(crate) fn write(
     Ok(Written { entries, meta })
 }
 
+/// Entries a writer takes at a time: neighbours in a directory, so that
+/// writers seldom wait on each other for the same directory's lock.
+const BATCH: usize = 32;
+
 fn make_dir(dir: &Path) -> io::Result<()> {
     match fs::DirBuilder::new().mode(0o755).create(dir) {
         Ok(()) => fs::set_permissions(dir, fs::Permissions::from_mode(0o755)),
@@ -246,45 +252,56 @@ fn worker(
     let repo = Repository::open_bare(git_dir).map_err(other)?;
     let mut out = Vec::new();
     loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        let Some(e) = entries.get(i) else { break };
-        if cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed) {
+        let start = next.fetch_add(BATCH, Ordering::Relaxed);
+        if start >= entries.len() || cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed) {
             break;
         }
-        if e.kind == Kind::Gitlink {
-            continue;
-        }
-        let at = dest.join(OsStr::from_bytes(&e.path));
-        let blob = repo.find_blob(e.id).map_err(other)?;
-        let written = if e.kind == Kind::Link {
-            std::os::unix::fs::symlink(OsStr::from_bytes(blob.content()), &at)
-                .map_err(|err| io::Error::new(err.kind(), format!("{}: {err}", at.display())))?;
-            stat.then(|| fs::symlink_metadata(&at)).transpose()?
-        } else {
-            let conv = if attributes {
-                Conversion::of(&repo, commit, &e.path)?
-            } else {
-                Conversion::default()
-            };
-            let bytes = conv.to_worktree(blob.content(), e.id);
-            let mode = if e.kind == Kind::Exec { 0o755 } else { 0o644 };
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(mode)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&at)
-                .map_err(|err| io::Error::new(err.kind(), format!("{}: {err}", at.display())))?;
-            f.write_all(&bytes)
-                .map_err(|err| io::Error::new(err.kind(), format!("{}: {err}", at.display())))?;
-            f.set_permissions(fs::Permissions::from_mode(mode))?;
-            stat.then(|| f.metadata()).transpose()?
-        };
-        if let Some(m) = written {
-            out.push((i, m));
+        for (i, e) in entries.iter().enumerate().skip(start).take(BATCH) {
+            if let Some(m) = write_entry(&repo, commit, dest, e, attributes, stat)? {
+                out.push((i, m));
+            }
         }
     }
     Ok(out)
+}
+
+/// Writes one entry; its metadata when `stat`.
+fn write_entry(
+    repo: &Repository,
+    commit: Oid,
+    dest: &Path,
+    e: &Entry,
+    attributes: bool,
+    stat: bool,
+) -> io::Result<Option<fs::Metadata>> {
+    if e.kind == Kind::Gitlink {
+        return Ok(None);
+    }
+    let at = dest.join(OsStr::from_bytes(&e.path));
+    let named = |err: io::Error| io::Error::new(err.kind(), format!("{}: {err}", at.display()));
+    let blob = repo.find_blob(e.id).map_err(other)?;
+    if e.kind == Kind::Link {
+        std::os::unix::fs::symlink(OsStr::from_bytes(blob.content()), &at).map_err(named)?;
+        return stat.then(|| fs::symlink_metadata(&at)).transpose();
+    }
+    let conv = if attributes {
+        Conversion::of(repo, commit, &e.path)?
+    } else {
+        Conversion::default()
+    };
+    let bytes = conv.to_worktree(blob.content(), e.id);
+    let mode = if e.kind == Kind::Exec { 0o755 } else { 0o644 };
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&at)
+        .map_err(named)?;
+    f.write_all(&bytes).map_err(named)?;
+    // The mode exactly, whatever the agent's umask.
+    f.set_permissions(fs::Permissions::from_mode(mode))?;
+    stat.then(|| f.metadata()).transpose()
 }
 
 /// How git's convert.c turns a blob into a work tree file, for one path.
