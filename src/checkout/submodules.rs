@@ -64,6 +64,7 @@ pub(super) fn update(
         })?
         .to_path_buf();
     refuse_escaping_names(repo, &workdir, prefix)?;
+    let gitmodules = git2::Config::open(&workdir.join(".gitmodules")).ok();
     let submodules = repo
         .submodules()
         .map_err(|e| git_err("cannot read .gitmodules", e))?;
@@ -131,6 +132,14 @@ pub(super) fn update(
             ));
             if borrowed { e.blaming_cache(&url) } else { e }
         })?;
+        // `shallow = true`: git clones it with --depth 1.
+        let shallow = gitmodules
+            .as_ref()
+            .and_then(|c| c.get_bool(&format!("submodule.{name}.shallow")).ok())
+            .unwrap_or(false);
+        if shallow {
+            super::make_shallow(&sub, pinned, 1).map_err(|e| refuse(format!("{what}: {e}")))?;
+        }
         done.push(SubmoduleDone {
             path: shown.clone(),
             url: url.clone(),

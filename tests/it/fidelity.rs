@@ -25,6 +25,7 @@ echo '== log'; git log -1 --format='%H %s'
 echo '== branch'; git rev-parse --abbrev-ref HEAD; git rev-parse --abbrev-ref '@{u}' 2>/dev/null || echo 'no upstream'
 echo '== submodules'; git submodule status --recursive | cut -d' ' -f1-3
 echo '== libs/a'; git -C libs/a log -1 --format='%H %s' 2>&1 || true
+git -C libs/a log --format=%s 2>/dev/null | wc -l; git -C libs/a rev-parse --is-shallow-repository 2>&1 || true
 "#;
 
 /// A file of a commit for `git fast-import`.
@@ -121,7 +122,7 @@ fn app_tree(v: &str, sub_attrs: &str, lib: &str, none: &str, pinned: &str) -> Ve
         ),
         file(
             ".gitmodules",
-            b"[submodule \"libs/a\"]\n\tpath = libs/a\n\turl = ../lib.git\n\
+            b"[submodule \"libs/a\"]\n\tpath = libs/a\n\turl = ../lib.git\n\tshallow = true\n\
               [submodule \"none\"]\n\tpath = libs/none\n\turl = ../none.git\n\tupdate = none\n\
               [submodule \"pinned\"]\n\tpath = pinned\n\turl = ../sub.git\n",
         ),
@@ -163,6 +164,7 @@ impl Corpus {
         let deep = bare(&server, "org/deep.git");
         let deep_c = import(&deep, "refs/heads/main", "deep", &[file("deep.txt", b"deep\n")]);
         let lib = bare(&server, "org/lib.git");
+        import(&lib, "refs/heads/main", "lib 0", &[file("lib.txt", b"lib 0\n")]);
         let lib_c = import(
             &lib,
             "refs/heads/main",
@@ -357,6 +359,10 @@ fn git_clone_is_what_it_should_be(report: &str) {
             .lines()
             .any(|l| l.starts_with('-') && l.ends_with(" libs/none")),
         "{report}"
+    );
+    assert!(
+        report.ends_with("\n1\ntrue\n"),
+        "libs/a is shallow = true: {report}"
     );
     let digest = |bytes: &[u8]| {
         use sha2::Digest;
