@@ -517,6 +517,11 @@ fn big_repo(bare: &Path, commits: usize, files: usize) {
             );
         }
     }
+    fast_import(bare, stream.as_bytes());
+}
+
+/// Feeds `stream` to `git fast-import` in `bare`, then packs it.
+fn fast_import(bare: &Path, stream: &[u8]) {
     let mut child = Command::new("git")
         .args(["fast-import", "--quiet"])
         .current_dir(bare)
@@ -524,9 +529,55 @@ fn big_repo(bare: &Path, commits: usize, files: usize) {
         .spawn()
         .unwrap();
     use std::io::Write as _;
-    child.stdin.take().unwrap().write_all(stream.as_bytes()).unwrap();
+    child.stdin.take().unwrap().write_all(stream).unwrap();
     assert!(child.wait().unwrap().success(), "git fast-import");
     git(bare, &["repack", "-adq"]);
+}
+
+/// A git server holding `org/NAME.git` (made by `make` in the bare
+/// repository), a user key that reads it, and the ssh command `git` needs.
+struct BenchRepo {
+    server: GitServer,
+    user: KeyPair,
+    url: String,
+    ssh_cmd: String,
+}
+
+impl BenchRepo {
+    fn new(keys: &Path, name: &str, make: impl FnOnce(&Path)) -> BenchRepo {
+        std::fs::create_dir_all(keys).unwrap();
+        let user = KeyPair::generate(keys, "user", "ed25519", "", &[]);
+        let server = GitServer::start(&[], &[&user]);
+        make(&server.repos().join(format!("org/{name}.git")));
+        let kh = keys.join("known_hosts");
+        std::fs::write(&kh, format!("{}\n", server.known_hosts_line)).unwrap();
+        let ssh_cmd = format!(
+            "ssh -i {} -o IdentitiesOnly=yes -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes",
+            user.private.display(),
+            kh.display()
+        );
+        BenchRepo {
+            url: server.url(&format!("org/{name}.git")),
+            server,
+            user,
+            ssh_cmd,
+        }
+    }
+
+    /// A job that checks the repository out and runs `step`.
+    fn spec(&self, id: &str, step: &str) -> pb::JobSpec {
+        let mut s = job(id, &[step]);
+        s.checkout = Some(pb::Checkout {
+            repo_url: self.url.clone(),
+            ..Default::default()
+        });
+        s.ssh = Some(pb::SshCredentials {
+            user_key: self.user.private_bytes(),
+            known_hosts: vec![self.server.known_hosts_line.clone()],
+            ..Default::default()
+        });
+        s
+    }
 }
 
 /// PREPARING → CheckoutDone of a job, from the events' own timestamps.
@@ -548,32 +599,21 @@ fn checkout_ms(events: &[(f64, pb::JobEvent)]) -> f64 {
 async fn bench_checkout(r: &mut Report, runs: usize, dir: &Path) {
     const COMMITS: usize = 10_000;
     println!("== checkout ({COMMITS}-commit repository, {runs} runs each)");
-    let keys = dir.join("keys");
-    std::fs::create_dir_all(&keys).unwrap();
-    let user = KeyPair::generate(&keys, "user", "ed25519", "", &[]);
-    let server = GitServer::start(&[], &[&user]);
-    let bare = server.repos().join("org/big.git");
-    big_repo(&bare, COMMITS, 2000);
+    let repo = BenchRepo::new(&dir.join("keys"), "big", |bare| big_repo(bare, COMMITS, 2000));
+    let bare = repo.server.repos().join("org/big.git");
     let pack_bytes: u64 = std::fs::read_dir(bare.join("objects/pack"))
         .unwrap()
         .flatten()
         .map(|e| e.metadata().unwrap().len())
         .sum();
-    let url = server.url("org/big.git");
-    let kh = keys.join("known_hosts");
-    std::fs::write(&kh, format!("{}\n", server.known_hosts_line)).unwrap();
-    let ssh_cmd = format!(
-        "ssh -i {} -o IdentitiesOnly=yes -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes",
-        user.private.display(),
-        kh.display()
-    );
+    let (url, ssh_cmd) = (repo.url.as_str(), repo.ssh_cmd.as_str());
     let clones = dir.join("clones");
     let git_clone = |extra: &[&str], dest: &Path| {
         let mut cmd = Command::new("git");
-        cmd.env("GIT_SSH_COMMAND", &ssh_cmd)
+        cmd.env("GIT_SSH_COMMAND", ssh_cmd)
             .args(["clone", "-q"])
             .args(extra)
-            .arg(&url)
+            .arg(url)
             .arg(dest);
         cmd
     };
@@ -583,19 +623,7 @@ async fn bench_checkout(r: &mut Report, runs: usize, dir: &Path) {
     let ref_arg = format!("--reference={}", reference.display());
     let ref_git = time_runs(runs, |i| git_clone(&[&ref_arg], &clones.join(format!("ref-{i}"))));
 
-    let spec = |id: &str| {
-        let mut s = job(id, &["test -f src/dir0/file0.txt"]);
-        s.checkout = Some(pb::Checkout {
-            repo_url: url.clone(),
-            ..Default::default()
-        });
-        s.ssh = Some(pb::SshCredentials {
-            user_key: user.private_bytes(),
-            known_hosts: vec![server.known_hosts_line.clone()],
-            ..Default::default()
-        });
-        s
-    };
+    let spec = |id: &str| repo.spec(id, "test -f src/dir0/file0.txt");
     // Cold: a new agent (empty cache) each time.
     let mut cold = Vec::new();
     for i in 0..runs {
@@ -637,7 +665,7 @@ async fn bench_checkout(r: &mut Report, runs: usize, dir: &Path) {
         );
         run_quiet(
             Command::new("git")
-                .env("GIT_SSH_COMMAND", &ssh_cmd)
+                .env("GIT_SSH_COMMAND", ssh_cmd)
                 .args(["push", "-q", "origin", "HEAD"])
                 .current_dir(&work),
         );
@@ -718,16 +746,7 @@ fn wide_repo(bare: &Path, files: usize, big: usize) {
     stream.extend_from_slice(format!("M 100644 inline assets/big.bin\ndata {big}\n").as_bytes());
     stream.extend_from_slice(&blob);
     stream.push(b'\n');
-    let mut child = Command::new("git")
-        .args(["fast-import", "--quiet"])
-        .current_dir(bare)
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    child.stdin.take().unwrap().write_all(&stream).unwrap();
-    assert!(child.wait().unwrap().success(), "git fast-import");
-    git(bare, &["repack", "-adq"]);
+    fast_import(bare, &stream);
 }
 
 /// 5b. Cold and warm checkout of a wide repository (20,000 files and a
@@ -737,33 +756,10 @@ async fn bench_checkout_wide(r: &mut Report, runs: usize, dir: &Path) {
     const FILES: usize = 20_000;
     const BIG: usize = 50 << 20;
     println!("== checkout of a wide repository ({FILES} files and a 50 MB file, {runs} runs each)");
-    let keys = dir.join("keys-wide");
-    std::fs::create_dir_all(&keys).unwrap();
-    let user = KeyPair::generate(&keys, "user", "ed25519", "", &[]);
-    let server = GitServer::start(&[], &[&user]);
-    wide_repo(&server.repos().join("org/wide.git"), FILES, BIG);
-    let url = server.url("org/wide.git");
-    let kh = keys.join("known_hosts");
-    std::fs::write(&kh, format!("{}\n", server.known_hosts_line)).unwrap();
-    let ssh_cmd = format!(
-        "ssh -i {} -o IdentitiesOnly=yes -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes",
-        user.private.display(),
-        kh.display()
-    );
+    let repo = BenchRepo::new(&dir.join("keys-wide"), "wide", |bare| wide_repo(bare, FILES, BIG));
+    let (url, ssh_cmd) = (repo.url.as_str(), repo.ssh_cmd.as_str());
     let clones = dir.join("clones-wide");
-    let spec = |id: &str| {
-        let mut s = job(id, &["test -f assets/big.bin"]);
-        s.checkout = Some(pb::Checkout {
-            repo_url: url.clone(),
-            ..Default::default()
-        });
-        s.ssh = Some(pb::SshCredentials {
-            user_key: user.private_bytes(),
-            known_hosts: vec![server.known_hosts_line.clone()],
-            ..Default::default()
-        });
-        s
-    };
+    let spec = |id: &str| repo.spec(id, "test -f assets/big.bin");
     // Interleaved, so that both see the same machine (page cache, other load).
     let (mut git_ms, mut cold, mut direct, mut warm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
@@ -771,9 +767,9 @@ async fn bench_checkout_wide(r: &mut Report, runs: usize, dir: &Path) {
         let t = Instant::now();
         run_quiet(
             Command::new("git")
-                .env("GIT_SSH_COMMAND", &ssh_cmd)
+                .env("GIT_SSH_COMMAND", ssh_cmd)
                 .args(["clone", "-q"])
-                .arg(&url)
+                .arg(url)
                 .arg(&dest),
         );
         // Kept until the end: deleting 20,000 files slows the next run's

@@ -333,20 +333,9 @@ pub(crate) fn borrow(
     }
     // origin/HEAD names the remote's HEAD branch, as in a clone.
     if let Ok(head) = source.find_reference("HEAD")
-        && let Some(branch) = head
-            .symbolic_target()
-            .ok()
-            .flatten()
-            .and_then(|t| t.strip_prefix("refs/heads/"))
-        && source.refname_to_id(&format!("refs/heads/{branch}")).ok()
-            == source.refname_to_id("refs/runnel/HEAD").ok()
+        && let Some(branch) = head.symbolic_target().ok().flatten()
     {
-        repo.reference_symbolic(
-            "refs/remotes/origin/HEAD",
-            &format!("refs/remotes/origin/{branch}"),
-            true,
-            "runnel: from the checkout cache",
-        )?;
+        super::name_origin_head(&repo, branch)?;
     }
     Ok(())
 }

@@ -518,18 +518,10 @@ fn fetch<'a>(
             opts.depth(depth as i32);
         }
         remote.fetch(&refspecs, Some(&mut opts), None)?;
-        // origin/HEAD names the remote's HEAD branch, as in a clone.
         if let Ok(head) = remote.default_branch()
-            && let Some(branch) = head.as_str().ok().and_then(|h| h.strip_prefix("refs/heads/"))
-            && repo.refname_to_id(&format!("refs/remotes/origin/{branch}")).ok()
-                == repo.refname_to_id("refs/remotes/origin/HEAD").ok()
+            && let Ok(head) = head.as_str()
         {
-            repo.reference_symbolic(
-                "refs/remotes/origin/HEAD",
-                &format!("refs/remotes/origin/{branch}"),
-                true,
-                "runnel: the remote's HEAD",
-            )?;
+            name_origin_head(repo, head)?;
         }
         Ok(())
     })
@@ -540,6 +532,30 @@ fn fetch<'a>(
             e
         }
     })
+}
+
+/// Makes `origin/HEAD` name the remote's HEAD branch `head`
+/// (`refs/heads/trunk`), as in a clone, when it points at that branch's
+/// commit.
+pub(crate) fn name_origin_head(repo: &Repository, head: &str) -> Result<(), git2::Error> {
+    let Some(branch) = head.strip_prefix("refs/heads/") else {
+        return Ok(());
+    };
+    let tracking = format!("refs/remotes/origin/{branch}");
+    match (
+        repo.refname_to_id(&tracking),
+        repo.refname_to_id("refs/remotes/origin/HEAD"),
+    ) {
+        (Ok(a), Ok(b)) if a == b => repo
+            .reference_symbolic(
+                "refs/remotes/origin/HEAD",
+                &tracking,
+                true,
+                "runnel: the remote's HEAD",
+            )
+            .map(drop),
+        _ => Ok(()),
+    }
 }
 
 /// The commit to check out, and the branch it is the tip of, if any.
