@@ -3,8 +3,8 @@
 //! with `bash bench/run` (which installs and starts what it needs: Debian's
 //! docker.io, runc, sshd, a registry) or, on a prepared machine, with
 //! `cargo bench --bench suite`. `RUNNEL_BENCH_ONLY=start,checkout` runs some
-//! sections (start overhead latency throughput checkout concurrent rootfs
-//! sandbox); `RUNNEL_BENCH_N` sets the number of samples (default 50).
+//! sections (start overhead latency throughput checkout checkout-wide concurrent
+//! rootfs sandbox); `RUNNEL_BENCH_N` sets the number of samples (default 50).
 //!
 //! It starts the real `runnel` binary (release build) as an agent and drives
 //! it over gRPC, exactly as the integration tests do (tests/it/support).
@@ -566,6 +566,11 @@ fn big_repo(bare: &Path, commits: usize, files: usize) {
             );
         }
     }
+    fast_import(bare, stream.as_bytes());
+}
+
+/// Feeds `stream` to `git fast-import` in `bare`, then packs it.
+fn fast_import(bare: &Path, stream: &[u8]) {
     let mut child = Command::new("git")
         .args(["fast-import", "--quiet"])
         .current_dir(bare)
@@ -573,9 +578,55 @@ fn big_repo(bare: &Path, commits: usize, files: usize) {
         .spawn()
         .unwrap();
     use std::io::Write as _;
-    child.stdin.take().unwrap().write_all(stream.as_bytes()).unwrap();
+    child.stdin.take().unwrap().write_all(stream).unwrap();
     assert!(child.wait().unwrap().success(), "git fast-import");
     git(bare, &["repack", "-adq"]);
+}
+
+/// A git server holding `org/NAME.git` (made by `make` in the bare
+/// repository), a user key that reads it, and the ssh command `git` needs.
+struct BenchRepo {
+    server: GitServer,
+    user: KeyPair,
+    url: String,
+    ssh_cmd: String,
+}
+
+impl BenchRepo {
+    fn new(keys: &Path, name: &str, make: impl FnOnce(&Path)) -> BenchRepo {
+        std::fs::create_dir_all(keys).unwrap();
+        let user = KeyPair::generate(keys, "user", "ed25519", "", &[]);
+        let server = GitServer::start(&[], &[&user]);
+        make(&server.repos().join(format!("org/{name}.git")));
+        let kh = keys.join("known_hosts");
+        std::fs::write(&kh, format!("{}\n", server.known_hosts_line)).unwrap();
+        let ssh_cmd = format!(
+            "ssh -i {} -o IdentitiesOnly=yes -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes",
+            user.private.display(),
+            kh.display()
+        );
+        BenchRepo {
+            url: server.url(&format!("org/{name}.git")),
+            server,
+            user,
+            ssh_cmd,
+        }
+    }
+
+    /// A job that checks the repository out and runs `step`.
+    fn spec(&self, id: &str, step: &str) -> pb::JobSpec {
+        let mut s = job(id, &[step]);
+        s.checkout = Some(pb::Checkout {
+            repo_url: self.url.clone(),
+            ..Default::default()
+        });
+        s.ssh = Some(pb::SshCredentials {
+            user_key: self.user.private_bytes(),
+            known_hosts: vec![self.server.known_hosts_line.clone()],
+            ..Default::default()
+        });
+        s
+    }
 }
 
 /// PREPARING → CheckoutDone of a job, from the events' own timestamps.
@@ -597,32 +648,21 @@ fn checkout_ms(events: &[(f64, pb::JobEvent)]) -> f64 {
 async fn bench_checkout(r: &mut Report, runs: usize, dir: &Path) {
     const COMMITS: usize = 10_000;
     println!("== checkout ({COMMITS}-commit repository, {runs} runs each)");
-    let keys = dir.join("keys");
-    std::fs::create_dir_all(&keys).unwrap();
-    let user = KeyPair::generate(&keys, "user", "ed25519", "", &[]);
-    let server = GitServer::start(&[], &[&user]);
-    let bare = server.repos().join("org/big.git");
-    big_repo(&bare, COMMITS, 2000);
+    let repo = BenchRepo::new(&dir.join("keys"), "big", |bare| big_repo(bare, COMMITS, 2000));
+    let bare = repo.server.repos().join("org/big.git");
     let pack_bytes: u64 = std::fs::read_dir(bare.join("objects/pack"))
         .unwrap()
         .flatten()
         .map(|e| e.metadata().unwrap().len())
         .sum();
-    let url = server.url("org/big.git");
-    let kh = keys.join("known_hosts");
-    std::fs::write(&kh, format!("{}\n", server.known_hosts_line)).unwrap();
-    let ssh_cmd = format!(
-        "ssh -i {} -o IdentitiesOnly=yes -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes",
-        user.private.display(),
-        kh.display()
-    );
+    let (url, ssh_cmd) = (repo.url.as_str(), repo.ssh_cmd.as_str());
     let clones = dir.join("clones");
     let git_clone = |extra: &[&str], dest: &Path| {
         let mut cmd = Command::new("git");
-        cmd.env("GIT_SSH_COMMAND", &ssh_cmd)
+        cmd.env("GIT_SSH_COMMAND", ssh_cmd)
             .args(["clone", "-q"])
             .args(extra)
-            .arg(&url)
+            .arg(url)
             .arg(dest);
         cmd
     };
@@ -632,19 +672,7 @@ async fn bench_checkout(r: &mut Report, runs: usize, dir: &Path) {
     let ref_arg = format!("--reference={}", reference.display());
     let ref_git = time_runs(runs, |i| git_clone(&[&ref_arg], &clones.join(format!("ref-{i}"))));
 
-    let spec = |id: &str| {
-        let mut s = job(id, &["test -f src/dir0/file0.txt"]);
-        s.checkout = Some(pb::Checkout {
-            repo_url: url.clone(),
-            ..Default::default()
-        });
-        s.ssh = Some(pb::SshCredentials {
-            user_key: user.private_bytes(),
-            known_hosts: vec![server.known_hosts_line.clone()],
-            ..Default::default()
-        });
-        s
-    };
+    let spec = |id: &str| repo.spec(id, "test -f src/dir0/file0.txt");
     // Cold: a new agent (empty cache) each time.
     let mut cold = Vec::new();
     for i in 0..runs {
@@ -686,7 +714,7 @@ async fn bench_checkout(r: &mut Report, runs: usize, dir: &Path) {
         );
         run_quiet(
             Command::new("git")
-                .env("GIT_SSH_COMMAND", &ssh_cmd)
+                .env("GIT_SSH_COMMAND", ssh_cmd)
                 .args(["push", "-q", "origin", "HEAD"])
                 .current_dir(&work),
         );
@@ -731,6 +759,108 @@ async fn bench_checkout(r: &mut Report, runs: usize, dir: &Path) {
         ratio(cold_git.p50(), direct.p50()),
         "—",
     );
+}
+
+/// A bare repository of one commit: `files` small files in 100
+/// directories and one `big` bytes file of pseudo-random (incompressible)
+/// bytes, made with git fast-import.
+fn wide_repo(bare: &Path, files: usize, big: usize) {
+    std::fs::create_dir_all(bare).unwrap();
+    git(bare, &["init", "-q", "--bare", "-b", "main"]);
+    let mut stream = Vec::new();
+    stream.extend_from_slice(
+        b"commit refs/heads/main\ncommitter Bench <bench@localhost> 1700000000 +0000\ndata 4\nwide\n",
+    );
+    for f in 0..files {
+        let body = format!("file {f}\n{}", "lorem ipsum dolor sit amet\n".repeat(20 + f % 40));
+        let _ = std::io::Write::write_all(
+            &mut stream,
+            format!(
+                "M 100644 inline src/d{}/f{f}.txt\ndata {}\n{body}\n",
+                f % 100,
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut blob = Vec::with_capacity(big);
+    while blob.len() < big {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        blob.extend_from_slice(&seed.to_le_bytes());
+    }
+    blob.truncate(big);
+    stream.extend_from_slice(format!("M 100644 inline assets/big.bin\ndata {big}\n").as_bytes());
+    stream.extend_from_slice(&blob);
+    stream.push(b'\n');
+    fast_import(bare, &stream);
+}
+
+/// 5b. Cold and warm checkout of a wide repository (20,000 files and a
+///     50 MB file) against `git clone` in the same run: where writing the
+///     files, not fetching history, is the cost.
+async fn bench_checkout_wide(r: &mut Report, runs: usize, dir: &Path) {
+    const FILES: usize = 20_000;
+    const BIG: usize = 50 << 20;
+    println!("== checkout of a wide repository ({FILES} files and a 50 MB file, {runs} runs each)");
+    let repo = BenchRepo::new(&dir.join("keys-wide"), "wide", |bare| wide_repo(bare, FILES, BIG));
+    let (url, ssh_cmd) = (repo.url.as_str(), repo.ssh_cmd.as_str());
+    let clones = dir.join("clones-wide");
+    let spec = |id: &str| repo.spec(id, "test -f assets/big.bin");
+    // Interleaved, so that both see the same machine (page cache, other load).
+    let (mut git_ms, mut cold, mut direct, mut warm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        let dest = clones.join(format!("cold-{i}"));
+        let t = Instant::now();
+        run_quiet(
+            Command::new("git")
+                .env("GIT_SSH_COMMAND", ssh_cmd)
+                .args(["clone", "-q"])
+                .arg(url)
+                .arg(&dest),
+        );
+        // Kept until the end: deleting 20,000 files slows the next run's
+        // inode allocation on ext4 (recently_deleted), which would be
+        // git's handicap, not its cost.
+        git_ms.push(since_ms(t));
+        let agent = Agent::start("");
+        let mut c = agent.scheduler().await;
+        cold.push(checkout_ms(
+            &run_timed(&mut c, spec(&format!("wide-cold-{i}")), Instant::now()).await,
+        ));
+        warm.push(checkout_ms(
+            &run_timed(&mut c, spec(&format!("wide-warm-{i}")), Instant::now()).await,
+        ));
+        drop(agent);
+        let agent = Agent::start("[checkout]\ncache = false\n");
+        let mut c = agent.scheduler().await;
+        direct.push(checkout_ms(
+            &run_timed(&mut c, spec(&format!("wide-direct-{i}")), Instant::now()).await,
+        ));
+    }
+    let (git_ms, cold, direct, warm) = (Samples(git_ms), Samples(cold), Samples(direct), Samples(warm));
+    let verdict = |ours: &Samples| {
+        if ours.p50() <= git_ms.p50() {
+            "≤ git clone (met)"
+        } else {
+            "≤ git clone (MISSED)"
+        }
+    };
+    for (what, ours) in [
+        ("cold (empty cache: mirror fetch, base layer, workspace)", &cold),
+        ("without cache (`[checkout] cache = false`)", &direct),
+        ("warm (second job, nothing new)", &warm),
+    ] {
+        r.row(
+            &format!("5b. checkout of {FILES} files + 50 MB, {what}"),
+            format!("p50 {}", ms(ours.p50())),
+            format!("`git clone`: p50 {}", ms(git_ms.p50())),
+            ratio(git_ms.p50(), ours.p50()),
+            verdict(ours),
+        );
+    }
 }
 
 /// 6. Idle RSS; 50 concurrent `sleep 1` jobs.
@@ -1079,6 +1209,9 @@ fn main() {
         }
         if wanted("checkout") {
             bench_checkout(&mut r, 3, dir.path()).await;
+        }
+        if wanted("checkout") || wanted("checkout-wide") {
+            bench_checkout_wide(&mut r, 3, dir.path()).await;
         }
         if wanted("concurrent") {
             bench_idle_and_concurrent(&mut r).await;

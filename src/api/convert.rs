@@ -95,6 +95,8 @@ impl TryFrom<pb::JobSpec> for JobSpec {
                 revision: c.revision,
                 submodules: c.submodules,
                 depth: c.depth,
+                refspecs: c.refspecs,
+                sparse_paths: c.sparse_paths,
             }),
             ssh: SshCredentials {
                 deploy_key: nonzero(ssh.deploy_key).map(Secret::new),
@@ -142,6 +144,8 @@ impl From<&JobSpec> for pb::JobSpec {
         pb::JobSpec {
             job_id: s.job_id.clone(),
             checkout: s.checkout.as_ref().map(|c| pb::Checkout {
+                refspecs: c.refspecs.clone(),
+                sparse_paths: c.sparse_paths.clone(),
                 repo_url: c.repo_url.clone(),
                 revision: c.revision.clone(),
                 submodules: c.submodules,

@@ -15,12 +15,14 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use git2::{FetchOptions, FetchPrune, Repository};
+use std::collections::HashSet;
+
+use git2::{Direction, FetchOptions, Repository};
 use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
-use super::CheckoutError;
 use super::auth::{Auth, Key};
+use super::{CheckoutError, Refspec};
 use crate::model::state::FailureKind;
 use crate::sys::lockfile::{self, try_exclusive};
 
@@ -105,6 +107,7 @@ impl Mirrors {
         auth: &'a Auth,
         cancel: &AtomicBool,
         what: &str,
+        extra: &[Refspec],
     ) -> Result<Option<(MirrorUse, Option<&'a Key>)>, CheckoutError> {
         let name = Self::name(url);
         let path = self.dir.join(format!("{name}.git"));
@@ -138,7 +141,7 @@ impl Mirrors {
                 return Ok(None);
             }
         };
-        match fetch(&repo, url, auth, cancel, what) {
+        match fetch(&repo, url, auth, cancel, what, extra) {
             Ok(key) => Ok(Some((
                 MirrorUse {
                     objects: path.join("objects"),
@@ -196,6 +199,28 @@ impl Mirrors {
         tracing::warn!(url, why, "the checkout cache of this repository will be rebuilt");
         let _ = std::fs::write(self.dir.join(format!("{}.corrupt", Self::name(url))), why);
     }
+
+    /// Fetches `commit`, which no ref of `url` advertises, into its mirror
+    /// by id (as git does for a submodule pinned to such a commit; the
+    /// server must allow it). A failure says nothing about the mirror.
+    pub(crate) fn fetch_commit(
+        &self,
+        url: &str,
+        auth: &Auth,
+        cancel: &AtomicBool,
+        what: &str,
+        commit: git2::Oid,
+    ) -> Result<(), CheckoutError> {
+        let name = Self::name(url);
+        let _fetching = lockfile::lock(
+            &self.dir.join(format!("{name}.fetch.lock")),
+            FlockArg::LockExclusive,
+        )
+        .map_err(|e| agent_error(what, e))?;
+        let repo =
+            Repository::open_bare(self.dir.join(format!("{name}.git"))).map_err(|e| agent_error(what, e))?;
+        super::fetch_commit(&repo, url, auth, cancel, what, commit)
+    }
 }
 
 fn fetch<'a>(
@@ -204,21 +229,37 @@ fn fetch<'a>(
     auth: &'a Auth,
     cancel: &AtomicBool,
     what: &str,
+    extra: &[Refspec],
 ) -> Result<Option<&'a Key>, CheckoutError> {
     let mut remote = repo
         .remote_anonymous(url)
         .map_err(|e| CheckoutError::new(FailureKind::BadSpec, format!("{url:?}: {}", e.message())))?;
-    let refspecs = [
-        "+refs/heads/*:refs/heads/*",
-        "+refs/tags/*:refs/tags/*",
-        "+HEAD:refs/runnel/HEAD",
+    let mut refspecs = vec![
+        "+refs/heads/*:refs/heads/*".to_string(),
+        "+refs/tags/*:refs/tags/*".to_string(),
+        "+HEAD:refs/runnel/HEAD".to_string(),
     ];
+    refspecs.extend(extra.iter().map(Refspec::for_mirror));
     let key = auth.with_each_key(url, what, |attempt| {
+        // One connection: what the remote advertises first, so that refs it
+        // no longer has go before the fetch writes new ones (a branch
+        // `feat` deleted and `feat/x` pushed would collide).
+        let mut conn = remote.connect_auth(Direction::Fetch, Some(attempt.callbacks(cancel)), None)?;
+        let advertised: HashSet<String> = conn.list()?.iter().map(|h| h.name().to_string()).collect();
+        prune(repo, &advertised)?;
         let mut opts = FetchOptions::new();
         opts.remote_callbacks(attempt.callbacks(cancel));
         opts.download_tags(git2::AutotagOption::None);
-        opts.prune(FetchPrune::On);
-        remote.fetch(&refspecs, Some(&mut opts), None)
+        conn.remote().fetch(&refspecs, Some(&mut opts), None)?;
+        // The remote's HEAD is the mirror's: the branch an empty revision
+        // checks out.
+        if let Ok(head) = conn.default_branch()
+            && let Ok(head) = head.as_str()
+            && head.starts_with("refs/heads/")
+        {
+            repo.set_head(head)?;
+        }
+        Ok(())
     })?;
     // A fetch that "worked" on a broken object store shows here.
     if let Ok(head) = repo.refname_to_id("refs/runnel/HEAD") {
@@ -232,9 +273,33 @@ fn fetch<'a>(
     Ok(key)
 }
 
+/// Deletes the mirror's refs the remote does not advertise (but runnel's
+/// own, `refs/runnel/*`).
+fn prune(repo: &Repository, advertised: &HashSet<String>) -> Result<(), git2::Error> {
+    let mut gone = Vec::new();
+    for r in repo.references()? {
+        let r = r?;
+        if let Ok(name) = r.name()
+            && !name.starts_with("refs/runnel/")
+            && !advertised.contains(name)
+        {
+            gone.push(name.to_string());
+        }
+    }
+    for name in gone {
+        repo.find_reference(&name)?.delete()?;
+    }
+    Ok(())
+}
+
 /// Makes `repo` (a fresh, empty work-tree repository) borrow the objects of
 /// `mirror` and take its branches as `origin/*`, its tags and its HEAD.
-pub(crate) fn borrow(repo: &Repository, url: &str, mirror: &MirrorUse) -> Result<(), git2::Error> {
+pub(crate) fn borrow(
+    repo: &Repository,
+    url: &str,
+    mirror: &MirrorUse,
+    extra: &[Refspec],
+) -> Result<(), git2::Error> {
     let info = repo.path().join("objects/info");
     std::fs::create_dir_all(&info).map_err(|e| git2::Error::from_str(&e.to_string()))?;
     std::fs::write(info.join("alternates"), format!("{}\n", mirror.objects.display()))
@@ -252,6 +317,9 @@ pub(crate) fn borrow(repo: &Repository, url: &str, mirror: &MirrorUse) -> Result
         let (Ok(name), Some(oid)) = (r.name(), r.target()) else {
             continue;
         };
+        for local in extra.iter().filter_map(|spec| spec.map(name)) {
+            repo.reference(&local, oid, true, "runnel: from the checkout cache")?;
+        }
         let local = if let Some(b) = name.strip_prefix("refs/heads/") {
             format!("refs/remotes/origin/{b}")
         } else if name.starts_with("refs/tags/") {
@@ -263,14 +331,33 @@ pub(crate) fn borrow(repo: &Repository, url: &str, mirror: &MirrorUse) -> Result
         };
         repo.reference(&local, oid, true, "runnel: from the checkout cache")?;
     }
+    // origin/HEAD names the remote's HEAD branch, as in a clone.
+    if let Ok(head) = source.find_reference("HEAD")
+        && let Some(branch) = head.symbolic_target().ok().flatten()
+    {
+        super::name_origin_head(&repo, branch)?;
+    }
     Ok(())
 }
 
 /// Points every alternates file under `git_dir` that names a mirror at the
-/// mirror's path inside the container.
+/// mirror's path inside the container: the workspace's and its
+/// submodules', however deep their paths (`.git/modules/libs/a`).
 pub(crate) fn alternates_for_container(git_dir: &Path, mirrors: &[MirrorUse]) -> std::io::Result<()> {
     let mut stack = vec![git_dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
+        if !dir.join("HEAD").exists() {
+            // A directory of a submodule path (`libs` of `libs/a`).
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                stack.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+            continue;
+        }
         let alt = dir.join("objects/info/alternates");
         if let Ok(text) = std::fs::read_to_string(&alt) {
             let mut out = String::new();

@@ -6,8 +6,10 @@
 
 mod auth;
 pub mod mirror;
+mod sparse;
 mod submodules;
 mod trees;
+mod worktree;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,11 +41,6 @@ impl CheckoutError {
         }
     }
 
-    fn with_message(mut self, message: String) -> Self {
-        self.message = message;
-        self
-    }
-
     /// Blames the checkout cache of `url` for this failure.
     fn blaming_cache(mut self, url: &str) -> Self {
         self.cache_failed = Some(url.to_string());
@@ -68,11 +65,166 @@ pub(crate) struct Ctx<'a> {
     pub depth: u32,
 }
 
-/// Checks out `oid` detached (a submodule's pinned commit).
-fn check_out_detached(repo: &Repository, oid: Oid) -> Result<(), git2::Error> {
-    repo.set_head_detached(oid)?;
-    repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))
+/// A ref to fetch beyond branches and tags: `[+]src[:dst]`, both under
+/// `refs/`, `*` standing for the same part of a name on both sides. Without
+/// `dst`, the ref keeps its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refspec {
+    src: String,
+    dst: String,
 }
+
+impl Refspec {
+    pub(crate) fn parse(spec: &str) -> Option<Refspec> {
+        let spec = spec.trim().trim_start_matches('+');
+        let (src, dst) = spec.split_once(':').unwrap_or((spec, spec));
+        let stars = |s: &str| s.matches('*').count();
+        let valid = |s: &str| {
+            s.starts_with("refs/") && git2::Reference::is_valid_name(&s.replace('*', "x")) && stars(s) <= 1
+        };
+        (valid(src) && valid(dst) && stars(src) == stars(dst)).then(|| Refspec {
+            src: src.to_string(),
+            dst: dst.to_string(),
+        })
+    }
+
+    /// The ref `name` of the remote becomes, if this refspec takes it.
+    pub(crate) fn map(&self, name: &str) -> Option<String> {
+        match self.src.split_once('*') {
+            None => (name == self.src).then(|| self.dst.clone()),
+            Some((pre, post)) => {
+                let middle = name.strip_prefix(pre)?.strip_suffix(post)?;
+                Some(self.dst.replacen('*', middle, 1))
+            }
+        }
+    }
+
+    /// The mirror keeps what it fetches under the remote's names.
+    pub(crate) fn for_mirror(&self) -> String {
+        format!("+{0}:{0}", self.src)
+    }
+
+    fn for_workspace(&self) -> String {
+        format!("+{}:{}", self.src, self.dst)
+    }
+}
+
+/// The refs a checkout fetches beyond branches and tags: the revision when
+/// it is a ref outside `refs/heads/` and `refs/tags/`, and `refspecs`.
+fn extra_refs(spec: &CheckoutSpec) -> Result<Vec<Refspec>, CheckoutError> {
+    let mut out = Vec::new();
+    let rev = spec.revision.trim();
+    if rev.starts_with("refs/") && !rev.starts_with("refs/heads/") && !rev.starts_with("refs/tags/") {
+        out.push(Refspec::parse(rev).ok_or_else(|| {
+            CheckoutError::new(
+                FailureKind::BadSpec,
+                format!("revision {rev:?} is not a valid ref name"),
+            )
+        })?);
+    }
+    for r in &spec.refspecs {
+        out.push(Refspec::parse(r).ok_or_else(|| {
+            CheckoutError::new(
+                FailureKind::BadSpec,
+                format!(
+                    "checkout refspec {r:?} is not one runnel fetches: write [+]refs/SRC[:refs/DST], \
+                     with at most one '*' on each side"
+                ),
+            )
+        })?);
+    }
+    Ok(out)
+}
+
+/// Fetches `commit` from `url` into `repo` by its id (no ref advertises
+/// it: git does the same for a pinned submodule; the server must allow it).
+pub(crate) fn fetch_commit(
+    repo: &Repository,
+    url: &str,
+    auth: &Auth,
+    cancel: &AtomicBool,
+    what: &str,
+    commit: Oid,
+) -> Result<(), CheckoutError> {
+    let mut remote = repo
+        .remote_anonymous(&auth::git_url(url))
+        .map_err(|e| CheckoutError::new(FailureKind::BadSpec, format!("{url:?}: {}", e.message())))?;
+    let spec = format!("+{commit}:refs/runnel/want/{commit}");
+    auth.with_each_key(url, what, |attempt| {
+        let mut opts = FetchOptions::new();
+        opts.remote_callbacks(attempt.callbacks(cancel));
+        opts.download_tags(git2::AutotagOption::None);
+        remote.fetch(&[spec.as_str()], Some(&mut opts), None)
+    })?;
+    Ok(())
+}
+
+/// Checks out `oid` detached (a submodule's pinned commit).
+fn check_out_detached(repo: &Repository, oid: Oid, cancel: &AtomicBool) -> Result<(), git2::Error> {
+    repo.set_head_detached(oid)?;
+    write_work_tree(repo, oid, cancel, None)
+}
+
+/// Writes the files of `oid` into the (empty) work tree of `repo` as git
+/// does ([`worktree`]), and an index of them with their metadata, so that
+/// `git status` need not read them again.
+/// With a `cone`, only its files are written; the index marks the others
+/// skip-worktree and the repository is set up as `git sparse-checkout set
+/// --cone` leaves it.
+fn write_work_tree(
+    repo: &Repository,
+    oid: Oid,
+    cancel: &AtomicBool,
+    cone: Option<&sparse::Cone>,
+) -> Result<(), git2::Error> {
+    let io = |e: std::io::Error| git2::Error::from_str(&e.to_string());
+    let workdir = repo
+        .workdir()
+        .ok_or_else(|| git2::Error::from_str("a bare repository has no work tree"))?;
+    let in_cone = |p: &[u8]| cone.is_none_or(|c| c.contains(p));
+    let only: worktree::Only<'_> = cone.map(|_| &in_cone as &dyn Fn(&[u8]) -> bool);
+    let written = worktree::write(repo.path(), oid, workdir, only, true, cancel).map_err(io)?;
+    let tree = repo.find_commit(oid)?.tree()?;
+    let mut index = repo.index()?;
+    index.read_tree(&tree)?;
+    for (e, m) in written.entries.iter().zip(&written.meta) {
+        let Some(m) = m else { continue };
+        use std::os::unix::fs::MetadataExt;
+        let time = |s: i64, ns: i64| git2::IndexTime::new(s as i32, ns as u32);
+        index.add(&git2::IndexEntry {
+            ctime: time(m.ctime(), m.ctime_nsec()),
+            mtime: time(m.mtime(), m.mtime_nsec()),
+            dev: m.dev() as u32,
+            ino: m.ino() as u32,
+            mode: e.mode(),
+            uid: m.uid(),
+            gid: m.gid(),
+            file_size: m.size() as u32,
+            id: e.id,
+            flags: e.path.len().min(0xfff) as u16,
+            flags_extended: 0,
+            path: e.path.clone(),
+        })?;
+    }
+    if let Some(cone) = cone {
+        let outside: Vec<git2::IndexEntry> = index.iter().filter(|e| !cone.contains(&e.path)).collect();
+        for mut e in outside {
+            e.flags_extended |= SKIP_WORKTREE;
+            index.add(&e)?;
+        }
+        let mut config = repo.config()?;
+        config.set_bool("core.sparseCheckout", true)?;
+        config.set_bool("core.sparseCheckoutCone", true)?;
+        let info = repo.path().join("info");
+        std::fs::create_dir_all(&info)
+            .and_then(|_| std::fs::write(info.join("sparse-checkout"), cone.patterns()))
+            .map_err(io)?;
+    }
+    index.write()
+}
+
+/// libgit2's GIT_INDEX_ENTRY_SKIP_WORKTREE (an extended index flag).
+const SKIP_WORKTREE: u16 = 1 << 14;
 
 impl Ctx<'_> {
     /// Gets `url`'s objects and refs into `repo` (a fresh repository) as
@@ -85,21 +237,62 @@ impl Ctx<'_> {
         url: &str,
         depth: u32,
         what: &str,
+        extra: &[Refspec],
         uses: &mut Vec<MirrorUse>,
     ) -> Result<Option<&'k auth::Key>, CheckoutError> {
-        let cacheable = auth::ssh_target(url).is_some() || url.starts_with("https://");
-        if let Some(mirrors) = self.mirrors.filter(|_| cacheable)
-            && let Some((mirror, key)) = mirrors.update(url, self.auth, self.cancel, what)?
+        if let Some(mirrors) = self.mirrors.filter(|_| cacheable(url))
+            && let Some((mirror, key)) = mirrors.update(url, self.auth, self.cancel, what, extra)?
         {
-            mirror::borrow(repo, url, &mirror).map_err(|e| {
+            mirror::borrow(repo, url, &mirror, extra).map_err(|e| {
                 CheckoutError::new(FailureKind::Checkout, format!("{what}: {}", e.message()))
                     .blaming_cache(url)
             })?;
             uses.push(mirror);
             return Ok(key);
         }
-        fetch(repo, url, depth, self.auth, self.cancel, what)
+        fetch(repo, url, depth, self.auth, self.cancel, what, extra)
     }
+
+    /// Makes sure `repo` (fetched from `url` by [`Ctx::fetch_into`]) has
+    /// `commit`: when no ref advertised it, it is fetched by id, into the
+    /// mirror if `repo` borrows one. `Ok(false)`: the server does not have
+    /// it (or will not give it by id).
+    fn ensure_commit(
+        &self,
+        repo: &Repository,
+        url: &str,
+        what: &str,
+        commit: Oid,
+        cached: bool,
+    ) -> Result<bool, CheckoutError> {
+        let has =
+            |repo: &Repository| Repository::open(repo.path()).is_ok_and(|r| r.find_commit(commit).is_ok());
+        if has(repo) {
+            return Ok(true);
+        }
+        let fetched = match self.mirrors.filter(|_| cached) {
+            Some(m) => m.fetch_commit(url, self.auth, self.cancel, what, commit),
+            None => fetch_commit(repo, url, self.auth, self.cancel, what, commit),
+        };
+        if let Err(e) = fetched {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(CheckoutError::new(
+                    FailureKind::Cancelled,
+                    "the checkout was cancelled",
+                ));
+            }
+            tracing::info!(url, %commit, error = %e, "cannot fetch a commit by id");
+            return Ok(false);
+        }
+        if !cached && let Ok(mut r) = repo.find_reference(&format!("refs/runnel/want/{commit}")) {
+            let _ = r.delete();
+        }
+        Ok(has(repo))
+    }
+}
+
+fn cacheable(url: &str) -> bool {
+    auth::ssh_target(url).is_some() || url.starts_with("https://")
 }
 
 /// Unmounts a workspace laid over cached work tree layers (a warm
@@ -166,6 +359,10 @@ pub fn checkout(
     cancel: &AtomicBool,
     mirrors: Option<&Mirrors>,
 ) -> Result<Checkout, CheckoutError> {
+    // As git makes a clone's directory (the job's run directory above it
+    // keeps others out).
+    std::fs::set_permissions(workspace, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(|e| CheckoutError::new(FailureKind::Agent, format!("cannot open up the workspace: {e}")))?;
     let ctx = Ctx {
         auth,
         cancel,
@@ -213,27 +410,55 @@ fn checkout_with(spec: &CheckoutSpec, ctx: &Ctx<'_>) -> Result<Checkout, Checkou
         )
     })?;
     let mut uses = Vec::new();
-    let key = ctx.fetch_into(&repo, url, ctx.depth, "the repository", &mut uses)?;
+    let extra = extra_refs(spec)?;
+    let key = ctx.fetch_into(&repo, url, ctx.depth, "the repository", &extra, &mut uses)?;
     // Reopen: the object database must see a borrowed mirror's objects.
     let repo = Repository::open(ctx.workspace)
         .map_err(|e| CheckoutError::new(FailureKind::Agent, e.message().to_string()))?;
     let cached = !uses.is_empty();
     let blame_cache = |e: CheckoutError| if cached { e.blaming_cache(url) } else { e };
-    let (oid, branch) = resolve(&repo, url, &spec.revision)?;
-    let repo = match uses.first_mut() {
+    let cone =
+        sparse::Cone::parse(&spec.sparse_paths).map_err(|m| CheckoutError::new(FailureKind::BadSpec, m))?;
+    let revision = spec.revision.trim();
+    let (oid, branch) = match resolve(&repo, url, revision) {
+        Ok(found) => found,
+        // A commit no ref advertises: fetched by id, as git would.
+        Err(e) => match Oid::from_str(revision) {
+            Ok(oid)
+                if revision.len() == 40
+                    && ctx.ensure_commit(&repo, url, "the repository", oid, cached)? =>
+            {
+                (oid, None)
+            }
+            _ => return Err(e),
+        },
+    };
+    let repo = Repository::open(ctx.workspace)
+        .map_err(|e| CheckoutError::new(FailureKind::Agent, e.message().to_string()))?;
+    // A sparse workspace is written (its objects still borrowed): the
+    // cached layers hold every file.
+    let repo = match uses.first_mut().filter(|_| cone.is_none()) {
         Some(mirror) => match over_cached_tree(ctx.workspace, mirror, oid, branch.as_deref()) {
             Ok(repo) => repo,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot lay the workspace over a cached work tree; writing it");
-                check_out(&repo, oid, branch.as_deref()).map_err(blame_cache)?;
+                check_out(&repo, oid, branch.as_deref(), ctx.cancel, cone.as_ref()).map_err(blame_cache)?;
                 repo
             }
         },
         None => {
-            check_out(&repo, oid, branch.as_deref()).map_err(blame_cache)?;
+            check_out(&repo, oid, branch.as_deref(), ctx.cancel, cone.as_ref()).map_err(blame_cache)?;
             repo
         }
     };
+    if cached && ctx.depth > 0 {
+        make_shallow(&repo, oid, ctx.depth).map_err(|e| {
+            CheckoutError::new(
+                FailureKind::Agent,
+                format!("cannot cut the history at depth {}: {e}", ctx.depth),
+            )
+        })?;
+    }
     let mut submodules = Vec::new();
     if spec.submodules {
         submodules::update(&repo, url, ctx, "", &mut submodules, &mut uses)?;
@@ -264,6 +489,7 @@ fn fetch<'a>(
     auth: &'a Auth,
     cancel: &AtomicBool,
     what: &str,
+    extra: &[Refspec],
 ) -> Result<Option<&'a auth::Key>, CheckoutError> {
     let git_url = auth::git_url(url);
     let mut remote = match repo.find_remote("origin") {
@@ -278,11 +504,12 @@ fn fetch<'a>(
             )
         })?,
     };
-    let refspecs = [
-        "+refs/heads/*:refs/remotes/origin/*",
-        "+refs/tags/*:refs/tags/*",
-        "+HEAD:refs/remotes/origin/HEAD",
+    let mut refspecs = vec![
+        "+refs/heads/*:refs/remotes/origin/*".to_string(),
+        "+refs/tags/*:refs/tags/*".to_string(),
+        "+HEAD:refs/remotes/origin/HEAD".to_string(),
     ];
+    refspecs.extend(extra.iter().map(Refspec::for_workspace));
     auth.with_each_key(url, what, |session| {
         let mut opts = FetchOptions::new();
         opts.remote_callbacks(session.callbacks(cancel));
@@ -290,7 +517,13 @@ fn fetch<'a>(
         if depth > 0 {
             opts.depth(depth as i32);
         }
-        remote.fetch(&refspecs, Some(&mut opts), None)
+        remote.fetch(&refspecs, Some(&mut opts), None)?;
+        if let Ok(head) = remote.default_branch()
+            && let Ok(head) = head.as_str()
+        {
+            name_origin_head(repo, head)?;
+        }
+        Ok(())
     })
     .map_err(|e| {
         if cancel.load(Ordering::Relaxed) {
@@ -301,47 +534,74 @@ fn fetch<'a>(
     })
 }
 
+/// Makes `origin/HEAD` name the remote's HEAD branch `head`
+/// (`refs/heads/trunk`), as in a clone, when it points at that branch's
+/// commit.
+pub(crate) fn name_origin_head(repo: &Repository, head: &str) -> Result<(), git2::Error> {
+    let Some(branch) = head.strip_prefix("refs/heads/") else {
+        return Ok(());
+    };
+    let tracking = format!("refs/remotes/origin/{branch}");
+    match (
+        repo.refname_to_id(&tracking),
+        repo.refname_to_id("refs/remotes/origin/HEAD"),
+    ) {
+        (Ok(a), Ok(b)) if a == b => repo
+            .reference_symbolic(
+                "refs/remotes/origin/HEAD",
+                &tracking,
+                true,
+                "runnel: the remote's HEAD",
+            )
+            .map(drop),
+        _ => Ok(()),
+    }
+}
+
 /// The commit to check out, and the branch it is the tip of, if any.
 fn resolve(repo: &Repository, url: &str, revision: &str) -> Result<(Oid, Option<String>), CheckoutError> {
     let peel = |r: git2::Reference| r.peel_to_commit().map(|c| c.id()).ok();
+    let find = |name: &str| repo.find_reference(name).ok().and_then(peel);
     if revision.is_empty() {
-        let head = repo
+        let head = find("refs/remotes/origin/HEAD").ok_or_else(|| {
+            CheckoutError::new(
+                FailureKind::Revision,
+                format!("{url} has no HEAD to check out (an empty repository?); name a revision"),
+            )
+        })?;
+        // The branch the remote's HEAD names; else one with that commit.
+        let named = repo
             .find_reference("refs/remotes/origin/HEAD")
             .ok()
-            .and_then(peel)
-            .ok_or_else(|| {
-                CheckoutError::new(
-                    FailureKind::Revision,
-                    format!("{url} has no HEAD to check out (an empty repository?); name a revision"),
-                )
-            })?;
-        // Name the branch HEAD points at, if one has that commit.
-        let branch = repo
-            .references_glob("refs/remotes/origin/*")
-            .ok()
-            .and_then(|refs| {
-                refs.flatten()
-                    .filter(|r| r.name().ok() != Some("refs/remotes/origin/HEAD"))
-                    .find(|r| r.target() == Some(head))
-                    .and_then(|r| {
-                        r.shorthand()
-                            .ok()
-                            .map(|s| s.trim_start_matches("origin/").to_string())
-                    })
-            });
+            .and_then(|r| r.symbolic_target().ok().flatten().map(str::to_string))
+            .and_then(|t| t.strip_prefix("refs/remotes/origin/").map(str::to_string));
+        let branch = named.or_else(|| {
+            repo.references_glob("refs/remotes/origin/*")
+                .ok()
+                .and_then(|refs| {
+                    refs.flatten()
+                        .filter(|r| r.name().ok() != Some("refs/remotes/origin/HEAD"))
+                        .find(|r| r.target() == Some(head))
+                        .and_then(|r| {
+                            r.shorthand()
+                                .ok()
+                                .map(|s| s.trim_start_matches("origin/").to_string())
+                        })
+                })
+        });
         return Ok((head, branch));
     }
-    if let Some(oid) = repo
-        .find_reference(&format!("refs/remotes/origin/{revision}"))
-        .ok()
-        .and_then(peel)
-    {
-        return Ok((oid, Some(revision.to_string())));
+    let branch = revision.strip_prefix("refs/heads/").unwrap_or(revision);
+    if let Some(oid) = find(&format!("refs/remotes/origin/{branch}")) {
+        return Ok((oid, Some(branch.to_string())));
     }
-    if let Some(oid) = repo
-        .find_reference(&format!("refs/tags/{revision}"))
-        .ok()
-        .and_then(peel)
+    let tag = revision.strip_prefix("refs/tags/").unwrap_or(revision);
+    if let Some(oid) = find(&format!("refs/tags/{tag}")) {
+        return Ok((oid, None));
+    }
+    // Any other ref (a pull request's), fetched under its own name.
+    if revision.starts_with("refs/")
+        && let Some(oid) = find(revision)
     {
         return Ok((oid, None));
     }
@@ -352,7 +612,7 @@ fn resolve(repo: &Repository, url: &str, revision: &str) -> Result<(Oid, Option<
     Err(CheckoutError::new(
         FailureKind::Revision,
         format!(
-            "revision {revision:?} not found in {url}: no branch, tag or commit of that name \
+            "revision {revision:?} not found in {url}: no branch, tag, ref or commit of that name \
              (is it pushed?)"
         ),
     ))
@@ -387,37 +647,68 @@ fn over_cached_tree(
 }
 
 /// Checks out `oid` in the work tree; on a local branch when `branch` names one.
-fn check_out(repo: &Repository, oid: Oid, branch: Option<&str>) -> Result<(), CheckoutError> {
+fn check_out(
+    repo: &Repository,
+    oid: Oid,
+    branch: Option<&str>,
+    cancel: &AtomicBool,
+    cone: Option<&sparse::Cone>,
+) -> Result<(), CheckoutError> {
     let fail = |e: git2::Error| {
         CheckoutError::new(
             FailureKind::Checkout,
             format!("cannot check out {oid}: {}", e.message()),
         )
     };
-    let commit = repo.find_commit(oid).map_err(fail)?;
+    set_head(repo, oid, branch).map_err(fail)?;
+    write_work_tree(repo, oid, cancel, cone).map_err(fail)
+}
+
+/// Points HEAD at `oid`: on the local branch `branch` (made there, its
+/// upstream `origin/<branch>`) when it names one, else detached.
+pub(crate) fn set_head(repo: &Repository, oid: Oid, branch: Option<&str>) -> Result<(), git2::Error> {
     match branch {
         Some(name) if git2::Branch::name_is_valid(name).unwrap_or(false) => {
-            repo.branch(name, &commit, true).map_err(fail)?;
-            repo.checkout_tree(
-                commit.as_object(),
-                Some(git2::build::CheckoutBuilder::new().force()),
-            )
-            .map_err(fail)?;
-            repo.set_head(&format!("refs/heads/{name}")).map_err(fail)?;
+            let commit = repo.find_commit(oid)?;
+            repo.branch(name, &commit, true)?;
+            repo.set_head(&format!("refs/heads/{name}"))?;
             if let Ok(mut b) = repo.find_branch(name, git2::BranchType::Local) {
                 let _ = b.set_upstream(Some(&format!("origin/{name}")));
             }
+            Ok(())
         }
-        _ => {
-            repo.checkout_tree(
-                commit.as_object(),
-                Some(git2::build::CheckoutBuilder::new().force()),
-            )
-            .map_err(fail)?;
-            repo.set_head_detached(oid).map_err(fail)?;
-        }
+        _ => repo.set_head_detached(oid),
     }
-    Ok(())
+}
+
+/// Makes the history of a workspace that borrows a complete mirror as
+/// shallow as a clone of `depth` would be: `.git/shallow` lists the commits
+/// `depth - 1` parents below `tip` (git shows nothing beyond them). The
+/// objects stay borrowed, so nothing is fetched again.
+fn make_shallow(repo: &Repository, tip: Oid, depth: u32) -> Result<(), String> {
+    let mut level = vec![tip];
+    let mut seen = std::collections::HashSet::from([tip]);
+    let mut boundary = Vec::new();
+    for d in 1..=depth {
+        let mut next = Vec::new();
+        for oid in level {
+            let commit = repo.find_commit(oid).map_err(|e| e.message().to_string())?;
+            if d == depth {
+                if commit.parent_count() > 0 {
+                    boundary.push(oid);
+                }
+                continue;
+            }
+            next.extend(commit.parent_ids().filter(|p| seen.insert(*p)));
+        }
+        level = next;
+    }
+    if boundary.is_empty() {
+        return Ok(());
+    }
+    boundary.sort();
+    let text: String = boundary.iter().map(|o| format!("{o}\n")).collect();
+    std::fs::write(repo.path().join("shallow"), text).map_err(|e| e.to_string())
 }
 
 /// Joins `rel` onto `base` and checks it stays inside `base`, without

@@ -63,6 +63,8 @@ pub(super) fn update(
             ))
         })?
         .to_path_buf();
+    refuse_escaping_names(repo, &workdir, prefix)?;
+    let gitmodules = git2::Config::open(&workdir.join(".gitmodules")).ok();
     let submodules = repo
         .submodules()
         .map_err(|e| git_err("cannot read .gitmodules", e))?;
@@ -97,6 +99,13 @@ pub(super) fn update(
             .or(sm.head_id())
             .ok_or_else(|| refuse(format!("{what}: the superproject records no commit for it")))?;
         sm.init(true).map_err(|e| git_err(&what, e))?;
+        // `update = none`: git initialises it and leaves its directory empty.
+        if sm.update_strategy() == git2::SubmoduleUpdate::None {
+            continue;
+        }
+        // Outside a sparse checkout's cone its directory was not made; git
+        // checks it out all the same.
+        std::fs::create_dir_all(&dest).map_err(|e| refuse(format!("{what}: {e}")))?;
         repo.config()
             .and_then(|mut c| c.set_str(&format!("submodule.{name}.url"), &url))
             .map_err(|e| git_err(&what, e))?;
@@ -104,20 +113,33 @@ pub(super) fn update(
         let sub = sm.repo_init(true).map_err(|e| git_err(&what, e))?;
         let cached = uses.len();
         // Submodules are fetched in full: a pinned commit may be deep in history.
-        let key = ctx.fetch_into(&sub, &url, 0, &what, uses)?;
+        let key = ctx.fetch_into(&sub, &url, 0, &what, &[], uses)?;
         let sub = sm.open().map_err(|e| git_err(&what, e))?;
-        let blame_cache = |e: CheckoutError| {
-            if uses.len() > cached {
-                e.blaming_cache(&url)
-            } else {
-                e
-            }
-        };
-        check_out_detached(&sub, pinned).map_err(|e| {
-            blame_cache(git_err(&what, e)).with_message(format!(
-                "{what}: cannot check out its pinned commit {pinned} (is it pushed to {url}?)"
-            ))
+        let borrowed = uses.len() > cached;
+        // A commit no ref advertises is fetched by id; one the server does
+        // not have is the job's problem, never the cache's.
+        if !ctx.ensure_commit(&sub, &url, &what, pinned, borrowed)? {
+            return Err(refuse(format!(
+                "{what}: its pinned commit {pinned} is not in {url}, not even fetched by id \
+                 (is it pushed? does the server allow fetching commits by id?)"
+            )));
+        }
+        let sub = sm.open().map_err(|e| git_err(&what, e))?;
+        check_out_detached(&sub, pinned, ctx.cancel).map_err(|e| {
+            let e = refuse(format!(
+                "{what}: cannot check out its pinned commit {pinned}: {}",
+                e.message()
+            ));
+            if borrowed { e.blaming_cache(&url) } else { e }
         })?;
+        // `shallow = true`: git clones it with --depth 1.
+        let shallow = gitmodules
+            .as_ref()
+            .and_then(|c| c.get_bool(&format!("submodule.{name}.shallow")).ok())
+            .unwrap_or(false);
+        if shallow {
+            super::make_shallow(&sub, pinned, 1).map_err(|e| refuse(format!("{what}: {e}")))?;
+        }
         done.push(SubmoduleDone {
             path: shown.clone(),
             url: url.clone(),
@@ -125,6 +147,39 @@ pub(super) fn update(
             key: key.map(|k| k.kind).unwrap_or(crate::model::KeyKind::None),
         });
         update(&sub, &url, ctx, &format!("{shown}/"), done, uses)?;
+    }
+    Ok(())
+}
+
+/// A submodule whose name would leave `.git/modules` (`../../x`) is
+/// refused, as git refuses it ("ignoring suspicious submodule name");
+/// libgit2 would silently skip the entry.
+fn refuse_escaping_names(repo: &Repository, workdir: &Path, prefix: &str) -> Result<(), CheckoutError> {
+    let file = workdir.join(".gitmodules");
+    if std::fs::symlink_metadata(&file).is_err() {
+        return Ok(());
+    }
+    let config = git2::Config::open(&file)
+        .map_err(|e| refuse(format!("{prefix}.gitmodules cannot be read: {}", e.message())))?;
+    let mut entries = config
+        .entries(Some(r"^submodule\..*\.(path|url)$"))
+        .map_err(|e| refuse(format!("{prefix}.gitmodules cannot be read: {}", e.message())))?;
+    while let Some(Ok(entry)) = entries.next() {
+        let Some(name) = entry
+            .name()
+            .ok()
+            .and_then(|n| n.strip_prefix("submodule."))
+            .and_then(|n| n.rsplit_once('.'))
+            .map(|(name, _)| name.to_string())
+        else {
+            continue;
+        };
+        if contained_path(&repo.path().join("modules"), &name).is_none() {
+            return Err(refuse(format!(
+                "{prefix}.gitmodules: submodule name: '{name}' would leave the repository's \
+                 .git/modules; refusing it"
+            )));
+        }
     }
     Ok(())
 }

@@ -14,11 +14,14 @@
 //! ends, and a layer is removed only when its lock can be taken
 //! exclusively, so old layers go even while other jobs run.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 use git2::{Delta, DiffOptions, Oid, Repository, Tree};
 use nix::fcntl::{Flock, FlockArg};
@@ -81,7 +84,7 @@ fn find_or_make(mirror: &Repository, trees: &Path, commit: Oid) -> io::Result<Ve
             return Ok(vec![delta_dir, base_dir]);
         }
         let base_tree = mirror.find_commit(base).and_then(|c| c.tree()).map_err(other)?;
-        if let Some(()) = write_delta(mirror, &base_tree, &tree, trees, &delta_dir)? {
+        if let Some(()) = write_delta(mirror, &base_tree, &tree, commit, trees, &delta_dir)? {
             collect(trees);
             return Ok(vec![delta_dir, base_dir]);
         }
@@ -89,9 +92,7 @@ fn find_or_make(mirror: &Repository, trees: &Path, commit: Oid) -> io::Result<Ve
     let base_dir = trees.join(format!("base-{commit}"));
     if !base_dir.is_dir() {
         let tmp = tempfile::Builder::new().prefix("tmp-").tempdir_in(trees)?;
-        let mut opts = git2::build::CheckoutBuilder::new();
-        opts.force().recreate_missing(true).update_index(false);
-        checkout_into(mirror, tmp.path(), tree.id(), &mut opts)?;
+        write_files(mirror, commit, tmp.path(), None)?;
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))?;
         fs::rename(tmp.keep(), &base_dir)?;
     }
@@ -102,20 +103,15 @@ fn find_or_make(mirror: &Repository, trees: &Path, commit: Oid) -> io::Result<Ve
     Ok(vec![base_dir])
 }
 
-/// Checks `tree` out into `dir` through the mirror opened again with `dir`
-/// as its work tree (in this handle only: nothing is written to the
-/// mirror). libgit2 cannot check out a tree holding submodules into a bare
-/// repository's target directory.
-fn checkout_into(
+/// Writes the files of `commit` (only `only`, when given) into `dir`, as
+/// a checkout would ([`super::worktree`]: the commit's own attributes).
+fn write_files(
     mirror: &Repository,
+    commit: Oid,
     dir: &Path,
-    tree: Oid,
-    opts: &mut git2::build::CheckoutBuilder,
+    only: super::worktree::Only<'_>,
 ) -> io::Result<()> {
-    let repo = Repository::open_bare(mirror.path()).map_err(other)?;
-    repo.set_workdir(dir, false).map_err(other)?;
-    let tree = repo.find_tree(tree).map_err(other)?;
-    repo.checkout_tree(tree.as_object(), Some(opts)).map_err(other)
+    super::worktree::write(mirror.path(), commit, dir, only, false, &AtomicBool::new(false)).map(drop)
 }
 
 fn current_base(trees: &Path) -> Option<Oid> {
@@ -131,6 +127,7 @@ fn write_delta(
     repo: &Repository,
     from: &Tree,
     to: &Tree,
+    commit: Oid,
     trees: &Path,
     dest: &Path,
 ) -> io::Result<Option<()>> {
@@ -165,18 +162,14 @@ fn write_delta(
     }
     let tmp = tempfile::Builder::new().prefix("tmp-").tempdir_in(trees)?;
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))?;
-    // What the commit has: written by libgit2's own checkout (filters,
-    // modes, symlinks and its path checks), restricted to these paths.
+    // What the commit has, written as a checkout writes it (attributes,
+    // modes, symlinks, path checks), restricted to these paths.
     if !written.is_empty() {
-        let mut co = git2::build::CheckoutBuilder::new();
-        co.force()
-            .recreate_missing(true)
-            .update_index(false)
-            .disable_pathspec_match(true);
-        for p in &written {
-            co.path(p);
-        }
-        checkout_into(repo, tmp.path(), to.id(), &mut co)?;
+        let only: HashSet<Vec<u8>> = written
+            .iter()
+            .map(|p| p.as_os_str().as_bytes().to_vec())
+            .collect();
+        write_files(repo, commit, tmp.path(), Some(&|p: &[u8]| only.contains(p)))?;
     }
     // What it does not have: a whiteout at the highest directory that is
     // gone, else at the file; nothing under a path the delta replaces.
@@ -358,16 +351,7 @@ pub(crate) fn unmount(workspace: &Path) -> io::Result<()> {
 /// without touching the work tree.
 pub(crate) fn adopt(repo: &Repository, commit: Oid, branch: Option<&str>) -> Result<(), git2::Error> {
     let c = repo.find_commit(commit)?;
-    match branch {
-        Some(name) if git2::Branch::name_is_valid(name).unwrap_or(false) => {
-            repo.branch(name, &c, true)?;
-            repo.set_head(&format!("refs/heads/{name}"))?;
-            if let Ok(mut b) = repo.find_branch(name, git2::BranchType::Local) {
-                let _ = b.set_upstream(Some(&format!("origin/{name}")));
-            }
-        }
-        _ => repo.set_head_detached(commit)?,
-    }
+    super::set_head(repo, commit, branch)?;
     let mut index = repo.index()?;
     index.read_tree(&c.tree()?)?;
     index.write()

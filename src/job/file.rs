@@ -53,6 +53,10 @@ struct RawCheckout {
     submodules: bool,
     #[serde(default)]
     depth: u32,
+    #[serde(default)]
+    refspecs: Vec<String>,
+    #[serde(default)]
+    sparse_paths: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -285,6 +289,8 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
             revision: c.revision,
             submodules: c.submodules,
             depth: c.depth,
+            refspecs: c.refspecs,
+            sparse_paths: c.sparse_paths,
         }),
         ssh: crate::model::spec::SshCredentials {
             deploy_key: key(

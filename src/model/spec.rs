@@ -50,6 +50,10 @@ pub struct CheckoutSpec {
     pub revision: String,
     pub submodules: bool,
     pub depth: u32,
+    /// Refs fetched beyond branches and tags (`[+]refs/SRC[:refs/DST]`).
+    pub refspecs: Vec<String>,
+    /// Directories of a cone-mode sparse checkout; empty = every file.
+    pub sparse_paths: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -85,6 +85,7 @@ impl Fixture {
             revision: String::new(),
             submodules,
             depth: 0,
+            ..Default::default()
         });
         spec.ssh = Some(pb::SshCredentials {
             user_key: if user { self.user.private_bytes() } else { vec![] },

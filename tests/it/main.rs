@@ -20,6 +20,7 @@ mod agent;
 mod checkout;
 mod cli;
 mod disk;
+mod fidelity;
 mod fuzz_corpus;
 mod hostimg;
 mod images;
