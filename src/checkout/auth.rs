@@ -11,7 +11,8 @@
 //! says which keys were tried and what to do.
 
 use std::cell::{Cell, RefCell};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use git2::{CertificateCheckStatus, Cred, CredentialType, ErrorClass, ErrorCode, RemoteCallbacks};
 
@@ -26,6 +27,27 @@ use crate::ssh::known_hosts::{self, HostKeyCheck, KnownHosts};
 pub struct Auth {
     keys: Vec<Key>,
     known_hosts: KnownHosts,
+    progress: Arc<TransferProgress>,
+}
+
+/// How far the fetches of a checkout have come (libgit2's transfer
+/// progress of the latest one), for the job's log.
+#[derive(Debug, Default)]
+pub struct TransferProgress {
+    objects: AtomicUsize,
+    total: AtomicUsize,
+    bytes: AtomicU64,
+}
+
+impl TransferProgress {
+    /// Objects received, of how many, and bytes received.
+    pub fn get(&self) -> (usize, usize, u64) {
+        (
+            self.objects.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// Where an SSH URL points.
@@ -75,6 +97,7 @@ pub(crate) fn ssh_target(url: &str) -> Option<SshTarget> {
 pub(crate) struct Attempt<'a> {
     key: Option<&'a Key>,
     known_hosts: &'a KnownHosts,
+    progress: &'a TransferProgress,
     target: Option<SshTarget>,
     cred_calls: Cell<u32>,
     host_key_error: RefCell<Option<String>>,
@@ -129,7 +152,17 @@ impl<'a> Attempt<'a> {
                 None => Err(git2::Error::from_str("no SSH key was given")),
             }
         });
-        cb.transfer_progress(move |_| !cancel.load(Ordering::Relaxed));
+        let progress = self.progress;
+        cb.transfer_progress(move |stats| {
+            progress
+                .objects
+                .store(stats.received_objects(), Ordering::Relaxed);
+            progress.total.store(stats.total_objects(), Ordering::Relaxed);
+            progress
+                .bytes
+                .store(stats.received_bytes() as u64, Ordering::Relaxed);
+            !cancel.load(Ordering::Relaxed)
+        });
         cb
     }
 
@@ -179,7 +212,16 @@ impl Auth {
         let mut keys = keys;
         // The user key first, whatever order they came in.
         keys.sort_by_key(|k| k.kind != KeyKind::User);
-        Auth { keys, known_hosts }
+        Auth {
+            keys,
+            known_hosts,
+            progress: Arc::default(),
+        }
+    }
+
+    /// What its fetches report as they go.
+    pub fn progress(&self) -> Arc<TransferProgress> {
+        self.progress.clone()
     }
 
     /// Runs `op` (a fetch of `url`, `what` naming it for messages) once per
@@ -196,6 +238,7 @@ impl Auth {
             Attempt {
                 key,
                 known_hosts: &auth.known_hosts,
+                progress: &auth.progress,
                 target: target.clone(),
                 cred_calls: Cell::new(0),
                 host_key_error: RefCell::new(None),

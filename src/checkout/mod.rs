@@ -18,7 +18,7 @@ use git2::{FetchOptions, Oid, Repository};
 
 use crate::model::{CheckoutDone, CheckoutSpec, FailureKind, SubmoduleDone};
 
-pub use auth::{Auth, KeyKind};
+pub use auth::{Auth, KeyKind, TransferProgress};
 pub use mirror::{MirrorUse, Mirrors};
 
 /// A checkout that failed, with the sentence the user sees.

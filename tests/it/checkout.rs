@@ -1093,3 +1093,50 @@ async fn an_extra_key_whose_host_could_add_a_config_line_is_refused() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("ssh.extra_keys[0].host"), "{}", e.message());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_fetch_says_how_far_it_has_come() {
+    require!(Root, Sshd);
+    let keys = tempfile::tempdir().unwrap();
+    let user = KeyPair::generate(keys.path(), "user", "ed25519", "", &[]);
+    let server = GitServer::start(&[], &[&user]);
+    // 24 MB that do not compress: the fetch takes longer than the
+    // agent's progress interval of 10 ms.
+    server.create_repo("org/big.git", |w| {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let data: Vec<u8> = (0..24 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(w.join("big.bin"), data).unwrap();
+    });
+    let agent = Agent::start("[logs]\nprogress_interval = \"10ms\"");
+    let mut spec = job("big-fetch", &["ls -s --block-size=1M big.bin"]);
+    spec.checkout = Some(pb::Checkout {
+        repo_url: server.url("org/big.git"),
+        ..Default::default()
+    });
+    spec.ssh = Some(pb::SshCredentials {
+        user_key: user.private_bytes(),
+        known_hosts: vec![server.known_hosts_line.clone()],
+        ..Default::default()
+    });
+    let (status, events) = run_job(&agent, spec).await;
+    assert_succeeded(&status, &events);
+    let system = output(&events, pb::Stream::System);
+    let progress: Vec<&str> = system
+        .lines()
+        .filter(|l| l.starts_with("runnel: fetching: "))
+        .collect();
+    assert!(!progress.is_empty(), "{system}");
+    assert!(
+        progress
+            .iter()
+            .all(|l| l.contains(" objects, ") && l.ends_with(" MB/s)")),
+        "{progress:?}"
+    );
+}

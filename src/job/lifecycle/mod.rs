@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{Job, RUN_DIR, Registry};
-use crate::checkout::{self, Auth, Checkout};
+use crate::checkout::{self, Auth, Checkout, TransferProgress};
 use crate::logs::Masker;
 use crate::model::{EventKind, FailureKind, JobSpec, JobState, KeyKind, Network, Resources, Secret};
 use crate::runtime::ContainerRuntime;
@@ -314,6 +314,7 @@ impl Phases<'_> {
         };
         let (job, registry) = (self.job, self.registry);
         let auth = Auth::new(keys.keys.clone(), keys.known_hosts.clone());
+        let progress = auth.progress();
         job.system_line(0, &format!("runnel: checking out {}", co.repo_url));
         let cancel = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
@@ -325,6 +326,7 @@ impl Phases<'_> {
         tokio::pin!(task);
         let result = tokio::select! {
             r = &mut task => r,
+            never = self.report_fetch(&progress, started) => match never {},
             why = self.limits.interrupted(None) => {
                 cancel.store(true, Ordering::Relaxed);
                 if let Ok(Ok(c)) = task.await {
@@ -486,6 +488,31 @@ impl Phases<'_> {
                 ),
             );
             last = Some(state);
+        }
+    }
+
+    /// Says every `progress_interval` how far the checkout's fetch has
+    /// come (libgit2's transfer progress); runs until dropped.
+    async fn report_fetch(&self, progress: &TransferProgress, started: Instant) -> std::convert::Infallible {
+        let every = self.registry.config().progress_interval;
+        let mut last = None;
+        loop {
+            tokio::time::sleep(every).await;
+            let now = progress.get();
+            let (objects, total, bytes) = now;
+            if total == 0 || last == Some(now) {
+                continue;
+            }
+            let rate = bytes as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            self.job.system_line(
+                0,
+                &format!(
+                    "runnel: fetching: {objects}/{total} objects, {} ({}/s)",
+                    megabytes(bytes),
+                    megabytes(rate as u64)
+                ),
+            );
+            last = Some(now);
         }
     }
 
