@@ -71,6 +71,12 @@ async fn on_fail_and_always_steps_run_after_a_failure_and_the_first_failure_is_t
         ]
     );
     assert_eq!(status.steps[2].when, pb::StepWhen::OnFail as i32);
+    let system = output(&events, pb::Stream::System);
+    assert!(
+        system.contains("runnel: step \"report\" runs after a failure (when = on_fail)")
+            && system.contains("runnel: step \"clean\" runs after a failure (when = always)"),
+        "{system}"
+    );
 
     // Without a failure: on_fail is skipped, always runs.
     let spec = job_of(

@@ -108,6 +108,16 @@ impl Steps<'_> {
                 });
                 continue;
             }
+            if first.is_some() {
+                self.job.system_line(
+                    index,
+                    &format!(
+                        "runnel: step {:?} runs after a failure (when = {})",
+                        step.name,
+                        step.when.name()
+                    ),
+                );
+            }
             let span = tracing::info_span!("step", step = %step.name, index);
             if step.background {
                 match self
