@@ -58,6 +58,36 @@ struct Started {
     exited: CancellationToken,
 }
 
+impl Started {
+    /// When it last printed, and its end: the process exited and both of
+    /// its pipes drained into the log.
+    fn into_end(
+        self,
+    ) -> (
+        Arc<Mutex<Instant>>,
+        BoxFuture<'static, std::io::Result<std::process::ExitStatus>>,
+    ) {
+        let Started {
+            mut child,
+            _process_file: file,
+            output,
+            last_output,
+            exited,
+        } = self;
+        let end = Box::pin(async move {
+            let _file = file;
+            let wait = async {
+                let status = child.wait().await;
+                exited.cancel();
+                status
+            };
+            let (status, ()) = tokio::join!(wait, output);
+            status
+        });
+        (last_output, end)
+    }
+}
+
 /// A background step still running, or how it ended.
 struct Background {
     result: StepResult,
@@ -345,23 +375,7 @@ impl Steps<'_> {
             .system_line(index, &format!("runnel: {what} runs in the background"));
         // The task outlives this call: it ends when the process has exited
         // and its pipes have closed (the container stopped, at the latest).
-        let Started {
-            mut child,
-            _process_file: file,
-            output,
-            exited,
-            ..
-        } = s;
-        let task = tokio::spawn(async move {
-            let _file = file;
-            let wait = async {
-                let status = child.wait().await;
-                exited.cancel();
-                status
-            };
-            let (status, ()) = tokio::join!(wait, output);
-            status
-        });
+        let task = tokio::spawn(s.into_end().1);
         Ok(Background {
             result,
             started,
@@ -394,26 +408,10 @@ impl Steps<'_> {
         if let Err(e) = self.make_cwd(container, step).await {
             return fail(result, format!("{what}: {e}"));
         }
-        let Started {
-            mut child,
-            _process_file,
-            output,
-            last_output,
-            exited,
-        } = match self.start(container, index, step, &what) {
-            Ok(s) => s,
+        let (last_output, mut work) = match self.start(container, index, step, &what) {
+            Ok(s) => s.into_end(),
             Err(e) => return fail(result, e),
         };
-        let work = async {
-            let wait = async {
-                let status = child.wait().await;
-                exited.cancel();
-                status
-            };
-            let (status, ()) = tokio::join!(wait, output);
-            status
-        };
-        tokio::pin!(work);
         let step_limit = step.timeout.map(|t| (started + t, t));
         let quiet_limit = step.no_output_timeout.unwrap_or(self.no_output_timeout);
         let silence = async {
