@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::model::{Network, Secret};
 use crate::runtime::spec::USERNS_SIZE;
+use crate::runtime::network::{Cidr, NetworkSettings};
 use crate::runtime::{RuntimeKind, RuntimeSettings};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/runnel/agent.toml";
@@ -19,6 +20,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/runnel";
 /// What a job may write unless it or the config says otherwise.
 pub const DEFAULT_DISK_BYTES: u64 = 10 << 30;
+/// Private job networks' addresses unless `[network] subnet` says.
+pub const DEFAULT_SUBNET: &str = "10.250.0.0/16";
 /// The first host uid/gid of containers' user namespaces when neither the
 /// config nor `/etc/subuid` says.
 pub const USERNS_BASE: u32 = 100_000;
@@ -65,6 +68,8 @@ struct RawConfig {
     #[serde(default)]
     checkout: RawCheckout,
     #[serde(default)]
+    network: RawNetwork,
+    #[serde(default)]
     labels: BTreeMap<String, String>,
 }
 
@@ -101,6 +106,18 @@ struct RawCheckout {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawNetwork {
+    subnet: Option<String>,
+    #[serde(default)]
+    dns: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawRuntime {
     kind: Option<String>,
     path: Option<PathBuf>,
@@ -117,6 +134,7 @@ struct RawRuntime {
     userns: Option<bool>,
     userns_base: Option<u32>,
     allow_host_image: Option<bool>,
+    allow_host_network: Option<bool>,
 }
 
 /// Defaults for every job's container, each overridable per job.
@@ -146,6 +164,9 @@ pub struct RuntimeConfig {
     /// `/opt`, ... with secrets hidden); when not, such a job is refused at
     /// submit.
     pub allow_host_image: bool,
+    /// Whether jobs may share the host's network (`host`); when not, such
+    /// a job is refused at submit.
+    pub allow_host_network: bool,
 }
 
 /// The agent's own log on stderr.
@@ -212,6 +233,9 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub auth: AuthConfig,
     pub runtime: RuntimeConfig,
+    /// Private job networks: the subnet, resolvers, denied and allowed
+    /// ranges.
+    pub network: NetworkSettings,
     /// Keep a mirror per repository to check out from (warm checkouts).
     pub checkout_cache: bool,
     pub labels: BTreeMap<String, String>,
@@ -325,16 +349,26 @@ impl Config {
                 ));
             }
         };
-        let network = match r.network.as_deref().unwrap_or("host") {
+        let network = match r.network.as_deref().unwrap_or("private") {
+            "private" => Network::Private,
             "host" => Network::Host,
             "none" => Network::None,
             other => {
                 return Err(invalid(
                     "runtime.network",
-                    format!("{other:?} is not \"host\" or \"none\""),
+                    format!("{other:?} is not \"private\", \"host\" or \"none\""),
                 ));
             }
         };
+        let allow_host_network = r.allow_host_network.unwrap_or(false);
+        if network == Network::Host && !allow_host_network {
+            return Err(invalid(
+                "runtime.network",
+                "is \"host\", which runtime.allow_host_network = false does not allow: set \
+                 allow_host_network = true to let jobs share the host's network, or use \"private\"",
+            ));
+        }
+        let network_settings = read_network(raw.network, max_jobs)?;
         if r.memory_bytes
             .is_some_and(|m| m < crate::model::spec::MIN_MEMORY_BYTES)
         {
@@ -385,7 +419,9 @@ impl Config {
                 insecure_registries: r.insecure_registries,
                 userns_base,
                 allow_host_image: r.allow_host_image.unwrap_or(true),
+                allow_host_network,
             },
+            network: network_settings,
             checkout_cache: raw.checkout.cache.unwrap_or(true),
             labels: raw.labels,
             private_paths,
@@ -503,6 +539,49 @@ fn read_tls(raw: RawTls, private_paths: &mut Vec<PathBuf>) -> Result<TlsConfig, 
     Ok(TlsConfig { cert, key, client_ca })
 }
 
+fn read_network(n: RawNetwork, max_jobs: u32) -> Result<NetworkSettings, ConfigError> {
+    let cidrs = |list: &[String], key: &'static str| -> Result<Vec<Cidr>, ConfigError> {
+        list.iter().map(|c| c.parse().map_err(|e: String| invalid(key, e))).collect()
+    };
+    let subnet: Cidr = n
+        .subnet
+        .as_deref()
+        .unwrap_or(DEFAULT_SUBNET)
+        .parse()
+        .map_err(|e: String| invalid("network.subnet", e))?;
+    if subnet.job_addresses() < u64::from(max_jobs) {
+        return Err(invalid(
+            "network.subnet",
+            format!(
+                "{subnet} holds {} job addresses; max_jobs = {max_jobs} needs one each (and the bridge one): \
+                 use a larger range",
+                subnet.job_addresses()
+            ),
+        ));
+    }
+    let dns = n
+        .dns
+        .iter()
+        .map(|d| {
+            d.parse::<std::net::Ipv4Addr>()
+                .ok()
+                .filter(|a| !a.is_loopback())
+                .ok_or_else(|| {
+                    invalid(
+                        "network.dns",
+                        format!("{d:?} is not an IPv4 address a job can reach (not loopback)"),
+                    )
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(NetworkSettings {
+        subnet,
+        dns,
+        deny: cidrs(&n.deny, "network.deny")?,
+        allow: cidrs(&n.allow, "network.allow")?,
+    })
+}
+
 fn read_retention(r: RawRetention) -> Result<RetentionConfig, ConfigError> {
     let max_age = parse_duration(r.max_age.as_deref(), "retention.max_age", "7d")?;
     let interval = positive_duration(r.interval.as_deref(), "retention.interval", "1m")?;
@@ -569,6 +648,34 @@ mod tests {
         assert_eq!(c.retention.max_jobs, 1000);
         assert_eq!(c.retention.max_bytes, 10 << 30);
         assert_eq!(c.runtime.disk_bytes, Some(10 << 30));
+    }
+
+    #[test]
+    fn jobs_get_a_private_network_unless_configured_and_host_must_be_allowed() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.runtime.network, Network::Private);
+        assert!(!c.runtime.allow_host_network);
+        assert_eq!(c.network.subnet.to_string(), DEFAULT_SUBNET);
+        let e = Config::from_toml("[runtime]\nnetwork = \"host\"").unwrap_err().to_string();
+        assert!(e.contains("runtime.allow_host_network") || e.contains("allow_host_network = true"), "{e}");
+        let c = Config::from_toml("[runtime]\nnetwork = \"host\"\nallow_host_network = true").unwrap();
+        assert_eq!(c.runtime.network, Network::Host);
+        let c = Config::from_toml(
+            "[network]\nsubnet = \"10.9.0.0/24\"\ndns = [\"198.18.0.53\"]\ndeny = [\"10.0.0.0/8\"]\nallow = [\"10.1.2.3\"]",
+        )
+        .unwrap();
+        assert_eq!(c.network.dns, vec![std::net::Ipv4Addr::new(198, 18, 0, 53)]);
+        assert_eq!(c.network.deny[0].to_string(), "10.0.0.0/8");
+        assert_eq!(c.network.allow[0].to_string(), "10.1.2.3/32");
+        for (text, key, says) in [
+            ("[network]\ndns = [\"127.0.0.53\"]", "network.dns", "loopback"),
+            ("[network]\nsubnet = \"10.9.0.1/24\"", "network.subnet", "10.9.0.0/24"),
+            ("max_jobs = 8\n[network]\nsubnet = \"10.9.0.0/29\"", "network.subnet", "max_jobs = 8"),
+            ("[network]\ndeny = [\"nope\"]", "network.deny", "IPv4 range"),
+        ] {
+            let e = Config::from_toml(text).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -51,6 +51,7 @@ impl TryFrom<pb::JobSpec> for JobSpec {
             Ok(pb::Network::Unspecified) => Network::Default,
             Ok(pb::Network::Host) => Network::Host,
             Ok(pb::Network::None) => Network::None,
+            Ok(pb::Network::Private) => Network::Private,
             Err(_) => {
                 return Err(err(
                     "container.network",
@@ -141,6 +142,7 @@ impl From<&JobSpec> for pb::JobSpec {
                     Network::Default => pb::Network::Unspecified,
                     Network::Host => pb::Network::Host,
                     Network::None => pb::Network::None,
+                    Network::Private => pb::Network::Private,
                 } as i32,
             }),
             steps: s

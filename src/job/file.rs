@@ -214,10 +214,11 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
         None | Some("") => Network::Default,
         Some("host") => Network::Host,
         Some("none") => Network::None,
+        Some("private") => Network::Private,
         Some(other) => {
             return Err(SpecError {
                 field: "container.network".into(),
-                reason: format!("{other:?} is not \"host\" or \"none\""),
+                reason: format!("{other:?} is not \"private\", \"host\" or \"none\""),
             });
         }
     };

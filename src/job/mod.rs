@@ -47,6 +47,14 @@ pub enum SubmitError {
          in its config){0}; name an image in container.image"
     )]
     HostImageNotAllowed(&'static str),
+    /// The job asks for the host's network, which this agent's config does
+    /// not allow.
+    #[error(
+        "container.network: this agent does not let jobs share the host's network \
+         (runtime.allow_host_network = false in its config); use NETWORK_PRIVATE (the default) or \
+         NETWORK_NONE"
+    )]
+    HostNetworkNotAllowed,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +65,8 @@ pub enum AgentError {
     Runtime(#[from] crate::runtime::RuntimeError),
     #[error("cannot isolate libgit2 from the agent's home: {0}")]
     Git(#[from] git2::Error),
+    #[error("cannot set up the network for jobs with a private network: {0}")]
+    Network(#[from] crate::runtime::network::NetworkError),
 }
 
 /// A job the agent knows: running, or ended and kept for its logs.
@@ -200,6 +210,8 @@ pub struct Registry {
     /// Whether image layers can be idmapped into a job's user namespace
     /// (else each slot gets its own copy, with shifted owners).
     idmap_layers: bool,
+    /// The bridge private job networks are attached to.
+    bridge: Arc<crate::runtime::network::Bridge>,
     tasks: TaskTracker,
     draining: AtomicBool,
     metrics: Arc<Metrics>,
@@ -244,6 +256,7 @@ impl Registry {
         for id in runtime.remove_leftover_cgroups() {
             tracing::warn!(cgroup = %id, "removed a cgroup left by a previous run of the agent");
         }
+        let bridge = Arc::new(crate::runtime::network::Bridge::up(&config.network, &config.state_dir)?);
         let images =
             crate::runtime::image::ImageStore::new(&config.state_dir, &config.runtime.insecure_registries)
                 .map_err(state_err)?;
@@ -266,6 +279,7 @@ impl Registry {
             submitting: Mutex::new(()),
             slots,
             idmap_layers,
+            bridge,
             tasks: TaskTracker::new(),
             draining: AtomicBool::new(false),
             metrics,
@@ -296,6 +310,9 @@ impl Registry {
     /// returns that job's status and runs nothing.
     pub fn submit(self: &Arc<Self>, spec: JobSpec) -> Result<JobStatus, SubmitError> {
         self.check_image(&spec)?;
+        if spec.container.network == crate::model::Network::Host && !self.config.runtime.allow_host_network {
+            return Err(SubmitError::HostNetworkNotAllowed);
+        }
         // Submissions take turns, so that one job id is created once; the
         // job map's lock is not held while the job's files are made, so
         // readers (watchers, listings, metrics) never wait on the disk.
@@ -407,6 +424,7 @@ impl Registry {
         // Every container is gone: so goes this agent's (now empty) parent
         // cgroup, rather than one per state directory ever used.
         self.runtime.remove_leftover_cgroups();
+        self.bridge.down();
     }
 
     /// Waits until every job started so far has ended.

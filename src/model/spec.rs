@@ -82,6 +82,9 @@ pub enum Network {
     Default,
     Host,
     None,
+    /// A network namespace of its own, on the agent's bridge, with egress
+    /// through NAT and nothing of the host's or of other jobs' in reach.
+    Private,
 }
 
 #[derive(Debug, Clone, Default)]

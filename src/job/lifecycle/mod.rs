@@ -7,6 +7,7 @@
 
 mod disk;
 mod held;
+mod network;
 mod steps;
 
 use std::collections::BTreeMap;
@@ -23,7 +24,7 @@ use tracing::Instrument;
 use super::{Job, RUN_DIR, Registry};
 use crate::checkout::{self, Auth, Checkout};
 use crate::logs::Masker;
-use crate::model::{EventKind, FailureKind, JobSpec, JobState, KeyKind, Network, Resources, Secret};
+use crate::model::{EventKind, FailureKind, JobSpec, JobState, KeyKind, Resources, Secret};
 use crate::runtime::ContainerRuntime;
 use crate::runtime::rootfs::Rootfs;
 use crate::runtime::spec::USERNS_SIZE;
@@ -190,6 +191,7 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec, slot: u32) 
         spec,
         limits: &limits,
         userns_base: userns_base(config.runtime.userns_base, slot),
+        slot,
     };
     let end = match phase.all(&keys, masker, &mut held).await {
         Ok(end) | Err(end) => end,
@@ -208,6 +210,8 @@ struct Phases<'a> {
     /// The host uid/gid of the container's root: the job's own range of
     /// ids (its slot's), when it runs in a user namespace.
     userns_base: Option<u32>,
+    /// The job's slot: its address on a private network.
+    slot: u32,
 }
 
 impl Phases<'_> {
@@ -217,7 +221,9 @@ impl Phases<'_> {
         self.check_out(keys, held).await?;
         let image = self.prepare_image(held).await?;
         self.give_workspace(&image.user, held).await?;
-        let (resources, cgroup) = self.start_container(&image.user, held).await?;
+        let resolv_conf = self.prepare_network(held.run_dir().to_path_buf()).await?;
+        let (resources, cgroup) = self.start_container(&image.user, resolv_conf, held).await?;
+        self.join_network(held).await?;
         self.job.transition(|s| s.state = JobState::Running);
         let steps = Steps {
             job: self.job,
@@ -476,10 +482,14 @@ impl Phases<'_> {
     }
 
     /// The container, its init running; its limits and cgroup.
-    async fn start_container(&self, user: &User, held: &mut Held) -> Result<(Resources, String), End> {
-        let (registry, job, spec) = (self.registry, self.job, self.spec);
+    async fn start_container(
+        &self,
+        user: &User,
+        resolv_conf: Option<(PathBuf, String)>,
+        held: &mut Held,
+    ) -> Result<(Resources, String), End> {
+        let (registry, job) = (self.registry, self.job);
         let config = registry.config();
-        let d = &config.runtime;
         let container_config = ContainerConfig {
             hostname: job.id.chars().take(63).collect(),
             rootfs: held.rootfs.as_ref().expect("prepared").path().to_path_buf(),
@@ -487,10 +497,7 @@ impl Phases<'_> {
             ssh_dir: held.ssh_dir.as_ref().map(|d| d.path().to_path_buf()),
             home: user.home.clone(),
             init: registry.runtime.init_path().to_path_buf(),
-            network: match spec.container.network {
-                Network::Default => d.network,
-                n => n,
-            },
+            network: self.network(),
             resources: self.resources(),
             cgroup_path: registry.runtime.cgroup_path(&job.id),
             userns_base: self.userns_base,
@@ -498,6 +505,7 @@ impl Phases<'_> {
                 .borrowed
                 .iter()
                 .map(|m| (m.objects.clone(), m.container_objects.clone()))
+                .chain(resolv_conf)
                 .collect(),
             masked: config.private_paths.clone(),
         };

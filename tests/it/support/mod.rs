@@ -194,6 +194,7 @@ impl Agent {
             format!("# operators\n{OPERATOR_TOKEN}\n"),
         )
         .unwrap();
+        let extra = test_network(extra);
         let config = format!(
             "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n{extra}\n[auth]\nscheduler_tokens_file = \"{}\"\noperator_tokens_file = \"{}\"\n",
             dir.join("state").display(),
@@ -427,6 +428,55 @@ impl Drop for Agent {
     }
 }
 
+/// What every test agent's config adds to `extra` unless it says
+/// otherwise: a subnet of its own for private job networks (tests run
+/// agents side by side: no two may share one), and the host's network
+/// allowed for the tests whose steps talk to a loopback service of the
+/// test ([`Gate`], the test sshd), which ask for it with [`host_network`].
+fn test_network(extra: &str) -> String {
+    let mut extra = extra.to_string();
+    if !extra.contains("allow_host_network") {
+        extra = match extra.contains("[runtime]") {
+            true => extra.replacen("[runtime]", "[runtime]\nallow_host_network = true", 1),
+            false => format!("{extra}\n[runtime]\nallow_host_network = true\n"),
+        };
+    }
+    if !extra.contains("subnet") {
+        let line = format!("subnet = \"{}\"", free_subnet());
+        extra = match extra.contains("[network]") {
+            true => extra.replacen("[network]", &format!("[network]\n{line}"), 1),
+            false => format!("{extra}\n[network]\n{line}\n"),
+        };
+    }
+    extra
+}
+
+/// A /24 of 10.252.0.0/16 that this process has not handed out and no
+/// route of the host covers.
+pub fn free_subnet() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let routes = Command::new("ip")
+        .args(["-4", "-o", "route", "show", "table", "all"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        assert!(n < 256, "no free test subnet left in 10.252.0.0/16");
+        let prefix = format!("10.252.{n}.");
+        if !routes.lines().any(|l| l.starts_with(&prefix)) {
+            return format!("10.252.{n}.0/24");
+        }
+    }
+}
+
+/// `spec`, on the host's network: for steps that reach a loopback service
+/// of the test (the test agents allow it).
+pub fn host_network(mut spec: pb::JobSpec) -> pb::JobSpec {
+    spec.container.get_or_insert_with(Default::default).network = pb::Network::Host as i32;
+    spec
+}
+
 /// A job of shell steps.
 pub fn job(id: &str, steps: &[&str]) -> pb::JobSpec {
     pb::JobSpec {
@@ -618,8 +668,8 @@ pub fn rss_bytes(pid: u32) -> u64 {
 }
 
 /// Holds a step until the test lets it go: the step connects to a loopback
-/// port (bash's /dev/tcp; the container shares the host's network) and
-/// reads until the test drops the connection.
+/// port (bash's /dev/tcp; the job must be on the host's network: see
+/// [`host_network`]) and reads until the test drops the connection.
 pub struct Gate {
     listener: tokio::net::TcpListener,
 }

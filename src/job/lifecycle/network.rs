@@ -1,0 +1,54 @@
+//! The job's network: which one it gets (its own, the host's, or none),
+//! and for a private one, its resolver file before the container starts
+//! and its veth on the agent's bridge right after (before any step).
+
+use std::path::PathBuf;
+
+use super::{End, Phases, blocking};
+use crate::model::{FailureKind, Network};
+
+/// Under the run directory: the `/etc/resolv.conf` of a private job.
+const RESOLV_CONF: &str = "resolv.conf";
+
+impl Phases<'_> {
+    /// The job's network: its own choice, else the agent's default.
+    pub(super) fn network(&self) -> Network {
+        match self.spec.container.network {
+            Network::Default => self.registry.config().runtime.network,
+            n => n,
+        }
+    }
+
+    /// For a private network, writes the job's `resolv.conf` and returns
+    /// the (host path, container path) to bind it at.
+    pub(super) async fn prepare_network(&self, run_dir: PathBuf) -> Result<Option<(PathBuf, String)>, End> {
+        if self.network() != Network::Private {
+            return Ok(None);
+        }
+        let path = run_dir.join(RESOLV_CONF);
+        let text = self.registry.bridge.resolv_conf().to_string();
+        let host = path.clone();
+        blocking(move || std::fs::write(&host, text))
+            .await
+            .map_err(|e| End::failed(FailureKind::Agent, format!("cannot write the job's resolv.conf: {e}")))?;
+        Ok(Some((path, "/etc/resolv.conf".to_string())))
+    }
+
+    /// Attaches the started container's network namespace to the agent's
+    /// bridge with the job slot's address.
+    pub(super) async fn join_network(&self, held: &mut super::Held) -> Result<(), End> {
+        if self.network() != Network::Private {
+            return Ok(());
+        }
+        let failed = |e: String| End::failed(FailureKind::Agent, format!("cannot set up the job's network: {e}"));
+        let pid = held
+            .container
+            .as_ref()
+            .and_then(|c| c.init_pid())
+            .ok_or_else(|| failed("the container's init has no pid".into()))?;
+        let (bridge, slot) = (self.registry.bridge.clone(), self.slot);
+        let net = blocking(move || bridge.attach(slot, pid)).await.map_err(failed)?;
+        held.network = Some(net);
+        Ok(())
+    }
+}
