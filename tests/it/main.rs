@@ -23,6 +23,7 @@ mod disk;
 mod fuzz_corpus;
 mod hostimg;
 mod images;
+mod network;
 mod runtime;
 mod sandbox;
 mod service;

@@ -4,6 +4,7 @@
 //! Everything started here is stopped and removed on drop.
 
 pub mod image;
+pub mod internet;
 pub mod sshd;
 
 use std::io::{BufRead, BufReader};
@@ -52,7 +53,10 @@ impl Need {
                 .then(|| format!("needs {name} (Debian's {package}; scripts/setup installs it)"))
         };
         match self {
-            Need::Root => root("starts containers, mounts and cgroups"),
+            // Every agent makes its jobs' bridge and nftables rules.
+            Need::Root => root("starts containers, mounts and cgroups")
+                .or_else(|| program("nft", "nftables"))
+                .or_else(|| program("/usr/bin/python3", "python3")),
             Need::Sshd => root("runs sshd, which serves git to root")
                 .or_else(|| program("/usr/sbin/sshd", "openssh-server"))
                 .or_else(|| program("git", "git"))
