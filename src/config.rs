@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::model::{Network, Secret};
-use crate::runtime::spec::USERNS_SIZE;
 use crate::runtime::network::{Cidr, NetworkSettings};
+use crate::runtime::spec::USERNS_SIZE;
 use crate::runtime::{RuntimeKind, RuntimeSettings};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/runnel/agent.toml";
@@ -20,8 +20,6 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/runnel";
 /// What a job may write unless it or the config says otherwise.
 pub const DEFAULT_DISK_BYTES: u64 = 10 << 30;
-/// Private job networks' addresses unless `[network] subnet` says.
-pub const DEFAULT_SUBNET: &str = "10.250.0.0/16";
 /// The first host uid/gid of containers' user namespaces when neither the
 /// config nor `/etc/subuid` says.
 pub const USERNS_BASE: u32 = 100_000;
@@ -57,6 +55,7 @@ struct RawConfig {
     drain_timeout: Option<String>,
     insecure_listen: Option<bool>,
     metrics_listen: Option<String>,
+    metrics_token_file: Option<PathBuf>,
     log_format: Option<String>,
     #[serde(default)]
     auth: RawAuth,
@@ -229,6 +228,9 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Where the Prometheus text endpoint (`/metrics`) listens, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// When set, `/metrics` answers only requests bearing one of these
+    /// tokens (`Authorization: Bearer ...`).
+    pub metrics_tokens: Vec<Secret>,
     pub log_format: LogFormat,
     pub retention: RetentionConfig,
     pub auth: AuthConfig,
@@ -326,6 +328,25 @@ impl Config {
                 ),
             ));
         }
+        let mut metrics_tokens = Vec::new();
+        if let Some(p) = &raw.metrics_token_file {
+            metrics_tokens = read_tokens(p, "metrics_token_file")?;
+            private_paths.push(p.clone());
+        }
+        if let Some(m) = metrics_listen
+            && !m.ip().is_loopback()
+            && metrics_tokens.is_empty()
+            && raw.insecure_listen != Some(true)
+        {
+            return Err(invalid(
+                "metrics_listen",
+                format!(
+                    "{m} is not a loopback address: anyone who reaches it (a job on the host's \
+                     network too) would read the agent's metrics. Set metrics_token_file, or \
+                     insecure_listen = true if this network is private and trusted"
+                ),
+            ));
+        }
         let retention = read_retention(raw.retention)?;
         let mut auth = AuthConfig::default();
         if let Some(p) = &raw.auth.scheduler_tokens_file {
@@ -403,6 +424,7 @@ impl Config {
             drain_timeout,
             tls,
             metrics_listen,
+            metrics_tokens,
             log_format,
             retention,
             auth,
@@ -541,15 +563,17 @@ fn read_tls(raw: RawTls, private_paths: &mut Vec<PathBuf>) -> Result<TlsConfig, 
 
 fn read_network(n: RawNetwork, max_jobs: u32) -> Result<NetworkSettings, ConfigError> {
     let cidrs = |list: &[String], key: &'static str| -> Result<Vec<Cidr>, ConfigError> {
-        list.iter().map(|c| c.parse().map_err(|e: String| invalid(key, e))).collect()
+        list.iter()
+            .map(|c| c.parse().map_err(|e: String| invalid(key, e)))
+            .collect()
     };
-    let subnet: Cidr = n
-        .subnet
-        .as_deref()
-        .unwrap_or(DEFAULT_SUBNET)
-        .parse()
-        .map_err(|e: String| invalid("network.subnet", e))?;
-    if subnet.job_addresses() < u64::from(max_jobs) {
+    let subnet: Option<Cidr> = match n.subnet.as_deref() {
+        None => None,
+        Some(s) => Some(s.parse().map_err(|e: String| invalid("network.subnet", e))?),
+    };
+    if let Some(subnet) = subnet
+        && subnet.job_addresses() < u64::from(max_jobs)
+    {
         return Err(invalid(
             "network.subnet",
             format!(
@@ -655,9 +679,14 @@ mod tests {
         let c = Config::from_toml("").unwrap();
         assert_eq!(c.runtime.network, Network::Private);
         assert!(!c.runtime.allow_host_network);
-        assert_eq!(c.network.subnet.to_string(), DEFAULT_SUBNET);
-        let e = Config::from_toml("[runtime]\nnetwork = \"host\"").unwrap_err().to_string();
-        assert!(e.contains("runtime.allow_host_network") || e.contains("allow_host_network = true"), "{e}");
+        assert_eq!(c.network.subnet, None);
+        let e = Config::from_toml("[runtime]\nnetwork = \"host\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("runtime.allow_host_network") || e.contains("allow_host_network = true"),
+            "{e}"
+        );
         let c = Config::from_toml("[runtime]\nnetwork = \"host\"\nallow_host_network = true").unwrap();
         assert_eq!(c.runtime.network, Network::Host);
         let c = Config::from_toml(
@@ -669,8 +698,16 @@ mod tests {
         assert_eq!(c.network.allow[0].to_string(), "10.1.2.3/32");
         for (text, key, says) in [
             ("[network]\ndns = [\"127.0.0.53\"]", "network.dns", "loopback"),
-            ("[network]\nsubnet = \"10.9.0.1/24\"", "network.subnet", "10.9.0.0/24"),
-            ("max_jobs = 8\n[network]\nsubnet = \"10.9.0.0/29\"", "network.subnet", "max_jobs = 8"),
+            (
+                "[network]\nsubnet = \"10.9.0.1/24\"",
+                "network.subnet",
+                "10.9.0.0/24",
+            ),
+            (
+                "max_jobs = 8\n[network]\nsubnet = \"10.9.0.0/29\"",
+                "network.subnet",
+                "max_jobs = 8",
+            ),
             ("[network]\ndeny = [\"nope\"]", "network.deny", "IPv4 range"),
         ] {
             let e = Config::from_toml(text).unwrap_err().to_string();
@@ -759,6 +796,28 @@ mod tests {
         assert_eq!(c.listen.to_string(), "0.0.0.0:7450");
         Config::from_toml("listen = \"[::1]:7450\"").unwrap();
         Config::from_toml("listen = \"127.0.0.2:7450\"").unwrap();
+    }
+
+    #[test]
+    fn metrics_off_loopback_need_a_token_or_insecure_listen() {
+        let e = Config::from_toml("metrics_listen = \"0.0.0.0:9750\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("metrics_listen") && e.contains("metrics_token_file"),
+            "{e}"
+        );
+        Config::from_toml("metrics_listen = \"0.0.0.0:9750\"\ninsecure_listen = true").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m");
+        std::fs::write(&p, "mtoken\n").unwrap();
+        let c = Config::from_toml(&format!(
+            "metrics_listen = \"0.0.0.0:9750\"\nmetrics_token_file = {:?}",
+            p.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(c.metrics_tokens[0].expose(), b"mtoken");
+        assert!(c.private_paths.contains(&p));
     }
 
     #[test]

@@ -82,8 +82,9 @@ pub async fn serve(
             let metrics_addr = l.local_addr()?;
             let r = registry.clone();
             let stop = helpers_stop.clone();
+            let tokens = Arc::new(config.metrics_tokens.clone());
             helpers.spawn(async move {
-                if let Err(e) = serve_metrics(l, move || r.render_metrics(), stop).await {
+                if let Err(e) = serve_metrics(l, move || r.render_metrics(), tokens, stop).await {
                     tracing::error!(error = %e, "the metrics endpoint failed");
                 }
             });
@@ -146,24 +147,42 @@ pub async fn serve(
 }
 
 /// Serves `GET /metrics` on `listener` until `stop` fires, with what
-/// `render` returns.
+/// `render` returns; with `tokens`, only to a request bearing one of them
+/// (401 otherwise).
 async fn serve_metrics(
     listener: tokio::net::TcpListener,
     render: impl Fn() -> String + Clone + Send + Sync + 'static,
+    tokens: Arc<Vec<crate::model::Secret>>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
     let app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || {
-            let render = render.clone();
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let (render, tokens) = (render.clone(), tokens.clone());
             async move {
+                let bearer = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                    .unwrap_or_default();
+                let allowed = tokens.is_empty()
+                    || tokens
+                        .iter()
+                        .any(|t| bool::from(subtle::ConstantTimeEq::ct_eq(t.expose(), bearer)));
+                if !allowed {
+                    return (
+                        StatusCode::UNAUTHORIZED,
+                        [(header::WWW_AUTHENTICATE, "Bearer")],
+                        "a bearer token of metrics_token_file is required\n",
+                    )
+                        .into_response();
+                }
                 (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
                     render(),
                 )
+                    .into_response()
             }
         }),
     );

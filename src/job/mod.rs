@@ -256,7 +256,10 @@ impl Registry {
         for id in runtime.remove_leftover_cgroups() {
             tracing::warn!(cgroup = %id, "removed a cgroup left by a previous run of the agent");
         }
-        let bridge = Arc::new(crate::runtime::network::Bridge::up(&config.network, &config.state_dir)?);
+        let bridge = Arc::new(crate::runtime::network::Bridge::up(
+            &config.network,
+            &config.state_dir,
+        )?);
         let images =
             crate::runtime::image::ImageStore::new(&config.state_dir, &config.runtime.insecure_registries)
                 .map_err(state_err)?;

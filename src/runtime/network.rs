@@ -27,12 +27,22 @@ pub const LINK_LOCAL: Cidr = Cidr {
     prefix: 16,
 };
 
+/// Where an agent finds a subnet when its config names none.
+pub const DEFAULT_RANGE: Cidr = Cidr {
+    addr: Ipv4Addr::new(10, 250, 0, 0),
+    prefix: 16,
+};
+/// The size of such a subnet: 2045 job addresses, more than `max_jobs`
+/// may be.
+const DEFAULT_PREFIX: u8 = 21;
+
 /// What the agent's config says of private networks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkSettings {
     /// Jobs' addresses: the bridge holds the first, job slot i the
-    /// (i + 2)th.
-    pub subnet: Cidr,
+    /// (i + 2)th. `None`: the first /21 of [`DEFAULT_RANGE`] that no route
+    /// covers, looked for from one the state directory's hash picks.
+    pub subnet: Option<Cidr>,
     /// Resolvers written to a job's `/etc/resolv.conf`; empty: the host's
     /// upstream resolvers (never a loopback stub).
     pub dns: Vec<Ipv4Addr>,
@@ -51,7 +61,11 @@ pub struct Cidr {
 
 impl Cidr {
     fn mask(self) -> u32 {
-        if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) }
+        if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.prefix)
+        }
     }
 
     /// The `n`th address of the range (0 is the network's own).
@@ -111,14 +125,21 @@ impl fmt::Display for Cidr {
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
     #[error("cannot run {program}: {source}; private job networks need iproute2 and nftables installed")]
-    Spawn { program: &'static str, source: io::Error },
+    Spawn {
+        program: &'static str,
+        source: io::Error,
+    },
     #[error("{what} failed: {stderr}")]
     Command { what: String, stderr: String },
     #[error(
         "[network] subnet {subnet} overlaps {route} (a route on {dev}): another agent or network uses \
          it; set [network] subnet to a free private range"
     )]
-    SubnetInUse { subnet: Cidr, route: String, dev: String },
+    SubnetInUse {
+        subnet: Cidr,
+        route: String,
+        dev: String,
+    },
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -129,6 +150,7 @@ pub struct Bridge {
     /// `rn` and six hex digits of the state directory's hash.
     name: String,
     settings: NetworkSettings,
+    subnet: Cidr,
     gateway: Ipv4Addr,
     resolv_conf: String,
 }
@@ -147,37 +169,76 @@ impl Bridge {
     /// and turns IPv4 forwarding on.
     pub fn up(settings: &NetworkSettings, state_dir: &Path) -> Result<Bridge, NetworkError> {
         let name = bridge_name(state_dir);
-        let gateway = settings.subnet.nth(1).expect("a subnet holds at least 4 addresses");
-        let bridge = Bridge {
+        let mut bridge = Bridge {
+            subnet: settings.subnet.unwrap_or(DEFAULT_RANGE),
+            gateway: Ipv4Addr::UNSPECIFIED,
             name,
             settings: settings.clone(),
-            gateway,
             resolv_conf: resolv_conf(&settings.dns),
         };
         let removed = bridge.remove_all();
         if removed > 0 {
             tracing::warn!(links = removed, bridge = %bridge.name, "removed network links left by a previous run of the agent");
         }
-        bridge.check_subnet_free()?;
+        let routes = output("ip", &["-4", "-o", "route", "show", "table", "all"])?;
+        bridge.subnet = match settings.subnet {
+            Some(s) => {
+                check_subnet_free(s, &routes)?;
+                s
+            }
+            None => {
+                let count = 1u32 << (DEFAULT_PREFIX - DEFAULT_RANGE.prefix);
+                let first = u32::from(
+                    bridge.name.as_bytes()[2..]
+                        .iter()
+                        .fold(0u8, |a, b| a.wrapping_add(*b)),
+                );
+                (0..count)
+                    .map(|i| Cidr {
+                        addr: DEFAULT_RANGE
+                            .nth(((first + i) % count) << (32 - DEFAULT_PREFIX))
+                            .expect("inside the range"),
+                        prefix: DEFAULT_PREFIX,
+                    })
+                    .find(|c| check_subnet_free(*c, &routes).is_ok())
+                    .ok_or_else(|| NetworkError::SubnetInUse {
+                        subnet: DEFAULT_RANGE,
+                        route: "every /21 of it".into(),
+                        dev: "other devices".into(),
+                    })?
+            }
+        };
+        bridge.gateway = bridge.subnet.nth(1).expect("a subnet holds at least 4 addresses");
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
-        let sub = settings.subnet;
+        let sub = bridge.subnet;
         run(
             "ip",
             &["-batch", "-"],
             &format!(
-                "link add {b} type bridge\naddr add {gateway}/{p} dev {b}\nlink set {b} up\n",
+                "link add {b} type bridge\naddr add {g}/{p} dev {b}\nlink set {b} up\n",
+                g = bridge.gateway,
                 b = bridge.name,
                 p = sub.prefix
             ),
             "making the jobs' bridge",
         )?;
-        run("nft", &["-f", "-"], &bridge.tables(), "installing the jobs' nftables rules")?;
+        run(
+            "nft",
+            &["-f", "-"],
+            &bridge.tables(),
+            "installing the jobs' nftables rules",
+        )?;
         bridge.let_docker_forward()?;
         Ok(bridge)
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Jobs' addresses.
+    pub fn subnet(&self) -> Cidr {
+        self.subnet
     }
 
     /// The `/etc/resolv.conf` a private job gets.
@@ -187,7 +248,7 @@ impl Bridge {
 
     /// The address of job slot `slot`.
     pub fn address(&self, slot: u32) -> Option<Ipv4Addr> {
-        let sub = self.settings.subnet;
+        let sub = self.subnet;
         (u64::from(slot) < sub.job_addresses())
             .then(|| sub.nth(slot + 2))
             .flatten()
@@ -200,7 +261,7 @@ impl Bridge {
     pub fn attach(&self, slot: u32, pid: i32) -> Result<JobNet, NetworkError> {
         let addr = self.address(slot).ok_or_else(|| NetworkError::Command {
             what: format!("giving job slot {slot} an address"),
-            stderr: format!("[network] subnet {} has no address for it", self.settings.subnet),
+            stderr: format!("[network] subnet {} has no address for it", self.subnet),
         })?;
         let veth = format!("{}v{slot}", self.name);
         let o = addr.octets();
@@ -229,7 +290,7 @@ impl Bridge {
         )?;
         let script = format!(
             "addr add {addr}/{p} dev eth0\nlink set eth0 up\nroute add default via {gw}\n",
-            p = self.settings.subnet.prefix,
+            p = self.subnet.prefix,
             gw = self.gateway
         );
         in_netns(pid, move || {
@@ -274,7 +335,7 @@ impl Bridge {
         };
         let mut deny = vec![LINK_LOCAL];
         deny.extend(self.settings.deny.iter().copied());
-        let (t, b, sub) = (self.table(), &self.name, self.settings.subnet);
+        let (t, b, sub) = (self.table(), &self.name, self.subnet);
         format!(
             "table bridge {t} {{}}\ndelete table bridge {t}\ntable inet {t} {{}}\ndelete table inet {t}\n\
              table bridge {t} {{\n\
@@ -352,10 +413,22 @@ impl Bridge {
             && let Ok(out) = output("nft", &["-a", "list", "chain", "ip", "filter", "DOCKER-USER"])
         {
             for line in out.lines().filter(|l| l.contains(&format!("comment \"{t}\""))) {
-                if let Some(handle) = line.rsplit("# handle ").next().filter(|h| h.trim().parse::<u64>().is_ok()) {
+                if let Some(handle) = line
+                    .rsplit("# handle ")
+                    .next()
+                    .filter(|h| h.trim().parse::<u64>().is_ok())
+                {
                     let _ = run(
                         "nft",
-                        &["delete", "rule", "ip", "filter", "DOCKER-USER", "handle", handle.trim()],
+                        &[
+                            "delete",
+                            "rule",
+                            "ip",
+                            "filter",
+                            "DOCKER-USER",
+                            "handle",
+                            handle.trim(),
+                        ],
                         "",
                         "removing a DOCKER-USER rule",
                     );
@@ -364,30 +437,33 @@ impl Bridge {
         }
         links.len()
     }
+}
 
-    /// A route of another device covering part of the subnet means the
-    /// range is taken.
-    fn check_subnet_free(&self) -> Result<(), NetworkError> {
-        let routes = output("ip", &["-4", "-o", "route", "show", "table", "all"])?;
-        for line in routes.lines() {
-            let mut words = line.split_whitespace();
-            let Some(dst) = words.next() else { continue };
-            let dev = line
-                .split_whitespace()
-                .skip_while(|w| *w != "dev")
-                .nth(1)
-                .unwrap_or("");
-            let Ok(cidr) = dst.parse::<Cidr>() else { continue };
-            if dev != self.name && cidr.prefix > 0 && cidr.overlaps(self.settings.subnet) {
-                return Err(NetworkError::SubnetInUse {
-                    subnet: self.settings.subnet,
-                    route: dst.to_string(),
-                    dev: dev.to_string(),
-                });
-            }
+/// A route (in `routes`, `ip -o route` lines) covering part of `subnet`
+/// means another device has the range.
+fn check_subnet_free(subnet: Cidr, routes: &str) -> Result<(), NetworkError> {
+    for line in routes.lines() {
+        let mut words = line.split_whitespace();
+        let Some(mut dst) = words.next() else { continue };
+        // `local 10.0.0.1 dev ...`, `broadcast ...` in the local table.
+        if ["local", "broadcast", "unicast", "multicast"].contains(&dst) {
+            dst = words.next().unwrap_or("");
         }
-        Ok(())
+        let dev = line
+            .split_whitespace()
+            .skip_while(|w| *w != "dev")
+            .nth(1)
+            .unwrap_or("");
+        let Ok(cidr) = dst.parse::<Cidr>() else { continue };
+        if cidr.prefix > 0 && cidr.overlaps(subnet) {
+            return Err(NetworkError::SubnetInUse {
+                subnet,
+                route: dst.to_string(),
+                dev: dev.to_string(),
+            });
+        }
     }
+    Ok(())
 }
 
 /// One job's veth (and its entry in the bridge's rules), removed on drop.
@@ -408,7 +484,10 @@ impl Drop for JobNet {
         if let Err(e) = run(
             "nft",
             &["-f", "-"],
-            &format!("delete element bridge {} jobs {{ {} }}\n", self.table, self.element),
+            &format!(
+                "delete element bridge {} jobs {{ {} }}\n",
+                self.table, self.element
+            ),
             "removing the job's address from the bridge's rules",
         ) {
             tracing::warn!(error = %e, "cannot remove a job's network rules");
@@ -496,7 +575,11 @@ fn in_netns<T: Send + 'static>(
 fn run(program: &'static str, args: &[&str], stdin: &str, what: &str) -> Result<(), NetworkError> {
     let mut child = Command::new(program)
         .args(args)
-        .stdin(if stdin.is_empty() { Stdio::null() } else { Stdio::piped() })
+        .stdin(if stdin.is_empty() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -703,7 +703,11 @@ async fn a_warm_workspace_is_laid_over_the_cached_tree_and_equals_git_clone() {
     let gate = Gate::new().await;
     let mut c = agent.scheduler().await;
     let holds = format!("{}; cat app.txt", gate.step());
-    submit(&mut c, host_network(f.spec("tree-held", true, false, false, &[&holds]))).await;
+    submit(
+        &mut c,
+        host_network(f.spec("tree-held", true, false, false, &[&holds])),
+    )
+    .await;
     let pass = gate.arrival().await;
     f.server.push(&f.app, "many files", |w| {
         for i in 0..300 {

@@ -19,7 +19,10 @@ use crate::support::*;
 
 /// The host's IPv4 addresses, every interface's.
 fn host_addresses() -> Vec<Ipv4Addr> {
-    let out = Command::new("ip").args(["-4", "-o", "addr", "show"]).output().unwrap();
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show"])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().nth(3))
@@ -83,7 +86,10 @@ async fn a_private_job_downloads_by_name_and_reaches_nothing_of_the_host_or_link
         .replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:0\"");
     std::fs::write(&agent.config_path, config).unwrap();
     agent.launch();
-    let (grpc, metrics) = (port_of(&agent.addr), port_of(agent.metrics_addr.as_ref().unwrap()));
+    let (grpc, metrics) = (
+        port_of(&agent.addr),
+        port_of(agent.metrics_addr.as_ref().unwrap()),
+    );
     let hosts = host_addresses();
     assert!(hosts.contains(&net.uplink), "{hosts:?}");
     let mut targets = Vec::new();
@@ -116,7 +122,10 @@ async fn a_private_job_downloads_by_name_and_reaches_nothing_of_the_host_or_link
     assert!(out.contains("hello from the test internet"), "{out}");
     assert!(!out.contains("OPEN"), "a job reached what it must not: {out}");
     for (a, p) in &targets {
-        assert!(out.contains(&format!("closed {a}:{p}")), "{a}:{p} not probed: {out}");
+        assert!(
+            out.contains(&format!("closed {a}:{p}")),
+            "{a}:{p} not probed: {out}"
+        );
     }
     assert!(out.contains("closed v6"), "{out}");
     assert!(out.contains("PermissionError"), "a packet socket opened: {out}");
@@ -168,7 +177,10 @@ async fn two_jobs_at_once_cannot_reach_each_other() {
     assert_succeeded(&status, &events);
     let out = output(&events, pb::Stream::Stdout);
     assert!(out.contains(&format!("closed {addr}:8080")), "{out}");
-    assert!(out.contains("MINE") && !out.contains(&format!("MINE {addr}")), "{out}");
+    assert!(
+        out.contains("MINE") && !out.contains(&format!("MINE {addr}")),
+        "{out}"
+    );
     c.cancel_job(pb::CancelJobRequest {
         job_id: "listener".into(),
     })
@@ -189,7 +201,11 @@ async fn the_hosts_network_is_refused_unless_the_config_allows_it() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("runtime.allow_host_network"), "{}", err.message());
+    assert!(
+        err.message().contains("runtime.allow_host_network"),
+        "{}",
+        err.message()
+    );
     // The test agents allow it: the job sees the host's interfaces.
     let agent = Agent::start("");
     let (status, events) = run_job(&agent, host_network(job("host-net", &["ls /sys/class/net"]))).await;
@@ -206,13 +222,19 @@ async fn nothing_of_a_jobs_network_is_left_after_it_or_after_kill_9_and_a_restar
     let bridge = bridge_name(&state);
     let (links, rules) = what_is_left(&state);
     assert_eq!(links, vec![bridge.clone()], "{links:?}");
-    assert!(rules.contains("masquerade") && !rules.contains(&format!("\"{bridge}v0\"")), "{rules}");
+    assert!(
+        rules.contains("masquerade") && !rules.contains(&format!("\"{bridge}v0\"")),
+        "{rules}"
+    );
 
     let (status, events) = run_job(&agent, job("one", &["cat /sys/class/net/eth0/address"])).await;
     assert_succeeded(&status, &events);
     let (links, rules) = what_is_left(&state);
     assert_eq!(links, vec![bridge.clone()], "a job's veth is left: {links:?}");
-    assert!(!rules.contains(&format!("\"{bridge}v0\"")), "a job's rule is left: {rules}");
+    assert!(
+        !rules.contains(&format!("\"{bridge}v0\"")),
+        "a job's rule is left: {rules}"
+    );
 
     let mut c = agent.scheduler().await;
     submit(&mut c, job("killed", &["sleep 300"])).await;
@@ -223,8 +245,15 @@ async fn nothing_of_a_jobs_network_is_left_after_it_or_after_kill_9_and_a_restar
     agent.kill9();
     agent.launch();
     let (links, rules) = what_is_left(&state);
-    assert_eq!(links, vec![bridge.clone()], "a killed job's veth is left: {links:?}");
-    assert!(!rules.contains(&format!("\"{bridge}v0\"")), "a killed job's rule is left: {rules}");
+    assert_eq!(
+        links,
+        vec![bridge.clone()],
+        "a killed job's veth is left: {links:?}"
+    );
+    assert!(
+        !rules.contains(&format!("\"{bridge}v0\"")),
+        "a killed job's rule is left: {rules}"
+    );
     let (status, events) = run_job(&agent, job("after", &["ip -4 -o addr show eth0"])).await;
     assert_succeeded(&status, &events);
 
@@ -233,4 +262,41 @@ async fn nothing_of_a_jobs_network_is_left_after_it_or_after_kill_9_and_a_restar
     let (links, rules) = what_is_left(&state);
     assert!(links.is_empty(), "{links:?}");
     assert!(rules.is_empty(), "{rules}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_need_their_token_when_one_is_configured_and_stay_on_loopback_unless_allowed() {
+    require!(Root);
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("metrics.token");
+    std::fs::write(&token, "metrics-token-for-tests\n").unwrap();
+    let agent = Agent::start(&format!(
+        "metrics_listen = \"127.0.0.1:0\"\nmetrics_token_file = \"{}\"",
+        token.display()
+    ));
+    let (status, body) = agent.scrape("/metrics");
+    assert!(status.contains("401"), "{status}");
+    assert!(!body.contains("runnel_"), "{body}");
+    let (status, _) = agent.scrape_with("/metrics", "Authorization: Bearer wrong\r\n");
+    assert!(status.contains("401"), "{status}");
+    let (status, body) = agent.scrape_with("/metrics", "Authorization: Bearer metrics-token-for-tests\r\n");
+    assert!(status.contains("200"), "{status}");
+    assert!(body.contains("runnel_jobs_running"), "{body}");
+
+    // Off loopback, without a token, the agent does not start.
+    let out = Command::new(runnel_bin())
+        .args(["agent", "--config"])
+        .arg({
+            let p = dir.path().join("agent.toml");
+            std::fs::write(&p, "metrics_listen = \"0.0.0.0:0\"\n").unwrap();
+            p
+        })
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("metrics_listen") && err.contains("metrics_token_file"),
+        "{err}"
+    );
 }

@@ -49,7 +49,11 @@ async fn sigterm_drains_running_jobs_refuses_new_ones_then_exits_0() {
     assert_eq!(agent.health().await, ServingStatus::Serving);
     let gate = Gate::new().await;
     let mut c = agent.scheduler().await;
-    submit(&mut c, host_network(job("drain-me", &[&gate.step(), "echo after-the-gate"]))).await;
+    submit(
+        &mut c,
+        host_network(job("drain-me", &[&gate.step(), "echo after-the-gate"])),
+    )
+    .await;
     let held = gate.arrival().await;
     let events = follow(&mut c, "drain-me").await;
 

@@ -28,9 +28,12 @@ impl Phases<'_> {
         let path = run_dir.join(RESOLV_CONF);
         let text = self.registry.bridge.resolv_conf().to_string();
         let host = path.clone();
-        blocking(move || std::fs::write(&host, text))
-            .await
-            .map_err(|e| End::failed(FailureKind::Agent, format!("cannot write the job's resolv.conf: {e}")))?;
+        blocking(move || std::fs::write(&host, text)).await.map_err(|e| {
+            End::failed(
+                FailureKind::Agent,
+                format!("cannot write the job's resolv.conf: {e}"),
+            )
+        })?;
         Ok(Some((path, "/etc/resolv.conf".to_string())))
     }
 
@@ -40,7 +43,12 @@ impl Phases<'_> {
         if self.network() != Network::Private {
             return Ok(());
         }
-        let failed = |e: String| End::failed(FailureKind::Agent, format!("cannot set up the job's network: {e}"));
+        let failed = |e: String| {
+            End::failed(
+                FailureKind::Agent,
+                format!("cannot set up the job's network: {e}"),
+            )
+        };
         let pid = held
             .container
             .as_ref()

@@ -99,7 +99,9 @@ impl Internet {
             _files: dir,
         };
         ip(&["netns", "add", &ns]);
-        ip(&["link", "add", &link, "type", "veth", "peer", "name", "up0", "netns", &ns]);
+        ip(&[
+            "link", "add", &link, "type", "veth", "peer", "name", "up0", "netns", &ns,
+        ]);
         ip(&["addr", "add", &format!("{}/24", net.uplink), "dev", &link]);
         ip(&["link", "set", &link, "up"]);
         let far = format!("198.18.{n}.2");

@@ -347,13 +347,18 @@ impl Agent {
 
     /// `GET path` on the metrics endpoint: the status line and the body.
     pub fn scrape(&self, path: &str) -> (String, String) {
+        self.scrape_with(path, "")
+    }
+
+    /// [`Agent::scrape`] with more request header lines (each ending in CRLF).
+    pub fn scrape_with(&self, path: &str, headers: &str) -> (String, String) {
         use std::io::{Read, Write};
         let addr = self.metrics_addr.as_ref().expect("the agent serves metrics");
         let mut conn = std::net::TcpStream::connect(addr).unwrap();
         conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         write!(
             conn,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n"
         )
         .unwrap();
         let mut response = String::new();
