@@ -902,6 +902,52 @@ async fn bench_userns(r: &mut Report, n: usize, dir: &Path) {
     ));
 }
 
+/// Job start with a private network (veth, rules, resolv.conf) against
+/// `none` (a namespace with loopback only), two agents taking turns.
+async fn bench_network(r: &mut Report, n: usize, dir: &Path) {
+    println!("== job start with a private network and with none ({n} jobs each)");
+    let image = format!("oci:{}:1", busybox_image(dir).layout.display());
+    let agents = [
+        Agent::start("[runtime]\nnetwork = \"private\""),
+        Agent::start("[runtime]\nnetwork = \"none\""),
+    ];
+    let mut clients = Vec::new();
+    for a in &agents {
+        let mut c = a.scheduler().await;
+        run_timed(
+            &mut c,
+            with_image(job("net-warmup", &["true"]), &image),
+            Instant::now(),
+        )
+        .await;
+        clients.push(c);
+    }
+    let mut total: [Vec<f64>; 2] = Default::default();
+    let mut prepare: [Vec<f64>; 2] = Default::default();
+    for i in 0..n {
+        for (k, c) in clients.iter_mut().enumerate() {
+            let t0 = Instant::now();
+            let events = run_timed(c, with_image(job(&format!("net-{i}"), &["true"]), &image), t0).await;
+            total[k].push(since_ms(t0));
+            prepare[k].push(preparing_ms(&events));
+        }
+    }
+    let [private, none] = total.map(Samples);
+    let [p_private, p_none] = prepare.map(Samples);
+    r.row(
+        "job start, busybox, private network (submit → end)",
+        private.show(),
+        format!("`network = \"none\"`: {}", none.show()),
+        format!("+{} p50", ms(private.p50() - none.p50())),
+        "< 10 ms p50 more",
+    );
+    r.note(format!(
+        "PREPARING → RUNNING (with the veth, its rules and resolv.conf): p50 {} private, {} none",
+        ms(p_private.p50()),
+        ms(p_none.p50()),
+    ));
+}
+
 fn machine_summary() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -991,6 +1037,9 @@ fn main() {
         }
         if wanted("userns") {
             bench_userns(&mut r, n, dir.path()).await;
+        }
+        if wanted("network") {
+            bench_network(&mut r, n, dir.path()).await;
         }
     });
     let date = sh(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
