@@ -168,6 +168,24 @@ pub struct RuntimeConfig {
     pub allow_host_network: bool,
 }
 
+/// Where the gRPC API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    /// A Unix socket (`unix:/run/runnel/agent.sock`): mode 0660, group
+    /// `runnel` when that group exists.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
 /// The agent's own log on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -218,7 +236,7 @@ pub struct AuthConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub agent_id: String,
-    pub listen: SocketAddr,
+    pub listen: Listen,
     pub state_dir: PathBuf,
     pub max_jobs: u32,
     /// How long a stopping agent lets running jobs finish.
@@ -279,7 +297,21 @@ impl Config {
     }
 
     fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
-        let listen = parse_addr(raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN), "listen")?;
+        let listen = match raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN) {
+            l if l.starts_with("unix:") => {
+                let path = PathBuf::from(&l["unix:".len()..]);
+                if !path.is_absolute() {
+                    return Err(invalid(
+                        "listen",
+                        format!(
+                            "{l:?}: a Unix socket needs an absolute path, e.g. \"unix:/run/runnel/agent.sock\""
+                        ),
+                    ));
+                }
+                Listen::Unix(path)
+            }
+            l => Listen::Tcp(parse_addr(l, "listen")?),
+        };
         let metrics_listen = match raw.metrics_listen.as_deref() {
             None | Some("") => None,
             Some(m) => Some(parse_addr(m, "metrics_listen")?),
@@ -318,7 +350,11 @@ impl Config {
             None => None,
             Some(t) => Some(read_tls(t, &mut private_paths)?),
         };
-        if tls.is_none() && !listen.ip().is_loopback() && raw.insecure_listen != Some(true) {
+        if let Listen::Tcp(listen) = listen
+            && tls.is_none()
+            && !listen.ip().is_loopback()
+            && raw.insecure_listen != Some(true)
+        {
             return Err(invalid(
                 "listen",
                 format!(
@@ -796,6 +832,13 @@ mod tests {
         assert_eq!(c.listen.to_string(), "0.0.0.0:7450");
         Config::from_toml("listen = \"[::1]:7450\"").unwrap();
         Config::from_toml("listen = \"127.0.0.2:7450\"").unwrap();
+        let c = Config::from_toml("listen = \"unix:/run/runnel/agent.sock\"").unwrap();
+        assert_eq!(c.listen, Listen::Unix(PathBuf::from("/run/runnel/agent.sock")));
+        assert_eq!(c.listen.to_string(), "unix:/run/runnel/agent.sock");
+        let err = Config::from_toml("listen = \"unix:agent.sock\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("absolute path"), "{err}");
     }
 
     #[test]

@@ -40,7 +40,12 @@ pub async fn agent(config: Config, notify: Notifier) -> Result<(), Failure> {
             .await
             .map_err(|e| Failure::internal(format!("cannot listen on {addr} (config key `{key}`): {e}")))
     };
-    let api = bind("listen", config.listen).await?;
+    let api = daemon::ApiListener::bind(&config.listen).await.map_err(|e| {
+        Failure::internal(format!(
+            "cannot listen on {} (config key `listen`): {e}",
+            config.listen
+        ))
+    })?;
     let metrics = match config.metrics_listen {
         Some(addr) => Some(bind("metrics_listen", addr).await?),
         None => None,

@@ -51,8 +51,8 @@ pub enum SubmitError {
     /// not allow.
     #[error(
         "container.network: this agent does not let jobs share the host's network \
-         (runtime.allow_host_network = false in its config); use NETWORK_PRIVATE (the default) or \
-         NETWORK_NONE"
+         (runtime.allow_host_network = false in its config); use the private network (the \
+         default) or none"
     )]
     HostNetworkNotAllowed,
 }

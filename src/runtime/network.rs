@@ -153,6 +153,8 @@ pub struct Bridge {
     subnet: Cidr,
     gateway: Ipv4Addr,
     resolv_conf: String,
+    /// Set once [`Bridge::down`] (or drop) has removed it all.
+    removed: std::sync::atomic::AtomicBool,
 }
 
 /// The prefix of the names of everything an agent with state directory
@@ -175,6 +177,7 @@ impl Bridge {
             name,
             settings: settings.clone(),
             resolv_conf: resolv_conf(&settings.dns),
+            removed: std::sync::atomic::AtomicBool::new(false),
         };
         let removed = bridge.remove_all();
         if removed > 0 {
@@ -308,9 +311,12 @@ impl Bridge {
         Ok(net)
     }
 
-    /// Removes the bridge, the veths still on it and the rules.
+    /// Removes the bridge, the veths still on it and the rules (once; a
+    /// drop does it too, so no way out of the agent leaves them).
     pub fn down(&self) {
-        self.remove_all();
+        if !self.removed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.remove_all();
+        }
     }
 
     fn table(&self) -> String {
@@ -464,6 +470,12 @@ fn check_subnet_free(subnet: Cidr, routes: &str) -> Result<(), NetworkError> {
         }
     }
     Ok(())
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.down();
+    }
 }
 
 /// One job's veth (and its entry in the bridge's rules), removed on drop.

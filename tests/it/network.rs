@@ -300,3 +300,53 @@ async fn metrics_need_their_token_when_one_is_configured_and_stay_on_loopback_un
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_can_listen_on_a_unix_socket_for_the_runnel_group_only() {
+    require!(Root);
+    let mut agent = Agent::new("");
+    // In a directory anyone may pass through: the socket's mode decides.
+    let dir = tempfile::Builder::new().prefix("runnel-sock.").tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("run/agent.sock");
+    let config = std::fs::read_to_string(&agent.config_path).unwrap().replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"unix:{}\"", socket.display()),
+    );
+    std::fs::write(&agent.config_path, config).unwrap();
+    agent.launch();
+    assert_eq!(agent.addr, format!("unix:{}", socket.display()));
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.mode() & 0o777, 0o660, "{:o}", meta.mode());
+    if let Ok(Some(g)) = nix::unistd::Group::from_name("runnel") {
+        assert_eq!(meta.gid(), g.gid.as_raw());
+    }
+    // The CLI reaches it there, with a token as over TCP.
+    let info = Command::new(runnel_bin())
+        .args(["info", "--addr", &agent.addr, "--token", OPERATOR_TOKEN])
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+    let none = Command::new(runnel_bin())
+        .args(["info", "--addr", &agent.addr])
+        .output()
+        .unwrap();
+    assert!(!none.status.success());
+    // Nobody else: a user outside root and the runnel group cannot connect.
+    let nobody = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", runnel_bin()])
+        .args(["info", "--addr", &agent.addr, "--token", OPERATOR_TOKEN])
+        .output()
+        .unwrap();
+    assert!(!nobody.status.success());
+    let err = String::from_utf8_lossy(&nobody.stderr);
+    assert!(
+        err.contains("cannot reach the agent") && err.contains("Permission denied"),
+        "{err}"
+    );
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(agent.wait(Duration::from_secs(60)).success());
+    assert!(!socket.exists(), "the socket is left after the agent stopped");
+}

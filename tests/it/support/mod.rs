@@ -259,7 +259,10 @@ impl Agent {
                 )
             );
         };
-        self.addr = format!("{}://{addr}", if tls { "https" } else { "http" });
+        self.addr = match addr.starts_with("unix:") {
+            true => addr,
+            false => format!("{}://{addr}", if tls { "https" } else { "http" }),
+        };
         self.metrics_addr = metrics;
         self.child = Some(child);
     }
