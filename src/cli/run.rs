@@ -85,7 +85,9 @@ pub async fn local(job: &Path, config: Option<PathBuf>, state_dir: Option<PathBu
     let registry = Registry::open(config).await.map_err(Failure::internal)?;
     let id = spec.job_id.clone();
     registry.submit(spec).map_err(|e| match e {
-        SubmitError::HostImageNotAllowed(_) | SubmitError::HostNetworkNotAllowed => Failure::input(e),
+        SubmitError::HostImageNotAllowed(_)
+        | SubmitError::HostNetworkNotAllowed
+        | SubmitError::ServicesOnHostNetwork => Failure::input(e),
         e => Failure::internal(e),
     })?;
     let job = registry.get(&id).expect("a submitted job is registered");

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::model::Secret;
 use crate::model::spec::{
-    CheckoutSpec, ContainerSpec, JobSpec, Network, Resources, SecretVar, SpecError, Step,
+    CheckoutSpec, ContainerSpec, JobSpec, Network, Resources, SecretVar, ServiceSpec, SpecError, Step,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +75,24 @@ struct RawContainer {
     #[serde(default)]
     resources: RawResources,
     network: Option<String>,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    image: String,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    command: Vec<String>,
+    #[serde(default)]
+    ports: Vec<u16>,
+    readiness_timeout: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -222,6 +240,20 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
             });
         }
     };
+    let mut services = Vec::new();
+    for (i, s) in raw.container.services.into_iter().enumerate() {
+        services.push(ServiceSpec {
+            name: s.name,
+            image: s.image,
+            env: s.env,
+            command: s.command,
+            ports: s.ports,
+            readiness_timeout: duration(
+                &format!("container.services[{i}].readiness_timeout"),
+                s.readiness_timeout,
+            )?,
+        });
+    }
     let mut steps = Vec::new();
     for (i, s) in raw.steps.into_iter().enumerate() {
         steps.push(Step {
@@ -259,6 +291,7 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
                 disk_bytes: raw.container.resources.disk_bytes.filter(|&d| d > 0),
             },
             network,
+            services,
         },
         steps,
         env: raw.env,

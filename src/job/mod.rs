@@ -55,6 +55,12 @@ pub enum SubmitError {
          default) or none"
     )]
     HostNetworkNotAllowed,
+    /// Services need the job's own network namespace.
+    #[error(
+        "container.services: services run in the job's own network namespace, and this job shares the \
+         host's (container.network, or the agent's runtime.network); use the private network or none"
+    )]
+    ServicesOnHostNetwork,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -313,8 +319,15 @@ impl Registry {
     /// returns that job's status and runs nothing.
     pub fn submit(self: &Arc<Self>, spec: JobSpec) -> Result<JobStatus, SubmitError> {
         self.check_image(&spec)?;
+        let network = match spec.container.network {
+            crate::model::Network::Default => self.config.runtime.network,
+            n => n,
+        };
         if spec.container.network == crate::model::Network::Host && !self.config.runtime.allow_host_network {
             return Err(SubmitError::HostNetworkNotAllowed);
+        }
+        if network == crate::model::Network::Host && !spec.container.services.is_empty() {
+            return Err(SubmitError::ServicesOnHostNetwork);
         }
         // Submissions take turns, so that one job id is created once; the
         // job map's lock is not held while the job's files are made, so

@@ -61,6 +61,8 @@ pub enum FailureKind {
     Timeout,
     Cancelled,
     Agent,
+    /// A service did not start, or did not accept connections in time.
+    Service,
 }
 
 impl FailureKind {
@@ -78,6 +80,7 @@ impl FailureKind {
             FailureKind::Timeout => "TIMEOUT",
             FailureKind::Cancelled => "CANCELLED",
             FailureKind::Agent => "AGENT",
+            FailureKind::Service => "SERVICE",
         }
     }
 }

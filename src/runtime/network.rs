@@ -568,6 +568,48 @@ fn resolv_conf(dns: &[Ipv4Addr]) -> String {
     out
 }
 
+/// Why a service was not ready.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    #[error("nothing accepted connections on port {0}")]
+    Port(u16),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Waits until something accepts TCP connections on each of `ports` of
+/// 127.0.0.1 in the network namespace of `pid`, trying every 50 ms, until
+/// `deadline` or until `give_up` is set.
+pub fn wait_accepting(
+    pid: i32,
+    ports: &[u16],
+    deadline: std::time::Instant,
+    give_up: &std::sync::atomic::AtomicBool,
+) -> Result<(), NotReady> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+            for &port in ports {
+                let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+                while std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(200))
+                    .is_err()
+                {
+                    if std::time::Instant::now() >= deadline
+                        || give_up.load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        return Err(NotReady::Port(port));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
+            Ok(())
+        })
+        .join()
+        .map_err(|_| NotReady::Io(io::Error::other("the namespace thread panicked")))?
+    })
+}
+
 /// Runs `work` on a thread of its own in the network namespace of `pid`
 /// (`setns` moves only the calling thread; the thread ends with it, and
 /// what it spawns starts in that namespace).

@@ -27,6 +27,7 @@ mod network;
 mod runtime;
 mod sandbox;
 mod service;
+mod services;
 mod support;
 mod tls;
 mod userns;

@@ -28,6 +28,9 @@ pub(super) const ROOT: &str = "root";
 /// A job's resources, declared in teardown order.
 #[derive(Debug, Default)]
 pub(super) struct Held {
+    /// Service containers, in the job container's namespaces: removed
+    /// first, their roots (on the job's disk) with them.
+    pub services: Vec<super::services::Service>,
     pub container: Option<Box<dyn JobContainer>>,
     /// The job's veth on the agent's bridge and its rules: removed once
     /// the container (and so its network namespace) is gone.
@@ -82,6 +85,20 @@ impl Held {
     /// directories). Returns the stages it went through, in order.
     pub async fn teardown(mut self, grace: Duration) -> Vec<&'static str> {
         let mut stages = Vec::new();
+        for s in &mut self.services {
+            if let Some(c) = s.container.take() {
+                c.remove(grace).await;
+            }
+            if let Some(t) = s.task.take() {
+                // Its process went with the container: the pipes close.
+                if tokio::time::timeout(Duration::from_secs(10), t).await.is_err() {
+                    tracing::warn!("a service's output did not end with its container");
+                }
+            }
+        }
+        if !self.services.is_empty() {
+            stages.push("services");
+        }
         if let Some(c) = self.container.take() {
             c.remove(grace).await;
             stages.push("container");
@@ -101,6 +118,7 @@ impl Held {
                 stages.push(name);
             }
         };
+        stage("service roots", !std::mem::take(&mut self.services).is_empty());
         stage("network", self.network.take().map(drop).is_some());
         stage("workspace", self.workspace.take().map(drop).is_some());
         stage("rootfs", self.rootfs.take().map(drop).is_some());

@@ -8,6 +8,7 @@
 mod disk;
 mod held;
 mod network;
+mod services;
 mod steps;
 
 use std::collections::BTreeMap;
@@ -221,9 +222,10 @@ impl Phases<'_> {
         self.check_out(keys, held).await?;
         let image = self.prepare_image(held).await?;
         self.give_workspace(&image.user, held).await?;
-        let resolv_conf = self.prepare_network(held.run_dir().to_path_buf()).await?;
-        let (resources, cgroup) = self.start_container(&image.user, resolv_conf, held).await?;
+        let files = self.prepare_network(held.run_dir().to_path_buf()).await?;
+        let (resources, cgroup) = self.start_container(&image.user, files, held).await?;
         self.join_network(held).await?;
+        self.start_services(held).await?;
         self.job.transition(|s| s.state = JobState::Running);
         let steps = Steps {
             job: self.job,
@@ -346,10 +348,25 @@ impl Phases<'_> {
         } else {
             self.spec.container.image.clone()
         };
+        let mut root = ImageRoot::default();
+        let prepared = self.image_root(&image, held.disk().join(ROOT), &mut root).await;
+        held.image_layers = root.layers;
+        held.rootfs = root.rootfs;
+        prepared
+    }
+
+    /// Image `image`'s root filesystem in `dir`, into `root` (so that what
+    /// was made is let go of even when a later part fails).
+    async fn image_root(
+        &self,
+        image: &str,
+        dir: PathBuf,
+        root: &mut ImageRoot,
+    ) -> Result<PreparedImage, End> {
+        let image = image.to_string();
         let failed = |e: String| End::failed(FailureKind::Image, e);
-        let dir = held.disk().join(ROOT);
         if image == "host" {
-            return self.host_image(dir, held).await;
+            return self.host_image(dir, root).await;
         }
         // Layers keep their owners and are idmapped into the job's ids;
         // where that cannot be, each slot has its own shifted copy.
@@ -359,7 +376,7 @@ impl Phases<'_> {
             p = self.registry.images.get(&image, shift) => p.map_err(|e| failed(format!("image {image:?}: {e}")))?,
             why = self.limits.interrupted(None) => return Err(why.end("the image pull")),
         };
-        held.image_layers = Some(pulled.holds.clone());
+        root.layers = Some(pulled.holds.clone());
         if pulled.layers.is_empty() {
             return Err(failed(format!("image {image:?} has no layers")));
         }
@@ -385,19 +402,27 @@ impl Phases<'_> {
         })
         .await
         .map_err(|e| failed(format!("image {image:?}: {e}")))?;
-        held.rootfs = Some(rootfs);
+        root.rootfs = Some(rootfs);
         let user = user.map_err(|e| failed(format!("image {image:?}: {e}")))?;
         tracing::info!(image, digest = %pulled.digest, layers = pulled.layers.len(), "image ready");
+        let c = &pulled.config;
         Ok(PreparedImage {
             user,
-            env: pulled.config.env.clone().unwrap_or_default(),
+            env: c.env.clone().unwrap_or_default(),
             workdir,
+            command: c
+                .entrypoint
+                .iter()
+                .chain(c.cmd.iter())
+                .flatten()
+                .cloned()
+                .collect(),
         })
     }
 
     /// The `host` image: the host's software, not its data (see
     /// `runtime::hostroot`), as root.
-    async fn host_image(&self, dir: PathBuf, held: &mut Held) -> Result<PreparedImage, End> {
+    async fn host_image(&self, dir: PathBuf, root: &mut ImageRoot) -> Result<PreparedImage, End> {
         let private = self.registry.config().private_paths.clone();
         let base = self.userns_base;
         let started = Instant::now();
@@ -409,12 +434,13 @@ impl Phases<'_> {
                     format!("cannot prepare the host image's root: {e}"),
                 )
             })?;
-        held.rootfs = Some(rootfs);
+        root.rootfs = Some(rootfs);
         tracing::info!(seconds = started.elapsed().as_secs_f64(), "host image ready");
         Ok(PreparedImage {
             user: User::root(),
             env: Vec::new(),
             workdir: None,
+            command: Vec::new(),
         })
     }
 
@@ -485,7 +511,7 @@ impl Phases<'_> {
     async fn start_container(
         &self,
         user: &User,
-        resolv_conf: Option<(PathBuf, String)>,
+        files: Vec<(PathBuf, String)>,
         held: &mut Held,
     ) -> Result<(Resources, String), End> {
         let (registry, job) = (self.registry, self.job);
@@ -505,7 +531,7 @@ impl Phases<'_> {
                 .borrowed
                 .iter()
                 .map(|m| (m.objects.clone(), m.container_objects.clone()))
-                .chain(resolv_conf)
+                .chain(files)
                 .collect(),
             masked: config.private_paths.clone(),
         };
@@ -602,6 +628,15 @@ struct PreparedImage {
     user: User,
     env: Vec<String>,
     workdir: Option<String>,
+    /// The image's Entrypoint and Cmd.
+    command: Vec<String>,
+}
+
+/// What making an image's root acquires.
+#[derive(Default)]
+struct ImageRoot {
+    layers: Option<Arc<Vec<crate::runtime::image::LayerHold>>>,
+    rootfs: Option<Rootfs>,
 }
 
 fn base_env(spec: &JobSpec, job_id: &str, image_env: &[String], user: &User) -> BTreeMap<String, String> {

@@ -19,22 +19,30 @@ impl Phases<'_> {
         }
     }
 
-    /// For a private network, writes the job's `resolv.conf` and returns
-    /// the (host path, container path) to bind it at.
-    pub(super) async fn prepare_network(&self, run_dir: PathBuf) -> Result<Option<(PathBuf, String)>, End> {
-        if self.network() != Network::Private {
-            return Ok(None);
+    /// Writes the job's `resolv.conf` (a private network) and `hosts`
+    /// (with services: their names); returns the (host path, container
+    /// path) pairs to bind them at.
+    pub(super) async fn prepare_network(&self, run_dir: PathBuf) -> Result<Vec<(PathBuf, String)>, End> {
+        let mut files = Vec::new();
+        if self.network() == Network::Private {
+            files.push((RESOLV_CONF, self.registry.bridge.resolv_conf().to_string()));
         }
-        let path = run_dir.join(RESOLV_CONF);
-        let text = self.registry.bridge.resolv_conf().to_string();
-        let host = path.clone();
-        blocking(move || std::fs::write(&host, text)).await.map_err(|e| {
-            End::failed(
-                FailureKind::Agent,
-                format!("cannot write the job's resolv.conf: {e}"),
-            )
-        })?;
-        Ok(Some((path, "/etc/resolv.conf".to_string())))
+        if !self.spec.container.services.is_empty() {
+            files.push((
+                super::services::HOSTS,
+                super::services::hosts_file(&self.spec.container.services),
+            ));
+        }
+        let mut mounts = Vec::new();
+        for (name, text) in files {
+            let path = run_dir.join(name);
+            let host = path.clone();
+            blocking(move || std::fs::write(&host, text)).await.map_err(|e| {
+                End::failed(FailureKind::Agent, format!("cannot write the job's {name}: {e}"))
+            })?;
+            mounts.push((path, format!("/etc/{name}")));
+        }
+        Ok(mounts)
     }
 
     /// Attaches the started container's network namespace to the agent's

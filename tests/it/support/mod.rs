@@ -42,6 +42,8 @@ pub enum Need {
     Registry,
     /// runc, the alternative runtime.
     Runc,
+    /// Debian's PostgreSQL server and client, for a service container.
+    Postgres,
 }
 
 impl Need {
@@ -67,6 +69,16 @@ impl Need {
                 program("/usr/bin/docker-registry", "docker-registry").or_else(|| program("skopeo", "skopeo"))
             }
             Need::Runc => program("runc", "runc"),
+            Need::Postgres => program("psql", "postgresql").or_else(|| {
+                let server = std::fs::read_dir("/usr/lib/postgresql")
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|v| v.path().join("bin/postgres").exists());
+                (!server).then(|| {
+                    "needs PostgreSQL's server (Debian's postgresql; scripts/setup installs it)".into()
+                })
+            }),
         }
     }
 }
