@@ -24,8 +24,14 @@ fn with_services(mut spec: pb::JobSpec, services: Vec<pb::Service>) -> pb::JobSp
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_step_queries_a_postgresql_service_at_localhost_and_by_name() {
-    require!(Root, Postgres);
-    let agent = Agent::start("");
+    require!(Root, Postgres, Runc);
+    for kind in crate::sandbox::RUNTIMES {
+        let agent = crate::sandbox::agent(kind, "");
+        postgres_service(&agent).await;
+    }
+}
+
+async fn postgres_service(agent: &Agent) {
     // PostgreSQL will not run as root: its own user, as Debian made it.
     let postgres = "PG=$(ls -d /usr/lib/postgresql/*/bin | tail -1); \
          exec setpriv --reuid=postgres --regid=postgres --init-groups sh -c \
@@ -45,7 +51,7 @@ async fn a_step_queries_a_postgresql_service_at_localhost_and_by_name() {
         ),
         vec![db],
     );
-    let (status, events) = run_job(&agent, spec).await;
+    let (status, events) = run_job(agent, spec).await;
     assert_succeeded(&status, &events);
     let out = output(&events, pb::Stream::Stdout);
     assert!(out.contains("\n1\n") || out.starts_with("1\n"), "{out}");
@@ -99,7 +105,9 @@ async fn a_service_that_never_becomes_ready_or_exits_fails_the_job_naming_it() {
     .await;
     assert_eq!(failure(&status), pb::FailureKind::Service, "{status:?}");
     assert!(
-        status.message.contains("\"quitter\" exited before"),
+        status
+            .message
+            .contains("\"quitter\" exited (exit status: 3) before"),
         "{}",
         status.message
     );

@@ -38,6 +38,8 @@ pub(super) struct Service {
     pub container: Option<Box<dyn JobContainer>>,
     /// Its process's wait and output pumps; ends once the container goes.
     pub task: Option<tokio::task::JoinHandle<()>>,
+    /// How its process ended, once it has.
+    pub exit: Arc<std::sync::Mutex<Option<String>>>,
     pub rootfs: Option<Rootfs>,
     pub layers: Option<Arc<Vec<LayerHold>>>,
 }
@@ -188,7 +190,7 @@ impl Phases<'_> {
             })
         };
         let (out, err) = (pump_to_log(out_r, Out::Stdout), pump_to_log(err_r, Out::Stderr));
-        let (job2, name) = (job.clone(), svc.name.clone());
+        let (job2, name, exit) = (job.clone(), svc.name.clone(), service.exit.clone());
         service.task = Some(tokio::spawn(async move {
             let _process_file = process_file;
             let wait = async {
@@ -197,9 +199,12 @@ impl Phases<'_> {
                 status
             };
             let (status, _, _) = tokio::join!(wait, out, err);
-            if let Ok(s) = status {
-                job2.system_line(0, &format!("runnel: service {name} exited ({s})"));
-            }
+            let how = match status {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("cannot wait for it: {e}"),
+            };
+            job2.system_line(0, &format!("runnel: service {name} exited ({how})"));
+            *exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(how);
         }));
         Ok(())
     }
@@ -234,9 +239,14 @@ impl Phases<'_> {
             _ = exited => {
                 give_up.store(true, Ordering::Relaxed);
                 let _ = probe.await;
+                let how = service.exit.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
                 return Err(End::failed(
                     FailureKind::Service,
-                    format!("service {:?} exited before it accepted connections (its output is in the log, marked [{}])", svc.name, svc.name),
+                    format!(
+                        "service {:?} exited ({how}) before it accepted connections (its output is in the log, \
+                         marked [{}])",
+                        svc.name, svc.name
+                    ),
                 ));
             }
             why = self.limits.interrupted(None) => {
@@ -268,7 +278,8 @@ impl Phases<'_> {
 }
 
 /// The job container's user and network namespaces, for a service to
-/// join: no id mapping of its own, no network of its own.
+/// join (its id mappings stay in the spec: they are the job's, and runc
+/// checks them against the namespace's).
 fn join_namespaces(spec: &mut oci_spec::runtime::Spec, job_pid: i32) {
     let Some(linux) = spec.linux_mut() else { return };
     let mut namespaces = linux.namespaces().clone().unwrap_or_default();
@@ -286,8 +297,6 @@ fn join_namespaces(spec: &mut oci_spec::runtime::Spec, job_pid: i32) {
         );
     }
     linux.set_namespaces(Some(namespaces));
-    linux.set_uid_mappings(None);
-    linux.set_gid_mappings(None);
 }
 
 /// Puts `[NAME] ` at the start of every line of a service's output.
