@@ -859,34 +859,16 @@ async fn bench_rootfs(r: &mut Report, runs: usize, dir: &Path) {
 async fn bench_userns(r: &mut Report, n: usize, dir: &Path) {
     println!("== job start with and without a user namespace ({n} jobs each)");
     let image = format!("oci:{}:1", busybox_image(dir).layout.display());
-    let agents = [
-        Agent::start("[runtime]\nnetwork = \"host\""),
-        Agent::start("[runtime]\nnetwork = \"host\"\nuserns = false"),
-    ];
-    let mut clients = Vec::new();
-    for a in &agents {
-        let mut c = a.scheduler().await;
-        run_timed(
-            &mut c,
-            with_image(job("userns-warmup", &["true"]), &image),
-            Instant::now(),
-        )
-        .await;
-        clients.push(c);
-    }
-    // Submit → end, and PREPARING → RUNNING (rootfs, container start).
-    let mut total: [Vec<f64>; 2] = Default::default();
-    let mut prepare: [Vec<f64>; 2] = Default::default();
-    for i in 0..n {
-        for (k, c) in clients.iter_mut().enumerate() {
-            let t0 = Instant::now();
-            let events = run_timed(c, with_image(job(&format!("userns-{i}"), &["true"]), &image), t0).await;
-            total[k].push(since_ms(t0));
-            prepare[k].push(preparing_ms(&events));
-        }
-    }
-    let [with, without] = total.map(Samples);
-    let [p_with, p_without] = prepare.map(Samples);
+    let ([with, without], [p_with, p_without]) = starts_side_by_side(
+        [
+            "[runtime]\nnetwork = \"host\"",
+            "[runtime]\nnetwork = \"host\"\nuserns = false",
+        ],
+        &image,
+        "userns",
+        n,
+    )
+    .await;
     r.row(
         "job start, busybox, in the job's user namespace (submit → end)",
         with.show(),
@@ -907,33 +889,16 @@ async fn bench_userns(r: &mut Report, n: usize, dir: &Path) {
 async fn bench_network(r: &mut Report, n: usize, dir: &Path) {
     println!("== job start with a private network and with none ({n} jobs each)");
     let image = format!("oci:{}:1", busybox_image(dir).layout.display());
-    let agents = [
-        Agent::start("[runtime]\nnetwork = \"private\""),
-        Agent::start("[runtime]\nnetwork = \"none\""),
-    ];
-    let mut clients = Vec::new();
-    for a in &agents {
-        let mut c = a.scheduler().await;
-        run_timed(
-            &mut c,
-            with_image(job("net-warmup", &["true"]), &image),
-            Instant::now(),
-        )
-        .await;
-        clients.push(c);
-    }
-    let mut total: [Vec<f64>; 2] = Default::default();
-    let mut prepare: [Vec<f64>; 2] = Default::default();
-    for i in 0..n {
-        for (k, c) in clients.iter_mut().enumerate() {
-            let t0 = Instant::now();
-            let events = run_timed(c, with_image(job(&format!("net-{i}"), &["true"]), &image), t0).await;
-            total[k].push(since_ms(t0));
-            prepare[k].push(preparing_ms(&events));
-        }
-    }
-    let [private, none] = total.map(Samples);
-    let [p_private, p_none] = prepare.map(Samples);
+    let ([private, none], [p_private, p_none]) = starts_side_by_side(
+        [
+            "[runtime]\nnetwork = \"private\"",
+            "[runtime]\nnetwork = \"none\"",
+        ],
+        &image,
+        "net",
+        n,
+    )
+    .await;
     r.row(
         "job start, busybox, private network (submit → end)",
         private.show(),
@@ -946,6 +911,36 @@ async fn bench_network(r: &mut Report, n: usize, dir: &Path) {
         ms(p_private.p50()),
         ms(p_none.p50()),
     ));
+}
+
+/// `n` jobs of `true` in `image` on each of two agents (configs `extra`),
+/// taking turns so that the machine's load falls on both alike: submit →
+/// end, and PREPARING → RUNNING (rootfs, container start), per agent.
+async fn starts_side_by_side(
+    extra: [&str; 2],
+    image: &str,
+    prefix: &str,
+    n: usize,
+) -> ([Samples; 2], [Samples; 2]) {
+    let agents = extra.map(Agent::start);
+    let mut clients = Vec::new();
+    for a in &agents {
+        let mut c = a.scheduler().await;
+        let warmup = with_image(job(&format!("{prefix}-warmup"), &["true"]), image);
+        run_timed(&mut c, warmup, Instant::now()).await;
+        clients.push(c);
+    }
+    let mut total: [Vec<f64>; 2] = Default::default();
+    let mut prepare: [Vec<f64>; 2] = Default::default();
+    for i in 0..n {
+        for (k, c) in clients.iter_mut().enumerate() {
+            let t0 = Instant::now();
+            let events = run_timed(c, with_image(job(&format!("{prefix}-{i}"), &["true"]), image), t0).await;
+            total[k].push(since_ms(t0));
+            prepare[k].push(preparing_ms(&events));
+        }
+    }
+    (total.map(Samples), prepare.map(Samples))
 }
 
 fn machine_summary() -> String {

@@ -69,11 +69,7 @@ impl Internet {
     /// Builds it; its HTTP server serves `files` (name → contents).
     pub fn new(files: &[(&str, &[u8])]) -> Internet {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let routes = Command::new("ip")
-            .args(["-4", "-o", "route", "show", "table", "all"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
+        let routes = super::host_routes();
         let n = loop {
             let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             assert!(n < 256, "no free 198.18.N.0/24 left");

@@ -479,11 +479,7 @@ fn test_network(extra: &str) -> String {
 /// route of the host covers.
 pub fn free_subnet() -> String {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let routes = Command::new("ip")
-        .args(["-4", "-o", "route", "show", "table", "all"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
+    let routes = host_routes();
     loop {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         assert!(n < 256, "no free test subnet left in 10.252.0.0/16");
@@ -492,6 +488,15 @@ pub fn free_subnet() -> String {
             return format!("10.252.{n}.0/24");
         }
     }
+}
+
+/// The host's IPv4 routes, every table's, one a line (`ip -o route`).
+pub fn host_routes() -> String {
+    Command::new("ip")
+        .args(["-4", "-o", "route", "show", "table", "all"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 /// `spec`, on the host's network: for steps that reach a loopback service
