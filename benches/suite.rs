@@ -913,6 +913,53 @@ async fn bench_network(r: &mut Report, n: usize, dir: &Path) {
     ));
 }
 
+/// A 1 GB download from the test internet's HTTP server (by name,
+/// through NAT) in a private job, against the same in a job on the host's
+/// network, three of each taking turns; curl's own rate.
+async fn bench_download(r: &mut Report) {
+    const BYTES: u64 = 1 << 30;
+    println!("== download of 1 GiB, private network and host network");
+    let net = support::internet::Internet::new(&[]);
+    net.sparse_file("big", BYTES);
+    let agent = Agent::start(&format!("[network]\ndns = [\"{}\"]", net.dns));
+    let mut c = agent.scheduler().await;
+    let fetch = format!(
+        "curl -sS -o /dev/null -w '%{{speed_download}}\\n' --resolve {}:80:{} {}",
+        support::internet::NAME,
+        net.http,
+        net.url("big")
+    );
+    let mut rates: [Vec<f64>; 2] = Default::default();
+    for i in 0..3 {
+        for (k, host) in [false, true].into_iter().enumerate() {
+            let mut spec = job(&format!("download-{i}-{k}"), &[fetch.as_str()]);
+            if host {
+                spec = support::host_network(spec);
+            }
+            let events = run_timed(&mut c, spec, Instant::now()).await;
+            let out: String = events
+                .iter()
+                .filter_map(|(_, e)| match &e.event {
+                    Some(pb::job_event::Event::Log(l)) if l.stream == pb::Stream::Stdout as i32 => {
+                        Some(String::from_utf8_lossy(&l.data).into_owned())
+                    }
+                    _ => None,
+                })
+                .collect();
+            let rate: f64 = out.trim().parse().unwrap_or_else(|_| panic!("curl said {out:?}"));
+            rates[k].push(rate / 1e6);
+        }
+    }
+    let [private, host] = rates.map(Samples);
+    r.row(
+        "download of 1 GiB over HTTP, private network (NAT), MB/s",
+        format!("p50 {:.0} MB/s", private.p50()),
+        format!("host network: p50 {:.0} MB/s", host.p50()),
+        format!("{:.0} %", 100.0 * private.p50() / host.p50()),
+        "≥ 80 % of host",
+    );
+}
+
 /// `n` jobs of `true` in `image` on each of two agents (configs `extra`),
 /// taking turns so that the machine's load falls on both alike: submit →
 /// end, and PREPARING → RUNNING (rootfs, container start), per agent.
@@ -1035,6 +1082,7 @@ fn main() {
         }
         if wanted("network") {
             bench_network(&mut r, n, dir.path()).await;
+            bench_download(&mut r).await;
         }
     });
     let date = sh(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));

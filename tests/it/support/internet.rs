@@ -157,6 +157,12 @@ impl Internet {
         net
     }
 
+    /// A file of `bytes` zeros (sparse: it takes no disk) to serve.
+    pub fn sparse_file(&self, name: &str, bytes: u64) {
+        let f = std::fs::File::create(self._files.path().join(name)).unwrap();
+        f.set_len(bytes).unwrap();
+    }
+
     pub fn url(&self, file: &str) -> String {
         format!("http://{NAME}/{file}")
     }
