@@ -350,3 +350,23 @@ async fn the_api_can_listen_on_a_unix_socket_for_the_runnel_group_only() {
     assert!(agent.wait(Duration::from_secs(60)).success());
     assert!(!socket.exists(), "the socket is left after the agent stopped");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_agents_on_one_host_with_default_subnets_do_not_collide() {
+    require!(Root);
+    // No subnet in either config (the comment keeps the test support's
+    // own out): each takes a free /21 of 10.250.0.0/16.
+    let agents = [Agent::start("# default subnet"), Agent::start("# default subnet")];
+    let names: Vec<String> = agents.iter().map(|a| bridge_name(&a.state_dir())).collect();
+    assert_ne!(names[0], names[1]);
+    let mut addrs = Vec::new();
+    for (i, a) in agents.iter().enumerate() {
+        let (status, events) = run_job(a, job(&format!("a{i}"), &["ip -4 -o addr show eth0"])).await;
+        assert_succeeded(&status, &events);
+        let out = output(&events, pb::Stream::Stdout);
+        let addr = out.split_whitespace().nth(3).unwrap_or_default().to_string();
+        assert!(addr.starts_with("10.250."), "{out}");
+        addrs.push(addr);
+    }
+    assert_ne!(addrs[0], addrs[1]);
+}
