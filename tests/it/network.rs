@@ -72,6 +72,7 @@ fn what_is_left(state: &Path) -> (Vec<String>, String) {
 async fn a_private_job_downloads_by_name_and_reaches_nothing_of_the_host_or_link_local() {
     require!(Root);
     let net = Internet::new(&[("hello.txt", b"hello from the test internet\n")]);
+    net.sparse_file("big", 32 << 20);
     let mut agent = Agent::new(&format!(
         "metrics_listen = \"0.0.0.0:0\"\ninsecure_listen = true\n[network]\ndns = [\"{}\"]\n\
          deny = [\"{}/24\"]\nallow = [\"{}\", \"{}\"]",
@@ -110,6 +111,10 @@ async fn a_private_job_downloads_by_name_and_reaches_nothing_of_the_host_or_link
         "private",
         &[
             &format!("curl -sS --max-time 20 {}", net.url("hello.txt")),
+            &format!(
+                "curl -sS --max-time 60 -o /dev/null -w 'big: %{{size_download}}\\n' {}",
+                net.url("big")
+            ),
             &probe_step(&targets),
             "curl -sS --max-time 3 -g 'http://[fd00:ec2::254]/' >/dev/null 2>&1 && echo OPEN v6 || echo closed v6",
             "python3 -c 'import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)' 2>&1 | tail -1",
@@ -120,6 +125,7 @@ async fn a_private_job_downloads_by_name_and_reaches_nothing_of_the_host_or_link
     assert_succeeded(&status, &events);
     let out = output(&events, pb::Stream::Stdout);
     assert!(out.contains("hello from the test internet"), "{out}");
+    assert!(out.contains(&format!("big: {}\n", 32 << 20)), "{out}");
     assert!(!out.contains("OPEN"), "a job reached what it must not: {out}");
     for (a, p) in &targets {
         assert!(
