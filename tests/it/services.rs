@@ -131,3 +131,32 @@ async fn services_are_refused_on_the_hosts_network() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("container.services"), "{}", err.message());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_kill_9_and_a_restart_nothing_of_a_service_is_left() {
+    require!(Root);
+    let mut agent = Agent::start("");
+    let mut c = agent.scheduler().await;
+    let spec = with_services(
+        job("svc-killed", &["sleep 3002"]),
+        vec![service("idler", &["sleep", "3001"], &[])],
+    );
+    submit(&mut c, spec).await;
+    wait_running(&c, "svc-killed").await;
+    wait_for(
+        "the service's process",
+        std::time::Duration::from_secs(60),
+        || !host_processes_with("sleep 3001").is_empty(),
+    );
+    agent.kill9();
+    agent.launch();
+    assert!(host_processes_with("sleep 3001").is_empty());
+    assert!(host_processes_with("sleep 3002").is_empty());
+    assert!(
+        mounts_under(&agent.state_dir()).is_empty(),
+        "{:?}",
+        mounts_under(&agent.state_dir())
+    );
+    let status = get_job(&mut agent.scheduler().await, "svc-killed").await.unwrap();
+    assert_eq!(state(&status), pb::JobState::Lost, "{status:?}");
+}
