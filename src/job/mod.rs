@@ -265,6 +265,7 @@ impl Registry {
         let bridge = Arc::new(crate::runtime::network::Bridge::up(
             &config.network,
             &config.state_dir,
+            config.max_jobs,
         )?);
         let images =
             crate::runtime::image::ImageStore::new(&config.state_dir, &config.runtime.insecure_registries)

@@ -76,7 +76,7 @@ async fn postgres_service(agent: &Agent) {
 async fn a_service_that_never_becomes_ready_or_exits_fails_the_job_naming_it() {
     require!(Root);
     let agent = Agent::start("max_jobs = 2");
-    let mut sleeper = service("sleeper", &["sleep", "300"], &[9]);
+    let mut sleeper = service("sleeper", &["sleep", "3003"], &[9]);
     sleeper.readiness_timeout = Some(prost_types::Duration { seconds: 2, nanos: 0 });
     let (status, events) = run_job(
         &agent,
@@ -93,7 +93,7 @@ async fn a_service_that_never_becomes_ready_or_exits_fails_the_job_naming_it() {
         status.message
     );
     assert!(!output(&events, pb::Stream::Stdout).contains("MUST-NOT-RUN"));
-    assert!(host_processes_with("sleep 300").is_empty());
+    assert!(host_processes_with("sleep 3003").is_empty());
 
     let (status, _) = run_job(
         &agent,

@@ -1,5 +1,6 @@
 //! What a job holds while it runs, and the one order in which it lets go:
-//! the container, the job's network (veth, rules), the workspace overlay, the container's root filesystem,
+//! service containers, the container (its network namespace, with the
+//! job's veth, goes with it), the workspace overlay, the container's root filesystem,
 //! the image's layers, the keys (overwritten, then unlinked), the checkout
 //! cache's locks, the job's disk (which held the workspace and the
 //! root's writable layer), the run directory. The fields of [`Held`] are declared in
@@ -15,7 +16,6 @@ use super::disk::{DISK, JobDisk};
 use crate::checkout::MirrorUse;
 use crate::runtime::JobContainer;
 use crate::runtime::image::LayerHold;
-use crate::runtime::network::JobNet;
 use crate::runtime::rootfs::Rootfs;
 use crate::ssh::{self, SshDir};
 
@@ -32,9 +32,6 @@ pub(super) struct Held {
     /// first, their roots (on the job's disk) with them.
     pub services: Vec<super::services::Service>,
     pub container: Option<Box<dyn JobContainer>>,
-    /// The job's veth on the agent's bridge and its rules: removed once
-    /// the container (and so its network namespace) is gone.
-    pub network: Option<JobNet>,
     /// The workspace, an overlay over cached work tree layers when the
     /// checkout was warm: unmounted before those layers' locks go.
     pub workspace: Option<Workspace>,
@@ -119,7 +116,6 @@ impl Held {
             }
         };
         stage("service roots", !std::mem::take(&mut self.services).is_empty());
-        stage("network", self.network.take().map(drop).is_some());
         stage("workspace", self.workspace.take().map(drop).is_some());
         stage("rootfs", self.rootfs.take().map(drop).is_some());
         stage("image", self.image_layers.take().map(drop).is_some());

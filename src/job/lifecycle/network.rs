@@ -63,8 +63,7 @@ impl Phases<'_> {
             .and_then(|c| c.init_pid())
             .ok_or_else(|| failed("the container's init has no pid".into()))?;
         let (bridge, slot) = (self.registry.bridge.clone(), self.slot);
-        let net = blocking(move || bridge.attach(slot, pid)).await.map_err(failed)?;
-        held.network = Some(net);
-        Ok(())
+        // Nothing to hold: the veth pair goes with the namespace.
+        blocking(move || bridge.attach(slot, pid)).await.map_err(failed)
     }
 }
