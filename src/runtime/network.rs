@@ -268,7 +268,7 @@ impl Bridge {
     /// the pair goes with the namespace (the kernel removes it when the
     /// container's last process ends), and the slot's rule is the agent's.
     /// Costs two rtnetlink requests from here and three in the namespace.
-    pub fn attach(&self, slot: u32, pid: i32) -> Result<(), NetworkError> {
+    pub fn attach(&self, slot: u32, ns: &NetNs) -> Result<(), NetworkError> {
         let addr = self.address(slot).ok_or_else(|| NetworkError::Command {
             what: format!("giving job slot {slot} an address"),
             stderr: format!("[network] subnet {} has no address for it", self.subnet),
@@ -280,7 +280,7 @@ impl Bridge {
         };
         let mut nl = Netlink::open().map_err(|e| failed("opening rtnetlink", e))?;
         let bridge = netlink::index(&self.name).map_err(|e| failed("finding the bridge", e))?;
-        let mut made = nl.add_veth(&veth, bridge, "eth0", mac(addr), pid as u32);
+        let mut made = nl.add_veth(&veth, bridge, "eth0", mac(addr), std::os::fd::AsFd::as_fd(&*ns.0));
         if made
             .as_ref()
             .is_err_and(|e| e.raw_os_error() == Some(libc::EEXIST))
@@ -289,7 +289,7 @@ impl Bridge {
             if let Ok(old) = netlink::index(&veth) {
                 let _ = nl.delete_link(old);
             }
-            made = nl.add_veth(&veth, bridge, "eth0", mac(addr), pid as u32);
+            made = nl.add_veth(&veth, bridge, "eth0", mac(addr), std::os::fd::AsFd::as_fd(&*ns.0));
         }
         made.map_err(|e| failed("making the job's veth pair", e))?;
         for (knob, value) in [("isolated", "1"), ("learning", "0")] {
@@ -297,7 +297,7 @@ impl Bridge {
                 .map_err(|e| failed("isolating the job's bridge port", e))?;
         }
         let (prefix, gateway) = (self.subnet.prefix, self.gateway);
-        in_netns(pid, move || {
+        in_netns(ns, move || {
             // IPv4 only: a job has no IPv6 (nothing routes it either).
             for (path, value) in [
                 ("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1"),
@@ -598,49 +598,61 @@ pub enum NotReady {
 /// 127.0.0.1 in the network namespace of `pid`, trying every 50 ms, until
 /// `deadline` or until `give_up` is set.
 pub fn wait_accepting(
-    pid: i32,
+    ns: &NetNs,
     ports: &[u16],
     deadline: std::time::Instant,
     give_up: &std::sync::atomic::AtomicBool,
 ) -> Result<(), NotReady> {
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-            for &port in ports {
-                let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-                while std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(200))
-                    .is_err()
+    in_netns(ns, || {
+        for &port in ports {
+            let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            while std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(200)).is_err()
+            {
+                if std::time::Instant::now() >= deadline || give_up.load(std::sync::atomic::Ordering::Relaxed)
                 {
-                    if std::time::Instant::now() >= deadline
-                        || give_up.load(std::sync::atomic::Ordering::Relaxed)
-                    {
-                        return Err(NotReady::Port(port));
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    return Err(NotReady::Port(port));
                 }
+                std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            Ok(())
-        })
-        .join()
-        .map_err(|_| NotReady::Io(io::Error::other("the namespace thread panicked")))?
+        }
+        Ok(())
     })
 }
 
 /// Runs `work` on a thread of its own in the network namespace of `pid`
 /// (`setns` moves only the calling thread; the thread ends with it, and
 /// what it spawns starts in that namespace).
-fn in_netns<T: Send + 'static>(
-    pid: i32,
-    work: impl FnOnce() -> Result<T, NetworkError> + Send + 'static,
-) -> Result<T, NetworkError> {
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
-    std::thread::spawn(move || {
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-        work()
+fn in_netns<T: Send, E: From<io::Error> + Send>(
+    ns: &NetNs,
+    work: impl FnOnce() -> Result<T, E> + Send,
+) -> Result<T, E> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&*ns.0, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+            work()
+        })
+        .join()
+        .map_err(|_| io::Error::other("the namespace thread panicked"))?
     })
-    .join()
-    .map_err(|_| NetworkError::Io(io::Error::other("the namespace thread panicked")))?
+}
+
+/// A job's network namespace, open from its setup until the job's
+/// container is gone. Opening `/proc/PID/ns/net` and closing it again
+/// just before the runtime execs a step makes that exec fail now and then
+/// (kernel 6.18: libcontainer's tenant cannot stat the namespace while its
+/// nsfs dentry, which the close let go of, is being torn down; one job in
+/// 20 to 70 failed with exit status 255): so it is opened once, and closed
+/// when nothing execs into the container any more.
+#[derive(Debug, Clone)]
+pub struct NetNs(std::sync::Arc<std::fs::File>);
+
+impl NetNs {
+    /// The network namespace of process `pid`.
+    pub fn of(pid: i32) -> io::Result<NetNs> {
+        Ok(NetNs(std::sync::Arc::new(std::fs::File::open(format!(
+            "/proc/{pid}/ns/net"
+        ))?)))
+    }
 }
 
 fn run(program: &'static str, args: &[&str], stdin: &str, what: &str) -> Result<(), NetworkError> {

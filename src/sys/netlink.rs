@@ -70,19 +70,20 @@ impl Netlink {
 
     /// Makes veth `name` (up, a port of link `controller`) whose peer,
     /// `peer` with address `peer_mac`, is created in the network namespace
-    /// of process `peer_pid`.
+    /// `peer_ns` (an open `/proc/PID/ns/net`).
     pub fn add_veth(
         &mut self,
         name: &str,
         controller: u32,
         peer: &str,
         peer_mac: [u8; 6],
-        peer_pid: u32,
+        peer_ns: std::os::fd::BorrowedFd<'_>,
     ) -> io::Result<()> {
         let mut far = LinkMessage::default();
         far.attributes.push(LinkAttribute::IfName(peer.to_string()));
         far.attributes.push(LinkAttribute::Address(peer_mac.to_vec()));
-        far.attributes.push(LinkAttribute::NetNsPid(peer_pid));
+        far.attributes
+            .push(LinkAttribute::NetNsFd(std::os::fd::AsRawFd::as_raw_fd(&peer_ns)));
         let mut near = LinkMessage::default();
         near.header.flags = LinkFlags::Up;
         near.header.change_mask = LinkFlags::Up;

@@ -16,6 +16,7 @@ use super::disk::{DISK, JobDisk};
 use crate::checkout::MirrorUse;
 use crate::runtime::JobContainer;
 use crate::runtime::image::LayerHold;
+use crate::runtime::network::NetNs;
 use crate::runtime::rootfs::Rootfs;
 use crate::ssh::{self, SshDir};
 
@@ -32,6 +33,9 @@ pub(super) struct Held {
     /// first, their roots (on the job's disk) with them.
     pub services: Vec<super::services::Service>,
     pub container: Option<Box<dyn JobContainer>>,
+    /// The container's network namespace, held open until the container
+    /// is gone (see `NetNs`); with it goes the job's veth pair.
+    pub netns: Option<NetNs>,
     /// The workspace, an overlay over cached work tree layers when the
     /// checkout was warm: unmounted before those layers' locks go.
     pub workspace: Option<Workspace>,
@@ -116,6 +120,7 @@ impl Held {
             }
         };
         stage("service roots", !std::mem::take(&mut self.services).is_empty());
+        stage("network namespace", self.netns.take().map(drop).is_some());
         stage("workspace", self.workspace.take().map(drop).is_some());
         stage("rootfs", self.rootfs.take().map(drop).is_some());
         stage("image", self.image_layers.take().map(drop).is_some());

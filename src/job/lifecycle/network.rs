@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use super::{End, Phases, blocking};
 use crate::model::{FailureKind, Network};
+use crate::runtime::network::NetNs;
 
 /// Under the run directory: the `/etc/resolv.conf` of a private job.
 const RESOLV_CONF: &str = "resolv.conf";
@@ -45,10 +46,12 @@ impl Phases<'_> {
         Ok(mounts)
     }
 
-    /// Attaches the started container's network namespace to the agent's
-    /// bridge with the job slot's address.
+    /// Opens the started container's network namespace (held until the
+    /// container is gone: see `NetNs`) and, for a private network,
+    /// attaches it to the agent's bridge with the job slot's address.
     pub(super) async fn join_network(&self, held: &mut super::Held) -> Result<(), End> {
-        if self.network() != Network::Private {
+        let network = self.network();
+        if network == Network::Host {
             return Ok(());
         }
         let failed = |e: String| {
@@ -62,8 +65,13 @@ impl Phases<'_> {
             .as_ref()
             .and_then(|c| c.init_pid())
             .ok_or_else(|| failed("the container's init has no pid".into()))?;
+        let ns = NetNs::of(pid).map_err(|e| failed(format!("cannot open its network namespace: {e}")))?;
+        held.netns = Some(ns.clone());
+        if network != Network::Private {
+            return Ok(());
+        }
         let (bridge, slot) = (self.registry.bridge.clone(), self.slot);
-        // Nothing to hold: the veth pair goes with the namespace.
-        blocking(move || bridge.attach(slot, pid)).await.map_err(failed)
+        // Nothing more to hold: the veth pair goes with the namespace.
+        blocking(move || bridge.attach(slot, &ns)).await.map_err(failed)
     }
 }

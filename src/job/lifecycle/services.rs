@@ -24,6 +24,7 @@ use crate::logs::output::{CHUNK_CAP, Chunker, pump};
 use crate::model::{EventKind, FailureKind, ServiceSpec, Stream as Out};
 use crate::runtime::JobContainer;
 use crate::runtime::image::LayerHold;
+use crate::runtime::network::NetNs;
 use crate::runtime::rootfs::Rootfs;
 use crate::runtime::spec::{self as oci, ContainerConfig, DEFAULT_PATH};
 
@@ -65,13 +66,17 @@ impl Phases<'_> {
             .as_ref()
             .and_then(|c| c.init_pid())
             .ok_or_else(|| End::failed(FailureKind::Agent, "the job's container has no init pid"))?;
+        let ns = held
+            .netns
+            .clone()
+            .ok_or_else(|| End::failed(FailureKind::Agent, "the job's network namespace is not open"))?;
         for (i, svc) in services.iter().enumerate() {
             held.services.push(Service::default());
             let at = held.services.len() - 1;
             self.start_service(i, svc, pid, held, at).await?;
         }
         for (i, svc) in services.iter().enumerate() {
-            self.wait_ready(svc, pid, &held.services[i]).await?;
+            self.wait_ready(svc, &ns, &held.services[i]).await?;
             self.job
                 .system_line(0, &format!("runnel: service {} is ready", svc.name));
         }
@@ -211,7 +216,7 @@ impl Phases<'_> {
 
     /// Waits until `svc` accepts TCP connections on each of its ports in
     /// the job's network namespace, for its readiness timeout at most.
-    async fn wait_ready(&self, svc: &ServiceSpec, job_pid: i32, service: &Service) -> Result<(), End> {
+    async fn wait_ready(&self, svc: &ServiceSpec, ns: &NetNs, service: &Service) -> Result<(), End> {
         if svc.ports.is_empty() {
             return Ok(());
         }
@@ -221,9 +226,9 @@ impl Phases<'_> {
         let give_up = Arc::new(AtomicBool::new(false));
         let deadline = std::time::Instant::now() + timeout;
         let ports = svc.ports.clone();
-        let stop = give_up.clone();
+        let (stop, ns) = (give_up.clone(), ns.clone());
         let mut probe = tokio::task::spawn_blocking(move || {
-            crate::runtime::network::wait_accepting(job_pid, &ports, deadline, &stop)
+            crate::runtime::network::wait_accepting(&ns, &ports, deadline, &stop)
         });
         let exited = async {
             loop {
