@@ -637,12 +637,9 @@ fn in_netns<T: Send, E: From<io::Error> + Send>(
 }
 
 /// A job's network namespace, open from its setup until the job's
-/// container is gone. Opening `/proc/PID/ns/net` and closing it again
-/// just before the runtime execs a step makes that exec fail now and then
-/// (kernel 6.18: libcontainer's tenant cannot stat the namespace while its
-/// nsfs dentry, which the close let go of, is being torn down; one job in
-/// 20 to 70 failed with exit status 255): so it is opened once, and closed
-/// when nothing execs into the container any more.
+/// container is gone: one handle for the veth's far end, the address
+/// setup and services' readiness, which names the namespace itself (not a
+/// pid that could be reused).
 #[derive(Debug, Clone)]
 pub struct NetNs(std::sync::Arc<std::fs::File>);
 
