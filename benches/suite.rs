@@ -1038,36 +1038,17 @@ async fn bench_rootfs(r: &mut Report, runs: usize, dir: &Path) {
 async fn bench_sandbox(r: &mut Report, n: usize, dir: &Path) {
     println!("== job start with and without the sandbox ({n} jobs each)");
     let image = format!("oci:{}:1", busybox_image(dir).layout.display());
-    let configs = [
-        "[runtime]\nnetwork = \"host\"",
-        "[runtime]\nnetwork = \"host\"\nuserns = false",
-        "[runtime]\nnetwork = \"host\"\nuserns = false\ndisk_bytes = 0",
-    ];
-    let agents: Vec<Agent> = configs.iter().map(|c| Agent::start(c)).collect();
-    let mut clients = Vec::new();
-    for a in &agents {
-        let mut c = a.scheduler().await;
-        run_timed(
-            &mut c,
-            with_image(job("sandbox-warmup", &["true"]), &image),
-            Instant::now(),
-        )
-        .await;
-        clients.push(c);
-    }
-    // Submit → end, and PREPARING → RUNNING (disk, rootfs, container start).
-    let mut total: [Vec<f64>; 3] = Default::default();
-    let mut prepare: [Vec<f64>; 3] = Default::default();
-    for i in 0..n {
-        for (k, c) in clients.iter_mut().enumerate() {
-            let t0 = Instant::now();
-            let events = run_timed(c, with_image(job(&format!("sandbox-{i}"), &["true"]), &image), t0).await;
-            total[k].push(since_ms(t0));
-            prepare[k].push(preparing_ms(&events));
-        }
-    }
-    let [full, no_userns, none] = total.map(Samples);
-    let [p_full, p_no_userns, p_none] = prepare.map(Samples);
+    let ([full, no_userns, none], [p_full, p_no_userns, p_none]) = starts_side_by_side(
+        [
+            "[runtime]\nnetwork = \"host\"",
+            "[runtime]\nnetwork = \"host\"\nuserns = false",
+            "[runtime]\nnetwork = \"host\"\nuserns = false\ndisk_bytes = 0",
+        ],
+        &image,
+        "sandbox",
+        n,
+    )
+    .await;
     let extra = full.p50() - none.p50();
     r.row(
         "sandbox: job start, busybox, full sandbox (default) vs `userns = false` + `disk_bytes = 0` (submit → end)",
@@ -1095,6 +1076,112 @@ async fn bench_sandbox(r: &mut Report, n: usize, dir: &Path) {
          compile (mean of {runs}, in this process)",
         ms(since_ms(t) / runs as f64),
     ));
+}
+
+/// Job start with a private network (veth, rules, resolv.conf) against
+/// `none` (a namespace with loopback only), two agents taking turns.
+async fn bench_network(r: &mut Report, n: usize, dir: &Path) {
+    println!("== job start with a private network and with none ({n} jobs each)");
+    let image = format!("oci:{}:1", busybox_image(dir).layout.display());
+    let ([private, none], [p_private, p_none]) = starts_side_by_side(
+        [
+            "[runtime]\nnetwork = \"private\"",
+            "[runtime]\nnetwork = \"none\"",
+        ],
+        &image,
+        "net",
+        n,
+    )
+    .await;
+    r.row(
+        "job start, busybox, private network (submit → end)",
+        private.show(),
+        format!("`network = \"none\"`: {}", none.show()),
+        format!("+{} p50", ms(private.p50() - none.p50())),
+        "< 10 ms p50 more",
+    );
+    r.note(format!(
+        "PREPARING → RUNNING (with the veth, its rules and resolv.conf): p50 {} private, {} none",
+        ms(p_private.p50()),
+        ms(p_none.p50()),
+    ));
+}
+
+/// A 1 GB download from the test internet's HTTP server (by name,
+/// through NAT) in a private job, against the same in a job on the host's
+/// network, three of each taking turns; curl's own rate.
+async fn bench_download(r: &mut Report) {
+    const BYTES: u64 = 1 << 30;
+    println!("== download of 1 GiB, private network and host network");
+    let net = support::internet::Internet::new(&[]);
+    net.sparse_file("big", BYTES);
+    let agent = Agent::start(&format!("[network]\ndns = [\"{}\"]", net.dns));
+    let mut c = agent.scheduler().await;
+    let fetch = format!(
+        "curl -sS -o /dev/null -w '%{{speed_download}}\\n' --resolve {}:80:{} {}",
+        support::internet::NAME,
+        net.http,
+        net.url("big")
+    );
+    let mut rates: [Vec<f64>; 2] = Default::default();
+    for i in 0..3 {
+        for (k, host) in [false, true].into_iter().enumerate() {
+            let mut spec = job(&format!("download-{i}-{k}"), &[fetch.as_str()]);
+            if host {
+                spec = support::host_network(spec);
+            }
+            let events = run_timed(&mut c, spec, Instant::now()).await;
+            let out: String = events
+                .iter()
+                .filter_map(|(_, e)| match &e.event {
+                    Some(pb::job_event::Event::Log(l)) if l.stream == pb::Stream::Stdout as i32 => {
+                        Some(String::from_utf8_lossy(&l.data).into_owned())
+                    }
+                    _ => None,
+                })
+                .collect();
+            let rate: f64 = out.trim().parse().unwrap_or_else(|_| panic!("curl said {out:?}"));
+            rates[k].push(rate / 1e6);
+        }
+    }
+    let [private, host] = rates.map(Samples);
+    r.row(
+        "download of 1 GiB over HTTP, private network (NAT), MB/s",
+        format!("p50 {:.0} MB/s", private.p50()),
+        format!("host network: p50 {:.0} MB/s", host.p50()),
+        format!("{:.0} %", 100.0 * private.p50() / host.p50()),
+        "≥ 80 % of host",
+    );
+}
+
+/// `n` jobs of `true` in `image` on each of N agents (configs `extra`),
+/// taking turns so that the machine's load falls on both alike: submit →
+/// end, and PREPARING → RUNNING (rootfs, container start), per agent.
+async fn starts_side_by_side<const N: usize>(
+    extra: [&str; N],
+    image: &str,
+    prefix: &str,
+    n: usize,
+) -> ([Samples; N], [Samples; N]) {
+    let agents = extra.map(Agent::start);
+    let mut clients = Vec::new();
+    for a in &agents {
+        let mut c = a.scheduler().await;
+        let warmup = with_image(job(&format!("{prefix}-warmup"), &["true"]), image);
+        run_timed(&mut c, warmup, Instant::now()).await;
+        clients.push(c);
+    }
+    let mut total: [Vec<f64>; N] = std::array::from_fn(|_| Vec::new());
+    let mut prepare: [Vec<f64>; N] = std::array::from_fn(|_| Vec::new());
+    for i in 0..n {
+        for (k, c) in clients.iter_mut().enumerate() {
+            let t0 = Instant::now();
+            let events = run_timed(c, with_image(job(&format!("{prefix}-{i}"), &["true"]), image), t0).await;
+            total[k].push(since_ms(t0));
+            prepare[k].push(preparing_ms(&events));
+        }
+    }
+    (total.map(Samples), prepare.map(Samples))
 }
 
 fn machine_summary() -> String {
@@ -1221,6 +1308,10 @@ fn main() {
         }
         if wanted("sandbox") {
             bench_sandbox(&mut r, n, dir.path()).await;
+        }
+        if wanted("network") {
+            bench_network(&mut r, n, dir.path()).await;
+            bench_download(&mut r).await;
         }
     });
     let date = sh(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::model::{Network, Secret};
+use crate::runtime::network::{Cidr, NetworkSettings};
 use crate::runtime::spec::USERNS_SIZE;
 use crate::runtime::{RuntimeKind, RuntimeSettings};
 
@@ -54,6 +55,7 @@ struct RawConfig {
     drain_timeout: Option<String>,
     insecure_listen: Option<bool>,
     metrics_listen: Option<String>,
+    metrics_token_file: Option<PathBuf>,
     log_format: Option<String>,
     #[serde(default)]
     auth: RawAuth,
@@ -66,6 +68,8 @@ struct RawConfig {
     checkout: RawCheckout,
     #[serde(default)]
     logs: RawLogs,
+    #[serde(default)]
+    network: RawNetwork,
     #[serde(default)]
     labels: BTreeMap<String, String>,
 }
@@ -110,6 +114,18 @@ struct RawCheckout {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawNetwork {
+    subnet: Option<String>,
+    #[serde(default)]
+    dns: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawRuntime {
     kind: Option<String>,
     path: Option<PathBuf>,
@@ -127,6 +143,7 @@ struct RawRuntime {
     userns: Option<bool>,
     userns_base: Option<u32>,
     allow_host_image: Option<bool>,
+    allow_host_network: Option<bool>,
 }
 
 /// Defaults for every job's container, each overridable per job.
@@ -159,6 +176,27 @@ pub struct RuntimeConfig {
     /// `/opt`, ... with secrets hidden); when not, such a job is refused at
     /// submit.
     pub allow_host_image: bool,
+    /// Whether jobs may share the host's network (`host`); when not, such
+    /// a job is refused at submit.
+    pub allow_host_network: bool,
+}
+
+/// Where the gRPC API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    /// A Unix socket (`unix:/run/runnel/agent.sock`): mode 0660, group
+    /// `runnel` when that group exists.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 /// The agent's own log on stderr.
@@ -211,7 +249,7 @@ pub struct AuthConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub agent_id: String,
-    pub listen: SocketAddr,
+    pub listen: Listen,
     pub state_dir: PathBuf,
     pub max_jobs: u32,
     /// How long a stopping agent lets running jobs finish.
@@ -221,10 +259,16 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Where the Prometheus text endpoint (`/metrics`) listens, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// When set, `/metrics` answers only requests bearing one of these
+    /// tokens (`Authorization: Bearer ...`).
+    pub metrics_tokens: Vec<Secret>,
     pub log_format: LogFormat,
     pub retention: RetentionConfig,
     pub auth: AuthConfig,
     pub runtime: RuntimeConfig,
+    /// Private job networks: the subnet, resolvers, denied and allowed
+    /// ranges.
+    pub network: NetworkSettings,
     /// Keep a mirror per repository to check out from (warm checkouts).
     pub checkout_cache: bool,
     /// A job's log keeps at most this many bytes of output (its first and
@@ -271,7 +315,21 @@ impl Config {
     }
 
     fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
-        let listen = parse_addr(raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN), "listen")?;
+        let listen = match raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN) {
+            l if l.starts_with("unix:") => {
+                let path = PathBuf::from(&l["unix:".len()..]);
+                if !path.is_absolute() {
+                    return Err(invalid(
+                        "listen",
+                        format!(
+                            "{l:?}: a Unix socket needs an absolute path, e.g. \"unix:/run/runnel/agent.sock\""
+                        ),
+                    ));
+                }
+                Listen::Unix(path)
+            }
+            l => Listen::Tcp(parse_addr(l, "listen")?),
+        };
         let metrics_listen = match raw.metrics_listen.as_deref() {
             None | Some("") => None,
             Some(m) => Some(parse_addr(m, "metrics_listen")?),
@@ -310,13 +368,36 @@ impl Config {
             None => None,
             Some(t) => Some(read_tls(t, &mut private_paths)?),
         };
-        if tls.is_none() && !listen.ip().is_loopback() && raw.insecure_listen != Some(true) {
+        if let Listen::Tcp(listen) = listen
+            && tls.is_none()
+            && !listen.ip().is_loopback()
+            && raw.insecure_listen != Some(true)
+        {
             return Err(invalid(
                 "listen",
                 format!(
                     "{listen} is not a loopback address and [tls] is not configured: job keys and \
                      secrets would cross the network in clear text. Configure [tls] cert and key, \
                      or set insecure_listen = true if this network is private and trusted"
+                ),
+            ));
+        }
+        let mut metrics_tokens = Vec::new();
+        if let Some(p) = &raw.metrics_token_file {
+            metrics_tokens = read_tokens(p, "metrics_token_file")?;
+            private_paths.push(p.clone());
+        }
+        if let Some(m) = metrics_listen
+            && !m.ip().is_loopback()
+            && metrics_tokens.is_empty()
+            && raw.insecure_listen != Some(true)
+        {
+            return Err(invalid(
+                "metrics_listen",
+                format!(
+                    "{m} is not a loopback address: anyone who reaches it (a job on the host's \
+                     network too) would read the agent's metrics. Set metrics_token_file, or \
+                     insecure_listen = true if this network is private and trusted"
                 ),
             ));
         }
@@ -343,16 +424,26 @@ impl Config {
                 ));
             }
         };
-        let network = match r.network.as_deref().unwrap_or("host") {
+        let network = match r.network.as_deref().unwrap_or("private") {
+            "private" => Network::Private,
             "host" => Network::Host,
             "none" => Network::None,
             other => {
                 return Err(invalid(
                     "runtime.network",
-                    format!("{other:?} is not \"host\" or \"none\""),
+                    format!("{other:?} is not \"private\", \"host\" or \"none\""),
                 ));
             }
         };
+        let allow_host_network = r.allow_host_network.unwrap_or(false);
+        if network == Network::Host && !allow_host_network {
+            return Err(invalid(
+                "runtime.network",
+                "is \"host\", which runtime.allow_host_network = false does not allow: set \
+                 allow_host_network = true to let jobs share the host's network, or use \"private\"",
+            ));
+        }
+        let network_settings = read_network(raw.network, max_jobs)?;
         if r.memory_bytes
             .is_some_and(|m| m < crate::model::spec::MIN_MEMORY_BYTES)
         {
@@ -389,6 +480,7 @@ impl Config {
             drain_timeout,
             tls,
             metrics_listen,
+            metrics_tokens,
             log_format,
             retention,
             auth,
@@ -406,7 +498,9 @@ impl Config {
                 insecure_registries: r.insecure_registries,
                 userns_base,
                 allow_host_image: r.allow_host_image.unwrap_or(true),
+                allow_host_network,
             },
+            network: network_settings,
             checkout_cache: raw.checkout.cache.unwrap_or(true),
             progress_interval: positive_duration(
                 raw.logs.progress_interval.as_deref(),
@@ -541,6 +635,51 @@ fn read_tls(raw: RawTls, private_paths: &mut Vec<PathBuf>) -> Result<TlsConfig, 
     Ok(TlsConfig { cert, key, client_ca })
 }
 
+fn read_network(n: RawNetwork, max_jobs: u32) -> Result<NetworkSettings, ConfigError> {
+    let cidrs = |list: &[String], key: &'static str| -> Result<Vec<Cidr>, ConfigError> {
+        list.iter()
+            .map(|c| c.parse().map_err(|e: String| invalid(key, e)))
+            .collect()
+    };
+    let subnet: Option<Cidr> = match n.subnet.as_deref() {
+        None => None,
+        Some(s) => Some(s.parse().map_err(|e: String| invalid("network.subnet", e))?),
+    };
+    if let Some(subnet) = subnet
+        && subnet.job_addresses() < u64::from(max_jobs)
+    {
+        return Err(invalid(
+            "network.subnet",
+            format!(
+                "{subnet} holds {} job addresses; max_jobs = {max_jobs} needs one each (and the bridge one): \
+                 use a larger range",
+                subnet.job_addresses()
+            ),
+        ));
+    }
+    let dns = n
+        .dns
+        .iter()
+        .map(|d| {
+            d.parse::<std::net::Ipv4Addr>()
+                .ok()
+                .filter(|a| !a.is_loopback())
+                .ok_or_else(|| {
+                    invalid(
+                        "network.dns",
+                        format!("{d:?} is not an IPv4 address a job can reach (not loopback)"),
+                    )
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(NetworkSettings {
+        subnet,
+        dns,
+        deny: cidrs(&n.deny, "network.deny")?,
+        allow: cidrs(&n.allow, "network.allow")?,
+    })
+}
+
 fn read_retention(r: RawRetention) -> Result<RetentionConfig, ConfigError> {
     let max_age = parse_duration(r.max_age.as_deref(), "retention.max_age", "7d")?;
     let interval = positive_duration(r.interval.as_deref(), "retention.interval", "1m")?;
@@ -607,6 +746,47 @@ mod tests {
         assert_eq!(c.retention.max_jobs, 1000);
         assert_eq!(c.retention.max_bytes, 10 << 30);
         assert_eq!(c.runtime.disk_bytes, Some(10 << 30));
+    }
+
+    #[test]
+    fn jobs_get_a_private_network_unless_configured_and_host_must_be_allowed() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.runtime.network, Network::Private);
+        assert!(!c.runtime.allow_host_network);
+        assert_eq!(c.network.subnet, None);
+        let e = Config::from_toml("[runtime]\nnetwork = \"host\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("runtime.allow_host_network") || e.contains("allow_host_network = true"),
+            "{e}"
+        );
+        let c = Config::from_toml("[runtime]\nnetwork = \"host\"\nallow_host_network = true").unwrap();
+        assert_eq!(c.runtime.network, Network::Host);
+        let c = Config::from_toml(
+            "[network]\nsubnet = \"10.9.0.0/24\"\ndns = [\"198.18.0.53\"]\ndeny = [\"10.0.0.0/8\"]\nallow = [\"10.1.2.3\"]",
+        )
+        .unwrap();
+        assert_eq!(c.network.dns, vec![std::net::Ipv4Addr::new(198, 18, 0, 53)]);
+        assert_eq!(c.network.deny[0].to_string(), "10.0.0.0/8");
+        assert_eq!(c.network.allow[0].to_string(), "10.1.2.3/32");
+        for (text, key, says) in [
+            ("[network]\ndns = [\"127.0.0.53\"]", "network.dns", "loopback"),
+            (
+                "[network]\nsubnet = \"10.9.0.1/24\"",
+                "network.subnet",
+                "10.9.0.0/24",
+            ),
+            (
+                "max_jobs = 8\n[network]\nsubnet = \"10.9.0.0/29\"",
+                "network.subnet",
+                "max_jobs = 8",
+            ),
+            ("[network]\ndeny = [\"nope\"]", "network.deny", "IPv4 range"),
+        ] {
+            let e = Config::from_toml(text).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{text}: {e}");
+        }
     }
 
     #[test]
@@ -690,6 +870,35 @@ mod tests {
         assert_eq!(c.listen.to_string(), "0.0.0.0:7450");
         Config::from_toml("listen = \"[::1]:7450\"").unwrap();
         Config::from_toml("listen = \"127.0.0.2:7450\"").unwrap();
+        let c = Config::from_toml("listen = \"unix:/run/runnel/agent.sock\"").unwrap();
+        assert_eq!(c.listen, Listen::Unix(PathBuf::from("/run/runnel/agent.sock")));
+        assert_eq!(c.listen.to_string(), "unix:/run/runnel/agent.sock");
+        let err = Config::from_toml("listen = \"unix:agent.sock\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("absolute path"), "{err}");
+    }
+
+    #[test]
+    fn metrics_off_loopback_need_a_token_or_insecure_listen() {
+        let e = Config::from_toml("metrics_listen = \"0.0.0.0:9750\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("metrics_listen") && e.contains("metrics_token_file"),
+            "{e}"
+        );
+        Config::from_toml("metrics_listen = \"0.0.0.0:9750\"\ninsecure_listen = true").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m");
+        std::fs::write(&p, "mtoken\n").unwrap();
+        let c = Config::from_toml(&format!(
+            "metrics_listen = \"0.0.0.0:9750\"\nmetrics_token_file = {:?}",
+            p.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(c.metrics_tokens[0].expose(), b"mtoken");
+        assert!(c.private_paths.contains(&p));
     }
 
     #[test]

@@ -7,8 +7,8 @@ use super::pb;
 use crate::job::AgentInfo;
 use crate::model::Secret;
 use crate::model::spec::{
-    CheckoutSpec, ContainerSpec, ExtraKey, JobSpec, Network, Resources, SecretVar, SpecError, SshCredentials,
-    Step, When,
+    CheckoutSpec, ContainerSpec, ExtraKey, JobSpec, Network, Resources, SecretVar, ServiceSpec, SpecError,
+    SshCredentials, Step, When,
 };
 use crate::model::state::{FailureKind, JobState, JobStatus, StepResult};
 use crate::model::{CheckoutDone, SubmoduleDone};
@@ -52,6 +52,7 @@ impl TryFrom<pb::JobSpec> for JobSpec {
             Ok(pb::Network::Unspecified) => Network::Default,
             Ok(pb::Network::Host) => Network::Host,
             Ok(pb::Network::None) => Network::None,
+            Ok(pb::Network::Private) => Network::Private,
             Err(_) => {
                 return Err(err(
                     "container.network",
@@ -88,6 +89,25 @@ impl TryFrom<pb::JobSpec> for JobSpec {
                 shell: s.shell.split_whitespace().map(str::to_string).collect(),
             });
         }
+        let mut services = Vec::with_capacity(container.services.len());
+        for (i, s) in container.services.into_iter().enumerate() {
+            let field = format!("container.services[{i}]");
+            let ports = s
+                .ports
+                .iter()
+                .map(|p| {
+                    u16::try_from(*p).map_err(|_| err(format!("{field}.ports"), format!("{p} is not a port")))
+                })
+                .collect::<Result<_, _>>()?;
+            services.push(ServiceSpec {
+                name: s.name,
+                image: s.image,
+                env: s.env.into_iter().collect(),
+                command: s.command,
+                ports,
+                readiness_timeout: duration_in(&format!("{field}.readiness_timeout"), s.readiness_timeout)?,
+            });
+        }
         let mut spec = JobSpec {
             job_id: p.job_id,
             checkout: p.checkout.map(|c| CheckoutSpec {
@@ -121,6 +141,7 @@ impl TryFrom<pb::JobSpec> for JobSpec {
                     disk_bytes: nonzero(resources.disk_bytes),
                 },
                 network,
+                services,
             },
             steps,
             env: p.env.into_iter().collect(),
@@ -183,7 +204,21 @@ impl From<&JobSpec> for pb::JobSpec {
                     Network::Default => pb::Network::Unspecified,
                     Network::Host => pb::Network::Host,
                     Network::None => pb::Network::None,
+                    Network::Private => pb::Network::Private,
                 } as i32,
+                services: s
+                    .container
+                    .services
+                    .iter()
+                    .map(|v| pb::Service {
+                        name: v.name.clone(),
+                        image: v.image.clone(),
+                        env: v.env.clone().into_iter().collect(),
+                        command: v.command.clone(),
+                        ports: v.ports.iter().map(|p| u32::from(*p)).collect(),
+                        readiness_timeout: v.readiness_timeout.map(duration_out),
+                    })
+                    .collect(),
             }),
             steps: s
                 .steps
@@ -242,6 +277,7 @@ fn failure_out(f: FailureKind) -> pb::FailureKind {
         FailureKind::Timeout => pb::FailureKind::Timeout,
         FailureKind::Cancelled => pb::FailureKind::Cancelled,
         FailureKind::Agent => pb::FailureKind::Agent,
+        FailureKind::Service => pb::FailureKind::Service,
         FailureKind::NoOutput => pb::FailureKind::NoOutput,
     }
 }

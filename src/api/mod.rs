@@ -36,7 +36,9 @@ impl From<SubmitError> for Status {
             SubmitError::Busy(_) => Status::resource_exhausted(e.to_string()),
             SubmitError::Draining => Status::unavailable(e.to_string()),
             SubmitError::Internal(_) => Status::internal(e.to_string()),
-            SubmitError::HostImageNotAllowed(_) => Status::invalid_argument(format!("job.{e}")),
+            SubmitError::HostImageNotAllowed(_)
+            | SubmitError::HostNetworkNotAllowed
+            | SubmitError::ServicesOnHostNetwork => Status::invalid_argument(format!("job.{e}")),
         }
     }
 }

@@ -87,6 +87,9 @@ fn client_tls(remote: &Remote, https: bool) -> Result<Option<ClientTlsConfig>, F
 }
 
 async fn channel(remote: &Remote) -> Result<Channel, Failure> {
+    if let Some(path) = remote.addr.strip_prefix("unix:") {
+        return unix_channel(std::path::PathBuf::from(path)).await;
+    }
     let addr = if remote.addr.contains("://") {
         remote.addr.clone()
     } else if remote.tls_ca.is_some() || remote.tls_cert.is_some() {
@@ -102,16 +105,34 @@ async fn channel(remote: &Remote) -> Result<Channel, Failure> {
             .tls_config(tls)
             .map_err(|e| Failure::input(format!("cannot set up TLS for {addr}: {e}")))?;
     }
-    endpoint.connect().await.map_err(|e| {
-        // The transport error alone says "transport error"; its causes say why.
-        let mut why = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            why = format!("{why}: {s}");
-            source = s.source();
-        }
-        Failure::remote(format!("cannot reach the agent at {addr}: {why}"))
-    })
+    endpoint.connect().await.map_err(|e| unreachable(&addr, &e))
+}
+
+/// The transport error alone says "transport error"; its causes say why.
+fn unreachable(addr: &str, e: &tonic::transport::Error) -> Failure {
+    let mut why = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        why = format!("{why}: {s}");
+        source = s.source();
+    }
+    Failure::remote(format!("cannot reach the agent at {addr}: {why}"))
+}
+
+/// A channel to an agent listening on the Unix socket `path` (plain
+/// HTTP/2: the socket's mode and group decide who may connect).
+async fn unix_channel(path: std::path::PathBuf) -> Result<Channel, Failure> {
+    let shown = path.display().to_string();
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|e| unreachable(&format!("unix:{shown}"), &e))
 }
 
 async fn connect(remote: &Remote) -> Result<Client, Failure> {

@@ -22,7 +22,8 @@ pub struct Cli {
 /// Where a running agent is and how to prove who we are.
 #[derive(Debug, clap::Args)]
 pub struct Remote {
-    /// The agent's address.
+    /// The agent's address: http(s)://HOST:PORT, or unix:/PATH for an
+    /// agent listening on a Unix socket.
     #[arg(
         long,
         env = "RUNNEL_ADDR",

@@ -40,7 +40,12 @@ pub async fn agent(config: Config, notify: Notifier) -> Result<(), Failure> {
             .await
             .map_err(|e| Failure::internal(format!("cannot listen on {addr} (config key `{key}`): {e}")))
     };
-    let api = bind("listen", config.listen).await?;
+    let api = daemon::ApiListener::bind(&config.listen).await.map_err(|e| {
+        Failure::internal(format!(
+            "cannot listen on {} (config key `listen`): {e}",
+            config.listen
+        ))
+    })?;
     let metrics = match config.metrics_listen {
         Some(addr) => Some(bind("metrics_listen", addr).await?),
         None => None,
@@ -80,7 +85,9 @@ pub async fn local(job: &Path, config: Option<PathBuf>, state_dir: Option<PathBu
     let registry = Registry::open(config).await.map_err(Failure::internal)?;
     let id = spec.job_id.clone();
     registry.submit(spec).map_err(|e| match e {
-        SubmitError::HostImageNotAllowed(_) => Failure::input(e),
+        SubmitError::HostImageNotAllowed(_)
+        | SubmitError::HostNetworkNotAllowed
+        | SubmitError::ServicesOnHostNetwork => Failure::input(e),
         e => Failure::internal(e),
     })?;
     let job = registry.get(&id).expect("a submitted job is registered");

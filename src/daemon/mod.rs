@@ -4,7 +4,6 @@
 //! ready, and on shutdown drains: new jobs are refused, running jobs get the
 //! drain timeout, the rest are cancelled. It owns every task it starts.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,11 +24,59 @@ fn server_tls(tls: &TlsConfig) -> ServerTlsConfig {
     config
 }
 
+/// The gRPC API's listener.
+#[derive(Debug)]
+pub enum ApiListener {
+    Tcp(tokio::net::TcpListener),
+    /// A Unix socket, removed when the agent stops.
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+impl ApiListener {
+    /// Binds `listen`. A Unix socket's directory is made if missing; a
+    /// socket left at its path (an agent that died) is replaced; it gets
+    /// mode 0660 and group `runnel` when that group exists.
+    pub async fn bind(listen: &crate::config::Listen) -> std::io::Result<ApiListener> {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        match listen {
+            crate::config::Listen::Tcp(a) => Ok(ApiListener::Tcp(tokio::net::TcpListener::bind(a).await?)),
+            crate::config::Listen::Unix(path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                match std::fs::symlink_metadata(path) {
+                    Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+                    Ok(_) => {
+                        return Err(std::io::Error::other(format!(
+                            "{} exists and is not a socket; remove it or choose another path",
+                            path.display()
+                        )));
+                    }
+                    Err(_) => {}
+                }
+                let l = tokio::net::UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+                if let Ok(Some(g)) = nix::unistd::Group::from_name(crate::config::SUBORDINATE_USER) {
+                    nix::unistd::chown(path, None, Some(g.gid)).map_err(std::io::Error::from)?;
+                }
+                Ok(ApiListener::Unix(l, path.clone()))
+            }
+        }
+    }
+
+    fn addr(&self) -> std::io::Result<String> {
+        match self {
+            ApiListener::Tcp(l) => Ok(l.local_addr()?.to_string()),
+            ApiListener::Unix(_, p) => Ok(format!("unix:{}", p.display())),
+        }
+    }
+}
+
 /// Where the agent listens: bound before [`serve`], so that an address in
 /// use is reported before anything else happens.
 #[derive(Debug)]
 pub struct Listeners {
-    pub api: tokio::net::TcpListener,
+    pub api: ApiListener,
     pub metrics: Option<tokio::net::TcpListener>,
 }
 
@@ -47,7 +94,7 @@ pub async fn serve(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let config = registry.config();
     let listener = listeners.api;
-    let addr: SocketAddr = listener.local_addr()?;
+    let addr = listener.addr()?;
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
         builder = builder.tls_config(server_tls(tls)).map_err(|e| {
@@ -64,14 +111,26 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let server_stop = CancellationToken::new();
-    let server = builder
+    let router = builder
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(AgentServer::new(AgentService::new(registry.clone())))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            server_stop.clone().cancelled_owned(),
-        );
+        .add_service(AgentServer::new(AgentService::new(registry.clone())));
+    let stopped = server_stop.clone().cancelled_owned();
+    let mut socket = None;
+    let server: futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>> = match listener {
+        ApiListener::Tcp(l) => Box::pin(
+            router.serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(l), stopped),
+        ),
+        ApiListener::Unix(l, path) => {
+            socket = Some(path);
+            Box::pin(
+                router.serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(l),
+                    stopped,
+                ),
+            )
+        }
+    };
     let mut server = tokio::spawn(server);
 
     // The endpoint and the sweep stop after the drain, so both see it.
@@ -82,8 +141,9 @@ pub async fn serve(
             let metrics_addr = l.local_addr()?;
             let r = registry.clone();
             let stop = helpers_stop.clone();
+            let tokens = Arc::new(config.metrics_tokens.clone());
             helpers.spawn(async move {
-                if let Err(e) = serve_metrics(l, move || r.render_metrics(), stop).await {
+                if let Err(e) = serve_metrics(l, move || r.render_metrics(), tokens, stop).await {
                     tracing::error!(error = %e, "the metrics endpoint failed");
                 }
             });
@@ -142,28 +202,49 @@ pub async fn serve(
     helpers_stop.cancel();
     while helpers.join_next().await.is_some() {}
     server.await??;
+    if let Some(path) = socket {
+        let _ = std::fs::remove_file(path);
+    }
     Ok(())
 }
 
 /// Serves `GET /metrics` on `listener` until `stop` fires, with what
-/// `render` returns.
+/// `render` returns; with `tokens`, only to a request bearing one of them
+/// (401 otherwise).
 async fn serve_metrics(
     listener: tokio::net::TcpListener,
     render: impl Fn() -> String + Clone + Send + Sync + 'static,
+    tokens: Arc<Vec<crate::model::Secret>>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
     let app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || {
-            let render = render.clone();
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let (render, tokens) = (render.clone(), tokens.clone());
             async move {
+                let bearer = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                    .unwrap_or_default();
+                let allowed = tokens.is_empty()
+                    || tokens
+                        .iter()
+                        .any(|t| bool::from(subtle::ConstantTimeEq::ct_eq(t.expose(), bearer)));
+                if !allowed {
+                    return (
+                        StatusCode::UNAUTHORIZED,
+                        [(header::WWW_AUTHENTICATE, "Bearer")],
+                        "a bearer token of metrics_token_file is required\n",
+                    )
+                        .into_response();
+                }
                 (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
                     render(),
                 )
+                    .into_response()
             }
         }),
     );

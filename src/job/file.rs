@@ -11,7 +11,8 @@ use serde::Deserialize;
 
 use crate::model::Secret;
 use crate::model::spec::{
-    CheckoutSpec, ContainerSpec, ExtraKey, JobSpec, Network, Resources, SecretVar, SpecError, Step, When,
+    CheckoutSpec, ContainerSpec, ExtraKey, JobSpec, Network, Resources, SecretVar, ServiceSpec, SpecError,
+    Step, When,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +91,24 @@ struct RawContainer {
     #[serde(default)]
     resources: RawResources,
     network: Option<String>,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    image: String,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    command: Vec<String>,
+    #[serde(default)]
+    ports: Vec<u16>,
+    readiness_timeout: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -237,10 +256,11 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
         None | Some("") => Network::Default,
         Some("host") => Network::Host,
         Some("none") => Network::None,
+        Some("private") => Network::Private,
         Some(other) => {
             return Err(SpecError {
                 field: "container.network".into(),
-                reason: format!("{other:?} is not \"host\" or \"none\""),
+                reason: format!("{other:?} is not \"private\", \"host\" or \"none\""),
             });
         }
     };
@@ -254,6 +274,20 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
         extra_keys.push(ExtraKey {
             private,
             host: k.host.filter(|h| !h.is_empty()),
+        });
+    }
+    let mut services = Vec::new();
+    for (i, s) in raw.container.services.into_iter().enumerate() {
+        services.push(ServiceSpec {
+            name: s.name,
+            image: s.image,
+            env: s.env,
+            command: s.command,
+            ports: s.ports,
+            readiness_timeout: duration(
+                &format!("container.services[{i}].readiness_timeout"),
+                s.readiness_timeout,
+            )?,
         });
     }
     let mut steps = Vec::new();
@@ -313,6 +347,7 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
                 disk_bytes: raw.container.resources.disk_bytes.filter(|&d| d > 0),
             },
             network,
+            services,
         },
         steps,
         env: raw.env,

@@ -47,6 +47,20 @@ pub enum SubmitError {
          in its config){0}; name an image in container.image"
     )]
     HostImageNotAllowed(&'static str),
+    /// The job asks for the host's network, which this agent's config does
+    /// not allow.
+    #[error(
+        "container.network: this agent does not let jobs share the host's network \
+         (runtime.allow_host_network = false in its config); use the private network (the \
+         default) or none"
+    )]
+    HostNetworkNotAllowed,
+    /// Services need the job's own network namespace.
+    #[error(
+        "container.services: services run in the job's own network namespace, and this job shares the \
+         host's (container.network, or the agent's runtime.network); use the private network or none"
+    )]
+    ServicesOnHostNetwork,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +76,8 @@ pub enum AgentError {
          mkfs.ext4 (Debian's e2fsprogs) and loop devices; runtime.disk_bytes = 0 turns it off"
     )]
     Disk { bytes: u64, source: io::Error },
+    #[error("cannot set up the network for jobs with a private network: {0}")]
+    Network(#[from] crate::runtime::network::NetworkError),
 }
 
 /// A job the agent knows: running, or ended and kept for its logs.
@@ -247,6 +263,8 @@ pub struct Registry {
     /// Whether image layers can be idmapped into a job's user namespace
     /// (else each slot gets its own copy, with shifted owners).
     idmap_layers: bool,
+    /// The bridge private job networks are attached to.
+    bridge: Arc<crate::runtime::network::Bridge>,
     tasks: TaskTracker,
     draining: AtomicBool,
     metrics: Arc<Metrics>,
@@ -294,6 +312,11 @@ impl Registry {
         if let Some(bytes) = config.runtime.disk_bytes {
             crate::sys::loopfs::prepare(bytes).map_err(|source| AgentError::Disk { bytes, source })?;
         }
+        let bridge = Arc::new(crate::runtime::network::Bridge::up(
+            &config.network,
+            &config.state_dir,
+            config.max_jobs,
+        )?);
         let images =
             crate::runtime::image::ImageStore::new(&config.state_dir, &config.runtime.insecure_registries)
                 .map_err(state_err)?;
@@ -316,6 +339,7 @@ impl Registry {
             submitting: Mutex::new(()),
             slots,
             idmap_layers,
+            bridge,
             tasks: TaskTracker::new(),
             draining: AtomicBool::new(false),
             metrics,
@@ -346,6 +370,16 @@ impl Registry {
     /// returns that job's status and runs nothing.
     pub fn submit(self: &Arc<Self>, spec: JobSpec) -> Result<JobStatus, SubmitError> {
         self.check_image(&spec)?;
+        let network = match spec.container.network {
+            crate::model::Network::Default => self.config.runtime.network,
+            n => n,
+        };
+        if spec.container.network == crate::model::Network::Host && !self.config.runtime.allow_host_network {
+            return Err(SubmitError::HostNetworkNotAllowed);
+        }
+        if network == crate::model::Network::Host && !spec.container.services.is_empty() {
+            return Err(SubmitError::ServicesOnHostNetwork);
+        }
         // Submissions take turns, so that one job id is created once; the
         // job map's lock is not held while the job's files are made, so
         // readers (watchers, listings, metrics) never wait on the disk.
@@ -457,6 +491,7 @@ impl Registry {
         // Every container is gone: so goes this agent's (now empty) parent
         // cgroup, rather than one per state directory ever used.
         self.runtime.remove_leftover_cgroups();
+        self.bridge.down();
     }
 
     /// Waits until every job started so far has ended.

@@ -80,7 +80,28 @@ pub struct ContainerSpec {
     pub image: String,
     pub resources: Resources,
     pub network: Network,
+    pub services: Vec<ServiceSpec>,
 }
+
+/// A container beside the steps, in the job's network namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Its host name; validation fills it from the image when empty.
+    pub name: String,
+    /// Empty = the job's image.
+    pub image: String,
+    pub env: BTreeMap<String, String>,
+    /// Empty = the image's Entrypoint and Cmd.
+    pub command: Vec<String>,
+    pub ports: Vec<u16>,
+    /// `None` = [`SERVICE_READINESS_TIMEOUT`].
+    pub readiness_timeout: Option<Duration>,
+}
+
+/// How long a service may take to accept connections unless it says.
+pub const SERVICE_READINESS_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most services a job may have.
+pub const MAX_SERVICES: usize = 8;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Resources {
@@ -98,6 +119,9 @@ pub enum Network {
     Default,
     Host,
     None,
+    /// A network namespace of its own, on the agent's bridge, with egress
+    /// through NAT and nothing of the host's or of other jobs' in reach.
+    Private,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -210,6 +234,59 @@ fn err(field: impl Into<String>, reason: impl Into<String>) -> SpecError {
         field: field.into(),
         reason: reason.into(),
     }
+}
+
+/// Services: at most [`MAX_SERVICES`], each named (from its image when
+/// not) with a distinct host name, ports 1-65535, no NUL anywhere.
+fn validate_services(services: &mut [ServiceSpec]) -> Result<(), SpecError> {
+    if services.len() > MAX_SERVICES {
+        return Err(err(
+            "container.services",
+            format!("has {}; at most {MAX_SERVICES}", services.len()),
+        ));
+    }
+    let mut names = Vec::new();
+    for (i, s) in services.iter_mut().enumerate() {
+        let field = format!("container.services[{i}]");
+        if s.name.is_empty() {
+            let base = s.image.rsplit('/').next().unwrap_or_default();
+            let base = base.split(['@', ':']).next().unwrap_or_default();
+            s.name = if base.is_empty() {
+                format!("service-{i}")
+            } else {
+                base.to_ascii_lowercase()
+            };
+        }
+        let valid = s.name.len() <= 63
+            && !s.name.starts_with('-')
+            && !s.name.ends_with('-')
+            && s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !valid || s.name == "localhost" {
+            return Err(err(
+                format!("{field}.name"),
+                format!(
+                    "{:?} is not a host name: 1 to 63 letters, digits and '-', not \"localhost\"",
+                    s.name
+                ),
+            ));
+        }
+        if names.contains(&s.name) {
+            return Err(err(
+                format!("{field}.name"),
+                format!("{:?} names another service too", s.name),
+            ));
+        }
+        names.push(s.name.clone());
+        if s.image.contains('\0') || s.command.iter().any(|a| a.contains('\0')) {
+            return Err(err(field, "contains a NUL byte"));
+        }
+        if s.ports.contains(&0) {
+            return Err(err(format!("{field}.ports"), "a port is 1 to 65535"));
+        }
+        validate_env(&format!("{field}.env"), &s.env)?;
+        validate_timeout(&format!("{field}.readiness_timeout"), s.readiness_timeout)?;
+    }
+    Ok(())
 }
 
 /// 1 to 128 of `[A-Za-z0-9._-]`, and not `.` or `..` (it names a directory).
@@ -433,6 +510,7 @@ impl JobSpec {
         if let Some(d) = r.disk_bytes {
             validate_disk_bytes(d).map_err(|reason| err("container.resources.disk_bytes", reason))?;
         }
+        validate_services(&mut self.container.services)?;
         if self.steps.is_empty() {
             return Err(err("steps", "a job needs at least one step"));
         }
@@ -510,6 +588,31 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn services_are_named_from_their_image_and_checked() {
+        let with = |services: Vec<ServiceSpec>| {
+            let mut s = valid();
+            s.container.services = services;
+            s.validate().map(|()| s.container.services)
+        };
+        let image = |i: &str| ServiceSpec {
+            image: i.into(),
+            ..Default::default()
+        };
+        let named = with(vec![image("registry:5000/library/Postgres:15"), image("")]).unwrap();
+        assert_eq!(named[0].name, "postgres");
+        assert_eq!(named[1].name, "service-1");
+        let e = with(vec![image("redis"), image("other/redis@sha256:ab")]).unwrap_err();
+        assert_eq!(e.field, "container.services[1].name");
+        let mut bad = image("x");
+        bad.name = "no_underscores".into();
+        assert_eq!(with(vec![bad]).unwrap_err().field, "container.services[0].name");
+        let mut port = image("x");
+        port.ports = vec![5432, 0];
+        assert_eq!(with(vec![port]).unwrap_err().field, "container.services[0].ports");
+        assert!(with(vec![image("x"); MAX_SERVICES + 1]).is_err());
     }
 
     fn field_of(mut spec: JobSpec) -> String {

@@ -61,6 +61,8 @@ pub enum FailureKind {
     Timeout,
     Cancelled,
     Agent,
+    /// A service did not start, or did not accept connections in time.
+    Service,
     /// A step printed nothing for its no-output timeout.
     NoOutput,
 }
@@ -80,6 +82,7 @@ impl FailureKind {
             FailureKind::Timeout => "TIMEOUT",
             FailureKind::Cancelled => "CANCELLED",
             FailureKind::Agent => "AGENT",
+            FailureKind::Service => "SERVICE",
             FailureKind::NoOutput => "NO_OUTPUT",
         }
     }

@@ -200,6 +200,7 @@ pub fn run(root: &Path, bundle: &Path, pid_file: &Path, id: &str) -> Result<i32>
         .pid()
         .map(|p| Pid::from_raw(p.as_raw()))
         .ok_or(OciError::NoInitPid)?;
+    wait_exec(pid);
     forwarded.thread_block().map_err(OciError::Signals)?;
     let tmp = pid_file.with_extension("tmp");
     std::fs::write(&tmp, pid.to_string())
@@ -213,6 +214,27 @@ pub fn run(root: &Path, bundle: &Path, pid_file: &Path, id: &str) -> Result<i32>
         eprintln!("runnel oci: failed to delete container {id}: {e}");
     }
     Ok(code)
+}
+
+/// Waits (up to 10 s) until init has exec'd the container's program.
+/// libcontainer's `start` returns once init is let go, before its
+/// `execve`: until then init is a non-dumpable copy of this process, which
+/// a step's exec, already in the job's user namespace, may not inspect (it
+/// failed to stat `/proc/INIT/ns/net` with exit status 255, and left init
+/// deaf to SIGTERM: one job in 20 with a network namespace of its own).
+/// So the pid file, which says "started", is written only after it.
+fn wait_exec(pid: Pid) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(me) = std::fs::metadata("/proc/self/exe") else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Ok(m) = std::fs::metadata(format!("/proc/{pid}/exe")) {
+        if (m.dev(), m.ino()) != (me.dev(), me.ino()) || std::time::Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
 }
 
 /// Waits for `pid` (our child) to exit, passing on the signals we get.

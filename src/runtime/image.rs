@@ -120,6 +120,10 @@ pub struct RunConfig {
     pub user: Option<String>,
     #[serde(rename = "WorkingDir", default)]
     pub working_dir: Option<String>,
+    #[serde(rename = "Entrypoint", default)]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(rename = "Cmd", default)]
+    pub cmd: Option<Vec<String>>,
 }
 
 impl RunConfig {

@@ -16,6 +16,7 @@ pub mod embedded;
 pub mod hostroot;
 pub mod image;
 pub mod layer;
+pub mod network;
 pub mod rootfs;
 pub mod seccomp;
 pub mod spec;
@@ -677,6 +678,10 @@ pub trait JobContainer: Send + Sync + std::fmt::Debug {
     fn stop(&mut self, grace: Duration) -> BoxFuture<'_, ()>;
     /// Stops (if needed) and deletes the container.
     fn remove(self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()>;
+    /// The host pid of the container's init, while it runs.
+    fn init_pid(&self) -> Option<i32> {
+        None
+    }
 }
 
 impl ContainerRuntime for Runtime {
@@ -725,6 +730,10 @@ impl JobContainer for Container {
 
     fn remove(self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()> {
         Box::pin(Container::remove(*self, grace))
+    }
+
+    fn init_pid(&self) -> Option<i32> {
+        self.init_pid.map(nix::unistd::Pid::as_raw)
     }
 }
 

@@ -177,7 +177,7 @@ pub fn container_spec(c: &ContainerConfig) -> Spec {
         mount("/tmp", "tmpfs", "tmpfs", &["nosuid", "nodev", "mode=1777"]),
     ];
     // sysfs can only be mounted in a network namespace of our own.
-    if c.network == Network::None {
+    if c.network != Network::Host {
         mounts.push(mount(
             "/sys",
             "sysfs",
@@ -214,7 +214,7 @@ pub fn container_spec(c: &ContainerConfig) -> Spec {
         LinuxNamespaceType::Mount,
         LinuxNamespaceType::Cgroup,
     ];
-    if c.network == Network::None {
+    if c.network != Network::Host {
         namespaces.push(LinuxNamespaceType::Network);
     }
     if c.userns_base.is_some() {

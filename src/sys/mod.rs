@@ -7,6 +7,7 @@
 pub mod lockfile;
 pub mod loopfs;
 pub mod mount;
+pub mod netlink;
 pub mod netns;
 pub mod sd_notify;
 pub mod tls;

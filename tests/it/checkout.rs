@@ -461,7 +461,9 @@ async fn a_step_clones_a_private_dependency_with_the_jobs_keys() {
     let f = Fixture::new();
     let agent = Agent::start("");
     let dep = f.server.url("org/dep.git");
-    let spec = f.spec(
+    // The test's sshd is on the host's loopback, which only the host's
+    // network reaches.
+    let spec = host_network(f.spec(
         "private-dep",
         true,
         true,
@@ -471,7 +473,7 @@ async fn a_step_clones_a_private_dependency_with_the_jobs_keys() {
             "ls -l ~/.ssh | awk '{print $1, $NF}' | sort; touch ~/.ssh/x 2>/dev/null && echo WRITABLE || echo read-only",
             "cat ~/.ssh/id_user",
         ],
-    );
+    ));
     let (status, events) = run_job(&agent, spec).await;
     assert_succeeded(&status, &events);
     let out = output(&events, pb::Stream::Stdout);
@@ -703,7 +705,11 @@ async fn a_warm_workspace_is_laid_over_the_cached_tree_and_equals_git_clone() {
     let gate = Gate::new().await;
     let mut c = agent.scheduler().await;
     let holds = format!("{}; cat app.txt", gate.step());
-    submit(&mut c, f.spec("tree-held", true, false, false, &[&holds])).await;
+    submit(
+        &mut c,
+        host_network(f.spec("tree-held", true, false, false, &[&holds])),
+    )
+    .await;
     let pass = gate.arrival().await;
     f.server.push(&f.app, "many files", |w| {
         for i in 0..300 {
@@ -1043,7 +1049,8 @@ async fn extra_keys_push_a_tag_and_log_in_to_a_second_host_and_leave_nothing() {
         ],
         ..Default::default()
     });
-    let (status, events) = run_job(&agent, spec).await;
+    // Its steps reach the test's sshds on the host's loopback.
+    let (status, events) = run_job(&agent, host_network(spec)).await;
     assert_succeeded(&status, &events);
     assert_eq!(output(&events, pb::Stream::Stdout), "pushed\n1\n3\n");
     // The tag is on the server.

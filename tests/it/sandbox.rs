@@ -436,7 +436,10 @@ async fn jobs_cannot_reach_the_kernel_keyring_of_the_host_or_of_each_other() {
         let mut c = agent.scheduler().await;
         submit(
             &mut c,
-            job("key-a", &[&format!("{a} add-key {job_key}; {}", gate.step())]),
+            host_network(job(
+                "key-a",
+                &[&format!("{a} add-key {job_key}; {}", gate.step())],
+            )),
         )
         .await;
         let held = gate.arrival().await;

@@ -49,7 +49,11 @@ async fn sigterm_drains_running_jobs_refuses_new_ones_then_exits_0() {
     assert_eq!(agent.health().await, ServingStatus::Serving);
     let gate = Gate::new().await;
     let mut c = agent.scheduler().await;
-    submit(&mut c, job("drain-me", &[&gate.step(), "echo after-the-gate"])).await;
+    submit(
+        &mut c,
+        host_network(job("drain-me", &[&gate.step(), "echo after-the-gate"])),
+    )
+    .await;
     let held = gate.arrival().await;
     let events = follow(&mut c, "drain-me").await;
 
@@ -157,7 +161,7 @@ async fn ready_and_stopping_reach_the_notify_socket_and_no_child_inherits_it() {
     // The runtime processes the agent starts do not see NOTIFY_SOCKET.
     let gate = Gate::new().await;
     let mut c = agent.scheduler().await;
-    submit(&mut c, job("notified", &[&gate.step()])).await;
+    submit(&mut c, host_network(job("notified", &[&gate.step()]))).await;
     let held = gate.arrival().await;
     let runtime_root = agent.state_dir().join("runtime");
     let helpers = host_processes_with(&runtime_root.display().to_string());
@@ -261,7 +265,7 @@ async fn retention_removes_ended_jobs_beyond_count_bytes_and_age_never_running_o
     let agent = Agent::start("[retention]\nmax_jobs = 2\nmax_bytes = 1000000\ninterval = \"100ms\"");
     let gate = Gate::new().await;
     let mut c = agent.scheduler().await;
-    submit(&mut c, job("r-running", &[&gate.step()])).await;
+    submit(&mut c, host_network(job("r-running", &[&gate.step()]))).await;
     let held = gate.arrival().await;
     for id in ["r1", "r2", "r3"] {
         let (status, _) = run_job(&agent, job(id, &[&format!("echo {id}")])).await;
@@ -409,7 +413,7 @@ async fn metrics_count_jobs_steps_checkouts_log_bytes_and_watchers() {
     // A running job and a connected watcher are seen while they last.
     let gate = Gate::new().await;
     let mut c = agent.scheduler().await;
-    submit(&mut c, job("m-running", &[&gate.step()])).await;
+    submit(&mut c, host_network(job("m-running", &[&gate.step()]))).await;
     let held = gate.arrival().await;
     let watcher = follow(&mut c, "m-running").await;
     assert_eq!(agent.metric("runnel_jobs_running"), 1.0);

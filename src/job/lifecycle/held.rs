@@ -1,5 +1,6 @@
 //! What a job holds while it runs, and the one order in which it lets go:
-//! the container, the workspace overlay, the container's root filesystem,
+//! service containers, the container (its network namespace, with the
+//! job's veth, goes with it), the workspace overlay, the container's root filesystem,
 //! the image's layers, the keys (overwritten, then unlinked), the checkout
 //! cache's locks, the job's disk (which held the workspace and the
 //! root's writable layer), the run directory. The fields of [`Held`] are declared in
@@ -16,6 +17,7 @@ use super::timed;
 use crate::checkout::MirrorUse;
 use crate::runtime::JobContainer;
 use crate::runtime::image::LayerHold;
+use crate::runtime::network::NetNs;
 use crate::runtime::rootfs::Rootfs;
 use crate::ssh::{self, SshDir};
 
@@ -28,7 +30,13 @@ pub(super) const ROOT: &str = "root";
 /// A job's resources, declared in teardown order.
 #[derive(Debug, Default)]
 pub(super) struct Held {
+    /// Service containers, in the job container's namespaces: removed
+    /// first, their roots (on the job's disk) with them.
+    pub services: Vec<super::services::Service>,
     pub container: Option<Box<dyn JobContainer>>,
+    /// The container's network namespace, held open until the container
+    /// is gone (see `NetNs`); with it goes the job's veth pair.
+    pub netns: Option<NetNs>,
     /// The workspace, an overlay over cached work tree layers when the
     /// checkout was warm: unmounted before those layers' locks go.
     pub workspace: Option<Workspace>,
@@ -79,6 +87,20 @@ impl Held {
     /// directories). Returns the stages it went through, in order.
     pub async fn teardown(mut self, grace: Duration) -> Vec<&'static str> {
         let mut stages = Vec::new();
+        for s in &mut self.services {
+            if let Some(c) = s.container.take() {
+                c.remove(grace).await;
+            }
+            if let Some(t) = s.task.take() {
+                // Its process went with the container: the pipes close.
+                if tokio::time::timeout(Duration::from_secs(10), t).await.is_err() {
+                    tracing::warn!("a service's output did not end with its container");
+                }
+            }
+        }
+        if !self.services.is_empty() {
+            stages.push("services");
+        }
         if let Some(c) = self.container.take() {
             super::timed!("remove_container", c.remove(grace).await);
             stages.push("container");
@@ -98,6 +120,8 @@ impl Held {
                 stages.push(name);
             }
         };
+        stage("service roots", !std::mem::take(&mut self.services).is_empty());
+        stage("network namespace", self.netns.take().map(drop).is_some());
         stage(
             "workspace",
             timed!("release_workspace", self.workspace.take().map(drop).is_some()),

@@ -7,6 +7,8 @@
 
 mod disk;
 mod held;
+mod network;
+mod services;
 mod steps;
 
 use std::collections::BTreeMap;
@@ -23,7 +25,7 @@ use tracing::Instrument;
 use super::{Job, RUN_DIR, Registry};
 use crate::checkout::{self, Auth, Checkout, TransferProgress};
 use crate::logs::Masker;
-use crate::model::{EventKind, FailureKind, JobSpec, JobState, KeyKind, Network, Resources, Secret};
+use crate::model::{EventKind, FailureKind, JobSpec, JobState, KeyKind, Resources, Secret};
 use crate::runtime::ContainerRuntime;
 use crate::runtime::image::PullProgress;
 use crate::runtime::rootfs::Rootfs;
@@ -203,6 +205,7 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec, slot: u32) 
         spec,
         limits: &limits,
         userns_base: userns_base(config.runtime.userns_base, slot),
+        slot,
     };
     let end = match phase.all(&keys, masker, &mut held).await {
         Ok(end) | Err(end) => end,
@@ -238,6 +241,8 @@ struct Phases<'a> {
     /// The host uid/gid of the container's root: the job's own range of
     /// ids (its slot's), when it runs in a user namespace.
     userns_base: Option<u32>,
+    /// The job's slot: its address on a private network.
+    slot: u32,
 }
 
 impl Phases<'_> {
@@ -247,7 +252,16 @@ impl Phases<'_> {
         timed!("check_out", self.check_out(keys, held).await)?;
         let image = timed!("prepare_image", self.prepare_image(held).await)?;
         timed!("give_workspace", self.give_workspace(&image.user, held).await)?;
-        let (resources, cgroup) = timed!("start_container", self.start_container(&image.user, held).await)?;
+        let files = timed!(
+            "prepare_network",
+            self.prepare_network(held.run_dir().to_path_buf()).await
+        )?;
+        let (resources, cgroup) = timed!(
+            "start_container",
+            self.start_container(&image.user, files, held).await
+        )?;
+        timed!("join_network", self.join_network(held).await)?;
+        timed!("start_services", self.start_services(held).await)?;
         self.job.transition(|s| s.state = JobState::Running);
         let steps = Steps {
             job: self.job,
@@ -388,10 +402,25 @@ impl Phases<'_> {
         } else {
             self.spec.container.image.clone()
         };
+        let mut root = ImageRoot::default();
+        let prepared = self.image_root(&image, held.disk().join(ROOT), &mut root).await;
+        held.image_layers = root.layers;
+        held.rootfs = root.rootfs;
+        prepared
+    }
+
+    /// Image `image`'s root filesystem in `dir`, into `root` (so that what
+    /// was made is let go of even when a later part fails).
+    async fn image_root(
+        &self,
+        image: &str,
+        dir: PathBuf,
+        root: &mut ImageRoot,
+    ) -> Result<PreparedImage, End> {
+        let image = image.to_string();
         let failed = |e: String| End::failed(FailureKind::Image, e);
-        let dir = held.disk().join(ROOT);
         if image == "host" {
-            return self.host_image(dir, held).await;
+            return self.host_image(dir, root).await;
         }
         // Layers keep their owners and are idmapped into the job's ids;
         // where that cannot be, each slot has its own shifted copy.
@@ -419,7 +448,7 @@ impl Phases<'_> {
         };
         self.job
             .system_line(0, &format!("runnel: image {image} is {} ({how})", pulled.digest));
-        held.image_layers = Some(pulled.holds.clone());
+        root.layers = Some(pulled.holds.clone());
         if pulled.layers.is_empty() {
             return Err(failed(format!("image {image:?} has no layers")));
         }
@@ -448,13 +477,21 @@ impl Phases<'_> {
             .await
         )
         .map_err(|e| failed(format!("image {image:?}: {e}")))?;
-        held.rootfs = Some(rootfs);
+        root.rootfs = Some(rootfs);
         let user = user.map_err(|e| failed(format!("image {image:?}: {e}")))?;
         tracing::info!(image, digest = %pulled.digest, layers = pulled.layers.len(), "image ready");
+        let c = &pulled.config;
         Ok(PreparedImage {
             user,
-            env: pulled.config.env.clone().unwrap_or_default(),
+            env: c.env.clone().unwrap_or_default(),
             workdir,
+            command: c
+                .entrypoint
+                .iter()
+                .chain(c.cmd.iter())
+                .flatten()
+                .cloned()
+                .collect(),
         })
     }
 
@@ -518,7 +555,7 @@ impl Phases<'_> {
 
     /// The `host` image: the host's software, not its data (see
     /// `runtime::hostroot`), as root.
-    async fn host_image(&self, dir: PathBuf, held: &mut Held) -> Result<PreparedImage, End> {
+    async fn host_image(&self, dir: PathBuf, root: &mut ImageRoot) -> Result<PreparedImage, End> {
         let private = self.registry.config().private_paths.clone();
         let base = self.userns_base;
         let started = Instant::now();
@@ -530,12 +567,13 @@ impl Phases<'_> {
                     format!("cannot prepare the host image's root: {e}"),
                 )
             })?;
-        held.rootfs = Some(rootfs);
+        root.rootfs = Some(rootfs);
         tracing::info!(seconds = started.elapsed().as_secs_f64(), "host image ready");
         Ok(PreparedImage {
             user: User::root(),
             env: Vec::new(),
             workdir: None,
+            command: Vec::new(),
         })
     }
 
@@ -603,10 +641,14 @@ impl Phases<'_> {
     }
 
     /// The container, its init running; its limits and cgroup.
-    async fn start_container(&self, user: &User, held: &mut Held) -> Result<(Resources, String), End> {
-        let (registry, job, spec) = (self.registry, self.job, self.spec);
+    async fn start_container(
+        &self,
+        user: &User,
+        files: Vec<(PathBuf, String)>,
+        held: &mut Held,
+    ) -> Result<(Resources, String), End> {
+        let (registry, job) = (self.registry, self.job);
         let config = registry.config();
-        let d = &config.runtime;
         let container_config = ContainerConfig {
             hostname: job.id.chars().take(63).collect(),
             rootfs: held.rootfs.as_ref().expect("prepared").path().to_path_buf(),
@@ -614,10 +656,7 @@ impl Phases<'_> {
             ssh_dir: held.ssh_dir.as_ref().map(|d| d.path().to_path_buf()),
             home: user.home.clone(),
             init: registry.runtime.init_path().to_path_buf(),
-            network: match spec.container.network {
-                Network::Default => d.network,
-                n => n,
-            },
+            network: self.network(),
             resources: self.resources(),
             cgroup_path: registry.runtime.cgroup_path(&job.id),
             userns_base: self.userns_base,
@@ -625,6 +664,7 @@ impl Phases<'_> {
                 .borrowed
                 .iter()
                 .map(|m| (m.objects.clone(), m.container_objects.clone()))
+                .chain(files)
                 .collect(),
             masked: config.private_paths.clone(),
         };
@@ -741,6 +781,15 @@ struct PreparedImage {
     user: User,
     env: Vec<String>,
     workdir: Option<String>,
+    /// The image's Entrypoint and Cmd.
+    command: Vec<String>,
+}
+
+/// What making an image's root acquires.
+#[derive(Default)]
+struct ImageRoot {
+    layers: Option<Arc<Vec<crate::runtime::image::LayerHold>>>,
+    rootfs: Option<Rootfs>,
 }
 
 fn base_env(spec: &JobSpec, job_id: &str, image_env: &[String], user: &User) -> BTreeMap<String, String> {

@@ -4,6 +4,7 @@
 //! Everything started here is stopped and removed on drop.
 
 pub mod image;
+pub mod internet;
 pub mod sshd;
 
 use std::io::{BufRead, BufReader};
@@ -41,6 +42,8 @@ pub enum Need {
     Registry,
     /// runc, the alternative runtime.
     Runc,
+    /// Debian's PostgreSQL server and client, for a service container.
+    Postgres,
 }
 
 impl Need {
@@ -52,7 +55,10 @@ impl Need {
                 .then(|| format!("needs {name} (Debian's {package}; scripts/setup installs it)"))
         };
         match self {
-            Need::Root => root("starts containers, mounts and cgroups"),
+            // Every agent makes its jobs' bridge and nftables rules.
+            Need::Root => root("starts containers, mounts and cgroups")
+                .or_else(|| program("nft", "nftables"))
+                .or_else(|| program("/usr/bin/python3", "python3")),
             Need::Sshd => root("runs sshd, which serves git to root")
                 .or_else(|| program("/usr/sbin/sshd", "openssh-server"))
                 .or_else(|| program("git", "git"))
@@ -63,6 +69,16 @@ impl Need {
                 program("/usr/bin/docker-registry", "docker-registry").or_else(|| program("skopeo", "skopeo"))
             }
             Need::Runc => program("runc", "runc"),
+            Need::Postgres => program("psql", "postgresql").or_else(|| {
+                let server = std::fs::read_dir("/usr/lib/postgresql")
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|v| v.path().join("bin/postgres").exists());
+                (!server).then(|| {
+                    "needs PostgreSQL's server (Debian's postgresql; scripts/setup installs it)".into()
+                })
+            }),
         }
     }
 }
@@ -194,6 +210,7 @@ impl Agent {
             format!("# operators\n{OPERATOR_TOKEN}\n"),
         )
         .unwrap();
+        let extra = test_network(extra);
         let config = format!(
             "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n{extra}\n[auth]\nscheduler_tokens_file = \"{}\"\noperator_tokens_file = \"{}\"\n",
             dir.join("state").display(),
@@ -260,7 +277,10 @@ impl Agent {
                 )
             );
         };
-        self.addr = format!("{}://{addr}", if tls { "https" } else { "http" });
+        self.addr = match addr.starts_with("unix:") {
+            true => addr,
+            false => format!("{}://{addr}", if tls { "https" } else { "http" }),
+        };
         self.metrics_addr = metrics;
         self.child = Some(child);
     }
@@ -348,13 +368,18 @@ impl Agent {
 
     /// `GET path` on the metrics endpoint: the status line and the body.
     pub fn scrape(&self, path: &str) -> (String, String) {
+        self.scrape_with(path, "")
+    }
+
+    /// [`Agent::scrape`] with more request header lines (each ending in CRLF).
+    pub fn scrape_with(&self, path: &str, headers: &str) -> (String, String) {
         use std::io::{Read, Write};
         let addr = self.metrics_addr.as_ref().expect("the agent serves metrics");
         let mut conn = std::net::TcpStream::connect(addr).unwrap();
         conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         write!(
             conn,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n"
         )
         .unwrap();
         let mut response = String::new();
@@ -431,6 +456,60 @@ impl Drop for Agent {
             }
         }
     }
+}
+
+/// What every test agent's config adds to `extra` unless it says
+/// otherwise: a subnet of its own for private job networks (tests run
+/// agents side by side: no two may share one), and the host's network
+/// allowed for the tests whose steps talk to a loopback service of the
+/// test ([`Gate`], the test sshd), which ask for it with [`host_network`].
+fn test_network(extra: &str) -> String {
+    let mut extra = extra.to_string();
+    if !extra.contains("allow_host_network") {
+        extra = match extra.contains("[runtime]") {
+            true => extra.replacen("[runtime]", "[runtime]\nallow_host_network = true", 1),
+            false => format!("{extra}\n[runtime]\nallow_host_network = true\n"),
+        };
+    }
+    if !extra.contains("subnet") {
+        let line = format!("subnet = \"{}\"", free_subnet());
+        extra = match extra.contains("[network]") {
+            true => extra.replacen("[network]", &format!("[network]\n{line}"), 1),
+            false => format!("{extra}\n[network]\n{line}\n"),
+        };
+    }
+    extra
+}
+
+/// A /24 of 10.252.0.0/16 that this process has not handed out and no
+/// route of the host covers.
+pub fn free_subnet() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let routes = host_routes();
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        assert!(n < 256, "no free test subnet left in 10.252.0.0/16");
+        let prefix = format!("10.252.{n}.");
+        if !routes.lines().any(|l| l.starts_with(&prefix)) {
+            return format!("10.252.{n}.0/24");
+        }
+    }
+}
+
+/// The host's IPv4 routes, every table's, one a line (`ip -o route`).
+pub fn host_routes() -> String {
+    Command::new("ip")
+        .args(["-4", "-o", "route", "show", "table", "all"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// `spec`, on the host's network: for steps that reach a loopback service
+/// of the test (the test agents allow it).
+pub fn host_network(mut spec: pb::JobSpec) -> pb::JobSpec {
+    spec.container.get_or_insert_with(Default::default).network = pb::Network::Host as i32;
+    spec
 }
 
 /// A job of shell steps.
@@ -624,8 +703,8 @@ pub fn rss_bytes(pid: u32) -> u64 {
 }
 
 /// Holds a step until the test lets it go: the step connects to a loopback
-/// port (bash's /dev/tcp; the container shares the host's network) and
-/// reads until the test drops the connection.
+/// port (bash's /dev/tcp; the job must be on the host's network: see
+/// [`host_network`]) and reads until the test drops the connection.
 pub struct Gate {
     listener: tokio::net::TcpListener,
 }
