@@ -119,6 +119,17 @@ fn collect(
             0o100755 => Kind::Exec,
             _ => Kind::File,
         };
+        // git refuses a symlinked .gitmodules (its verify_path): read by
+        // the agent, it could point at any file of the host.
+        if kind == Kind::Link && name.eq_ignore_ascii_case(b".gitmodules") {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{:?} is a symbolic link; git refuses to check out a .gitmodules that is one",
+                    String::from_utf8_lossy(&path)
+                ),
+            ));
+        }
         if name == b".gitattributes" && kind != Kind::Gitlink {
             *attributes = true;
         }
