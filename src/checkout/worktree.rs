@@ -360,8 +360,8 @@ unsafe extern "C" {
     ) -> libc::c_int;
 }
 
-/// An attribute's value: unset/unspecified (`None`), set (`Some("")`
-/// standing for true is not used: see [`Attr`]).
+/// An attribute's value for a path: unspecified, set (`text`), unset
+/// (`-text`) or a value (`eol=crlf`).
 #[derive(Debug, PartialEq, Eq)]
 enum Attr {
     Unspecified,

@@ -556,3 +556,27 @@ async fn paths_git_refuses_are_refused_before_anything_reads_them() {
     assert!(found.is_empty(), "{found:?}");
     assert!(!agent.log().contains("will be rebuilt"), "{}", agent.log());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pin_the_server_will_not_give_fails_the_job_and_never_the_cache() {
+    require!(Root, Sshd);
+    let corpus = Corpus::new();
+    let sub = corpus.server.repos().join("org/sub.git");
+    git(&sub, &["config", "uploadpack.allowAnySHA1InWant", "false"]);
+    let agent = Agent::start("");
+    for i in 0..2 {
+        let (status, _) = run_job(&agent, corpus.spec(&format!("unfetchable-{i}"), "", &["true"])).await;
+        assert_eq!(failure(&status), pb::FailureKind::Checkout, "{status:?}");
+        assert!(
+            status.message.contains("submodule pinned: its pinned commit")
+                && status.message.contains("not even fetched by id"),
+            "{}",
+            status.message
+        );
+    }
+    assert!(
+        !agent.log().contains("will be rebuilt"),
+        "the job's failure is not the cache's:\n{}",
+        agent.log()
+    );
+}
