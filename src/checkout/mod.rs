@@ -30,6 +30,9 @@ pub struct CheckoutError {
     /// The URL whose checkout cache could not serve the checkout: the
     /// cache is rebuilt and the checkout done without it.
     cache_failed: Option<String>,
+    /// The repository's own content is at fault (a path git refuses): no
+    /// cache is to blame.
+    refused: bool,
 }
 
 impl CheckoutError {
@@ -38,14 +41,31 @@ impl CheckoutError {
             kind,
             message: message.into(),
             cache_failed: None,
+            refused: false,
         }
     }
 
-    /// Blames the checkout cache of `url` for this failure.
+    /// Blames the checkout cache of `url` for this failure (unless the
+    /// repository's content was refused).
     fn blaming_cache(mut self, url: &str) -> Self {
-        self.cache_failed = Some(url.to_string());
+        if !self.refused {
+            self.cache_failed = Some(url.to_string());
+        }
         self
     }
+}
+
+/// A git2 error standing for content [`worktree`] refuses to write.
+fn refusal(e: &std::io::Error) -> git2::Error {
+    git2::Error::new(
+        git2::ErrorCode::Invalid,
+        git2::ErrorClass::Checkout,
+        e.to_string(),
+    )
+}
+
+fn is_refusal(e: &git2::Error) -> bool {
+    e.code() == git2::ErrorCode::Invalid && e.class() == git2::ErrorClass::Checkout
 }
 
 /// A finished checkout; the mirrors its workspace borrows objects from stay
@@ -177,7 +197,10 @@ fn write_work_tree(
     cancel: &AtomicBool,
     cone: Option<&sparse::Cone>,
 ) -> Result<(), git2::Error> {
-    let io = |e: std::io::Error| git2::Error::from_str(&e.to_string());
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::InvalidData => refusal(&e),
+        _ => git2::Error::from_str(&e.to_string()),
+    };
     let workdir = repo
         .workdir()
         .ok_or_else(|| git2::Error::from_str("a bare repository has no work tree"))?;
@@ -655,10 +678,12 @@ fn check_out(
     cone: Option<&sparse::Cone>,
 ) -> Result<(), CheckoutError> {
     let fail = |e: git2::Error| {
-        CheckoutError::new(
+        let mut out = CheckoutError::new(
             FailureKind::Checkout,
             format!("cannot check out {oid}: {}", e.message()),
-        )
+        );
+        out.refused = is_refusal(&e);
+        out
     };
     set_head(repo, oid, branch).map_err(fail)?;
     write_work_tree(repo, oid, cancel, cone).map_err(fail)

@@ -126,11 +126,12 @@ pub(super) fn update(
         }
         let sub = sm.open().map_err(|e| git_err(&what, e))?;
         check_out_detached(&sub, pinned, ctx.cancel).map_err(|e| {
-            let e = refuse(format!(
+            let mut out = refuse(format!(
                 "{what}: cannot check out its pinned commit {pinned}: {}",
                 e.message()
             ));
-            if borrowed { e.blaming_cache(&url) } else { e }
+            out.refused = super::is_refusal(&e);
+            if borrowed { out.blaming_cache(&url) } else { out }
         })?;
         // `shallow = true`: git clones it with --depth 1.
         let shallow = gitmodules

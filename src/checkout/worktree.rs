@@ -119,6 +119,17 @@ fn collect(
             0o100755 => Kind::Exec,
             _ => Kind::File,
         };
+        // git refuses a symlinked .gitmodules (its verify_path): read by
+        // the agent, it could point at any file of the host.
+        if kind == Kind::Link && name.eq_ignore_ascii_case(b".gitmodules") {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{:?} is a symbolic link; git refuses to check out a .gitmodules that is one",
+                    String::from_utf8_lossy(&path)
+                ),
+            ));
+        }
         if name == b".gitattributes" && kind != Kind::Gitlink {
             *attributes = true;
         }
@@ -349,8 +360,8 @@ unsafe extern "C" {
     ) -> libc::c_int;
 }
 
-/// An attribute's value: unset/unspecified (`None`), set (`Some("")`
-/// standing for true is not used: see [`Attr`]).
+/// An attribute's value for a path: unspecified, set (`text`), unset
+/// (`-text`) or a value (`eol=crlf`).
 #[derive(Debug, PartialEq, Eq)]
 enum Attr {
     Unspecified,

@@ -509,3 +509,74 @@ async fn any_ref_is_a_revision_and_a_remote_deleting_branches_is_no_corruption()
         assert_eq!(output(&events, pb::Stream::Stdout), "true\n1\n");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn paths_git_refuses_are_refused_before_anything_reads_them() {
+    require!(Root, Sshd);
+    let corpus = Corpus::new();
+    let agent = Agent::start("");
+    // A .gitmodules that is a link to a host file the agent would read (its
+    // submodule code opens .gitmodules), and a `.GIT.` directory that
+    // would be the repository's own on some file systems.
+    let cases: [(&str, Vec<Item>, &str); 2] = [
+        (
+            "link-gitmodules",
+            vec![file("a.txt", b"a\n"), Item::Link(".gitmodules", "/etc/shadow")],
+            "\".gitmodules\" is a symbolic link; git refuses",
+        ),
+        (
+            "dot-git-alias",
+            vec![
+                file("a.txt", b"a\n"),
+                file(".GIT./hooks/post-checkout", b"#!/bin/sh\necho runnel-evil-hook\n"),
+            ],
+            "a path git refuses to check out: \".GIT.\"",
+        ),
+    ];
+    for (name, items, says) in cases {
+        let bare = bare(&corpus.server, &format!("org/{name}.git"));
+        import(&bare, "refs/heads/main", name, &items);
+        for cache in [true, false] {
+            let agent = if cache {
+                &agent
+            } else {
+                &Agent::start("[checkout]\ncache = false")
+            };
+            let mut spec = corpus.spec(&format!("{name}-{cache}"), "", &["true"]);
+            spec.checkout.as_mut().unwrap().repo_url = corpus.server.url(&format!("org/{name}.git"));
+            let (status, _) = run_job(agent, spec).await;
+            assert_eq!(failure(&status), pb::FailureKind::Checkout, "{name}: {status:?}");
+            assert!(status.message.contains(says), "{name}: {}", status.message);
+            assert!(!status.message.contains("root:"), "{}", status.message);
+        }
+    }
+    // Nothing of them was written into the checkout cache's layers, and
+    // the cache was not blamed for the repository's content.
+    let found = files_containing(&agent.state_dir(), b"runnel-evil-hook");
+    assert!(found.is_empty(), "{found:?}");
+    assert!(!agent.log().contains("will be rebuilt"), "{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pin_the_server_will_not_give_fails_the_job_and_never_the_cache() {
+    require!(Root, Sshd);
+    let corpus = Corpus::new();
+    let sub = corpus.server.repos().join("org/sub.git");
+    git(&sub, &["config", "uploadpack.allowAnySHA1InWant", "false"]);
+    let agent = Agent::start("");
+    for i in 0..2 {
+        let (status, _) = run_job(&agent, corpus.spec(&format!("unfetchable-{i}"), "", &["true"])).await;
+        assert_eq!(failure(&status), pb::FailureKind::Checkout, "{status:?}");
+        assert!(
+            status.message.contains("submodule pinned: its pinned commit")
+                && status.message.contains("not even fetched by id"),
+            "{}",
+            status.message
+        );
+    }
+    assert!(
+        !agent.log().contains("will be rebuilt"),
+        "the job's failure is not the cache's:\n{}",
+        agent.log()
+    );
+}
