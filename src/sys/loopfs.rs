@@ -257,8 +257,16 @@ fn attach(file: &File, name: &Path) -> io::Result<(PathBuf, File)> {
     let shown = name.as_os_str().as_encoded_bytes();
     let shown = &shown[shown.len().saturating_sub(LO_NAME_SIZE - 1)..];
     config.info.lo_file_name[..shown.len()].copy_from_slice(shown);
-    // Another process may take the free device first: then ask again.
-    for _ in 0..32 {
+    // LOOP_CTL_GET_FREE gives every caller the same free device until one
+    // binds it: this agent's own jobs take turns (50 at once made 32
+    // tries too few); another process may still take it first, and then
+    // we ask again.
+    static TURN: Mutex<()> = Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    for attempt in 0..200 {
+        if attempt > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(200 * attempt.min(10)));
+        }
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
         let n = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) };
         if n < 0 {

@@ -613,3 +613,37 @@ async fn standard_health_and_reflection_are_served() {
     assert!(names.contains(&"runnel.agent.v1.Agent".to_string()), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_jobs_at_once_all_succeed() {
+    require!(Root);
+    const JOBS: usize = 50;
+    let agent = Agent::start(&format!("max_jobs = {JOBS}\n"));
+    let tasks: Vec<_> = (0..JOBS)
+        .map(|i| {
+            let mut c = futures::executor::block_on(agent.scheduler());
+            tokio::spawn(async move {
+                submit(&mut c, job(&format!("many-{i}"), &["sleep 1"])).await;
+                watch(&mut c, &format!("many-{i}"), 0).await
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for t in tasks {
+        let events = t.await.unwrap();
+        let status = final_status(&events);
+        if state(&status) != pb::JobState::Succeeded {
+            failed.push(format!(
+                "{}: {status:?}\n{}",
+                status.job_id,
+                output(&events, pb::Stream::Stderr)
+            ));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {JOBS} failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
