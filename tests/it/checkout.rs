@@ -1110,16 +1110,7 @@ async fn a_long_fetch_says_how_far_it_has_come() {
     // 24 MB that do not compress: the fetch takes longer than the
     // agent's progress interval of 10 ms.
     server.create_repo("org/big.git", |w| {
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let data: Vec<u8> = (0..24 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        std::fs::write(w.join("big.bin"), data).unwrap();
+        std::fs::write(w.join("big.bin"), incompressible(24 << 20)).unwrap();
     });
     let agent = Agent::start("[logs]\nprogress_interval = \"10ms\"");
     let mut spec = job("big-fetch", &["ls -s --block-size=1M big.bin"]);

@@ -155,17 +155,8 @@ async fn a_checkout_that_fills_the_disk_says_so() {
     let user = KeyPair::generate(keys.path(), "user", "ed25519", "", &[]);
     let server = GitServer::start(&[], &[&user]);
     server.create_repo("org/big.git", |w| {
-        // 24 MiB that do not compress (xorshift), for a 16 MiB disk.
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let data: Vec<u8> = (0..24 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        std::fs::write(w.join("big.bin"), data).unwrap();
+        // 24 MiB that do not compress, for a 16 MiB disk.
+        std::fs::write(w.join("big.bin"), incompressible(24 << 20)).unwrap();
     });
     // Without the cache, the repository itself is in the workspace.
     let agent = Agent::start("[checkout]\ncache = false");
