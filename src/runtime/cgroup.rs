@@ -274,6 +274,31 @@ const ADDED_DEVICE_RULES: &[&str] = &["c *:* m", "b *:* m", "c 10:200 rwm"];
 /// spec's list, libcontainer 0.7 without its `cgroupsv2_devices` feature
 /// attaches none.)
 pub fn restrict_devices(path: &str) -> std::io::Result<()> {
+    // cgroup v2, the whole tree or beside v1: a BPF filter on the job's
+    // cgroup (with libcontainer the only one; runc attaches its own too).
+    let v2 = if unified() {
+        Some(Path::new(ROOT).join(path.trim_start_matches('/')))
+    } else {
+        let hybrid = Path::new(ROOT).join("unified");
+        hybrid
+            .join("cgroup.controllers")
+            .exists()
+            .then(|| hybrid.join(path.trim_start_matches('/')))
+    };
+    if let Some(dir) = v2.filter(|d| d.is_dir()) {
+        match crate::sys::devfilter::attach(&dir, &super::spec::device_filter()) {
+            Ok(()) => {}
+            // An exclusive filter is attached already: the runtime's own.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                tracing::debug!(cgroup = %dir.display(), error = %e, "the runtime's device filter is in place");
+            }
+            Err(e) if unified() => return Err(e),
+            // Beside v1, whose devices cgroup holds the same list.
+            Err(e) => {
+                tracing::warn!(cgroup = %dir.display(), error = %e, "no device filter on the job's cgroup v2")
+            }
+        }
+    }
     if unified() {
         return Ok(());
     }

@@ -115,6 +115,30 @@ fn devices() -> Vec<LinuxDeviceCgroup> {
     ]
 }
 
+/// [`devices`]' allow rules as the cgroup v2 device filter takes them.
+pub fn device_filter() -> Vec<crate::sys::devfilter::Allow> {
+    use crate::sys::devfilter::{Allow, Kind, MKNOD, READ, WRITE};
+    devices()
+        .iter()
+        .filter(|d| d.allow())
+        .filter_map(|d| {
+            let kind = match d.typ()? {
+                LinuxDeviceType::C | LinuxDeviceType::U => Kind::Char,
+                LinuxDeviceType::B => Kind::Block,
+                _ => return None,
+            };
+            let access = d.access().as_deref().unwrap_or("rwm");
+            let bit = |c: char, b: u32| if access.contains(c) { b } else { 0 };
+            Some(Allow {
+                kind,
+                major: d.major().map(|m| m as u32),
+                minor: d.minor().map(|m| m as u32),
+                access: bit('r', READ) | bit('w', WRITE) | bit('m', MKNOD),
+            })
+        })
+        .collect()
+}
+
 fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Mount {
     MountBuilder::default()
         .destination(dest)

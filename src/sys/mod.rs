@@ -4,6 +4,7 @@
 //! files that held secrets, and systemd's readiness notification. A leaf:
 //! it uses no other module of the crate and knows nothing of jobs.
 
+pub mod devfilter;
 pub mod lockfile;
 pub mod loopfs;
 pub mod mount;

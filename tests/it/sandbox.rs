@@ -525,3 +525,74 @@ async fn with_userns_an_exec_d_step_of_the_embedded_runtime_is_not_host_root() {
         "libcontainer, userns",
     );
 }
+
+/// The cgroup2 hierarchy: the whole tree, or beside v1.
+fn cgroup2_root() -> std::path::PathBuf {
+    let whole = std::path::Path::new("/sys/fs/cgroup");
+    if whole.join("cgroup.controllers").exists() {
+        whole.to_path_buf()
+    } else {
+        whole.join("unified")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cgroup_v2_device_filter_opens_only_the_allow_list() {
+    require!(Root);
+    let root = cgroup2_root();
+    assert!(
+        root.join("cgroup.procs").exists(),
+        "no cgroup2 hierarchy at {}",
+        root.display()
+    );
+    let dir = root.join(format!("runnel-devfilter-test-{}", std::process::id()));
+    std::fs::create_dir(&dir).unwrap();
+    runnel::sys::devfilter::attach(&dir, &runnel::runtime::spec::device_filter()).unwrap();
+    // A shell moves itself into the cgroup, then tries: /dev/null and
+    // /dev/urandom are on the list; /dev/loop-control (c 10:237) and
+    // /dev/kmsg (c 1:11) are not, and neither is making a block device.
+    let tmp = tempfile::tempdir().unwrap();
+    let script = format!(
+        "echo $$ > {procs}; \
+         for d in /dev/null /dev/urandom /dev/loop-control /dev/kmsg; do \
+           if head -c 1 $d >/dev/null 2>{tmp}/err; then echo \"$d opens\"; else echo \"$d: $(cat {tmp}/err)\"; fi; \
+         done; \
+         mknod {tmp}/blk b 7 0 2>&1 || true; mknod {tmp}/null c 1 3 && echo mknod-null-ok",
+        procs = dir.join("cgroup.procs").display(),
+        tmp = tmp.path().display(),
+    );
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let _ = std::fs::remove_dir(&dir);
+    assert!(
+        text.contains("/dev/null opens\n") && text.contains("/dev/urandom opens\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "/dev/loop-control: head: cannot open '/dev/loop-control' for reading: Operation not permitted"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("/dev/kmsg: head: cannot open '/dev/kmsg' for reading: Operation not permitted"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Operation not permitted") && text.contains("mknod-null-ok"),
+        "{text}"
+    );
+    assert!(!text.contains("/dev/loop-control opens"), "{text}");
+    // Outside the cgroup the same opens work: the filter, nothing else, refused them.
+    assert!(std::fs::File::open("/dev/loop-control").is_ok());
+
+    // Every job's cgroup2 gets it (on this host beside v1's devices cgroup).
+    let agent = Agent::start("");
+    let (status, events) = run_job(&agent, job("v2-filter", &["true"])).await;
+    assert_succeeded(&status, &events);
+    assert!(!agent.log().contains("no device filter"), "{}", agent.log());
+}
