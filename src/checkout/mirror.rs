@@ -92,6 +92,11 @@ impl Mirrors {
         Ok(Mirrors { dir })
     }
 
+    /// The Git LFS objects of every repository, by oid.
+    pub(crate) fn lfs_store(&self) -> super::lfs::Store {
+        super::lfs::Store::new(self.dir.join("lfs"))
+    }
+
     fn name(url: &str) -> String {
         let d = Sha256::digest(normalise(url).as_bytes());
         d.iter().take(12).map(|b| format!("{b:02x}")).collect()
@@ -189,6 +194,10 @@ impl Mirrors {
             }
             let _ = std::fs::remove_file(self.dir.join(format!("{name}.corrupt")));
             removed.push(name);
+        }
+        let objects = self.lfs_store().expire(max_age);
+        if objects > 0 {
+            tracing::info!(objects, "removed Git LFS objects no job used");
         }
         removed
     }

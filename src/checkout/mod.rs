@@ -5,6 +5,7 @@
 //! and which host keys to trust is decided by [`Auth`] (`auth.rs`).
 
 mod auth;
+mod lfs;
 pub mod mirror;
 mod sparse;
 mod submodules;
@@ -182,7 +183,7 @@ pub(crate) fn fetch_commit(
 /// Checks out `oid` detached (a submodule's pinned commit).
 fn check_out_detached(repo: &Repository, oid: Oid, cancel: &AtomicBool) -> Result<(), git2::Error> {
     repo.set_head_detached(oid)?;
-    write_work_tree(repo, oid, cancel, None)
+    write_work_tree(repo, oid, cancel, None, None)
 }
 
 /// Writes the files of `oid` into the (empty) work tree of `repo` as git
@@ -190,12 +191,13 @@ fn check_out_detached(repo: &Repository, oid: Oid, cancel: &AtomicBool) -> Resul
 /// `git status` need not read them again.
 /// With a `cone`, only its files are written; the index marks the others
 /// skip-worktree and the repository is set up as `git sparse-checkout set
-/// --cone` leaves it.
+/// --cone` leaves it. With `lfs`, LFS pointers get their objects from it.
 fn write_work_tree(
     repo: &Repository,
     oid: Oid,
     cancel: &AtomicBool,
     cone: Option<&sparse::Cone>,
+    lfs: Option<&lfs::Store>,
 ) -> Result<(), git2::Error> {
     let io = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::InvalidData => refusal(&e),
@@ -206,7 +208,7 @@ fn write_work_tree(
         .ok_or_else(|| git2::Error::from_str("a bare repository has no work tree"))?;
     let in_cone = |p: &[u8]| cone.is_none_or(|c| c.contains(p));
     let only: worktree::Only<'_> = cone.map(|_| &in_cone as &dyn Fn(&[u8]) -> bool);
-    let written = worktree::write(repo.path(), oid, workdir, only, true, cancel).map_err(io)?;
+    let written = worktree::write(repo.path(), oid, workdir, only, true, lfs, cancel).map_err(io)?;
     let tree = repo.find_commit(oid)?.tree()?;
     let mut index = repo.index()?;
     index.read_tree(&tree)?;
@@ -458,19 +460,34 @@ fn checkout_with(spec: &CheckoutSpec, ctx: &Ctx<'_>) -> Result<Checkout, Checkou
     };
     let repo = Repository::open(ctx.workspace)
         .map_err(|e| CheckoutError::new(FailureKind::Agent, e.message().to_string()))?;
-    // A sparse workspace is written (its objects still borrowed): the
-    // cached layers hold every file.
-    let repo = match uses.first_mut().filter(|_| cone.is_none()) {
+    let lfs = match spec.lfs {
+        true => fetch_lfs(&repo, url, oid, cone.as_ref(), ctx)?,
+        false => None,
+    };
+    // A sparse workspace, or one with LFS files, is written (its objects
+    // still borrowed): the cached layers hold every file as git stores it.
+    let write = |repo: &Repository| {
+        check_out(
+            repo,
+            oid,
+            branch.as_deref(),
+            ctx.cancel,
+            cone.as_ref(),
+            lfs.as_ref(),
+        )
+        .map_err(blame_cache)
+    };
+    let repo = match uses.first_mut().filter(|_| cone.is_none() && lfs.is_none()) {
         Some(mirror) => match over_cached_tree(ctx.workspace, mirror, oid, branch.as_deref()) {
             Ok(repo) => repo,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot lay the workspace over a cached work tree; writing it");
-                check_out(&repo, oid, branch.as_deref(), ctx.cancel, cone.as_ref()).map_err(blame_cache)?;
+                write(&repo)?;
                 repo
             }
         },
         None => {
-            check_out(&repo, oid, branch.as_deref(), ctx.cancel, cone.as_ref()).map_err(blame_cache)?;
+            write(&repo)?;
             repo
         }
     };
@@ -501,6 +518,35 @@ fn checkout_with(spec: &CheckoutSpec, ctx: &Ctx<'_>) -> Result<Checkout, Checkou
         },
         mirrors: uses,
     })
+}
+
+/// Fetches the LFS objects of the pointers `oid` has (in the cone) into
+/// the store next to the mirrors, or without a cache into the workspace's
+/// `.git/lfs/objects` as git-lfs does. `None`: the commit has no pointers.
+fn fetch_lfs(
+    repo: &Repository,
+    url: &str,
+    oid: Oid,
+    cone: Option<&sparse::Cone>,
+    ctx: &Ctx<'_>,
+) -> Result<Option<lfs::Store>, CheckoutError> {
+    let in_cone = |p: &[u8]| cone.is_none_or(|c| c.contains(p));
+    let only: worktree::Only<'_> = cone.map(|_| &in_cone as &dyn Fn(&[u8]) -> bool);
+    let files = worktree::lfs_pointers(repo.path(), oid, only).map_err(|e| {
+        CheckoutError::new(
+            FailureKind::Checkout,
+            format!("cannot list the Git LFS files of {oid}: {e}"),
+        )
+    })?;
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let store = match ctx.mirrors.filter(|_| cacheable(url)) {
+        Some(m) => m.lfs_store(),
+        None => lfs::Store::new(repo.path().join("lfs").join("objects")),
+    };
+    lfs::fetch(url, &files, &store, ctx.auth)?;
+    Ok(Some(store))
 }
 
 /// Fetches every branch and tag of `url` into `repo` as `origin`, trying
@@ -676,6 +722,7 @@ fn check_out(
     branch: Option<&str>,
     cancel: &AtomicBool,
     cone: Option<&sparse::Cone>,
+    lfs: Option<&lfs::Store>,
 ) -> Result<(), CheckoutError> {
     let fail = |e: git2::Error| {
         let mut out = CheckoutError::new(
@@ -686,7 +733,7 @@ fn check_out(
         out
     };
     set_head(repo, oid, branch).map_err(fail)?;
-    write_work_tree(repo, oid, cancel, cone).map_err(fail)
+    write_work_tree(repo, oid, cancel, cone, lfs).map_err(fail)
 }
 
 /// Points HEAD at `oid`: on the local branch `branch` (made there, its

@@ -111,7 +111,16 @@ fn write_files(
     dir: &Path,
     only: super::worktree::Only<'_>,
 ) -> io::Result<()> {
-    super::worktree::write(mirror.path(), commit, dir, only, false, &AtomicBool::new(false)).map(drop)
+    super::worktree::write(
+        mirror.path(),
+        commit,
+        dir,
+        only,
+        false,
+        None,
+        &AtomicBool::new(false),
+    )
+    .map(drop)
 }
 
 fn current_base(trees: &Path) -> Option<Oid> {

@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use git2::{Binding, Oid, Repository, Tree};
 
+use super::lfs::{Pointer, PointerFile, Store};
+
 fn other(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
@@ -147,13 +149,17 @@ fn collect(
 /// most a `.git`: all of them, or those `only` takes (by path relative to
 /// the tree's root; with the directories leading to them). `stat`: return the
 /// metadata of each file written (for an index git need not refresh).
-/// `cancel` stops the writing between files.
+/// `lfs`: smudge LFS pointers with the objects of this store (which must
+/// hold them: [`lfs_pointers`] lists them). `cancel` stops the writing
+/// between files.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn write(
     git_dir: &Path,
     commit: Oid,
     dest: &Path,
     only: Only<'_>,
     stat: bool,
+    lfs: Option<&Store>,
     cancel: &AtomicBool,
 ) -> io::Result<Written> {
     let repo = Repository::open_bare(git_dir).map_err(other)?;
@@ -195,7 +201,7 @@ pub(crate) fn write(
             .map(|_| {
                 s.spawn(|| {
                     let r = worker(
-                        git_dir, commit, dest, &entries, &next, attributes, stat, cancel, &failed,
+                        git_dir, commit, dest, &entries, &next, attributes, stat, lfs, cancel, &failed,
                     );
                     if r.is_err() {
                         failed.store(true, Ordering::Relaxed);
@@ -225,6 +231,38 @@ pub(crate) fn write(
         }
     }
     Ok(Written { entries, meta })
+}
+
+/// The files of `commit` that are LFS pointers (`filter=lfs` and a blob
+/// that parses as one), among those `only` takes.
+pub(crate) fn lfs_pointers(git_dir: &Path, commit: Oid, only: Only<'_>) -> io::Result<Vec<PointerFile>> {
+    let repo = Repository::open_bare(git_dir).map_err(other)?;
+    let tree = repo.find_commit(commit).and_then(|c| c.tree()).map_err(other)?;
+    let (mut entries, mut dirs, mut attributes) = (Vec::new(), Vec::new(), false);
+    collect(&repo, &tree, b"", &mut entries, &mut dirs, &mut attributes)?;
+    let mut out = Vec::new();
+    if !attributes {
+        return Ok(out);
+    }
+    let odb = repo.odb().map_err(other)?;
+    for e in &entries {
+        if !matches!(e.kind, Kind::File | Kind::Exec) || only.is_some_and(|o| !o(&e.path)) {
+            continue;
+        }
+        // Cheap first: only small blobs can be pointers.
+        let (size, _) = odb.read_header(e.id).map_err(other)?;
+        if size > 1024 || !Conversion::of(&repo, commit, &e.path)?.lfs {
+            continue;
+        }
+        let blob = repo.find_blob(e.id).map_err(other)?;
+        if let Some(pointer) = Pointer::parse(blob.content()) {
+            out.push(PointerFile {
+                path: String::from_utf8_lossy(&e.path).into_owned(),
+                pointer,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Entries a writer takes at a time: neighbours in a directory, so that
@@ -257,6 +295,7 @@ fn worker(
     next: &AtomicUsize,
     attributes: bool,
     stat: bool,
+    lfs: Option<&Store>,
     cancel: &AtomicBool,
     failed: &AtomicBool,
 ) -> io::Result<Vec<(usize, fs::Metadata)>> {
@@ -268,7 +307,7 @@ fn worker(
             break;
         }
         for (i, e) in entries.iter().enumerate().skip(start).take(BATCH) {
-            if let Some(m) = write_entry(&repo, commit, dest, e, attributes, stat)? {
+            if let Some(m) = write_entry(&repo, commit, dest, e, attributes, stat, lfs)? {
                 out.push((i, m));
             }
         }
@@ -284,6 +323,7 @@ fn write_entry(
     e: &Entry,
     attributes: bool,
     stat: bool,
+    lfs: Option<&Store>,
 ) -> io::Result<Option<fs::Metadata>> {
     if e.kind == Kind::Gitlink {
         return Ok(None);
@@ -300,7 +340,20 @@ fn write_entry(
     } else {
         Conversion::default()
     };
-    let bytes = conv.to_worktree(blob.content(), e.id);
+    let pointer = lfs
+        .filter(|_| conv.lfs)
+        .and_then(|_| Pointer::parse(blob.content()));
+    let bytes = match (lfs, pointer) {
+        // git-lfs's smudge: the object's bytes as they are.
+        (Some(store), Some(p)) => Cow::Owned(store.read(&p).map_err(|err| {
+            io::Error::other(format!(
+                "Git LFS object {} of {}: {err}",
+                p.oid,
+                String::from_utf8_lossy(&e.path)
+            ))
+        })?),
+        _ => conv.to_worktree(blob.content(), e.id),
+    };
     let mode = if e.kind == Kind::Exec { 0o755 } else { 0o644 };
     let mut f = OpenOptions::new()
         .write(true)
@@ -318,6 +371,8 @@ fn write_entry(
 /// How git's convert.c turns a blob into a work tree file, for one path.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Conversion {
+    /// `filter=lfs`: a pointer here is smudged when the job asks for LFS.
+    lfs: bool,
     ident: bool,
     crlf: Crlf,
     encoding: Option<String>,
@@ -430,8 +485,11 @@ fn attributes(repo: &Repository, commit: Oid, path: &[u8]) -> io::Result<[Attr; 
 
 impl Conversion {
     fn of(repo: &Repository, commit: Oid, path: &[u8]) -> io::Result<Conversion> {
-        let [crlf, ident, _filter, eol, text, encoding] = attributes(repo, commit, path)?;
-        Ok(Conversion::from_attrs(&crlf, &ident, &eol, &text, &encoding))
+        let [crlf, ident, filter, eol, text, encoding] = attributes(repo, commit, path)?;
+        Ok(Conversion {
+            lfs: matches!(&filter, Attr::Value(v) if v == "lfs"),
+            ..Conversion::from_attrs(&crlf, &ident, &eol, &text, &encoding)
+        })
     }
 
     /// convert.c's `convert_attrs`, with core.autocrlf false and core.eol
@@ -483,6 +541,7 @@ impl Conversion {
             _ => None,
         };
         Conversion {
+            lfs: false,
             ident: *ident == Attr::True,
             crlf,
             encoding,
