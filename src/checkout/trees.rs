@@ -118,6 +118,7 @@ fn write_files(
         only,
         false,
         None,
+        None,
         &AtomicBool::new(false),
     )
     .map(drop)

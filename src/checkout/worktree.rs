@@ -31,6 +31,12 @@ fn other(e: impl std::fmt::Display) -> io::Error {
 /// Which paths (relative to the tree's root) to write.
 pub(crate) type Only<'a> = Option<&'a dyn Fn(&[u8]) -> bool>;
 
+/// Who is to own what is written, as the host sees it (`uid`, `gid`):
+/// each file, directory and link is given to them as it is made, so that
+/// nothing has to walk the tree afterwards (and its ctimes, which the
+/// index records, stay as written).
+pub type Owner = Option<(u32, u32)>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     File,
@@ -160,6 +166,7 @@ pub(crate) fn write(
     only: Only<'_>,
     stat: bool,
     lfs: Option<&Store>,
+    owner: Owner,
     cancel: &AtomicBool,
 ) -> io::Result<Written> {
     let repo = Repository::open_bare(git_dir).map_err(other)?;
@@ -180,13 +187,13 @@ pub(crate) fn write(
         }
         dirs.retain(|d| needed.contains(d));
     }
-    for d in dirs.iter().chain(
-        entries
-            .iter()
-            .filter(|e| e.kind == Kind::Gitlink)
-            .map(|e| &e.path),
-    ) {
-        make_dir(&dest.join(OsStr::from_bytes(d)))?;
+    for d in &dirs {
+        make_dir(&dest.join(OsStr::from_bytes(d)), owner)?;
+    }
+    // A submodule's directory stays the agent's until its checkout is done:
+    // libgit2 opens no repository whose work tree someone else owns.
+    for e in entries.iter().filter(|e| e.kind == Kind::Gitlink) {
+        make_dir(&dest.join(OsStr::from_bytes(&e.path)), None)?;
     }
     // Creating a file waits on the file system more than on a CPU: two
     // writers per core.
@@ -201,7 +208,7 @@ pub(crate) fn write(
             .map(|_| {
                 s.spawn(|| {
                     let r = worker(
-                        git_dir, commit, dest, &entries, &next, attributes, stat, lfs, cancel, &failed,
+                        git_dir, commit, dest, &entries, &next, attributes, stat, lfs, owner, cancel, &failed,
                     );
                     if r.is_err() {
                         failed.store(true, Ordering::Relaxed);
@@ -269,9 +276,14 @@ pub(crate) fn lfs_pointers(git_dir: &Path, commit: Oid, only: Only<'_>) -> io::R
 /// writers seldom wait on each other for the same directory's lock.
 const BATCH: usize = 32;
 
-fn make_dir(dir: &Path) -> io::Result<()> {
+fn make_dir(dir: &Path, owner: Owner) -> io::Result<()> {
     match fs::DirBuilder::new().mode(0o755).create(dir) {
-        Ok(()) => fs::set_permissions(dir, fs::Permissions::from_mode(0o755)),
+        Ok(()) => {
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+            }
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+        }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             if fs::symlink_metadata(dir)?.is_dir() {
                 Ok(())
@@ -296,6 +308,7 @@ fn worker(
     attributes: bool,
     stat: bool,
     lfs: Option<&Store>,
+    owner: Owner,
     cancel: &AtomicBool,
     failed: &AtomicBool,
 ) -> io::Result<Vec<(usize, fs::Metadata)>> {
@@ -307,7 +320,7 @@ fn worker(
             break;
         }
         for (i, e) in entries.iter().enumerate().skip(start).take(BATCH) {
-            if let Some(m) = write_entry(&repo, commit, dest, e, attributes, stat, lfs)? {
+            if let Some(m) = write_entry(&repo, commit, dest, e, attributes, stat, lfs, owner)? {
                 out.push((i, m));
             }
         }
@@ -316,6 +329,7 @@ fn worker(
 }
 
 /// Writes one entry; its metadata when `stat`.
+#[allow(clippy::too_many_arguments)]
 fn write_entry(
     repo: &Repository,
     commit: Oid,
@@ -324,6 +338,7 @@ fn write_entry(
     attributes: bool,
     stat: bool,
     lfs: Option<&Store>,
+    owner: Owner,
 ) -> io::Result<Option<fs::Metadata>> {
     if e.kind == Kind::Gitlink {
         return Ok(None);
@@ -333,6 +348,9 @@ fn write_entry(
     let blob = repo.find_blob(e.id).map_err(other)?;
     if e.kind == Kind::Link {
         std::os::unix::fs::symlink(OsStr::from_bytes(blob.content()), &at).map_err(named)?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::lchown(&at, Some(uid), Some(gid)).map_err(named)?;
+        }
         return stat.then(|| fs::symlink_metadata(&at)).transpose();
     }
     let conv = if attributes {
@@ -362,6 +380,9 @@ fn write_entry(
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&at)
         .map_err(named)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(named)?;
+    }
     f.write_all(&bytes).map_err(named)?;
     // The mode exactly, whatever the agent's umask.
     f.set_permissions(fs::Permissions::from_mode(mode))?;
