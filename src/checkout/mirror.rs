@@ -130,6 +130,7 @@ impl Mirrors {
                     tracing::warn!(mirror = %path.display(), "rebuilding a corrupt checkout cache");
                     let _ = std::fs::remove_dir_all(&path);
                     let _ = std::fs::remove_dir_all(&trees);
+                    let _ = std::fs::remove_dir_all(self.dir.join(format!("{name}-lfs.trees")));
                     let _ = std::fs::remove_file(&corrupt);
                 }
                 None => return Ok(None),
@@ -185,7 +186,11 @@ impl Mirrors {
             let Some(_unused) = try_exclusive(&use_lock) else {
                 continue;
             };
-            for p in [repo, self.dir.join(format!("{name}.trees"))] {
+            for p in [
+                repo,
+                self.dir.join(format!("{name}.trees")),
+                self.dir.join(format!("{name}-lfs.trees")),
+            ] {
                 if let Err(e) = std::fs::remove_dir_all(&p)
                     && e.kind() != std::io::ErrorKind::NotFound
                 {

@@ -548,8 +548,8 @@ fn checkout_with(spec: &CheckoutSpec, ctx: &Ctx<'_>) -> Result<Checkout, Checkou
         true => fetch_lfs(&repo, url, oid, cone.as_ref(), ctx)?,
         false => None,
     };
-    // A sparse workspace, or one with LFS files, is written (its objects
-    // still borrowed): the cached layers hold every file as git stores it.
+    // A sparse workspace is written (its objects still borrowed): the
+    // cached layers hold every file. With LFS files, layers of their own.
     let write = |repo: &Repository| {
         check_out(
             repo,
@@ -562,8 +562,8 @@ fn checkout_with(spec: &CheckoutSpec, ctx: &Ctx<'_>) -> Result<Checkout, Checkou
         )
         .map_err(blame_cache)
     };
-    let repo = match uses.first_mut().filter(|_| cone.is_none() && lfs.is_none()) {
-        Some(mirror) => match over_cached_tree(ctx.workspace, mirror, oid, branch.as_deref()) {
+    let repo = match uses.first_mut().filter(|_| cone.is_none()) {
+        Some(mirror) => match over_cached_tree(ctx.workspace, mirror, oid, branch.as_deref(), lfs.as_ref()) {
             Ok(repo) => repo,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot lay the workspace over a cached work tree; writing it");
@@ -782,10 +782,18 @@ fn over_cached_tree(
     mirror: &mut MirrorUse,
     oid: Oid,
     branch: Option<&str>,
+    lfs: Option<&lfs::Store>,
 ) -> Result<Repository, String> {
     let source = Repository::open_bare(mirror.objects.parent().unwrap_or(Path::new("/")))
         .map_err(|e| e.message().to_string())?;
-    let layers = trees::layers(&source, &mirror.trees, oid).map_err(|e| e.to_string())?;
+    let trees = match lfs {
+        Some(_) => mirror.trees.with_file_name(format!(
+            "{}-lfs.trees",
+            mirror.trees.file_stem().unwrap_or_default().to_string_lossy()
+        )),
+        None => mirror.trees.clone(),
+    };
+    let layers = trees::layers(&source, &trees, oid, lfs).map_err(|e| e.to_string())?;
     let git_dir = workspace.join(".git");
     let upper = trees::prepare_upper(workspace).map_err(|e| e.to_string())?;
     std::fs::rename(&git_dir, upper.join(".git")).map_err(|e| e.to_string())?;

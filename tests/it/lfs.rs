@@ -135,6 +135,21 @@ async fn lfs_objects_are_fetched_with_the_jobs_key_cached_and_smudged() {
         let at = store.join(&oid[..2]).join(&oid[2..4]).join(&oid);
         assert_eq!(std::fs::read(&at).unwrap(), *bytes, "{}", at.display());
     }
+    // The cached work tree of the commit has the objects (layers of their
+    // own: a job without `lfs` gets the pointers).
+    let lfs_trees: Vec<_> = std::fs::read_dir(agent.state_dir().join("mirrors"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with("-lfs.trees"))
+        .collect();
+    let bases: Vec<_> = lfs_trees
+        .iter()
+        .flat_map(|t| std::fs::read_dir(t).unwrap().flatten().map(|e| e.path()))
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("base-") && p.is_dir())
+        .collect();
+    assert_eq!(bases.len(), 1, "{lfs_trees:?}: {bases:?}");
+    assert_eq!(std::fs::read(bases[0].join("big.bin")).unwrap(), lfs.big);
     // From the store: the LFS server is not asked again (a token that no
     // longer works would fail the job otherwise).
     let forged = lfs.giftless.token("obj:org/app/*:read", true);
@@ -145,16 +160,32 @@ async fn lfs_objects_are_fetched_with_the_jobs_key_cached_and_smudged() {
     lfs.assert_workspace(&agent, "warm", true).await;
     // Without `lfs`, the pointers as git stores them (the cached layers).
     lfs.assert_workspace(&agent, "pointers", false).await;
-    assert!(!agent.log().contains("will be rebuilt"), "{}", agent.log());
-
-    // Without the cache: into the workspace's .git/lfs/objects, as git-lfs.
     let token = lfs.giftless.token("obj:org/app/*:read", false);
     lfs.server.set_lfs(
         "org/app.git",
         &lfs.giftless.authenticate_json("org", "app", &token),
     );
+    // A push that changes an object: a delta layer, smudged too.
+    let newer = object(4, 70_000);
+    let pnewer = lfs.giftless.store("org", "app", &newer);
+    lfs.server
+        .push(&lfs.work, "a new big.bin", |w| write(&w.join("big.bin"), &pnewer));
+    let (status, events) = run_job(&agent, lfs.spec("pushed", true)).await;
+    assert_eq!(state(&status), pb::JobState::Succeeded, "{status:?}");
+    let out = output(&events, pb::Stream::Stdout);
+    assert!(out.contains(&format!("{}  ./big.bin\n", digest(&newer))), "{out}");
+    assert!(
+        out.contains(&format!("{}  ./sub/deep.bin\n", digest(&lfs.deep))),
+        "{out}"
+    );
+    assert!(!agent.log().contains("will be rebuilt"), "{}", agent.log());
+
+    // Without the cache: into the workspace's .git/lfs/objects, as git-lfs.
     let nocache = Agent::start("[checkout]\ncache = false");
-    lfs.assert_workspace(&nocache, "no-cache", true).await;
+    let (status, events) = run_job(&nocache, lfs.spec("no-cache", true)).await;
+    assert_eq!(state(&status), pb::JobState::Succeeded, "{status:?}");
+    let out = output(&events, pb::Stream::Stdout);
+    assert!(out.contains(&format!("{}  ./big.bin\n", digest(&newer))), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
