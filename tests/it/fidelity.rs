@@ -227,11 +227,7 @@ impl Corpus {
             submodules: true,
             ..Default::default()
         });
-        spec.ssh = Some(pb::SshCredentials {
-            user_key: self.user.private_bytes(),
-            known_hosts: vec![self.server.known_hosts_line.clone()],
-            ..Default::default()
-        });
+        spec.ssh = Some(self.server.user_credentials(&self.user));
         spec
     }
 

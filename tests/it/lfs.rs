@@ -79,11 +79,7 @@ impl Lfs {
             lfs,
             ..Default::default()
         });
-        spec.ssh = Some(pb::SshCredentials {
-            user_key: self.user.private_bytes(),
-            known_hosts: vec![self.server.known_hosts_line.clone()],
-            ..Default::default()
-        });
+        spec.ssh = Some(self.server.user_credentials(&self.user));
         spec
     }
 

@@ -218,6 +218,15 @@ esac
         self.dir.path().join("repos")
     }
 
+    /// A job's SSH credentials: `user`'s key, this server's host key pinned.
+    pub fn user_credentials(&self, user: &KeyPair) -> runnel::api::pb::SshCredentials {
+        runnel::api::pb::SshCredentials {
+            user_key: user.private_bytes(),
+            known_hosts: vec![self.known_hosts_line.clone()],
+            ..Default::default()
+        }
+    }
+
     pub fn url(&self, repo: &str) -> String {
         format!("ssh://root@127.0.0.1:{}/{repo}", self.port)
     }
