@@ -117,6 +117,7 @@ impl TryFrom<pb::JobSpec> for JobSpec {
                 depth: c.depth,
                 refspecs: c.refspecs,
                 sparse_paths: c.sparse_paths,
+                lfs: c.lfs,
             }),
             ssh: SshCredentials {
                 deploy_key: nonzero(ssh.deploy_key).map(Secret::new),
@@ -171,6 +172,7 @@ impl From<&JobSpec> for pb::JobSpec {
                 revision: c.revision.clone(),
                 submodules: c.submodules,
                 depth: c.depth,
+                lfs: c.lfs,
             }),
             ssh: Some(pb::SshCredentials {
                 deploy_key: expose(&s.ssh.deploy_key),

@@ -166,6 +166,78 @@ impl<'a> Attempt<'a> {
         cb
     }
 
+    /// Runs `command` on the SSH server of this attempt's URL with its key
+    /// (the host key checked against the pinned known_hosts first, as for a
+    /// fetch) and returns what it printed. Errors read as a fetch's do, so
+    /// [`Auth::with_each_key`] sorts a refused key from a missing repository.
+    pub(crate) fn exec(&self, command: &str) -> Result<Vec<u8>, git2::Error> {
+        use std::io::Read;
+        let ssh = |e: ssh2::Error| git2::Error::new(ErrorCode::GenericError, ErrorClass::Ssh, e.message());
+        let t = self
+            .target
+            .as_ref()
+            .ok_or_else(|| git2::Error::from_str("not an SSH URL"))?;
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&(t.host.as_str(), t.port))
+            .map_err(|e| git2::Error::from_str(&format!("cannot resolve {}: {e}", t.host)))?
+            .next()
+            .ok_or_else(|| git2::Error::from_str(&format!("{} has no address", t.host)))?;
+        let tcp = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(30))
+            .map_err(|e| git2::Error::from_str(&format!("cannot connect to {addr}: {e}")))?;
+        let mut session = ssh2::Session::new().map_err(ssh)?;
+        session.set_timeout(120_000);
+        session.set_tcp_stream(tcp);
+        session.handshake().map_err(ssh)?;
+        let Some((blob, _)) = session.host_key() else {
+            *self.host_key_error.borrow_mut() = Some(format!(
+                "{}:{} presented no host key runnel could read",
+                t.host, t.port
+            ));
+            return Err(git2::Error::from_str("no raw host key"));
+        };
+        match self.known_hosts.check(&t.host, t.port, blob) {
+            HostKeyCheck::Pinned => {}
+            verdict => {
+                *self.host_key_error.borrow_mut() = Some(host_key_message(&t.host, t.port, blob, &verdict));
+                return Err(git2::Error::from_str("host key refused"));
+            }
+        }
+        let user = t.user.clone().unwrap_or_else(|| "git".to_string());
+        let Some(key) = self.key else {
+            return Err(git2::Error::from_str("no SSH key was given"));
+        };
+        self.cred_calls.set(1);
+        let private = key.private.expose_str().unwrap_or_default();
+        if session
+            .userauth_pubkey_memory(&user, Some(&key.public), private, None)
+            .is_err()
+            || !session.authenticated()
+        {
+            self.cred_calls.set(2);
+            return Err(git2::Error::new(
+                ErrorCode::Auth,
+                ErrorClass::Ssh,
+                "Permission denied (publickey)",
+            ));
+        }
+        let mut channel = session.channel_session().map_err(ssh)?;
+        channel.exec(command).map_err(ssh)?;
+        let mut out = Vec::new();
+        channel
+            .read_to_end(&mut out)
+            .map_err(|e| git2::Error::from_str(&e.to_string()))?;
+        let mut err = String::new();
+        let _ = channel.stderr().read_to_string(&mut err);
+        channel.wait_close().map_err(ssh)?;
+        match channel.exit_status().map_err(ssh)? {
+            0 => Ok(out),
+            code => Err(git2::Error::new(
+                ErrorCode::GenericError,
+                ErrorClass::Ssh,
+                format!("`{command}` exited with {code}: {}", err.trim()),
+            )),
+        }
+    }
+
     fn key_refused(&self, e: &git2::Error) -> bool {
         self.cred_calls.get() >= 2
             || e.code() == ErrorCode::Auth

@@ -92,6 +92,11 @@ impl Mirrors {
         Ok(Mirrors { dir })
     }
 
+    /// The Git LFS objects of every repository, by oid.
+    pub(crate) fn lfs_store(&self) -> super::lfs::Store {
+        super::lfs::Store::new(self.dir.join("lfs"))
+    }
+
     fn name(url: &str) -> String {
         let d = Sha256::digest(normalise(url).as_bytes());
         d.iter().take(12).map(|b| format!("{b:02x}")).collect()
@@ -125,6 +130,7 @@ impl Mirrors {
                     tracing::warn!(mirror = %path.display(), "rebuilding a corrupt checkout cache");
                     let _ = std::fs::remove_dir_all(&path);
                     let _ = std::fs::remove_dir_all(&trees);
+                    let _ = std::fs::remove_dir_all(self.dir.join(format!("{name}-lfs.trees")));
                     let _ = std::fs::remove_file(&corrupt);
                 }
                 None => return Ok(None),
@@ -180,7 +186,11 @@ impl Mirrors {
             let Some(_unused) = try_exclusive(&use_lock) else {
                 continue;
             };
-            for p in [repo, self.dir.join(format!("{name}.trees"))] {
+            for p in [
+                repo,
+                self.dir.join(format!("{name}.trees")),
+                self.dir.join(format!("{name}-lfs.trees")),
+            ] {
                 if let Err(e) = std::fs::remove_dir_all(&p)
                     && e.kind() != std::io::ErrorKind::NotFound
                 {
@@ -189,6 +199,10 @@ impl Mirrors {
             }
             let _ = std::fs::remove_file(self.dir.join(format!("{name}.corrupt")));
             removed.push(name);
+        }
+        let objects = self.lfs_store().expire(max_age);
+        if objects > 0 {
+            tracing::info!(objects, "removed Git LFS objects no job used");
         }
         removed
     }

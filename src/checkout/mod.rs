@@ -5,6 +5,7 @@
 //! and which host keys to trust is decided by [`Auth`] (`auth.rs`).
 
 mod auth;
+mod lfs;
 pub mod mirror;
 mod sparse;
 mod submodules;
@@ -79,6 +80,7 @@ pub struct Checkout {
 /// What one checkout works with.
 pub(crate) struct Ctx<'a> {
     pub auth: &'a Auth,
+    pub owner: Option<Owner>,
     pub cancel: &'a AtomicBool,
     pub mirrors: Option<&'a Mirrors>,
     pub workspace: &'a Path,
@@ -179,10 +181,25 @@ pub(crate) fn fetch_commit(
     Ok(())
 }
 
+/// Who a checkout's files belong to: the step user as the host sees them
+/// (`host`, given each file as it is written) and as the container does
+/// (`inside`, which the index records so that `git status` in a step finds
+/// its stat data fresh).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub host: (u32, u32),
+    pub inside: (u32, u32),
+}
+
 /// Checks out `oid` detached (a submodule's pinned commit).
-fn check_out_detached(repo: &Repository, oid: Oid, cancel: &AtomicBool) -> Result<(), git2::Error> {
+fn check_out_detached(
+    repo: &Repository,
+    oid: Oid,
+    cancel: &AtomicBool,
+    owner: Option<Owner>,
+) -> Result<(), git2::Error> {
     repo.set_head_detached(oid)?;
-    write_work_tree(repo, oid, cancel, None)
+    write_work_tree(repo, oid, cancel, None, None, owner)
 }
 
 /// Writes the files of `oid` into the (empty) work tree of `repo` as git
@@ -190,12 +207,14 @@ fn check_out_detached(repo: &Repository, oid: Oid, cancel: &AtomicBool) -> Resul
 /// `git status` need not read them again.
 /// With a `cone`, only its files are written; the index marks the others
 /// skip-worktree and the repository is set up as `git sparse-checkout set
-/// --cone` leaves it.
+/// --cone` leaves it. With `lfs`, LFS pointers get their objects from it.
 fn write_work_tree(
     repo: &Repository,
     oid: Oid,
     cancel: &AtomicBool,
     cone: Option<&sparse::Cone>,
+    lfs: Option<&lfs::Store>,
+    owner: Option<Owner>,
 ) -> Result<(), git2::Error> {
     let io = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::InvalidData => refusal(&e),
@@ -206,7 +225,17 @@ fn write_work_tree(
         .ok_or_else(|| git2::Error::from_str("a bare repository has no work tree"))?;
     let in_cone = |p: &[u8]| cone.is_none_or(|c| c.contains(p));
     let only: worktree::Only<'_> = cone.map(|_| &in_cone as &dyn Fn(&[u8]) -> bool);
-    let written = worktree::write(repo.path(), oid, workdir, only, true, cancel).map_err(io)?;
+    let written = worktree::write(
+        repo.path(),
+        oid,
+        workdir,
+        only,
+        true,
+        lfs,
+        owner.map(|o| o.host),
+        cancel,
+    )
+    .map_err(io)?;
     let tree = repo.find_commit(oid)?.tree()?;
     let mut index = repo.index()?;
     index.read_tree(&tree)?;
@@ -220,8 +249,8 @@ fn write_work_tree(
             dev: m.dev() as u32,
             ino: m.ino() as u32,
             mode: e.mode(),
-            uid: m.uid(),
-            gid: m.gid(),
+            uid: owner.map_or(m.uid(), |o| o.inside.0),
+            gid: owner.map_or(m.gid(), |o| o.inside.1),
             file_size: m.size() as u32,
             id: e.id,
             flags: e.path.len().min(0xfff) as u16,
@@ -374,13 +403,15 @@ pub fn isolate_libgit2(empty_home: &Path) -> Result<(), git2::Error> {
 
 /// Clones `spec.repo_url` into `workspace` (which must be empty) at
 /// `spec.revision`, with submodules if asked, through the checkout cache
-/// when `mirrors` is given. Blocking; `cancel` aborts a transfer.
+/// when `mirrors` is given. Files written (not laid over cached layers)
+/// belong to `owner` as they are made. Blocking; `cancel` aborts a transfer.
 pub fn checkout(
     spec: &CheckoutSpec,
     workspace: &Path,
     auth: &Auth,
     cancel: &AtomicBool,
     mirrors: Option<&Mirrors>,
+    owner: Option<Owner>,
 ) -> Result<Checkout, CheckoutError> {
     // As git makes a clone's directory (the job's run directory above it
     // keeps others out).
@@ -388,12 +419,13 @@ pub fn checkout(
         .map_err(|e| CheckoutError::new(FailureKind::Agent, format!("cannot open up the workspace: {e}")))?;
     let ctx = Ctx {
         auth,
+        owner,
         cancel,
         mirrors,
         workspace,
         depth: spec.depth,
     };
-    match checkout_with(spec, &ctx) {
+    let done = match checkout_with(spec, &ctx) {
         Err(CheckoutError {
             cache_failed: Some(url),
             message,
@@ -409,7 +441,61 @@ pub fn checkout(
             checkout_with(spec, &Ctx { mirrors: None, ..ctx })
         }
         other => other,
+    }?;
+    let warm = done.mirrors.iter().any(|m| !m.layer_dirs.is_empty());
+    if let Some(o) = owner.filter(|_| !warm) {
+        give_the_rest(workspace, &done.done.submodules, o.host).map_err(|e| {
+            CheckoutError::new(
+                FailureKind::Agent,
+                format!("cannot give the workspace to uid {}: {e}", o.host.0),
+            )
+        })?;
     }
+    Ok(done)
+}
+
+/// Gives `owner` what of a written workspace the work tree writer did not
+/// make: the workspace itself, `.git` (a few files: objects are borrowed
+/// or packed), the directory of every submodule (checked out or not) and
+/// those on the way to it, and its `.git` file. The files of the trees
+/// are theirs already.
+fn give_the_rest(workspace: &Path, submodules: &[SubmoduleDone], owner: (u32, u32)) -> std::io::Result<()> {
+    let lchown = |p: &Path| match std::os::unix::fs::lchown(p, Some(owner.0), Some(owner.1)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    };
+    // Listed first: libgit2 opens no repository someone else owns.
+    let mut dirs = Vec::new();
+    let repos = std::iter::once(workspace.to_path_buf()).chain(
+        submodules
+            .iter()
+            .filter_map(|sm| contained_path(workspace, &sm.path)),
+    );
+    for repo in repos {
+        // The gitlinks of its index: submodules' directories.
+        let Ok(index) = Repository::open(&repo).and_then(|r| r.index()) else {
+            continue;
+        };
+        for e in index.iter().filter(|e| e.mode == 0o160000) {
+            if let Some(dir) = std::str::from_utf8(&e.path)
+                .ok()
+                .and_then(|p| contained_path(&repo, p))
+            {
+                dirs.push((repo.clone(), dir));
+            }
+        }
+    }
+    lchown(workspace)?;
+    crate::sys::userns::chown_tree(&workspace.join(".git"), owner.0, owner.1)?;
+    for (repo, dir) in dirs {
+        lchown(&dir.join(".git"))?;
+        let mut on_the_way = dir.as_path();
+        while on_the_way != repo && on_the_way.starts_with(&repo) {
+            lchown(on_the_way)?;
+            on_the_way = on_the_way.parent().unwrap_or(&repo);
+        }
+    }
+    Ok(())
 }
 
 fn empty_dir(dir: &Path) -> std::io::Result<()> {
@@ -458,19 +544,35 @@ fn checkout_with(spec: &CheckoutSpec, ctx: &Ctx<'_>) -> Result<Checkout, Checkou
     };
     let repo = Repository::open(ctx.workspace)
         .map_err(|e| CheckoutError::new(FailureKind::Agent, e.message().to_string()))?;
+    let lfs = match spec.lfs {
+        true => fetch_lfs(&repo, url, oid, cone.as_ref(), ctx)?,
+        false => None,
+    };
     // A sparse workspace is written (its objects still borrowed): the
-    // cached layers hold every file.
+    // cached layers hold every file. With LFS files, layers of their own.
+    let write = |repo: &Repository| {
+        check_out(
+            repo,
+            oid,
+            branch.as_deref(),
+            ctx.cancel,
+            cone.as_ref(),
+            lfs.as_ref(),
+            ctx.owner,
+        )
+        .map_err(blame_cache)
+    };
     let repo = match uses.first_mut().filter(|_| cone.is_none()) {
-        Some(mirror) => match over_cached_tree(ctx.workspace, mirror, oid, branch.as_deref()) {
+        Some(mirror) => match over_cached_tree(ctx.workspace, mirror, oid, branch.as_deref(), lfs.as_ref()) {
             Ok(repo) => repo,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot lay the workspace over a cached work tree; writing it");
-                check_out(&repo, oid, branch.as_deref(), ctx.cancel, cone.as_ref()).map_err(blame_cache)?;
+                write(&repo)?;
                 repo
             }
         },
         None => {
-            check_out(&repo, oid, branch.as_deref(), ctx.cancel, cone.as_ref()).map_err(blame_cache)?;
+            write(&repo)?;
             repo
         }
     };
@@ -501,6 +603,35 @@ fn checkout_with(spec: &CheckoutSpec, ctx: &Ctx<'_>) -> Result<Checkout, Checkou
         },
         mirrors: uses,
     })
+}
+
+/// Fetches the LFS objects of the pointers `oid` has (in the cone) into
+/// the store next to the mirrors, or without a cache into the workspace's
+/// `.git/lfs/objects` as git-lfs does. `None`: the commit has no pointers.
+fn fetch_lfs(
+    repo: &Repository,
+    url: &str,
+    oid: Oid,
+    cone: Option<&sparse::Cone>,
+    ctx: &Ctx<'_>,
+) -> Result<Option<lfs::Store>, CheckoutError> {
+    let in_cone = |p: &[u8]| cone.is_none_or(|c| c.contains(p));
+    let only: worktree::Only<'_> = cone.map(|_| &in_cone as &dyn Fn(&[u8]) -> bool);
+    let files = worktree::lfs_pointers(repo.path(), oid, only).map_err(|e| {
+        CheckoutError::new(
+            FailureKind::Checkout,
+            format!("cannot list the Git LFS files of {oid}: {e}"),
+        )
+    })?;
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let store = match ctx.mirrors.filter(|_| cacheable(url)) {
+        Some(m) => m.lfs_store(),
+        None => lfs::Store::new(repo.path().join("lfs").join("objects")),
+    };
+    lfs::fetch(url, &files, &store, ctx.auth)?;
+    Ok(Some(store))
 }
 
 /// Fetches every branch and tag of `url` into `repo` as `origin`, trying
@@ -651,10 +782,18 @@ fn over_cached_tree(
     mirror: &mut MirrorUse,
     oid: Oid,
     branch: Option<&str>,
+    lfs: Option<&lfs::Store>,
 ) -> Result<Repository, String> {
     let source = Repository::open_bare(mirror.objects.parent().unwrap_or(Path::new("/")))
         .map_err(|e| e.message().to_string())?;
-    let layers = trees::layers(&source, &mirror.trees, oid).map_err(|e| e.to_string())?;
+    let trees = match lfs {
+        Some(_) => mirror.trees.with_file_name(format!(
+            "{}-lfs.trees",
+            mirror.trees.file_stem().unwrap_or_default().to_string_lossy()
+        )),
+        None => mirror.trees.clone(),
+    };
+    let layers = trees::layers(&source, &trees, oid, lfs).map_err(|e| e.to_string())?;
     let git_dir = workspace.join(".git");
     let upper = trees::prepare_upper(workspace).map_err(|e| e.to_string())?;
     std::fs::rename(&git_dir, upper.join(".git")).map_err(|e| e.to_string())?;
@@ -676,6 +815,8 @@ fn check_out(
     branch: Option<&str>,
     cancel: &AtomicBool,
     cone: Option<&sparse::Cone>,
+    lfs: Option<&lfs::Store>,
+    owner: Option<Owner>,
 ) -> Result<(), CheckoutError> {
     let fail = |e: git2::Error| {
         let mut out = CheckoutError::new(
@@ -686,7 +827,7 @@ fn check_out(
         out
     };
     set_head(repo, oid, branch).map_err(fail)?;
-    write_work_tree(repo, oid, cancel, cone).map_err(fail)
+    write_work_tree(repo, oid, cancel, cone, lfs, owner).map_err(fail)
 }
 
 /// Points HEAD at `oid`: on the local branch `branch` (made there, its
@@ -764,7 +905,15 @@ mod tests {
             repo_url: url.into(),
             ..Default::default()
         };
-        checkout(&spec, dir.path(), &Auth::default(), &AtomicBool::new(false), None).unwrap_err()
+        checkout(
+            &spec,
+            dir.path(),
+            &Auth::default(),
+            &AtomicBool::new(false),
+            None,
+            None,
+        )
+        .unwrap_err()
     }
 
     #[test]

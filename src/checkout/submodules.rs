@@ -125,7 +125,7 @@ pub(super) fn update(
             )));
         }
         let sub = sm.open().map_err(|e| git_err(&what, e))?;
-        check_out_detached(&sub, pinned, ctx.cancel).map_err(|e| {
+        check_out_detached(&sub, pinned, ctx.cancel, ctx.owner).map_err(|e| {
             let mut out = refuse(format!(
                 "{what}: cannot check out its pinned commit {pinned}: {}",
                 e.message()

@@ -13,6 +13,9 @@
 //! layers; a job holds the lock file of each layer it mounts shared until it
 //! ends, and a layer is removed only when its lock can be taken
 //! exclusively, so old layers go even while other jobs run.
+//!
+//! A job that asks for Git LFS gets layers of its own, `NAME-lfs.trees/`
+//! (same layout), whose LFS pointers were written as their objects.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -27,6 +30,7 @@ use git2::{Delta, DiffOptions, Oid, Repository, Tree};
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::stat::{Mode, SFlag, mknod};
 
+use super::lfs::Store;
 use crate::sys::lockfile;
 use crate::sys::mount::bind_all_idmapped;
 use crate::sys::userns::{IdRange, UserNs, chown_tree};
@@ -59,12 +63,18 @@ fn layer_lock(dir: &Path) -> PathBuf {
 }
 
 /// The layers of `commit`'s work tree; made when missing. `trees` is the
-/// mirror's `NAME.trees` directory. Layers no job uses any more go when a
+/// mirror's `NAME.trees` directory (`NAME-lfs.trees` with `lfs`, whose
+/// objects smudge the pointers). Layers no job uses any more go when a
 /// new one is made.
-pub(crate) fn layers(mirror: &Repository, trees: &Path, commit: Oid) -> io::Result<Layers> {
+pub(crate) fn layers(
+    mirror: &Repository,
+    trees: &Path,
+    commit: Oid,
+    lfs: Option<&Store>,
+) -> io::Result<Layers> {
     fs::create_dir_all(trees)?;
     let _lock = lockfile::lock(&trees.with_extension("trees.lock"), FlockArg::LockExclusive)?;
-    let dirs = find_or_make(mirror, trees, commit)?;
+    let dirs = find_or_make(mirror, trees, commit, lfs)?;
     let mut locks = Vec::new();
     for d in &dirs {
         locks.push(lockfile::lock(&layer_lock(d), FlockArg::LockShared)?);
@@ -72,7 +82,12 @@ pub(crate) fn layers(mirror: &Repository, trees: &Path, commit: Oid) -> io::Resu
     Ok(Layers { dirs, locks })
 }
 
-fn find_or_make(mirror: &Repository, trees: &Path, commit: Oid) -> io::Result<Vec<PathBuf>> {
+fn find_or_make(
+    mirror: &Repository,
+    trees: &Path,
+    commit: Oid,
+    lfs: Option<&Store>,
+) -> io::Result<Vec<PathBuf>> {
     let tree = mirror.find_commit(commit).and_then(|c| c.tree()).map_err(other)?;
     if let Some(base) = current_base(trees) {
         let base_dir = trees.join(format!("base-{base}"));
@@ -84,7 +99,7 @@ fn find_or_make(mirror: &Repository, trees: &Path, commit: Oid) -> io::Result<Ve
             return Ok(vec![delta_dir, base_dir]);
         }
         let base_tree = mirror.find_commit(base).and_then(|c| c.tree()).map_err(other)?;
-        if let Some(()) = write_delta(mirror, &base_tree, &tree, commit, trees, &delta_dir)? {
+        if let Some(()) = write_delta(mirror, &base_tree, &tree, commit, trees, &delta_dir, lfs)? {
             collect(trees);
             return Ok(vec![delta_dir, base_dir]);
         }
@@ -92,7 +107,7 @@ fn find_or_make(mirror: &Repository, trees: &Path, commit: Oid) -> io::Result<Ve
     let base_dir = trees.join(format!("base-{commit}"));
     if !base_dir.is_dir() {
         let tmp = tempfile::Builder::new().prefix("tmp-").tempdir_in(trees)?;
-        write_files(mirror, commit, tmp.path(), None)?;
+        write_files(mirror, commit, tmp.path(), None, lfs)?;
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))?;
         fs::rename(tmp.keep(), &base_dir)?;
     }
@@ -110,8 +125,19 @@ fn write_files(
     commit: Oid,
     dir: &Path,
     only: super::worktree::Only<'_>,
+    lfs: Option<&Store>,
 ) -> io::Result<()> {
-    super::worktree::write(mirror.path(), commit, dir, only, false, &AtomicBool::new(false)).map(drop)
+    super::worktree::write(
+        mirror.path(),
+        commit,
+        dir,
+        only,
+        false,
+        lfs,
+        None,
+        &AtomicBool::new(false),
+    )
+    .map(drop)
 }
 
 fn current_base(trees: &Path) -> Option<Oid> {
@@ -130,6 +156,7 @@ fn write_delta(
     commit: Oid,
     trees: &Path,
     dest: &Path,
+    lfs: Option<&Store>,
 ) -> io::Result<Option<()>> {
     let mut opts = DiffOptions::new();
     opts.include_typechange(true);
@@ -169,7 +196,7 @@ fn write_delta(
             .iter()
             .map(|p| p.as_os_str().as_bytes().to_vec())
             .collect();
-        write_files(repo, commit, tmp.path(), Some(&|p: &[u8]| only.contains(p)))?;
+        write_files(repo, commit, tmp.path(), Some(&|p: &[u8]| only.contains(p)), lfs)?;
     }
     // What it does not have: a whiteout at the highest directory that is
     // gone, else at the file; nothing under a path the delta replaces.

@@ -22,12 +22,20 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use git2::{Binding, Oid, Repository, Tree};
 
+use super::lfs::{Pointer, PointerFile, Store};
+
 fn other(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
 /// Which paths (relative to the tree's root) to write.
 pub(crate) type Only<'a> = Option<&'a dyn Fn(&[u8]) -> bool>;
+
+/// Who is to own what is written, as the host sees it (`uid`, `gid`):
+/// each file, directory and link is given to them as it is made, so that
+/// nothing has to walk the tree afterwards (and its ctimes, which the
+/// index records, stay as written).
+pub type Owner = Option<(u32, u32)>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -147,13 +155,18 @@ fn collect(
 /// most a `.git`: all of them, or those `only` takes (by path relative to
 /// the tree's root; with the directories leading to them). `stat`: return the
 /// metadata of each file written (for an index git need not refresh).
-/// `cancel` stops the writing between files.
+/// `lfs`: smudge LFS pointers with the objects of this store (which must
+/// hold them: [`lfs_pointers`] lists them). `cancel` stops the writing
+/// between files.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn write(
     git_dir: &Path,
     commit: Oid,
     dest: &Path,
     only: Only<'_>,
     stat: bool,
+    lfs: Option<&Store>,
+    owner: Owner,
     cancel: &AtomicBool,
 ) -> io::Result<Written> {
     let repo = Repository::open_bare(git_dir).map_err(other)?;
@@ -174,13 +187,13 @@ pub(crate) fn write(
         }
         dirs.retain(|d| needed.contains(d));
     }
-    for d in dirs.iter().chain(
-        entries
-            .iter()
-            .filter(|e| e.kind == Kind::Gitlink)
-            .map(|e| &e.path),
-    ) {
-        make_dir(&dest.join(OsStr::from_bytes(d)))?;
+    for d in &dirs {
+        make_dir(&dest.join(OsStr::from_bytes(d)), owner)?;
+    }
+    // A submodule's directory stays the agent's until its checkout is done:
+    // libgit2 opens no repository whose work tree someone else owns.
+    for e in entries.iter().filter(|e| e.kind == Kind::Gitlink) {
+        make_dir(&dest.join(OsStr::from_bytes(&e.path)), None)?;
     }
     // Creating a file waits on the file system more than on a CPU: two
     // writers per core.
@@ -195,7 +208,7 @@ pub(crate) fn write(
             .map(|_| {
                 s.spawn(|| {
                     let r = worker(
-                        git_dir, commit, dest, &entries, &next, attributes, stat, cancel, &failed,
+                        git_dir, commit, dest, &entries, &next, attributes, stat, lfs, owner, cancel, &failed,
                     );
                     if r.is_err() {
                         failed.store(true, Ordering::Relaxed);
@@ -227,13 +240,50 @@ pub(crate) fn write(
     Ok(Written { entries, meta })
 }
 
+/// The files of `commit` that are LFS pointers (`filter=lfs` and a blob
+/// that parses as one), among those `only` takes.
+pub(crate) fn lfs_pointers(git_dir: &Path, commit: Oid, only: Only<'_>) -> io::Result<Vec<PointerFile>> {
+    let repo = Repository::open_bare(git_dir).map_err(other)?;
+    let tree = repo.find_commit(commit).and_then(|c| c.tree()).map_err(other)?;
+    let (mut entries, mut dirs, mut attributes) = (Vec::new(), Vec::new(), false);
+    collect(&repo, &tree, b"", &mut entries, &mut dirs, &mut attributes)?;
+    let mut out = Vec::new();
+    if !attributes {
+        return Ok(out);
+    }
+    let odb = repo.odb().map_err(other)?;
+    for e in &entries {
+        if !matches!(e.kind, Kind::File | Kind::Exec) || only.is_some_and(|o| !o(&e.path)) {
+            continue;
+        }
+        // Cheap first: only small blobs can be pointers.
+        let (size, _) = odb.read_header(e.id).map_err(other)?;
+        if size > 1024 || !Conversion::of(&repo, commit, &e.path)?.lfs {
+            continue;
+        }
+        let blob = repo.find_blob(e.id).map_err(other)?;
+        if let Some(pointer) = Pointer::parse(blob.content()) {
+            out.push(PointerFile {
+                path: String::from_utf8_lossy(&e.path).into_owned(),
+                pointer,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Entries a writer takes at a time: neighbours in a directory, so that
 /// writers seldom wait on each other for the same directory's lock.
 const BATCH: usize = 32;
 
-fn make_dir(dir: &Path) -> io::Result<()> {
+fn make_dir(dir: &Path, owner: Owner) -> io::Result<()> {
     match fs::DirBuilder::new().mode(0o755).create(dir) {
-        Ok(()) => fs::set_permissions(dir, fs::Permissions::from_mode(0o755)),
+        Ok(()) => {
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+            }
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+        }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             if fs::symlink_metadata(dir)?.is_dir() {
                 Ok(())
@@ -257,6 +307,8 @@ fn worker(
     next: &AtomicUsize,
     attributes: bool,
     stat: bool,
+    lfs: Option<&Store>,
+    owner: Owner,
     cancel: &AtomicBool,
     failed: &AtomicBool,
 ) -> io::Result<Vec<(usize, fs::Metadata)>> {
@@ -268,7 +320,7 @@ fn worker(
             break;
         }
         for (i, e) in entries.iter().enumerate().skip(start).take(BATCH) {
-            if let Some(m) = write_entry(&repo, commit, dest, e, attributes, stat)? {
+            if let Some(m) = write_entry(&repo, commit, dest, e, attributes, stat, lfs, owner)? {
                 out.push((i, m));
             }
         }
@@ -277,6 +329,7 @@ fn worker(
 }
 
 /// Writes one entry; its metadata when `stat`.
+#[allow(clippy::too_many_arguments)]
 fn write_entry(
     repo: &Repository,
     commit: Oid,
@@ -284,6 +337,8 @@ fn write_entry(
     e: &Entry,
     attributes: bool,
     stat: bool,
+    lfs: Option<&Store>,
+    owner: Owner,
 ) -> io::Result<Option<fs::Metadata>> {
     if e.kind == Kind::Gitlink {
         return Ok(None);
@@ -293,6 +348,9 @@ fn write_entry(
     let blob = repo.find_blob(e.id).map_err(other)?;
     if e.kind == Kind::Link {
         std::os::unix::fs::symlink(OsStr::from_bytes(blob.content()), &at).map_err(named)?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::lchown(&at, Some(uid), Some(gid)).map_err(named)?;
+        }
         return stat.then(|| fs::symlink_metadata(&at)).transpose();
     }
     let conv = if attributes {
@@ -300,7 +358,20 @@ fn write_entry(
     } else {
         Conversion::default()
     };
-    let bytes = conv.to_worktree(blob.content(), e.id);
+    let pointer = lfs
+        .filter(|_| conv.lfs)
+        .and_then(|_| Pointer::parse(blob.content()));
+    let bytes = match (lfs, pointer) {
+        // git-lfs's smudge: the object's bytes as they are.
+        (Some(store), Some(p)) => Cow::Owned(store.read(&p).map_err(|err| {
+            io::Error::other(format!(
+                "Git LFS object {} of {}: {err}",
+                p.oid,
+                String::from_utf8_lossy(&e.path)
+            ))
+        })?),
+        _ => conv.to_worktree(blob.content(), e.id),
+    };
     let mode = if e.kind == Kind::Exec { 0o755 } else { 0o644 };
     let mut f = OpenOptions::new()
         .write(true)
@@ -309,6 +380,9 @@ fn write_entry(
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&at)
         .map_err(named)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(named)?;
+    }
     f.write_all(&bytes).map_err(named)?;
     // The mode exactly, whatever the agent's umask.
     f.set_permissions(fs::Permissions::from_mode(mode))?;
@@ -318,6 +392,8 @@ fn write_entry(
 /// How git's convert.c turns a blob into a work tree file, for one path.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Conversion {
+    /// `filter=lfs`: a pointer here is smudged when the job asks for LFS.
+    lfs: bool,
     ident: bool,
     crlf: Crlf,
     encoding: Option<String>,
@@ -430,8 +506,11 @@ fn attributes(repo: &Repository, commit: Oid, path: &[u8]) -> io::Result<[Attr; 
 
 impl Conversion {
     fn of(repo: &Repository, commit: Oid, path: &[u8]) -> io::Result<Conversion> {
-        let [crlf, ident, _filter, eol, text, encoding] = attributes(repo, commit, path)?;
-        Ok(Conversion::from_attrs(&crlf, &ident, &eol, &text, &encoding))
+        let [crlf, ident, filter, eol, text, encoding] = attributes(repo, commit, path)?;
+        Ok(Conversion {
+            lfs: matches!(&filter, Attr::Value(v) if v == "lfs"),
+            ..Conversion::from_attrs(&crlf, &ident, &eol, &text, &encoding)
+        })
     }
 
     /// convert.c's `convert_attrs`, with core.autocrlf false and core.eol
@@ -483,6 +562,7 @@ impl Conversion {
             _ => None,
         };
         Conversion {
+            lfs: false,
             ident: *ident == Attr::True,
             crlf,
             encoding,

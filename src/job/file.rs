@@ -58,6 +58,8 @@ struct RawCheckout {
     refspecs: Vec<String>,
     #[serde(default)]
     sparse_paths: Vec<String>,
+    #[serde(default)]
+    lfs: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -325,6 +327,7 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
             depth: c.depth,
             refspecs: c.refspecs,
             sparse_paths: c.sparse_paths,
+            lfs: c.lfs,
         }),
         ssh: crate::model::spec::SshCredentials {
             deploy_key: key(

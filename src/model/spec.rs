@@ -54,6 +54,8 @@ pub struct CheckoutSpec {
     pub refspecs: Vec<String>,
     /// Directories of a cone-mode sparse checkout; empty = every file.
     pub sparse_paths: Vec<String>,
+    /// Git LFS objects smudged into the files that are LFS pointers.
+    pub lfs: bool,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -227,11 +227,7 @@ impl Corpus {
             submodules: true,
             ..Default::default()
         });
-        spec.ssh = Some(pb::SshCredentials {
-            user_key: self.user.private_bytes(),
-            known_hosts: vec![self.server.known_hosts_line.clone()],
-            ..Default::default()
-        });
+        spec.ssh = Some(self.server.user_credentials(&self.user));
         spec
     }
 
@@ -579,4 +575,48 @@ async fn a_pin_the_server_will_not_give_fails_the_job_and_never_the_cache() {
         "the job's failure is not the cache's:\n{}",
         agent.log()
     );
+}
+
+/// Whether the files of a written workspace (and of its submodule) still
+/// have the ctime the index recorded as they were written, and are all the
+/// step user's (root in its namespace): a chown of every file after the
+/// writing changes each ctime (and sends the first `git status` reading
+/// every file again).
+const GIVEN: &str = r#"given() {
+  ( cd "$1" &&
+    git ls-files --debug | awk 'NF == 1 { p = $1 } $1 == "ctime:" { split($2, t, ":"); if (t[1] != 0) printf "%s %d.%09d\n", p, t[1], t[2] }' | sort > /tmp/index &&
+    cut -d' ' -f1 /tmp/index | xargs stat -c '%n %.9Z' -- | sort > /tmp/disk &&
+    if cmp -s /tmp/index /tmp/disk; then echo "$1: ctime as written ($(wc -l < /tmp/index) files)"; else echo "$1: ctime changed after writing"; diff /tmp/index /tmp/disk | head -5; fi )
+}
+given .; given libs/a
+echo "not the step user's: $(find . ! -user 0 -o ! -group 0 | wc -l)"; find . ! -user 0 -o ! -group 0 | head -3
+echo "status: $(git status --porcelain --ignore-submodules=none | wc -l)"
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_written_checkout_is_the_step_users_as_written_never_chowned_afterwards() {
+    require!(Root, Sshd);
+    let corpus = Corpus::new();
+    let cached = Agent::start("");
+    let nocache = Agent::start("[checkout]\ncache = false");
+    for (agent, id, sparse) in [(&nocache, "direct", &[][..]), (&cached, "sparse", &["sub"][..])] {
+        let mut spec = corpus.spec(id, "", &[GIVEN]);
+        spec.checkout.as_mut().unwrap().sparse_paths = sparse.iter().map(|s| s.to_string()).collect();
+        let (status, events) = run_job(agent, spec).await;
+        let out = output(&events, pb::Stream::Stdout);
+        assert_eq!(
+            state(&status),
+            pb::JobState::Succeeded,
+            "{id}: {status:?}\n{out}\n{}",
+            output(&events, pb::Stream::Stderr)
+        );
+        for line in [
+            ".: ctime as written (",
+            "libs/a: ctime as written (",
+            "not the step user's: 0",
+            "status: 0",
+        ] {
+            assert!(out.contains(line), "{id}: no {line:?} in\n{out}");
+        }
+    }
 }

@@ -24,6 +24,7 @@ mod fidelity;
 mod fuzz_corpus;
 mod hostimg;
 mod images;
+mod lfs;
 mod network;
 mod runtime;
 mod sandbox;

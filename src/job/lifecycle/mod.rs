@@ -249,8 +249,12 @@ impl Phases<'_> {
     async fn all(&self, keys: &PreparedKeys, masker: Arc<Masker>, held: &mut Held) -> Result<End, End> {
         timed!("make_disk", self.make_disk(held).await)?;
         timed!("install_keys", self.install_keys(keys, held).await)?;
-        timed!("check_out", self.check_out(keys, held).await)?;
+        // The image first: its user owns the files the checkout writes.
         let image = timed!("prepare_image", self.prepare_image(held).await)?;
+        timed!(
+            "check_out",
+            self.check_out(keys, self.owner(&image.user), held).await
+        )?;
         timed!("give_workspace", self.give_workspace(&image.user, held).await)?;
         let files = timed!(
             "prepare_network",
@@ -322,7 +326,12 @@ impl Phases<'_> {
 
     /// The repository and its submodules, into the workspace (libgit2, off
     /// the async threads, cancellable).
-    async fn check_out(&self, keys: &PreparedKeys, held: &mut Held) -> Result<(), End> {
+    async fn check_out(
+        &self,
+        keys: &PreparedKeys,
+        owner: Option<checkout::Owner>,
+        held: &mut Held,
+    ) -> Result<(), End> {
         let Some(co) = &self.spec.checkout else {
             return Ok(());
         };
@@ -335,7 +344,7 @@ impl Phases<'_> {
         let task = tokio::task::spawn_blocking({
             let (co, workspace, cancel) = (co.clone(), held.workspace(), cancel.clone());
             let mirrors = registry.mirrors.clone();
-            move || checkout::checkout(&co, &workspace, &auth, &cancel, mirrors.as_ref())
+            move || checkout::checkout(&co, &workspace, &auth, &cancel, mirrors.as_ref(), owner)
         });
         tokio::pin!(task);
         let result = tokio::select! {
@@ -577,16 +586,27 @@ impl Phases<'_> {
         })
     }
 
+    /// Who owns the files of the checkout: the step user, as the host and
+    /// the container see them; `None` when that is host root.
+    fn owner(&self, user: &User) -> Option<checkout::Owner> {
+        let shift = self.userns_base.unwrap_or(0);
+        let host = (user.uid + shift, user.gid + shift);
+        (host.0 != 0).then_some(checkout::Owner {
+            host,
+            inside: (user.uid, user.gid),
+        })
+    }
+
     /// The step user owns the workspace and its keys, as the host sees it.
     /// A warm checkout's cached layers are idmapped to them (no file is
-    /// copied up); written files (and, where idmapped mounts fail, the
-    /// whole workspace) change owner.
+    /// copied up) and its writable layer changes owner; a written checkout
+    /// is theirs already (its writer gave each file away as it made it);
+    /// only where idmapped mounts fail does the whole workspace change owner.
     async fn give_workspace(&self, user: &User, held: &Held) -> Result<(), End> {
-        let shift = self.userns_base.unwrap_or(0);
-        let (uid, gid) = (user.uid + shift, user.gid + shift);
-        if uid == 0 {
+        let Some(checkout::Owner { host: (uid, gid), .. }) = self.owner(user) else {
             return Ok(());
-        }
+        };
+        let written = self.spec.checkout.is_some();
         let workspace = held.workspace();
         let ssh = held.ssh_dir.as_ref().map(|d| d.path().to_path_buf());
         let layers = held
@@ -596,8 +616,8 @@ impl Phases<'_> {
             .find(|l| !l.is_empty());
         let span = tracing::Span::current();
         blocking(move || {
-            let warm = match layers {
-                None => false,
+            let given = match layers {
+                None => written,
                 Some(layers) => match checkout::give_warm_workspace(&workspace, &layers, uid, gid)? {
                     Ok(()) => true,
                     Err(e) => {
@@ -611,7 +631,7 @@ impl Phases<'_> {
                     }
                 },
             };
-            if !warm {
+            if !given {
                 chown_tree(&workspace, uid, gid)?;
             }
             match ssh {

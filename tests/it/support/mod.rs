@@ -5,6 +5,7 @@
 
 pub mod image;
 pub mod internet;
+pub mod lfs;
 pub mod sshd;
 
 use std::io::{BufRead, BufReader};

@@ -126,6 +126,8 @@ impl GitServer {
 set -f
 cmd=${{SSH_ORIGINAL_COMMAND%% *}}
 repo=${{SSH_ORIGINAL_COMMAND#* }}
+# git-lfs-authenticate 'org/app.git' download
+if [ "$cmd" = git-lfs-authenticate ]; then repo=${{repo% *}}; fi
 repo=$(printf '%s' "$repo" | tr -d "'\"")
 repo=${{repo#/}}
 case "$repo" in *..*) echo "ERROR: Repository not found." >&2; exit 1;; esac
@@ -139,10 +141,15 @@ if [ ! -d "{repos}/$repo" ]; then echo "ERROR: Repository not found." >&2; exit 
 case "$cmd" in
   git-upload-pack) exec {git} upload-pack "{repos}/$repo";;
   git-receive-pack) exec {git} receive-pack "{repos}/$repo";;
+  git-lfs-authenticate)
+    lfs="{lfs}/$(printf '%s' "$repo" | tr / _)"
+    if [ -f "$lfs" ]; then exec cat "$lfs"; fi
+    echo "ERROR: Git LFS is not enabled for this repository." >&2; exit 1;;
   *) echo "ERROR: unsupported command" >&2; exit 1;;
 esac
 "#,
                 repos = d.join("repos").display(),
+                lfs = d.join("lfs").display(),
                 git = git_bin
             ),
         )
@@ -211,8 +218,25 @@ esac
         self.dir.path().join("repos")
     }
 
+    /// A job's SSH credentials: `user`'s key, this server's host key pinned.
+    pub fn user_credentials(&self, user: &KeyPair) -> runnel::api::pb::SshCredentials {
+        runnel::api::pb::SshCredentials {
+            user_key: user.private_bytes(),
+            known_hosts: vec![self.known_hosts_line.clone()],
+            ..Default::default()
+        }
+    }
+
     pub fn url(&self, repo: &str) -> String {
         format!("ssh://root@127.0.0.1:{}/{repo}", self.port)
+    }
+
+    /// What `git-lfs-authenticate <repo> ...` prints from now on (JSON
+    /// naming an LFS server: see `support::lfs`).
+    pub fn set_lfs(&self, repo: &str, json: &str) {
+        let dir = self.dir.path().join("lfs");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(repo.replace('/', "_")), json).unwrap();
     }
 
     pub fn log(&self) -> String {
