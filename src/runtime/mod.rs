@@ -61,6 +61,8 @@ pub enum RuntimeError {
     },
     #[error("the container did not start: {0}")]
     Start(#[from] StartError),
+    #[error(transparent)]
+    Delegate(#[from] cgroup::DelegateError),
 }
 
 /// Why a container did not start.
@@ -217,7 +219,7 @@ impl Runtime {
                 root,
             },
             init,
-            cgroup_parent: format!("/runnel.{digest}"),
+            cgroup_parent: cgroup::job_parent(&format!("/runnel.{digest}"))?,
         })
     }
 
