@@ -389,21 +389,21 @@ fn take_subtree(root: &Path, own: &str) -> Result<String, DelegateError> {
     let jobs = dir.join(JOBS);
     for d in [&leaf, &jobs] {
         match std::fs::create_dir(d) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(delegate_err("create", d)(e)),
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(delegate_err("create", d)(e));
+            }
             _ => {}
         }
     }
     let procs = leaf.join("cgroup.procs");
     std::fs::write(&procs, "0").map_err(delegate_err("move the agent into", &procs))?;
     let controllers = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
-    let enable: String = controllers
-        .split_whitespace()
-        .map(|c| format!("+{c} "))
-        .collect();
+    let enable: String = controllers.split_whitespace().map(|c| format!("+{c} ")).collect();
     if !enable.is_empty() {
         for d in [&dir, &jobs] {
             let control = d.join("cgroup.subtree_control");
-            std::fs::write(&control, enable.trim_end()).map_err(delegate_err("enable controllers in", &control))?;
+            std::fs::write(&control, enable.trim_end())
+                .map_err(delegate_err("enable controllers in", &control))?;
         }
     }
     Ok(format!("{}/{JOBS}", own.trim_end_matches('/')))
@@ -413,11 +413,15 @@ fn take_subtree(root: &Path, own: &str) -> Result<String, DelegateError> {
 mod tests {
     use super::*;
 
-    const HYBRID: &str = "12:pids:/user.slice\n1:name=systemd:/user.slice/session-1.scope\n0::/user.slice/session-1.scope\n";
+    const HYBRID: &str =
+        "12:pids:/user.slice\n1:name=systemd:/user.slice/session-1.scope\n0::/user.slice/session-1.scope\n";
 
     #[test]
     fn the_unified_path_is_the_0_line() {
-        assert_eq!(unified_path("0::/system.slice/runnel.service\n"), Some("/system.slice/runnel.service"));
+        assert_eq!(
+            unified_path("0::/system.slice/runnel.service\n"),
+            Some("/system.slice/runnel.service")
+        );
         assert_eq!(unified_path(HYBRID), Some("/user.slice/session-1.scope"));
         assert_eq!(unified_path("4:memory:/x\n"), None);
         assert_eq!(unified_path(""), None);
@@ -428,11 +432,17 @@ mod tests {
         let root = Path::new("/cg");
         let svc = "0::/system.slice/runnel.service\n";
         let yes = |p: &Path| p == Path::new("/cg/system.slice/runnel.service");
-        assert_eq!(own_delegated(root, svc, yes).as_deref(), Some("/system.slice/runnel.service"));
+        assert_eq!(
+            own_delegated(root, svc, yes).as_deref(),
+            Some("/system.slice/runnel.service")
+        );
         assert_eq!(own_delegated(root, svc, |_| false), None);
         // Restarted in place (or started again by the agent itself): already in the leaf.
         let leaf = "0::/system.slice/runnel.service/agent\n";
-        assert_eq!(own_delegated(root, leaf, yes).as_deref(), Some("/system.slice/runnel.service"));
+        assert_eq!(
+            own_delegated(root, leaf, yes).as_deref(),
+            Some("/system.slice/runnel.service")
+        );
         // The root is never ours.
         assert_eq!(own_delegated(root, "0::/\n", |_| true), None);
     }
@@ -447,7 +457,10 @@ mod tests {
         std::fs::write(root.path().join("cgroup.subtree_control"), "untouched").unwrap();
         let parent = take_subtree(root.path(), "/system.slice/runnel.service").unwrap();
         assert_eq!(parent, "/system.slice/runnel.service/jobs");
-        assert_eq!(std::fs::read_to_string(own.join("agent/cgroup.procs")).unwrap(), "0");
+        assert_eq!(
+            std::fs::read_to_string(own.join("agent/cgroup.procs")).unwrap(),
+            "0"
+        );
         for d in [own.clone(), own.join("jobs")] {
             assert_eq!(
                 std::fs::read_to_string(d.join("cgroup.subtree_control")).unwrap(),
@@ -455,10 +468,16 @@ mod tests {
             );
         }
         // Nothing above the service's cgroup is written.
-        assert_eq!(std::fs::read_to_string(root.path().join("cgroup.subtree_control")).unwrap(), "untouched");
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("cgroup.subtree_control")).unwrap(),
+            "untouched"
+        );
         assert!(!root.path().join("system.slice/cgroup.subtree_control").exists());
         // Taken again (a restart): same answer.
-        assert_eq!(take_subtree(root.path(), "/system.slice/runnel.service").unwrap(), parent);
+        assert_eq!(
+            take_subtree(root.path(), "/system.slice/runnel.service").unwrap(),
+            parent
+        );
     }
 
     #[test]
@@ -466,7 +485,10 @@ mod tests {
         // systemd sets trusted.delegate=1 on a unit's cgroup when it has
         // Delegate=yes; setting a trusted xattr takes root.
         if !nix::unistd::geteuid().is_root() {
-            assert!(std::env::var_os("CI").is_none(), "CI runs as root: setting a trusted.* xattr needs it");
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs as root: setting a trusted.* xattr needs it"
+            );
             eprintln!("skipped: setting a trusted.* xattr needs root");
             return;
         }
@@ -474,7 +496,15 @@ mod tests {
         assert!(!delegated(dir.path()));
         let path = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: NUL-terminated strings and a one-byte value.
-        let r = unsafe { libc::setxattr(path.as_ptr(), c"trusted.delegate".as_ptr(), b"1".as_ptr().cast(), 1, 0) };
+        let r = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                c"trusted.delegate".as_ptr(),
+                b"1".as_ptr().cast(),
+                1,
+                0,
+            )
+        };
         assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
         assert!(delegated(dir.path()));
     }
