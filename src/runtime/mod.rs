@@ -398,6 +398,11 @@ impl RuntimeHandle {
         }
         cmd.args(&self.prefix).arg("--root").arg(&self.root);
         cmd.stdin(Stdio::null());
+        // A process group of its own: Ctrl-C at the terminal of an agent
+        // run in the foreground signals the terminal's process group, and
+        // `runnel oci run/exec` would pass SIGINT on to the step. The
+        // agent alone should get it, and drain or cancel.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd
     }
 
