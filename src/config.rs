@@ -833,13 +833,10 @@ mod tests {
             };
             let example = EXAMPLES.contains(&name.as_str());
             match Config::from_toml(&doc) {
-                Ok(c) if format!("{c:?}") == defaults => {
-                    if example {
-                        wrong.push(format!(
-                            "{name}: listed as an example, but `{line}` is the default"
-                        ));
-                    }
-                }
+                Ok(c) if format!("{c:?}") == defaults && example => wrong.push(format!(
+                    "{name}: listed as an example, but `{line}` is the default"
+                )),
+                Ok(c) if format!("{c:?}") == defaults => {}
                 Ok(_) if !example => wrong.push(format!("{name}: `{line}` is not the default")),
                 Err(e) if !example => wrong.push(format!("{name}: `{line}` does not load: {e}")),
                 _ => {}
