@@ -20,6 +20,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/runnel";
 /// What a job may write unless it or the config says otherwise.
 pub const DEFAULT_DISK_BYTES: u64 = 10 << 30;
+/// A job's memory and CPU when neither the job nor the config says.
+pub const DEFAULT_MEMORY_BYTES: u64 = 4 << 30;
+pub const DEFAULT_CPU_MILLIS: u32 = 2000;
 /// The first host uid/gid of containers' user namespaces when neither the
 /// config nor `/etc/subuid` says.
 pub const USERNS_BASE: u32 = 100_000;
@@ -444,11 +447,16 @@ impl Config {
             ));
         }
         let network_settings = read_network(raw.network, max_jobs)?;
-        if r.memory_bytes
-            .is_some_and(|m| m < crate::model::spec::MIN_MEMORY_BYTES)
-        {
-            return Err(invalid("runtime.memory_bytes", "must be at least 4 MiB"));
-        }
+        let memory_bytes = match r.memory_bytes.unwrap_or(DEFAULT_MEMORY_BYTES) {
+            0 => None,
+            m if m < crate::model::spec::MIN_MEMORY_BYTES => {
+                return Err(invalid(
+                    "runtime.memory_bytes",
+                    "must be at least 4 MiB, or 0 for no limit",
+                ));
+            }
+            m => Some(m),
+        };
         let disk_bytes = match r.disk_bytes.unwrap_or(DEFAULT_DISK_BYTES) {
             0 => None,
             d => {
@@ -460,9 +468,7 @@ impl Config {
         if r.max_pids == Some(0) {
             return Err(invalid("runtime.max_pids", "must be at least 1"));
         }
-        if r.cpu_millis == Some(0) {
-            return Err(invalid("runtime.cpu_millis", "must be at least 1"));
-        }
+        let cpu_millis = Some(r.cpu_millis.unwrap_or(DEFAULT_CPU_MILLIS)).filter(|&c| c != 0);
         let grace_period = parse_duration(r.grace_period.as_deref(), "runtime.grace_period", "10s")?;
         let job_timeout = positive_duration(r.job_timeout.as_deref(), "runtime.job_timeout", "1h")?;
         let no_output_timeout =
@@ -488,9 +494,9 @@ impl Config {
                 settings: RuntimeSettings { kind, path: r.path },
                 image: r.image.unwrap_or_else(|| "host".to_string()),
                 network,
-                memory_bytes: r.memory_bytes,
+                memory_bytes,
                 max_pids: Some(r.max_pids.unwrap_or(4096)),
-                cpu_millis: r.cpu_millis,
+                cpu_millis,
                 disk_bytes,
                 grace_period,
                 job_timeout,
@@ -746,6 +752,111 @@ mod tests {
         assert_eq!(c.retention.max_jobs, 1000);
         assert_eq!(c.retention.max_bytes, 10 << 30);
         assert_eq!(c.runtime.disk_bytes, Some(10 << 30));
+        assert_eq!(c.runtime.memory_bytes, Some(DEFAULT_MEMORY_BYTES));
+        assert_eq!(c.runtime.cpu_millis, Some(DEFAULT_CPU_MILLIS));
+    }
+
+    #[test]
+    fn zero_memory_or_cpu_means_no_limit() {
+        let c = Config::from_toml("[runtime]\nmemory_bytes = 0\ncpu_millis = 0").unwrap();
+        assert_eq!((c.runtime.memory_bytes, c.runtime.cpu_millis), (None, None));
+        let e = Config::from_toml("[runtime]\nmemory_bytes = 1024")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("or 0 for no limit"), "{e}");
+    }
+
+    /// Keys of packaging/agent.toml that have no default value (unset), so
+    /// the file shows an example; every other commented key shows its
+    /// default.
+    const EXAMPLES: &[&str] = &[
+        "agent_id",
+        "metrics_listen",
+        "metrics_token_file",
+        "auth.scheduler_tokens_file",
+        "auth.operator_tokens_file",
+        "tls.cert",
+        "tls.key",
+        "tls.client_ca",
+        "runtime.path",
+        "runtime.insecure_registries",
+        "network.subnet",
+        "network.dns",
+        "network.deny",
+        "network.allow",
+        "labels.pool",
+    ];
+
+    /// `(section, key, the line uncommented)` of every `#key = value` line
+    /// of the packaged config, in the section (`[x]` or `#[x]`) it sits in.
+    fn documented_keys(text: &str) -> Vec<(String, String, String)> {
+        let mut section = String::new();
+        let mut out = Vec::new();
+        for line in text.lines() {
+            let bare = line.strip_prefix('#').unwrap_or(line);
+            if let Some(name) = bare.strip_prefix('[').and_then(|b| b.strip_suffix(']')) {
+                section = name.to_string();
+                continue;
+            }
+            let Some(body) = line.strip_prefix('#') else {
+                continue;
+            };
+            let Some((key, _)) = body.split_once(" = ") else {
+                continue;
+            };
+            if !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                out.push((section.clone(), key.to_string(), body.to_string()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_packaged_config_shows_the_codes_defaults() {
+        let text = include_str!("../packaging/agent.toml");
+        let keys = documented_keys(text);
+        assert!(keys.len() > 40, "found only {} keys: {keys:?}", keys.len());
+        // The file as shipped (every key commented) is the defaults.
+        let defaults = format!("{:?}", Config::from_toml(text).unwrap());
+        assert_eq!(defaults, format!("{:?}", Config::from_toml("").unwrap()));
+        let mut wrong = Vec::new();
+        for (section, key, line) in &keys {
+            let name = if section.is_empty() {
+                key.clone()
+            } else {
+                format!("{section}.{key}")
+            };
+            let doc = if section.is_empty() {
+                format!("{line}\n")
+            } else {
+                format!("[{section}]\n{line}\n")
+            };
+            let example = EXAMPLES.contains(&name.as_str());
+            match Config::from_toml(&doc) {
+                Ok(c) if format!("{c:?}") == defaults && example => wrong.push(format!(
+                    "{name}: listed as an example, but `{line}` is the default"
+                )),
+                Ok(c) if format!("{c:?}") == defaults => {}
+                Ok(_) if !example => wrong.push(format!("{name}: `{line}` is not the default")),
+                Err(e) if !example => wrong.push(format!("{name}: `{line}` does not load: {e}")),
+                _ => {}
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "packaging/agent.toml disagrees with Config:\n{}",
+            wrong.join("\n")
+        );
+        for name in EXAMPLES {
+            let found = keys.iter().any(|(s, k, _)| {
+                &(if s.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{s}.{k}")
+                }) == name
+            });
+            assert!(found, "{name} is no longer in packaging/agent.toml");
+        }
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! placing the embedded runtime's containers in the hierarchies
 //! libcontainer leaves alone, and removing a container's cgroups (with
 //! whatever children were made in them) or those a previous run left.
+//! Under systemd with `Delegate=yes` on a unified (v2) host, the job
+//! cgroups live in the service's own subtree ([`job_parent`]).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -318,4 +320,226 @@ pub fn restrict_devices(path: &str) -> std::io::Result<()> {
 /// Whether any hierarchy still has the cgroup `path`.
 pub fn exists(path: &str) -> bool {
     !dirs(path).is_empty()
+}
+
+/// The cgroup v2 path (from the root) in the text of `/proc/<pid>/cgroup`:
+/// its "0::PATH" line.
+fn unified_path(proc_cgroup: &str) -> Option<&str> {
+    proc_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .filter(|p| p.starts_with('/'))
+}
+
+/// Whether systemd delegated the cgroup directory `dir` (`Delegate=yes`):
+/// systemd marks a delegated cgroup with the `trusted.delegate` xattr.
+fn delegated(dir: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut value = [0u8; 8];
+    // SAFETY: both strings are NUL-terminated and `value` is writable for
+    // its length.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"trusted.delegate".as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    n > 0 && value[..n as usize].starts_with(b"1")
+}
+
+/// Why the agent could not take its delegated cgroup subtree.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} {} (the agent's delegated cgroup; is `Delegate=yes` set on the unit, and nothing else started in it?): {source}", path.display())]
+pub struct DelegateError {
+    action: &'static str,
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+fn delegate_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DelegateError {
+    let path = path.to_path_buf();
+    move |source| DelegateError { action, path, source }
+}
+
+/// The leaf the agent moves itself into, and the parent of its jobs'
+/// cgroups, inside its delegated cgroup.
+const AGENT_LEAF: &str = "agent";
+const JOBS: &str = "jobs";
+
+/// The parent of this agent's job cgroups (a path from the cgroup root,
+/// as in the OCI spec). Under systemd with `Delegate=yes` on a unified
+/// host that is `<the service's cgroup>/jobs`: the agent first moves
+/// itself into `<the service's cgroup>/agent` (cgroup v2 lets only a
+/// cgroup without processes enable controllers for its children) and
+/// enables the controllers it was given in the service's cgroup and in
+/// `jobs`, never above. Elsewhere (cgroup v1, or no delegation) it is
+/// `fallback`, under the root, as before.
+pub fn job_parent(fallback: &str) -> Result<String, DelegateError> {
+    if !unified() {
+        return Ok(fallback.to_string());
+    }
+    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let own = own_delegated(Path::new(ROOT), &text, delegated);
+    match own {
+        Some(own) => take_subtree(Path::new(ROOT), &own),
+        None => Ok(fallback.to_string()),
+    }
+}
+
+/// The delegated cgroup this process sits in (or in whose `agent` leaf it
+/// already sits), as a path from the cgroup root mounted at `root`.
+fn own_delegated(root: &Path, proc_cgroup: &str, is_delegated: impl Fn(&Path) -> bool) -> Option<String> {
+    let own = unified_path(proc_cgroup)?.trim_end_matches('/');
+    if own.is_empty() {
+        return None;
+    }
+    let candidates = [Some(own), own.strip_suffix(&format!("/{AGENT_LEAF}"))];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|c| !c.is_empty() && is_delegated(&root.join(c.trim_start_matches('/'))))
+        .map(str::to_string)
+}
+
+/// Moves the calling process into `<own>/agent` and enables, in `<own>`
+/// and `<own>/jobs`, every controller `<own>` has. Returns `<own>/jobs`.
+fn take_subtree(root: &Path, own: &str) -> Result<String, DelegateError> {
+    let dir = root.join(own.trim_start_matches('/'));
+    let leaf = dir.join(AGENT_LEAF);
+    let jobs = dir.join(JOBS);
+    for d in [&leaf, &jobs] {
+        match std::fs::create_dir(d) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(delegate_err("create", d)(e));
+            }
+            _ => {}
+        }
+    }
+    let procs = leaf.join("cgroup.procs");
+    std::fs::write(&procs, "0").map_err(delegate_err("move the agent into", &procs))?;
+    let controllers = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    let enable: String = controllers.split_whitespace().map(|c| format!("+{c} ")).collect();
+    if !enable.is_empty() {
+        for d in [&dir, &jobs] {
+            let control = d.join("cgroup.subtree_control");
+            std::fs::write(&control, enable.trim_end())
+                .map_err(delegate_err("enable controllers in", &control))?;
+        }
+    }
+    Ok(format!("{}/{JOBS}", own.trim_end_matches('/')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str =
+        "12:pids:/user.slice\n1:name=systemd:/user.slice/session-1.scope\n0::/user.slice/session-1.scope\n";
+
+    #[test]
+    fn the_unified_path_is_the_0_line() {
+        assert_eq!(
+            unified_path("0::/system.slice/runnel.service\n"),
+            Some("/system.slice/runnel.service")
+        );
+        assert_eq!(unified_path(HYBRID), Some("/user.slice/session-1.scope"));
+        assert_eq!(unified_path("4:memory:/x\n"), None);
+        assert_eq!(unified_path(""), None);
+    }
+
+    #[test]
+    fn only_a_delegated_cgroup_is_taken() {
+        let root = Path::new("/cg");
+        let svc = "0::/system.slice/runnel.service\n";
+        let yes = |p: &Path| p == Path::new("/cg/system.slice/runnel.service");
+        assert_eq!(
+            own_delegated(root, svc, yes).as_deref(),
+            Some("/system.slice/runnel.service")
+        );
+        assert_eq!(own_delegated(root, svc, |_| false), None);
+        // Restarted in place (or started again by the agent itself): already in the leaf.
+        let leaf = "0::/system.slice/runnel.service/agent\n";
+        assert_eq!(
+            own_delegated(root, leaf, yes).as_deref(),
+            Some("/system.slice/runnel.service")
+        );
+        // The root is never ours.
+        assert_eq!(own_delegated(root, "0::/\n", |_| true), None);
+    }
+
+    #[test]
+    fn the_agent_moves_into_a_leaf_and_jobs_get_the_controllers() {
+        // A fake cgroupfs: plain files where the kernel has control files.
+        let root = tempfile::tempdir().unwrap();
+        let own = root.path().join("system.slice/runnel.service");
+        std::fs::create_dir_all(&own).unwrap();
+        std::fs::write(own.join("cgroup.controllers"), "cpu io memory pids\n").unwrap();
+        std::fs::write(root.path().join("cgroup.subtree_control"), "untouched").unwrap();
+        let parent = take_subtree(root.path(), "/system.slice/runnel.service").unwrap();
+        assert_eq!(parent, "/system.slice/runnel.service/jobs");
+        assert_eq!(
+            std::fs::read_to_string(own.join("agent/cgroup.procs")).unwrap(),
+            "0"
+        );
+        for d in [own.clone(), own.join("jobs")] {
+            assert_eq!(
+                std::fs::read_to_string(d.join("cgroup.subtree_control")).unwrap(),
+                "+cpu +io +memory +pids"
+            );
+        }
+        // Nothing above the service's cgroup is written.
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("cgroup.subtree_control")).unwrap(),
+            "untouched"
+        );
+        assert!(!root.path().join("system.slice/cgroup.subtree_control").exists());
+        // Taken again (a restart): same answer.
+        assert_eq!(
+            take_subtree(root.path(), "/system.slice/runnel.service").unwrap(),
+            parent
+        );
+    }
+
+    #[test]
+    fn systemds_delegate_mark_is_read() {
+        // systemd sets trusted.delegate=1 on a unit's cgroup when it has
+        // Delegate=yes; setting a trusted xattr takes root.
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs as root: setting a trusted.* xattr needs it"
+            );
+            eprintln!("skipped: setting a trusted.* xattr needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!delegated(dir.path()));
+        let path = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: NUL-terminated strings and a one-byte value.
+        let r = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                c"trusted.delegate".as_ptr(),
+                b"1".as_ptr().cast(),
+                1,
+                0,
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        assert!(delegated(dir.path()));
+    }
+
+    #[test]
+    fn a_subtree_that_cannot_be_taken_says_what_to_check() {
+        let root = tempfile::tempdir().unwrap();
+        let e = take_subtree(root.path(), "/system.slice/gone.service").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("cannot create "), "{msg}");
+        assert!(msg.contains("Delegate=yes"), "{msg}");
+    }
 }

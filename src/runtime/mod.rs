@@ -61,6 +61,8 @@ pub enum RuntimeError {
     },
     #[error("the container did not start: {0}")]
     Start(#[from] StartError),
+    #[error(transparent)]
+    Delegate(#[from] cgroup::DelegateError),
 }
 
 /// Why a container did not start.
@@ -217,7 +219,7 @@ impl Runtime {
                 root,
             },
             init,
-            cgroup_parent: format!("/runnel.{digest}"),
+            cgroup_parent: cgroup::job_parent(&format!("/runnel.{digest}"))?,
         })
     }
 
@@ -396,6 +398,11 @@ impl RuntimeHandle {
         }
         cmd.args(&self.prefix).arg("--root").arg(&self.root);
         cmd.stdin(Stdio::null());
+        // A process group of its own: Ctrl-C at the terminal of an agent
+        // run in the foreground signals the terminal's process group, and
+        // `runnel oci run/exec` would pass SIGINT on to the step. The
+        // agent alone should get it, and drain or cancel.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd
     }
 

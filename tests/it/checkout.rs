@@ -934,6 +934,63 @@ async fn keys_are_wiped_however_the_job_ends() {
     assert!(host_processes_with(&marker(15)).is_empty());
 }
 
+/// A key file unlinked before it is overwritten keeps its bytes in freed
+/// blocks, where no listing of the state directory finds them. So the test
+/// holds every key file open while the job runs: after the job, the files
+/// are gone and what the (unlinked) inodes hold must be zeros.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_key_file_is_overwritten_before_it_is_unlinked() {
+    use std::io::{Read, Seek};
+    require!(Root, Sshd);
+    let f = Fixture::new();
+    let agent = Agent::start("[runtime]\ngrace_period = \"1s\"");
+    let marker = format!("1000.{}16", std::process::id());
+    let mut c = agent.scheduler().await;
+    submit(
+        &mut c,
+        f.spec("keys-held", true, true, false, &[&format!("sleep {marker}")]),
+    )
+    .await;
+    wait_for("the step to run", std::time::Duration::from_secs(30), || {
+        !host_processes_with(&marker).is_empty()
+    });
+    let mut held = Vec::new();
+    for k in [&f.user, &f.deploy] {
+        for path in files_containing(&agent.state_dir(), &key_line(k)) {
+            let file = std::fs::File::open(&path).unwrap();
+            held.push((path, file));
+        }
+    }
+    assert!(
+        held.len() >= 2,
+        "the two keys are installed while the job runs: {held:?}"
+    );
+    c.cancel_job(pb::CancelJobRequest {
+        job_id: "keys-held".into(),
+    })
+    .await
+    .unwrap();
+    let events = watch(&mut c, "keys-held", 0).await;
+    assert_eq!(state(&final_status(&events)), pb::JobState::Cancelled);
+    for (path, mut file) in held {
+        assert!(!path.exists(), "{} is left", path.display());
+        let mut bytes = Vec::new();
+        file.rewind().unwrap();
+        file.read_to_end(&mut bytes).unwrap();
+        assert!(
+            !bytes.is_empty(),
+            "{} was truncated, not overwritten",
+            path.display()
+        );
+        assert!(
+            bytes.iter().all(|&b| b == 0),
+            "{} was unlinked without being overwritten",
+            path.display()
+        );
+    }
+    assert!(!agent.log().contains("ERROR"), "{}", agent.log());
+}
+
 /// Paths under `dir`, relative, sorted; `.git`'s insides left out.
 fn files_under(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();

@@ -117,6 +117,31 @@ async fn a_second_signal_cuts_the_drain_short_and_cancels_what_runs() {
     assert!(host_processes_with("1000.661").is_empty());
 }
 
+/// `systemctl kill -s INT runnel` signals every process of the service:
+/// under systemd the jobs' steps are in its (delegated) cgroup and get the
+/// SIGINT too, maybe before the agent does. Here the step gets it first,
+/// the worst order: the job still ends CANCELLED, not FAILED (STEP) 130.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigint_to_every_process_of_the_service_ends_the_jobs_cancelled() {
+    require!(Root);
+    let mut agent = Agent::start("drain_timeout = \"1h\"\n[runtime]\ngrace_period = \"1s\"");
+    let events = sleeping_job(&agent, "everyone", "1000.662").await;
+    agent.signal(Signal::SIGTERM);
+    until_draining(&agent).await;
+    let step = host_processes_with("1000.662");
+    assert!(!step.is_empty());
+    for pid in step {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGINT);
+    }
+    agent.signal(Signal::SIGINT);
+    let exit = agent.wait(Duration::from_secs(60));
+    assert_eq!(exit.code(), Some(0), "{exit:?}; log:\n{}", agent.log());
+    let status = final_status(&events.await.unwrap());
+    assert_eq!(state(&status), pb::JobState::Cancelled, "{status:?}");
+    assert_eq!(failure(&status), pb::FailureKind::Cancelled, "{status:?}");
+    assert!(host_processes_with("1000.662").is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_drain_timeout_cancels_what_still_runs_then_exits_0() {
     require!(Root);

@@ -44,14 +44,36 @@ struct End {
     state: JobState,
     failure: FailureKind,
     message: String,
+    /// A step ended with exit status 130, as a process does on SIGINT.
+    sigint: bool,
 }
 
 impl End {
+    /// The outcome once the job is torn down. A step that ended on SIGINT
+    /// in a job that has been cancelled by then was cancelled: under
+    /// systemd, `systemctl kill -s INT runnel` (the "stop now" signal)
+    /// reaches every process of the service, the jobs' own included
+    /// (they sit in its delegated cgroup), and the agent cancels its jobs
+    /// on it. The step may end first; the teardown gives the agent's own
+    /// handler the time to cancel.
+    fn settle(self, cancelled: bool) -> End {
+        if !(self.sigint && cancelled && self.failure == FailureKind::Step) {
+            return self;
+        }
+        End {
+            state: JobState::Cancelled,
+            failure: FailureKind::Cancelled,
+            message: format!("cancelled: {} (SIGINT)", self.message),
+            sigint: true,
+        }
+    }
+
     fn ok() -> End {
         End {
             state: JobState::Succeeded,
             failure: FailureKind::None,
             message: String::new(),
+            sigint: false,
         }
     }
 
@@ -60,6 +82,7 @@ impl End {
             state: JobState::Failed,
             failure,
             message: message.into(),
+            sigint: false,
         }
     }
 }
@@ -81,6 +104,7 @@ impl Interrupt {
                 state: JobState::Cancelled,
                 failure: FailureKind::Cancelled,
                 message: format!("cancelled during {during}"),
+                sigint: false,
             },
             Interrupt::JobTimeout(t) => End {
                 state: JobState::TimedOut,
@@ -89,6 +113,7 @@ impl Interrupt {
                     "the job exceeded its timeout of {} during {during}",
                     humantime::format_duration(t)
                 ),
+                sigint: false,
             },
             Interrupt::StepTimeout(t) => End {
                 state: JobState::TimedOut,
@@ -97,6 +122,7 @@ impl Interrupt {
                     "{during} exceeded its timeout of {}",
                     humantime::format_duration(t)
                 ),
+                sigint: false,
             },
             Interrupt::NoOutput(t) => End {
                 state: JobState::Failed,
@@ -105,6 +131,7 @@ impl Interrupt {
                     "{during} printed nothing for {} (its no_output_timeout) and was ended",
                     humantime::format_duration(t)
                 ),
+                sigint: false,
             },
         }
     }
@@ -211,7 +238,7 @@ async fn phases(registry: &Registry, job: &Arc<Job>, spec: &JobSpec, slot: u32) 
         Ok(end) | Err(end) => end,
     };
     held.teardown(config.runtime.grace_period).await;
-    end
+    end.settle(job.cancel.is_cancelled())
 }
 
 /// Runs `$phase` and logs, at debug level, how long it took: the start
@@ -832,4 +859,39 @@ fn base_env(spec: &JobSpec, job_id: &str, image_env: &[String], user: &User) -> 
         );
     }
     env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_ended_by_sigint_in_a_cancelled_job_is_a_cancel() {
+        let step = |code: i32| {
+            let mut end = End::failed(
+                FailureKind::Step,
+                format!("step \"s\" failed: exit status {code}"),
+            );
+            end.sigint = code == 130;
+            end
+        };
+        // systemctl kill -s INT: the step got the signal too; the agent cancelled.
+        let end = step(130).settle(true);
+        assert_eq!(
+            (end.state, end.failure),
+            (JobState::Cancelled, FailureKind::Cancelled)
+        );
+        assert_eq!(
+            end.message,
+            "cancelled: step \"s\" failed: exit status 130 (SIGINT)"
+        );
+        // Not cancelled: the step's own 130 stands.
+        assert_eq!(step(130).settle(false).failure, FailureKind::Step);
+        // Cancelled after another failure: that failure stands.
+        assert_eq!(step(1).settle(true).failure, FailureKind::Step);
+        assert_eq!(
+            End::failed(FailureKind::Checkout, "x").settle(true).failure,
+            FailureKind::Checkout
+        );
+    }
 }

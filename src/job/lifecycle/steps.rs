@@ -439,7 +439,9 @@ impl Steps<'_> {
                             Some(why) => format!("{what} {why}; exit status {code}"),
                             None => format!("{what} failed: exit status {code}"),
                         };
-                        (result, Some(End::failed(FailureKind::Step, message)), false)
+                        let mut end = End::failed(FailureKind::Step, message);
+                        end.sigint = code == 130;
+                        (result, Some(end), false)
                     }
                     Err(e) => fail(result, format!("cannot wait for {what}: {e}")),
                 };
