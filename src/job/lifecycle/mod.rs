@@ -27,7 +27,7 @@ use crate::checkout::{self, Auth, Checkout, TransferProgress};
 use crate::logs::Masker;
 use crate::model::{EventKind, FailureKind, JobSpec, JobState, KeyKind, Resources, Secret};
 use crate::runtime::ContainerRuntime;
-use crate::runtime::image::PullProgress;
+use crate::runtime::image::{PullProgress, PullState};
 use crate::runtime::rootfs::Rootfs;
 use crate::runtime::spec::USERNS_SIZE;
 use crate::runtime::spec::{self as oci, ContainerConfig};
@@ -539,53 +539,55 @@ impl Phases<'_> {
         progress: &PullProgress,
         started: Instant,
     ) -> std::convert::Infallible {
-        let every = self.registry.config().progress_interval;
-        let mut last = None;
-        loop {
-            tokio::time::sleep(every).await;
-            let state = progress.state();
-            // Quiet while only the cache is read, or nothing moved.
-            if state.fetched == 0 || last.as_ref() == Some(&state) {
-                continue;
-            }
-            let rate = state.fetched_bytes as f64 / started.elapsed().as_secs_f64().max(1e-3);
-            self.job.system_line(
-                0,
-                &format!(
-                    "runnel: pulling {image}: {}/{} layers ready, {} fetched ({}/s){}",
+        self.report_progress(
+            || Some(progress.state()).filter(|s| s.fetched > 0),
+            |state: &PullState| {
+                format!(
+                    "runnel: pulling {image}: {}/{} layers ready, {} fetched ({}){}",
                     state.done,
                     state.layers,
                     megabytes(state.fetched_bytes),
-                    megabytes(rate as u64),
+                    rate(state.fetched_bytes, started),
                     if state.unpacking { ", unpacking" } else { "" }
-                ),
-            );
-            last = Some(state);
-        }
+                )
+            },
+        )
+        .await
     }
 
     /// Says every `progress_interval` how far the checkout's fetch has
     /// come (libgit2's transfer progress); runs until dropped.
     async fn report_fetch(&self, progress: &TransferProgress, started: Instant) -> std::convert::Infallible {
+        self.report_progress(
+            || Some(progress.get()).filter(|(_, total, _)| *total > 0),
+            |&(objects, total, bytes): &(usize, usize, u64)| {
+                format!(
+                    "runnel: fetching: {objects}/{total} objects, {} ({})",
+                    megabytes(bytes),
+                    rate(bytes, started)
+                )
+            },
+        )
+        .await
+    }
+
+    /// Every `progress_interval`, a line saying what `state` reads, when
+    /// it reads something (quiet while it says `None`) that has moved
+    /// since the last line. Runs until dropped.
+    async fn report_progress<T: PartialEq>(
+        &self,
+        state: impl Fn() -> Option<T>,
+        line: impl Fn(&T) -> String,
+    ) -> std::convert::Infallible {
         let every = self.registry.config().progress_interval;
         let mut last = None;
         loop {
             tokio::time::sleep(every).await;
-            let now = progress.get();
-            let (objects, total, bytes) = now;
-            if total == 0 || last == Some(now) {
-                continue;
+            let Some(now) = state() else { continue };
+            if last.as_ref() != Some(&now) {
+                self.job.system_line(0, &line(&now));
+                last = Some(now);
             }
-            let rate = bytes as f64 / started.elapsed().as_secs_f64().max(1e-3);
-            self.job.system_line(
-                0,
-                &format!(
-                    "runnel: fetching: {objects}/{total} objects, {} ({}/s)",
-                    megabytes(bytes),
-                    megabytes(rate as u64)
-                ),
-            );
-            last = Some(now);
         }
     }
 
@@ -746,6 +748,12 @@ impl Phases<'_> {
 /// "12.3 MB".
 fn megabytes(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+/// "4.5 MB/s": `bytes` over the time since `started`.
+fn rate(bytes: u64, started: Instant) -> String {
+    let per_second = bytes as f64 / started.elapsed().as_secs_f64().max(1e-3);
+    format!("{}/s", megabytes(per_second as u64))
 }
 
 /// The host id of the container's root for the job in `slot`: slot i of
