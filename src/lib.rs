@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod model;
 pub mod runtime;
 pub mod ssh;
+pub mod store;
 pub mod sys;
 
 /// The layers, lowest first: a module may use only modules of a lower
@@ -21,7 +22,7 @@ pub mod sys;
 #[cfg(test)]
 const LAYERS: &[&[&str]] = &[
     &["model", "sys"],
-    &["ssh", "logs", "runtime", "metrics"],
+    &["ssh", "logs", "runtime", "metrics", "store"],
     &["checkout"],
     &["config"],
     &["job"],

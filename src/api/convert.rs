@@ -8,9 +8,9 @@ use crate::job::AgentInfo;
 use crate::model::Secret;
 use crate::model::spec::{
     CheckoutSpec, ContainerSpec, ExtraKey, JobSpec, Network, Resources, SecretVar, ServiceSpec, SpecError,
-    SshCredentials, Step, When,
+    SshCredentials, Step, StepKind, When,
 };
-use crate::model::state::{FailureKind, JobState, JobStatus, StepResult};
+use crate::model::state::{FailureKind, JobState, JobStatus, StepResult, TestResults};
 use crate::model::{CheckoutDone, SubmoduleDone};
 use crate::model::{Event, EventKind, KeyKind, Stream};
 
@@ -74,9 +74,10 @@ impl TryFrom<pb::JobSpec> for JobSpec {
                     ));
                 }
             };
+            let kind = step_kind_in(&format!("steps[{i}]"), s.kind)?;
             steps.push(Step {
                 name: s.name,
-                run: s.run,
+                kind,
                 env: s.env.into_iter().collect(),
                 timeout: duration_in(&format!("steps[{i}].timeout"), s.timeout)?,
                 when,
@@ -153,6 +154,8 @@ impl TryFrom<pb::JobSpec> for JobSpec {
                 .collect(),
             timeout: duration_in("timeout", p.timeout)?,
             no_output_timeout: duration_in("no_output_timeout", p.no_output_timeout)?,
+            project: p.project,
+            workflow_id: p.workflow_id,
         };
         spec.validate()?;
         Ok(spec)
@@ -227,7 +230,7 @@ impl From<&JobSpec> for pb::JobSpec {
                 .iter()
                 .map(|st| pb::Step {
                     name: st.name.clone(),
-                    run: st.run.clone(),
+                    kind: Some(step_kind_out(&st.kind)),
                     env: st.env.clone().into_iter().collect(),
                     timeout: st.timeout.map(duration_out),
                     when: when_out(st.when) as i32,
@@ -248,6 +251,8 @@ impl From<&JobSpec> for pb::JobSpec {
                 .collect(),
             timeout: s.timeout.map(duration_out),
             no_output_timeout: s.no_output_timeout.map(duration_out),
+            project: s.project.clone(),
+            workflow_id: s.workflow_id.clone(),
         }
     }
 }
@@ -281,6 +286,78 @@ fn failure_out(f: FailureKind) -> pb::FailureKind {
         FailureKind::Agent => pb::FailureKind::Agent,
         FailureKind::Service => pb::FailureKind::Service,
         FailureKind::NoOutput => pb::FailureKind::NoOutput,
+        FailureKind::Storage => pb::FailureKind::Storage,
+    }
+}
+
+/// A step's kind off the wire; a step without one says what it lacks.
+fn step_kind_in(field: &str, kind: Option<pb::step::Kind>) -> Result<StepKind, SpecError> {
+    use pb::step::Kind as K;
+    Ok(match kind {
+        None => {
+            return Err(err(
+                format!("{field}.run"),
+                "must not be empty (or give the step another kind: save_cache, restore_cache, \
+                 persist_to_workspace, attach_workspace, store_artifacts, store_test_results)",
+            ));
+        }
+        Some(K::Run(script)) => StepKind::Run(script),
+        Some(K::SaveCache(c)) => StepKind::SaveCache {
+            key: c.key,
+            paths: c.paths,
+        },
+        Some(K::RestoreCache(c)) => StepKind::RestoreCache { keys: c.keys },
+        Some(K::PersistToWorkspace(p)) => StepKind::PersistToWorkspace {
+            root: p.root,
+            paths: p.paths,
+        },
+        Some(K::AttachWorkspace(a)) => StepKind::AttachWorkspace { at: a.at },
+        Some(K::StoreArtifacts(a)) => StepKind::StoreArtifacts {
+            path: a.path,
+            destination: a.destination,
+        },
+        Some(K::StoreTestResults(t)) => StepKind::StoreTestResults { path: t.path },
+    })
+}
+
+fn step_kind_out(kind: &StepKind) -> pb::step::Kind {
+    use pb::step::Kind as K;
+    match kind.clone() {
+        StepKind::Run(script) => K::Run(script),
+        StepKind::SaveCache { key, paths } => K::SaveCache(pb::SaveCache { key, paths }),
+        StepKind::RestoreCache { keys } => K::RestoreCache(pb::RestoreCache { keys }),
+        StepKind::PersistToWorkspace { root, paths } => {
+            K::PersistToWorkspace(pb::PersistToWorkspace { root, paths })
+        }
+        StepKind::AttachWorkspace { at } => K::AttachWorkspace(pb::AttachWorkspace { at }),
+        StepKind::StoreArtifacts { path, destination } => {
+            K::StoreArtifacts(pb::StoreArtifacts { path, destination })
+        }
+        StepKind::StoreTestResults { path } => K::StoreTestResults(pb::StoreTestResults { path }),
+    }
+}
+
+impl From<&TestResults> for pb::TestResults {
+    fn from(t: &TestResults) -> Self {
+        pb::TestResults {
+            tests: t.tests,
+            failures: t.failures,
+            errors: t.errors,
+            skipped: t.skipped,
+            failed: t
+                .failed
+                .iter()
+                .map(|f| pb::TestFailure {
+                    suite: f.suite.clone(),
+                    classname: f.classname.clone(),
+                    name: f.name.clone(),
+                    message: f.message.clone(),
+                    file: f.file.clone(),
+                })
+                .collect(),
+            files: t.files,
+            unreadable: t.unreadable.clone(),
+        }
     }
 }
 
@@ -333,6 +410,7 @@ impl From<&JobStatus> for pb::JobStatus {
             finished: s.finished.map(time_out),
             last_seq: s.last_seq,
             steps: s.steps.iter().map(Into::into).collect(),
+            test_results: s.test_results.as_ref().map(Into::into),
         }
     }
 }
@@ -406,7 +484,7 @@ mod tests {
         pb::JobSpec {
             job_id: "j".into(),
             steps: vec![pb::Step {
-                run: "true".into(),
+                kind: Some(pb::step::Kind::Run("true".into())),
                 ..Default::default()
             }],
             ..Default::default()

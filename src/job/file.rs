@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::model::Secret;
 use crate::model::spec::{
     CheckoutSpec, ContainerSpec, ExtraKey, JobSpec, Network, Resources, SecretVar, ServiceSpec, SpecError,
-    Step, When,
+    Step, StepKind, When,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,10 @@ struct RawJob {
     secrets: Vec<RawSecret>,
     timeout: Option<RawDuration>,
     no_output_timeout: Option<RawDuration>,
+    #[serde(default)]
+    project: String,
+    #[serde(default)]
+    workflow_id: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,7 +131,14 @@ struct RawResources {
 struct RawStep {
     #[serde(default)]
     name: String,
-    run: String,
+    /// One of these (the step's kind).
+    run: Option<String>,
+    save_cache: Option<RawSaveCache>,
+    restore_cache: Option<RawRestoreCache>,
+    persist_to_workspace: Option<RawPersist>,
+    attach_workspace: Option<RawAttach>,
+    store_artifacts: Option<RawArtifacts>,
+    store_test_results: Option<RawTestResults>,
     #[serde(default)]
     env: BTreeMap<String, String>,
     timeout: Option<RawDuration>,
@@ -139,6 +150,102 @@ struct RawStep {
     working_directory: Option<String>,
     /// "/bin/bash -eo pipefail"
     shell: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSaveCache {
+    key: String,
+    paths: Vec<String>,
+}
+
+/// `key = "..."` or `keys = ["...", "..."]`, as CircleCI takes either.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRestoreCache {
+    key: Option<String>,
+    #[serde(default)]
+    keys: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPersist {
+    root: String,
+    paths: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAttach {
+    at: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawArtifacts {
+    path: String,
+    #[serde(default)]
+    destination: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTestResults {
+    path: String,
+}
+
+impl RawStep {
+    /// The one kind it names; a field error when it names none or several.
+    fn kind(&mut self, field: &str) -> Result<StepKind, SpecError> {
+        let mut kinds = Vec::new();
+        if let Some(run) = self.run.take() {
+            kinds.push(StepKind::Run(run));
+        }
+        if let Some(c) = self.save_cache.take() {
+            kinds.push(StepKind::SaveCache {
+                key: c.key,
+                paths: c.paths,
+            });
+        }
+        if let Some(c) = self.restore_cache.take() {
+            kinds.push(StepKind::RestoreCache {
+                keys: c.key.into_iter().chain(c.keys).collect(),
+            });
+        }
+        if let Some(p) = self.persist_to_workspace.take() {
+            kinds.push(StepKind::PersistToWorkspace {
+                root: p.root,
+                paths: p.paths,
+            });
+        }
+        if let Some(a) = self.attach_workspace.take() {
+            kinds.push(StepKind::AttachWorkspace { at: a.at });
+        }
+        if let Some(a) = self.store_artifacts.take() {
+            kinds.push(StepKind::StoreArtifacts {
+                path: a.path,
+                destination: a.destination,
+            });
+        }
+        if let Some(t) = self.store_test_results.take() {
+            kinds.push(StepKind::StoreTestResults { path: t.path });
+        }
+        let names: Vec<&str> = kinds.iter().map(StepKind::name).collect();
+        match kinds.len() {
+            1 => Ok(kinds.remove(0)),
+            0 => Err(SpecError {
+                field: field.to_string(),
+                reason: "says nothing to do: give it `run`, or one of save_cache, restore_cache, \
+                         persist_to_workspace, attach_workspace, store_artifacts, store_test_results"
+                    .into(),
+            }),
+            _ => Err(SpecError {
+                field: field.to_string(),
+                reason: format!("is {}: a step is one of them", names.join(" and ")),
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -293,7 +400,8 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
         });
     }
     let mut steps = Vec::new();
-    for (i, s) in raw.steps.into_iter().enumerate() {
+    for (i, mut s) in raw.steps.into_iter().enumerate() {
+        let kind = s.kind(&format!("steps[{i}]"))?;
         let when = match s.when.as_deref() {
             None | Some("") => When::OnSuccess,
             Some(w) => When::parse(w).ok_or_else(|| SpecError {
@@ -303,7 +411,7 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
         };
         steps.push(Step {
             name: s.name,
-            run: s.run,
+            kind,
             env: s.env,
             timeout: duration(&format!("steps[{i}].timeout"), s.timeout)?,
             when,
@@ -361,6 +469,8 @@ fn from_raw(raw: RawJob, base: &Path) -> Result<JobSpec, SpecError> {
             .collect(),
         timeout: duration("timeout", raw.timeout)?,
         no_output_timeout: duration("no_output_timeout", raw.no_output_timeout)?,
+        project: raw.project,
+        workflow_id: raw.workflow_id,
     })
 }
 
@@ -462,5 +572,85 @@ when = "on_fail"
         let e = e.to_string();
         assert!(e.contains("steps[0].env[\"BIG\"]"), "{e}");
         assert!(e.contains("300004 bytes") && e.contains("131072"), "{e}");
+    }
+
+    #[test]
+    fn the_store_steps_are_read_with_circlecis_names_and_need_a_project() {
+        let spec = load_str(
+            r#"
+project = "acme.widgets"
+workflow_id = "wf-1"
+[[steps]]
+restore_cache = { keys = ["deps-{{ checksum \"Cargo.lock\" }}", "deps-"] }
+[[steps]]
+restore_cache = { key = "one" }
+[[steps]]
+run = "make"
+[[steps]]
+save_cache = { key = "deps-{{ checksum \"Cargo.lock\" }}", paths = ["target", "~/.cargo"] }
+[[steps]]
+persist_to_workspace = { root = ".", paths = ["dist"] }
+[[steps]]
+attach_workspace = { at = "/tmp/ws" }
+[[steps]]
+store_artifacts = { path = "dist", destination = "build" }
+[[steps]]
+store_test_results = { path = "reports" }
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (spec.project.as_str(), spec.workflow_id.as_str()),
+            ("acme.widgets", "wf-1")
+        );
+        let kinds: Vec<&str> = spec.steps.iter().map(|s| s.kind.name()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "restore_cache",
+                "restore_cache",
+                "run",
+                "save_cache",
+                "persist_to_workspace",
+                "attach_workspace",
+                "store_artifacts",
+                "store_test_results"
+            ]
+        );
+        assert_eq!(spec.steps[0].name, "Restoring cache");
+        assert_eq!(spec.steps[2].name, "step 3");
+        assert_eq!(
+            spec.steps[1].kind,
+            StepKind::RestoreCache {
+                keys: vec!["one".into()]
+            }
+        );
+
+        let e = load_str("[[steps]]\nsave_cache = { key = \"k\", paths = [\"a\"] }").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("project: must be set: steps[0] is a save_cache step"),
+            "{e}"
+        );
+        let e = load_str("[[steps]]\nname = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("steps[0]: says nothing to do"), "{e}");
+        let e = load_str("project = \"p\"\n[[steps]]\nrun = \"x\"\nattach_workspace = { at = \".\" }")
+            .unwrap_err();
+        assert!(e.to_string().contains("is run and attach_workspace"), "{e}");
+        let e = load_str("project = \"../p\"\n[[steps]]\nrun = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("project: contains '/'"), "{e}");
+        let e = load_str(
+            "project = \"p\"\n[[steps]]\nstore_artifacts = { path = \"a\", destination = \"../x\" }",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("steps[0].store_artifacts.destination"),
+            "{e}"
+        );
+        let e = load_str("project = \"p\"\n[[steps]]\nsave_cache = { key = \"k\", paths = [] }").unwrap_err();
+        assert!(
+            e.to_string().contains("steps[0].save_cache.paths: names no path"),
+            "{e}"
+        );
     }
 }

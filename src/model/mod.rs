@@ -13,5 +13,5 @@ pub mod state;
 pub use checkout::{CheckoutDone, KeyKind, SubmoduleDone};
 pub use event::{Event, EventKind, Stream};
 pub use secret::{MASK, Secret};
-pub use spec::{CheckoutSpec, JobSpec, Network, Resources, ServiceSpec, SpecError, Step, When};
-pub use state::{FailureKind, JobState, JobStatus, StepResult};
+pub use spec::{CheckoutSpec, JobSpec, Network, Resources, ServiceSpec, SpecError, Step, StepKind, When};
+pub use state::{FailureKind, JobState, JobStatus, StepResult, TestFailure, TestResults};

@@ -42,6 +42,11 @@ pub struct JobSpec {
     pub timeout: Option<Duration>,
     /// For every step without its own; `None` = the agent's default.
     pub no_output_timeout: Option<Duration>,
+    /// What the job's caches, workspaces and artifacts belong to; empty:
+    /// none (steps that use the store are refused).
+    pub project: String,
+    /// The workflow whose jobs share a workspace; empty: the job's own.
+    pub workflow_id: String,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -129,7 +134,7 @@ pub enum Network {
 #[derive(Debug, Clone, Default)]
 pub struct Step {
     pub name: String,
-    pub run: String,
+    pub kind: StepKind,
     pub env: BTreeMap<String, String>,
     pub timeout: Option<Duration>,
     pub when: When,
@@ -140,6 +145,67 @@ pub struct Step {
     pub working_directory: Option<String>,
     /// The shell's words; `run` follows them after `-c`. Empty: [`DEFAULT_SHELL`].
     pub shell: Vec<String>,
+}
+
+/// What a step does: runs a script, or moves files between its container
+/// and the store (CircleCI's special steps, with their semantics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepKind {
+    /// A script, given to the step's shell after `-c`.
+    Run(String),
+    /// `paths` saved under `key` (a template), unless the key exists.
+    SaveCache { key: String, paths: Vec<String> },
+    /// The first of `keys` (templates) that matches, exactly or as a
+    /// prefix (the newest such cache), unpacked where it was saved from.
+    RestoreCache { keys: Vec<String> },
+    /// `paths` under `root` added to the workflow's workspace as a layer.
+    PersistToWorkspace { root: String, paths: Vec<String> },
+    /// The workflow's workspace, its layers in order, unpacked at `at`.
+    AttachWorkspace { at: String },
+    /// `path` kept as the job's artifacts under `destination`.
+    StoreArtifacts { path: String, destination: String },
+    /// The JUnit XML files under `path` parsed into the job's results,
+    /// and kept as artifacts.
+    StoreTestResults { path: String },
+}
+
+impl Default for StepKind {
+    fn default() -> Self {
+        StepKind::Run(String::new())
+    }
+}
+
+impl StepKind {
+    /// Its name in the proto and the job file.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StepKind::Run(_) => "run",
+            StepKind::SaveCache { .. } => "save_cache",
+            StepKind::RestoreCache { .. } => "restore_cache",
+            StepKind::PersistToWorkspace { .. } => "persist_to_workspace",
+            StepKind::AttachWorkspace { .. } => "attach_workspace",
+            StepKind::StoreArtifacts { .. } => "store_artifacts",
+            StepKind::StoreTestResults { .. } => "store_test_results",
+        }
+    }
+
+    /// The name a step of this kind gets when it has none (CircleCI's).
+    fn default_name(&self) -> Option<&'static str> {
+        Some(match self {
+            StepKind::Run(_) => return None,
+            StepKind::SaveCache { .. } => "Saving cache",
+            StepKind::RestoreCache { .. } => "Restoring cache",
+            StepKind::PersistToWorkspace { .. } => "Persisting to workspace",
+            StepKind::AttachWorkspace { .. } => "Attaching workspace",
+            StepKind::StoreArtifacts { .. } => "Uploading artifacts",
+            StepKind::StoreTestResults { .. } => "Uploading test results",
+        })
+    }
+
+    /// Whether it uses the store (and so needs the job's project).
+    pub fn uses_store(&self) -> bool {
+        !matches!(self, StepKind::Run(_))
+    }
 }
 
 /// The shell of a step that names none: stops at the first command that
@@ -155,8 +221,16 @@ impl Step {
             self.shell.clone()
         };
         argv.push("-c".into());
-        argv.push(self.run.clone());
+        argv.push(self.script().to_string());
         argv
+    }
+
+    /// A run step's script; empty for the other kinds.
+    pub fn script(&self) -> &str {
+        match &self.kind {
+            StepKind::Run(script) => script,
+            _ => "",
+        }
     }
 
     /// Where the step runs, as the container sees it, if it says.
@@ -238,6 +312,89 @@ fn err(field: impl Into<String>, reason: impl Into<String>) -> SpecError {
     }
 }
 
+/// A step's kind: a run step's script is not empty; the store's steps
+/// name what they need, and the job names its project.
+fn validate_kind(field: &str, kind: &StepKind, project: &str) -> Result<(), SpecError> {
+    let nonempty = |name: &str, value: &str| {
+        if value.trim().is_empty() {
+            Err(err(
+                format!("{field}.{}.{name}", kind.name()),
+                "must not be empty",
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let paths = |name: &str, values: &[String]| {
+        if values.is_empty() {
+            return Err(err(format!("{field}.{}.{name}", kind.name()), "names no path"));
+        }
+        for (j, v) in values.iter().enumerate() {
+            if v.trim().is_empty() {
+                return Err(err(
+                    format!("{field}.{}.{name}[{j}]", kind.name()),
+                    "must not be empty",
+                ));
+            }
+        }
+        Ok(())
+    };
+    match kind {
+        StepKind::Run(script) => {
+            if script.trim().is_empty() {
+                return Err(err(format!("{field}.run"), "must not be empty"));
+            }
+        }
+        StepKind::SaveCache { key, paths: p } => {
+            nonempty("key", key)?;
+            paths("paths", p)?;
+        }
+        StepKind::RestoreCache { keys } => paths("keys", keys)?,
+        StepKind::PersistToWorkspace { root, paths: p } => {
+            nonempty("root", root)?;
+            paths("paths", p)?;
+        }
+        StepKind::AttachWorkspace { at } => nonempty("at", at)?,
+        StepKind::StoreArtifacts { path, destination } => {
+            nonempty("path", path)?;
+            if destination.starts_with('/')
+                || destination.split('/').any(|part| part == "..")
+                || destination.contains('\0')
+            {
+                return Err(err(
+                    format!("{field}.store_artifacts.destination"),
+                    format!(
+                        "{destination:?} must be a relative path without \"..\" (it names a place among the job's artifacts)"
+                    ),
+                ));
+            }
+        }
+        StepKind::StoreTestResults { path } => nonempty("path", path)?,
+    }
+    let strings: Vec<&String> = match kind {
+        StepKind::Run(s) => vec![s],
+        StepKind::SaveCache { key, paths } => std::iter::once(key).chain(paths).collect(),
+        StepKind::RestoreCache { keys } => keys.iter().collect(),
+        StepKind::PersistToWorkspace { root, paths } => std::iter::once(root).chain(paths).collect(),
+        StepKind::AttachWorkspace { at } => vec![at],
+        StepKind::StoreArtifacts { path, destination } => vec![path, destination],
+        StepKind::StoreTestResults { path } => vec![path],
+    };
+    if strings.iter().any(|s| s.contains('\0')) {
+        return Err(err(format!("{field}.{}", kind.name()), "contains a NUL byte"));
+    }
+    if kind.uses_store() && project.is_empty() {
+        return Err(err(
+            "project",
+            format!(
+                "must be set: {field} is a {} step, and what the store keeps belongs to a project",
+                kind.name()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Services: at most [`MAX_SERVICES`], each named (from its image when
 /// not) with a distinct host name, ports 1-65535, no NUL anywhere.
 fn validate_services(services: &mut [ServiceSpec]) -> Result<(), SpecError> {
@@ -293,12 +450,18 @@ fn validate_services(services: &mut [ServiceSpec]) -> Result<(), SpecError> {
 
 /// 1 to 128 of `[A-Za-z0-9._-]`, and not `.` or `..` (it names a directory).
 pub fn validate_job_id(id: &str) -> Result<(), SpecError> {
+    validate_name("job_id", id)
+}
+
+/// A job id, project or workflow: 1 to 128 of `[A-Za-z0-9._-]`, not `.`
+/// or `..` (each names a directory, or a prefix of the store's keys).
+pub fn validate_name(field: &str, id: &str) -> Result<(), SpecError> {
     if id.is_empty() {
-        return Err(err("job_id", "must not be empty"));
+        return Err(err(field, "must not be empty"));
     }
     if id.len() > MAX_JOB_ID_LEN {
         return Err(err(
-            "job_id",
+            field,
             format!("is {} characters long; at most {MAX_JOB_ID_LEN}", id.len()),
         ));
     }
@@ -307,12 +470,12 @@ pub fn validate_job_id(id: &str) -> Result<(), SpecError> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
         return Err(err(
-            "job_id",
+            field,
             format!("contains {c:?}; only A-Z, a-z, 0-9, '.', '_' and '-' are allowed"),
         ));
     }
     if id == "." || id == ".." {
-        return Err(err("job_id", "must not be \".\" or \"..\""));
+        return Err(err(field, "must not be \".\" or \"..\""));
     }
     Ok(())
 }
@@ -412,14 +575,14 @@ impl JobSpec {
         let budget = exec_limit.saturating_sub(EXEC_RESERVE);
         for (i, step) in self.steps.iter().enumerate() {
             let field = format!("steps[{i}]");
-            if step.run.len() + 1 > MAX_ARG_STRLEN {
+            if step.script().len() + 1 > MAX_ARG_STRLEN {
                 return Err(err(
                     format!("{field}.run"),
                     format!(
                         "is {} bytes; a step runs as `sh -c RUN`, and execve refuses an argument over \
                          {MAX_ARG_STRLEN} bytes with its NUL (the kernel's MAX_ARG_STRLEN): put a long script in \
                          a file and run that",
-                        step.run.len()
+                        step.script().len()
                     ),
                 ));
             }
@@ -457,6 +620,11 @@ impl JobSpec {
     /// names). Returns the first problem found.
     pub fn validate(&mut self) -> Result<(), SpecError> {
         validate_job_id(&self.job_id)?;
+        for (field, name) in [("project", &self.project), ("workflow_id", &self.workflow_id)] {
+            if !name.is_empty() {
+                validate_name(field, name)?;
+            }
+        }
         if let Some(c) = &self.checkout {
             if c.repo_url.trim().is_empty() {
                 return Err(err("checkout.repo_url", "must not be empty"));
@@ -518,17 +686,21 @@ impl JobSpec {
         }
         for (i, step) in self.steps.iter_mut().enumerate() {
             let field = format!("steps[{i}]");
-            if step.run.trim().is_empty() {
-                return Err(err(format!("{field}.run"), "must not be empty"));
-            }
-            if step.run.contains('\0') {
-                return Err(err(format!("{field}.run"), "contains a NUL byte"));
-            }
+            validate_kind(&field, &step.kind, &self.project)?;
             if step.name.contains('\0') {
                 return Err(err(format!("{field}.name"), "contains a NUL byte"));
             }
             if step.name.is_empty() {
-                step.name = format!("step {}", i + 1);
+                step.name = match step.kind.default_name() {
+                    Some(name) => name.to_string(),
+                    None => format!("step {}", i + 1),
+                };
+            }
+            if step.kind.uses_store() && step.background {
+                return Err(err(
+                    format!("{field}.background"),
+                    format!("a {} step cannot run in the background", step.kind.name()),
+                ));
             }
             validate_env(&format!("{field}.env"), &step.env)?;
             validate_timeout(&format!("{field}.timeout"), step.timeout)?;
@@ -585,7 +757,7 @@ mod tests {
         JobSpec {
             job_id: "j-1".into(),
             steps: vec![Step {
-                run: "true".into(),
+                kind: StepKind::Run("true".into()),
                 ..Default::default()
             }],
             ..Default::default()
@@ -645,7 +817,7 @@ mod tests {
         assert_eq!(field_of(s), "steps");
 
         let mut s = valid();
-        s.steps[0].run = " ".into();
+        s.steps[0].kind = StepKind::Run(" ".into());
         assert_eq!(field_of(s), "steps[0].run");
 
         let mut s = valid();
@@ -706,7 +878,7 @@ mod tests {
         assert_eq!(exec_refusal(&s, 2 << 20).unwrap().field, "secrets[0].value");
 
         let mut s = valid();
-        s.steps[0].run = big;
+        s.steps[0].kind = StepKind::Run(big);
         let e = exec_refusal(&s, 2 << 20).unwrap();
         assert_eq!(e.field, "steps[0].run");
         assert!(
@@ -742,7 +914,7 @@ mod tests {
         s.env.insert("JOB".into(), "x".repeat(100_000));
         s.steps.push(Step {
             name: "second".into(),
-            run: "x".repeat(100_000),
+            kind: StepKind::Run("x".repeat(100_000)),
             env: BTreeMap::from([("STEP".to_string(), "x".repeat(100_000))]),
             ..Default::default()
         });

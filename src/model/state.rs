@@ -65,6 +65,8 @@ pub enum FailureKind {
     Service,
     /// A step printed nothing for its no-output timeout.
     NoOutput,
+    /// An artifact, workspace or test-results step could not use the store.
+    Storage,
 }
 
 impl FailureKind {
@@ -84,6 +86,7 @@ impl FailureKind {
             FailureKind::Agent => "AGENT",
             FailureKind::Service => "SERVICE",
             FailureKind::NoOutput => "NO_OUTPUT",
+            FailureKind::Storage => "STORAGE",
         }
     }
 }
@@ -122,6 +125,52 @@ pub struct JobStatus {
     /// The last event's seq.
     pub last_seq: u64,
     pub steps: Vec<StepResult>,
+    /// What its store_test_results steps found, all of them together.
+    #[serde(default)]
+    pub test_results: Option<TestResults>,
+}
+
+/// JUnit results: totals over every file read, and the tests that failed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestResults {
+    pub tests: u32,
+    pub failures: u32,
+    pub errors: u32,
+    pub skipped: u32,
+    /// The failed and errored tests, the first [`MAX_FAILED_TESTS`].
+    pub failed: Vec<TestFailure>,
+    /// Result files read.
+    pub files: u32,
+    /// Files that could not be read, each "PATH: why".
+    pub unreadable: Vec<String>,
+}
+
+/// How many failed tests a status names; the totals count them all.
+pub const MAX_FAILED_TESTS: usize = 100;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestFailure {
+    pub suite: String,
+    pub classname: String,
+    pub name: String,
+    /// The failure's message, else the first line of its text.
+    pub message: String,
+    /// The result file it came from.
+    pub file: String,
+}
+
+impl TestResults {
+    /// Adds `other`'s counts and failures to these.
+    pub fn merge(&mut self, other: TestResults) {
+        self.tests = self.tests.saturating_add(other.tests);
+        self.failures = self.failures.saturating_add(other.failures);
+        self.errors = self.errors.saturating_add(other.errors);
+        self.skipped = self.skipped.saturating_add(other.skipped);
+        self.files = self.files.saturating_add(other.files);
+        let room = MAX_FAILED_TESTS.saturating_sub(self.failed.len());
+        self.failed.extend(other.failed.into_iter().take(room));
+        self.unreadable.extend(other.unreadable);
+    }
 }
 
 impl JobStatus {
@@ -136,6 +185,7 @@ impl JobStatus {
             finished: None,
             last_seq: 0,
             steps: Vec::new(),
+            test_results: None,
         }
     }
 }

@@ -9,7 +9,7 @@ use runnel::api::pb;
 fn step(name: &str, run: &str) -> pb::Step {
     pb::Step {
         name: name.into(),
-        run: run.into(),
+        kind: Some(pb::step::Kind::Run(run.into())),
         ..Default::default()
     }
 }

@@ -10,6 +10,7 @@ mod held;
 mod network;
 mod services;
 mod steps;
+mod store;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

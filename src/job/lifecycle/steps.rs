@@ -149,6 +149,14 @@ impl Steps<'_> {
                 );
             }
             let span = tracing::info_span!("step", step = %step.name, index);
+            if step.kind.uses_store() {
+                let (result, end) = self.run_store_step(container, index, step).instrument(span).await;
+                self.job.step_finished(result);
+                if let Some(end) = end {
+                    first.get_or_insert(end);
+                }
+                continue;
+            }
             if step.background {
                 match self
                     .start_background(container, index, step)
@@ -258,7 +266,7 @@ impl Steps<'_> {
     }
 
     /// The step's result before it has run.
-    fn result(&self, index: u32, step: &Step) -> StepResult {
+    pub(super) fn result(&self, index: u32, step: &Step) -> StepResult {
         StepResult {
             index,
             name: step.name.clone(),
@@ -617,7 +625,7 @@ pub(super) mod tests {
     fn step(name: &str, run: &str, timeout: Option<Duration>) -> Step {
         Step {
             name: name.into(),
-            run: run.into(),
+            kind: crate::model::StepKind::Run(run.into()),
             timeout,
             ..Default::default()
         }

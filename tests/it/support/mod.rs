@@ -522,7 +522,7 @@ pub fn job(id: &str, steps: &[&str]) -> pb::JobSpec {
             .enumerate()
             .map(|(i, run)| pb::Step {
                 name: format!("s{i}"),
-                run: run.to_string(),
+                kind: Some(pb::step::Kind::Run(run.to_string())),
                 ..Default::default()
             })
             .collect(),

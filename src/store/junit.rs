@@ -1,0 +1,1 @@
+//! JUnit XML test results: read into totals and the failed tests.
