@@ -166,7 +166,10 @@ impl Job {
     /// Adds what a store_test_results step read to the job's results.
     pub(crate) fn add_test_results(&self, results: crate::model::TestResults) {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        status.test_results.get_or_insert_with(Default::default).merge(results);
+        status
+            .test_results
+            .get_or_insert_with(Default::default)
+            .merge(results);
         if let Err(e) = write_status(&self.dir, &status) {
             tracing::error!(job_id = %self.id, error = %e, "cannot write the job's status file");
         }
