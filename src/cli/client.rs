@@ -216,6 +216,9 @@ pub async fn job(remote: &Remote, job: &str) -> Result<(), Failure> {
         println!("{}", s.message);
     }
     print!("{}", print::steps_table(&s.steps).replace("runnel: ", ""));
+    if let Some(t) = &s.test_results {
+        print!("{}", print::test_results(t).replace("runnel: ", ""));
+    }
     Ok(())
 }
 

@@ -106,6 +106,9 @@ fn print_other(e: &pb::JobEvent) -> Option<pb::JobState> {
                 if !s.steps.is_empty() {
                     let _ = err.write_all(steps_table(&s.steps).as_bytes());
                 }
+                if let Some(t) = &s.test_results {
+                    let _ = err.write_all(test_results(t).as_bytes());
+                }
                 if state == pb::JobState::Succeeded {
                     let _ = writeln!(err, "runnel: job {} {name}", s.job_id);
                 } else {
@@ -185,6 +188,43 @@ pub fn steps_table(steps: &[pb::StepResult]) -> String {
     out
 }
 
+/// A job's test results: the totals, each failed test with its message,
+/// and the result files that could not be read.
+pub fn test_results(t: &pb::TestResults) -> String {
+    let passed = t
+        .tests
+        .saturating_sub(t.failures)
+        .saturating_sub(t.errors)
+        .saturating_sub(t.skipped);
+    let mut out = format!(
+        "runnel: tests: {} run, {passed} passed, {} failed, {} errors, {} skipped ({} result file{})\n",
+        t.tests,
+        t.failures,
+        t.errors,
+        t.skipped,
+        t.files,
+        if t.files == 1 { "" } else { "s" }
+    );
+    for f in &t.failed {
+        let name = match (f.classname.is_empty(), f.suite.is_empty()) {
+            (false, _) => format!("{}.{}", f.classname, f.name),
+            (true, false) => format!("{} {}", f.suite, f.name),
+            (true, true) => f.name.clone(),
+        };
+        let message = f.message.lines().next().unwrap_or_default();
+        out.push_str(&format!("runnel:   FAILED {name}: {message}\n"));
+    }
+    let named = t.failed.len() as u32;
+    let all = t.failures.saturating_add(t.errors);
+    if all > named {
+        out.push_str(&format!("runnel:   ... and {} more\n", all - named));
+    }
+    for u in &t.unreadable {
+        out.push_str(&format!("runnel:   unreadable: {u}\n"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +289,41 @@ mod tests {
              runnel:   2  deploy           on_success         -  skipped: an earlier step failed (when = on_success)\n\
              runnel:   3  logs             always         0.01s  succeeded\n\
              runnel:   4  db (background)  on_success     0.50s  running at the end of the job's steps: stopped with the container\n"
+        );
+    }
+
+    #[test]
+    fn test_results_print_totals_each_failure_and_what_was_unreadable() {
+        let t = pb::TestResults {
+            tests: 205,
+            failures: 2,
+            errors: 1,
+            skipped: 2,
+            failed: vec![
+                pb::TestFailure {
+                    suite: "unit".into(),
+                    classname: "a.B".into(),
+                    name: "subtracts".into(),
+                    message: "expected 1, got 2\nmore".into(),
+                    file: "r.xml".into(),
+                },
+                pb::TestFailure {
+                    suite: "unit".into(),
+                    name: "divides".into(),
+                    message: "division by zero".into(),
+                    ..Default::default()
+                },
+            ],
+            files: 2,
+            unreadable: vec!["bad.xml: is not XML".into()],
+        };
+        assert_eq!(
+            test_results(&t),
+            "runnel: tests: 205 run, 200 passed, 2 failed, 1 errors, 2 skipped (2 result files)\n\
+             runnel:   FAILED a.B.subtracts: expected 1, got 2\n\
+             runnel:   FAILED unit divides: division by zero\n\
+             runnel:   ... and 1 more\n\
+             runnel:   unreadable: bad.xml: is not XML\n"
         );
     }
 }
