@@ -3,6 +3,7 @@
 //! with the generated tonic client (over TLS when the agent has `[tls]`).
 //! Everything started here is stopped and removed on drop.
 
+pub mod garage;
 pub mod image;
 pub mod internet;
 pub mod lfs;
@@ -45,6 +46,8 @@ pub enum Need {
     Runc,
     /// Debian's PostgreSQL server and client, for a service container.
     Postgres,
+    /// Garage, a real S3 server (scripts/test-servers installs it).
+    Garage,
 }
 
 impl Need {
@@ -70,6 +73,8 @@ impl Need {
                 program("/usr/bin/docker-registry", "docker-registry").or_else(|| program("skopeo", "skopeo"))
             }
             Need::Runc => program("runc", "runc"),
+            Need::Garage => (!installed(garage::GARAGE))
+                .then(|| format!("needs Garage at {} (scripts/test-servers installs it)", garage::GARAGE)),
             Need::Postgres => program("psql", "postgresql").or_else(|| {
                 let server = std::fs::read_dir("/usr/lib/postgresql")
                     .into_iter()
