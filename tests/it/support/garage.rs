@@ -100,7 +100,7 @@ impl Garage {
             });
         }
         let child = cmd.spawn().expect("start garage");
-        let mut g = Garage {
+        let g = Garage {
             endpoint: format!("http://127.0.0.1:{s3}"),
             region: REGION.into(),
             bucket: "runnel-test".into(),
