@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::sshd::{GitServer, KeyPair, git, sh, write};
+use crate::support::sshd::{GitServer, KeyPair, big_repo, git, sh, write};
 use crate::support::*;
 use runnel::api::pb;
 
@@ -1164,14 +1164,9 @@ async fn an_extra_key_whose_host_could_add_a_config_line_is_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_long_fetch_says_how_far_it_has_come() {
     require!(Root, Sshd);
-    let keys = tempfile::tempdir().unwrap();
-    let user = KeyPair::generate(keys.path(), "user", "ed25519", "", &[]);
-    let server = GitServer::start(&[], &[&user]);
     // 24 MB that do not compress: the fetch takes longer than the
     // agent's progress interval of 10 ms.
-    server.create_repo("org/big.git", |w| {
-        std::fs::write(w.join("big.bin"), incompressible(24 << 20)).unwrap();
-    });
+    let (_keys, user, server) = big_repo(24 << 20);
     let agent = Agent::start("[logs]\nprogress_interval = \"10ms\"");
     let mut spec = job("big-fetch", &["ls -s --block-size=1M big.bin"]);
     spec.checkout = Some(pb::Checkout {

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::support::image::{busybox_layer, write_layout};
-use crate::support::sshd::{GitServer, KeyPair};
+use crate::support::sshd::big_repo;
 use crate::support::*;
 use runnel::api::pb;
 
@@ -151,13 +151,8 @@ async fn after_kill_9_a_restart_detaches_the_jobs_disk() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_checkout_that_fills_the_disk_says_so() {
     require!(Root, Sshd);
-    let keys = tempfile::tempdir().unwrap();
-    let user = KeyPair::generate(keys.path(), "user", "ed25519", "", &[]);
-    let server = GitServer::start(&[], &[&user]);
-    server.create_repo("org/big.git", |w| {
-        // 24 MiB that do not compress, for a 16 MiB disk.
-        std::fs::write(w.join("big.bin"), incompressible(24 << 20)).unwrap();
-    });
+    // 24 MiB that do not compress, for a 16 MiB disk.
+    let (_keys, user, server) = big_repo(24 << 20);
     // Without the cache, the repository itself is in the workspace.
     let agent = Agent::start("[checkout]\ncache = false");
     let mut spec = with_disk("big-checkout", "host", 16 << 20, &["true"]);

@@ -4,12 +4,13 @@
 //! one bucket and one key with read and write on it. Stopped and removed
 //! on drop (and killed with the test process if that dies first).
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use super::sshd::free_port;
 use super::wait_for;
 
 pub const GARAGE: &str = "/var/cache/runnel-test/garage/bin/garage";
@@ -26,14 +27,6 @@ pub struct Garage {
     config: PathBuf,
     child: Child,
     _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn hex(bytes: usize) -> String {
@@ -151,7 +144,14 @@ impl Garage {
 
     fn allow(&self, bucket: &str) {
         self.ok(&[
-            "bucket", "allow", "--read", "--write", "--owner", bucket, "--key", &self.key_id,
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            bucket,
+            "--key",
+            &self.key_id,
         ]);
     }
 

@@ -73,8 +73,12 @@ impl Need {
                 program("/usr/bin/docker-registry", "docker-registry").or_else(|| program("skopeo", "skopeo"))
             }
             Need::Runc => program("runc", "runc"),
-            Need::Garage => (!installed(garage::GARAGE))
-                .then(|| format!("needs Garage at {} (scripts/test-servers installs it)", garage::GARAGE)),
+            Need::Garage => (!installed(garage::GARAGE)).then(|| {
+                format!(
+                    "needs Garage at {} (scripts/test-servers installs it)",
+                    garage::GARAGE
+                )
+            }),
             Need::Postgres => program("psql", "postgresql").or_else(|| {
                 let server = std::fs::read_dir("/usr/lib/postgresql")
                     .into_iter()

@@ -96,7 +96,8 @@ pub struct GitServer {
     pub host_key_fingerprint: String,
 }
 
-fn free_port() -> u16 {
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -280,6 +281,19 @@ impl Drop for GitServer {
 }
 
 /// Writes `text` to `path`, creating parent directories.
+/// A git server whose repository `org/big.git` holds `bytes` that do not
+/// compress (a fetch that takes a while, a checkout that fills a disk),
+/// and the user key that reads it (its directory kept alive with it).
+pub fn big_repo(bytes: usize) -> (tempfile::TempDir, KeyPair, GitServer) {
+    let keys = tempfile::tempdir().unwrap();
+    let user = KeyPair::generate(keys.path(), "user", "ed25519", "", &[]);
+    let server = GitServer::start(&[], &[&user]);
+    server.create_repo("org/big.git", |w| {
+        std::fs::write(w.join("big.bin"), super::incompressible(bytes)).unwrap();
+    });
+    (keys, user, server)
+}
+
 pub fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let mut f = std::fs::File::create(path).unwrap();
