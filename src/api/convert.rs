@@ -333,6 +333,7 @@ impl From<&JobStatus> for pb::JobStatus {
             finished: s.finished.map(time_out),
             last_seq: s.last_seq,
             steps: s.steps.iter().map(Into::into).collect(),
+            attempt: s.attempt,
         }
     }
 }

@@ -122,6 +122,14 @@ pub struct JobStatus {
     /// The last event's seq.
     pub last_seq: u64,
     pub steps: Vec<StepResult>,
+    /// Which run of the job this is: 1, or the delivery a job taken from
+    /// the fleet's queue came with.
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+}
+
+fn first_attempt() -> u32 {
+    1
 }
 
 impl JobStatus {
@@ -136,6 +144,7 @@ impl JobStatus {
             finished: None,
             last_seq: 0,
             steps: Vec::new(),
+            attempt: 1,
         }
     }
 }
