@@ -6,6 +6,7 @@
 pub mod image;
 pub mod internet;
 pub mod lfs;
+pub mod nats;
 pub mod sshd;
 
 use std::io::{BufRead, BufReader};
@@ -45,6 +46,8 @@ pub enum Need {
     Runc,
     /// Debian's PostgreSQL server and client, for a service container.
     Postgres,
+    /// Debian's nats-server (JetStream), for the fleet.
+    Nats,
 }
 
 impl Need {
@@ -70,6 +73,7 @@ impl Need {
                 program("/usr/bin/docker-registry", "docker-registry").or_else(|| program("skopeo", "skopeo"))
             }
             Need::Runc => program("runc", "runc"),
+            Need::Nats => program(nats::NATS_SERVER, "nats-server"),
             Need::Postgres => program("psql", "postgresql").or_else(|| {
                 let server = std::fs::read_dir("/usr/lib/postgresql")
                     .into_iter()
