@@ -308,8 +308,9 @@ async fn an_operator_follows_a_job_through_the_events_stream_without_knowing_its
     let job_file = dir.path().join("job.toml");
     std::fs::write(
         &job_file,
-        "job_id = \"followed\"\n[[steps]]\nrun = \"for i in 1 2 3; do echo line $i; sleep 0.3; done\"\n\
-         [secrets]\nTOKEN = \"hunter2-very-secret\"\n[[steps]]\nrun = \"echo token is $TOKEN\"\n",
+        "job_id = \"followed\"\n[[secrets]]\nname = \"TOKEN\"\nvalue = \"hunter2-very-secret\"\n\
+         [[steps]]\nrun = \"for i in 1 2 3; do echo line $i; sleep 0.3; done\"\n\
+         [[steps]]\nrun = \"echo token is $TOKEN\"\n",
     )
     .unwrap();
     // The operator starts following before the job exists anywhere.
