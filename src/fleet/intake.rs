@@ -55,9 +55,16 @@ pub async fn run(registry: Arc<Registry>, config: NatsConfig, stop: Cancellation
         }
     };
     let js = jetstream::new(client.clone());
-    let Some((consumers, events)) = set_up(&js, &config, &stop).await else {
+    let Some((consumers, jobs, events)) = set_up(&js, &config, &stop).await else {
         return;
     };
+    let lost = tokio::spawn(end_lost_jobs(
+        client.clone(),
+        js.clone(),
+        jobs,
+        registry.config().agent_id.clone(),
+        stop.clone(),
+    ));
     tracing::info!(subjects = ?config.subjects, servers = ?config.servers, "taking jobs from NATS");
     let intake = Intake {
         registry,
@@ -67,6 +74,7 @@ pub async fn run(registry: Arc<Registry>, config: NatsConfig, stop: Cancellation
         jobs: JoinSet::new(),
     };
     intake.pull(consumers, stop).await;
+    let _ = lost.await;
 }
 
 /// The streams and a durable consumer per subject; tried again until they
@@ -75,7 +83,7 @@ async fn set_up(
     js: &jetstream::Context,
     config: &NatsConfig,
     stop: &CancellationToken,
-) -> Option<(Vec<PullConsumer>, stream::Stream)> {
+) -> Option<(Vec<PullConsumer>, stream::Stream, stream::Stream)> {
     let mut retry = Duration::from_millis(100);
     loop {
         match try_set_up(js, config).await {
@@ -93,7 +101,7 @@ async fn set_up(
 async fn try_set_up(
     js: &jetstream::Context,
     config: &NatsConfig,
-) -> Result<(Vec<PullConsumer>, stream::Stream), FleetError> {
+) -> Result<(Vec<PullConsumer>, stream::Stream, stream::Stream), FleetError> {
     use jetstream::consumer::{AckPolicy, pull};
     let (jobs, events) = super::ensure_streams(js, config.replicas, config.events_max_age).await?;
     let mut consumers = Vec::new();
@@ -122,7 +130,7 @@ async fn try_set_up(
             })?;
         consumers.push(consumer);
     }
-    Ok((consumers, events))
+    Ok((consumers, jobs, events))
 }
 
 struct Intake {
@@ -319,34 +327,130 @@ impl Intake {
         why: &str,
     ) {
         tracing::warn!(job_id, reason = %why, "terminated a job message");
-        if crate::model::spec::validate_job_id(job_id).is_ok() {
-            let mut status = crate::model::JobStatus::new(job_id.to_string());
-            status.state = crate::model::JobState::Failed;
-            status.message = why.to_string();
-            status.finished = Some(std::time::SystemTime::now());
-            status.attempt = attempt;
-            status.last_seq = 1;
-            let mut event = convert::event_out(
-                job_id,
-                crate::model::Event {
-                    seq: 1,
-                    time: std::time::SystemTime::now(),
-                    kind: crate::model::EventKind::State(status),
-                },
-            );
-            if let Some(pb::job_event::Event::State(s)) = event.event.as_mut() {
-                s.failure = failure as i32;
-            }
-            let publisher = Publisher {
-                js: self.js.clone(),
-                subject: events_subject(job_id),
-                agent: self.registry.config().agent_id.clone(),
-                attempt,
-                job_id: job_id.to_string(),
-            };
-            publisher.publish(&event, acker).await;
-        }
+        let agent = &self.registry.config().agent_id;
+        let end = End {
+            state: crate::model::JobState::Failed,
+            failure,
+            why,
+        };
+        publish_end(&self.js, agent, job_id, attempt, end, Some(acker)).await;
         terminate(acker).await;
+    }
+}
+
+/// How a job the agent does not run ends.
+struct End<'a> {
+    state: crate::model::JobState,
+    failure: pb::FailureKind,
+    why: &'a str,
+}
+
+/// Publishes the final state of a job that ran nowhere (a refused message,
+/// a job given out `max_deliver` times), as its only event of this attempt.
+async fn publish_end(
+    js: &jetstream::Context,
+    agent: &str,
+    job_id: &str,
+    attempt: u32,
+    end: End<'_>,
+    acker: Option<&jetstream::message::Acker>,
+) {
+    if crate::model::spec::validate_job_id(job_id).is_err() {
+        return;
+    }
+    let mut status = crate::model::JobStatus::new(job_id.to_string());
+    status.state = end.state;
+    status.message = end.why.to_string();
+    status.finished = Some(std::time::SystemTime::now());
+    status.attempt = attempt;
+    status.last_seq = 1;
+    let mut event = convert::event_out(
+        job_id,
+        crate::model::Event {
+            seq: 1,
+            time: std::time::SystemTime::now(),
+            kind: crate::model::EventKind::State(status),
+        },
+    );
+    if let Some(pb::job_event::Event::State(s)) = event.event.as_mut() {
+        s.failure = end.failure as i32;
+    }
+    let publisher = Publisher {
+        js: js.clone(),
+        subject: events_subject(job_id),
+        agent: agent.to_string(),
+        attempt,
+        job_id: job_id.to_string(),
+        id_tag: "end",
+    };
+    publisher.publish(&event, acker).await;
+}
+
+/// Ends LOST the jobs JetStream gave out `max_deliver` times without an
+/// acknowledgement: its advisory comes to one agent of the queue group,
+/// which publishes the job's final state and removes the message. Runs
+/// until `stop` fires.
+async fn end_lost_jobs(
+    client: async_nats::Client,
+    js: jetstream::Context,
+    jobs: stream::Stream,
+    agent: String,
+    stop: CancellationToken,
+) {
+    #[derive(serde::Deserialize)]
+    struct MaxDeliveries {
+        stream_seq: u64,
+        deliveries: u32,
+    }
+    let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*");
+    let mut advisories = match client.queue_subscribe(subject, "runnel-lost".into()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot subscribe to JetStream's max-deliveries advisories: jobs given out max_deliver times will not be ended LOST");
+            return;
+        }
+    };
+    loop {
+        let m = tokio::select! {
+            _ = stop.cancelled() => return,
+            m = advisories.next() => match m { Some(m) => m, None => return },
+        };
+        let Ok(a) = serde_json::from_slice::<MaxDeliveries>(&m.payload) else {
+            continue;
+        };
+        let job_id = match jobs.get_raw_message(a.stream_seq).await {
+            Ok(raw) => {
+                use prost::Message as _;
+                match pb::JobSpec::decode(raw.payload.as_ref()) {
+                    Ok(spec) => spec.job_id,
+                    Err(_) => String::new(),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(stream_seq = a.stream_seq, error = %e, "cannot read a job given out max_deliver times");
+                continue;
+            }
+        };
+        let why = format!(
+            "the job was given out {} times (intake.nats.max_deliver) and no agent finished it: each \
+             agent that took it died or lost contact with NATS for longer than the ack wait. Publish \
+             it again to retry",
+            a.deliveries
+        );
+        tracing::warn!(
+            job_id,
+            deliveries = a.deliveries,
+            "a job given out max_deliver times ends LOST"
+        );
+        let end = End {
+            state: crate::model::JobState::Lost,
+            failure: pb::FailureKind::Agent,
+            why: &why,
+        };
+        publish_end(&js, &agent, &job_id, a.deliveries, end, None).await;
+        if let Err(e) = jobs.delete_message(a.stream_seq).await {
+            tracing::warn!(job_id, error = %e, "cannot remove a LOST job from the queue");
+        }
     }
 }
 
@@ -384,12 +488,16 @@ struct Publisher {
     agent: String,
     attempt: u32,
     job_id: String,
+    /// Tells the message ids of a run's events from those of an end
+    /// published for a job that did not run (the stream drops a message
+    /// whose id it saw in the last two minutes).
+    id_tag: &'static str,
 }
 
 impl Publisher {
     /// Publishes `event`, trying again (and keeping the job in progress
     /// meanwhile) until the stream confirms it.
-    async fn publish(&self, event: &pb::JobEvent, acker: &jetstream::message::Acker) {
+    async fn publish(&self, event: &pb::JobEvent, acker: Option<&jetstream::message::Acker>) {
         use prost::Message;
         let payload = event.encode_to_vec();
         let mut retry = Duration::from_millis(50);
@@ -398,7 +506,7 @@ impl Publisher {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(
                 "Nats-Msg-Id",
-                format!("{}:{}:{}", self.job_id, self.attempt, event.seq).as_str(),
+                format!("{}:{}:{}{}", self.job_id, self.attempt, self.id_tag, event.seq).as_str(),
             );
             headers.insert(AGENT_HEADER, self.agent.as_str());
             headers.insert(ATTEMPT_HEADER, self.attempt.to_string().as_str());
@@ -423,7 +531,9 @@ impl Publisher {
                 }
                 Err(_) => {}
             }
-            let _ = acker.ack_with(AckKind::Progress).await;
+            if let Some(acker) = acker {
+                let _ = acker.ack_with(AckKind::Progress).await;
+            }
             tokio::time::sleep(retry).await;
             retry = (retry * 2).min(MAX_RETRY);
         }
@@ -448,6 +558,7 @@ impl JobWork {
             agent: self.agent.clone(),
             attempt: self.attempt,
             job_id: self.job.id.clone(),
+            id_tag: "",
         };
         let mut events = std::pin::pin!(self.job.watch(0, true));
         let mut progress = tokio::time::interval(self.progress_every);
@@ -457,7 +568,7 @@ impl JobWork {
                 e = events.next() => match e {
                     Some(Ok(e)) => {
                         let event = convert::event_out(&self.job.id, e);
-                        publisher.publish(&event, &self.acker).await;
+                        publisher.publish(&event, Some(&self.acker)).await;
                     }
                     Some(Err(e)) => {
                         tracing::error!(job_id = %self.job.id, error = %e, "cannot read the job's event log to publish it");

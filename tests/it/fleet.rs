@@ -497,3 +497,55 @@ async fn sigterm_drains_finishes_and_acks_its_job_and_leaves_the_queue_to_others
     let finals = final_states(&events_of(&js, "after-term").await);
     assert_eq!(finals[0].1, "other");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_given_out_max_deliver_times_ends_lost() {
+    require!(Root, Nats);
+    let nats = NatsServer::start();
+    let config = "ack_wait = \"4s\"\nmax_deliver = 2";
+    let mut first = fleet_agent("lost-1", &nats.url(), 1, config);
+    let js = connect(&nats.url()).await;
+    publish(&js, &job("doomed", &["sleep 60"])).await;
+    let started_by = |agent: &'static str| {
+        let js = js.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let events = events_of(&js, "doomed").await;
+                if events.iter().any(|p| {
+                    p.agent == agent && matches!(&p.event.event, Some(pb::job_event::Event::StepStarted(_)))
+                }) {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "the job never started on {agent}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    started_by("lost-1").await;
+    first.kill9();
+    let mut second = fleet_agent("lost-2", &nats.url(), 1, config);
+    started_by("lost-2").await;
+    second.kill9();
+    // An agent that does not run it hears that it was given out twice.
+    let _third = fleet_agent("lost-3", &nats.url(), 1, config);
+    wait_all_final(&js, &["doomed".to_string()], Duration::from_secs(60)).await;
+    let finals = final_states(&events_of(&js, "doomed").await);
+    assert_eq!(finals.len(), 1, "{finals:?}");
+    let (status, agent) = &finals[0];
+    assert_eq!(state(status), pb::JobState::Lost, "{status:?}");
+    assert_eq!(failure(status), pb::FailureKind::Agent);
+    assert_eq!((status.attempt, agent.as_str()), (2, "lost-3"));
+    assert!(status.message.contains("max_deliver"), "{}", status.message);
+    let info = consumer_info(&js).await;
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0), "{info:?}");
+    let jobs = js
+        .get_stream(fleet::JOBS_STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(jobs.state.messages, 0, "the LOST job is removed from the queue");
+}
