@@ -691,7 +691,7 @@ fn subject_of_labels(labels: &BTreeMap<String, String>) -> Result<String, Config
         invalid(
             "intake.nats.subjects",
             format!(
-                "the default subject, made of [labels] ({subject:?}), {why}; set                  intake.nats.subjects, e.g. [\"{NATS_JOBS_PREFIX}linux\"]"
+                "the default subject, made of [labels] ({subject:?}), {why}; set intake.nats.subjects, e.g. [\"{NATS_JOBS_PREFIX}linux\"]"
             ),
         )
     })?;
@@ -973,7 +973,61 @@ mod tests {
         "network.deny",
         "network.allow",
         "labels.pool",
+        // [intake.nats] is off unless configured: each key is an example.
+        "intake.nats.url",
+        "intake.nats.creds_file",
+        "intake.nats.tls_ca",
+        "intake.nats.tls_cert",
+        "intake.nats.tls_key",
+        "intake.nats.subjects",
+        "intake.nats.ack_wait",
+        "intake.nats.max_deliver",
+        "intake.nats.replicas",
+        "intake.nats.events_max_age",
     ];
+
+    #[test]
+    fn the_nats_intake_takes_jobs_from_the_subject_of_its_labels_unless_told() {
+        let c = Config::from_toml("[intake.nats]\nurl = \"nats://127.0.0.1:4222\"\n").unwrap();
+        let n = c.nats.unwrap();
+        assert_eq!(n.subjects, ["runnel.jobs.default"]);
+        assert_eq!(
+            (n.ack_wait, n.max_deliver, n.replicas),
+            (Duration::from_secs(30), 3, 1)
+        );
+        let c = Config::from_toml(
+            "[labels]\npool = \"linux\"\narch = \"x86_64\"\n[intake.nats]\nurl = [\"nats://a:4222\", \"tls://b:4222\"]\n",
+        )
+        .unwrap();
+        let n = c.nats.unwrap();
+        assert_eq!(n.subjects, ["runnel.jobs.arch=x86_64.pool=linux"]);
+        assert_eq!(n.servers, ["nats://a:4222", "tls://b:4222"]);
+    }
+
+    #[test]
+    fn a_bad_nats_intake_is_refused_naming_the_key_and_the_fix() {
+        let err = |text: &str| Config::from_toml(text).unwrap_err().to_string();
+        let e = err("[labels]\npool = \"linux x86\"\n[intake.nats]\nurl = \"nats://a:4222\"\n");
+        assert!(
+            e.contains("intake.nats.subjects") && e.contains("set intake.nats.subjects"),
+            "{e}"
+        );
+        let e = err("[intake.nats]\nurl = \"nats://a:4222\"\nsubjects = [\"jobs.linux\"]\n");
+        assert!(e.contains("is not under \"runnel.jobs.\""), "{e}");
+        let e = err("[intake.nats]\nurl = \"nats://a:4222\"\nsubjects = [\"runnel.jobs.*\"]\n");
+        assert!(e.contains("no wildcards"), "{e}");
+        let e = err("[intake.nats]\nurl = \"http://a:4222\"\n");
+        assert!(
+            e.contains("intake.nats.url") && e.contains("nats://127.0.0.1:4222"),
+            "{e}"
+        );
+        let e = err("[intake.nats]\nurl = \"nats://a:4222\"\ntls_cert = \"/c.pem\"\n");
+        assert!(e.contains("tls_key go together"), "{e}");
+        let e = err("[intake.nats]\nurl = \"nats://a:4222\"\nack_wait = \"100ms\"\n");
+        assert!(e.contains("intake.nats.ack_wait"), "{e}");
+        let e = err("[intake.nats]\nurl = \"nats://a:4222\"\nmax_deliver = 0\n");
+        assert!(e.contains("intake.nats.max_deliver"), "{e}");
+    }
 
     /// `(section, key, the line uncommented)` of every `#key = value` line
     /// of the packaged config, in the section (`[x]` or `#[x]`) it sits in.

@@ -1,8 +1,10 @@
 //! The daemon: the agent's wiring while it runs. Binds nothing itself;
 //! given listeners it serves the gRPC API (with health, reflection and TLS),
-//! the metrics endpoint and the retention sweep, tells systemd when it is
-//! ready, and on shutdown drains: new jobs are refused, running jobs get the
-//! drain timeout, the rest are cancelled. It owns every task it starts.
+//! the metrics endpoint, the retention sweep and, with `[intake.nats]`, the
+//! fleet's pull intake, tells systemd when it is ready, and on shutdown
+//! drains: the intake stops pulling, new jobs are refused, running jobs get
+//! the drain timeout, the rest are cancelled, and the intake publishes and
+//! acknowledges what it took. It owns every task it starts.
 
 use std::sync::Arc;
 use std::time::Duration;

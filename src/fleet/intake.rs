@@ -161,8 +161,10 @@ impl Intake {
             }
             let consumer = &consumers[next % consumers.len()];
             next += 1;
+            // A pull that waits (up to FETCH_WAIT) for up to `free` jobs,
+            // each handed on as it comes.
             let batch = consumer
-                .fetch()
+                .batch()
                 .max_messages(free as usize)
                 .expires(FETCH_WAIT)
                 .messages()
