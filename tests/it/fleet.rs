@@ -371,7 +371,7 @@ async fn an_operator_follows_a_job_through_the_events_stream_without_knowing_its
 async fn a_nats_server_restart_mid_run_loses_no_job_and_no_event() {
     require!(Root, Nats);
     let mut nats = NatsServer::start();
-    let _agents: Vec<Agent> = (0..2)
+    let agents: Vec<Agent> = (0..2)
         .map(|i| fleet_agent(&format!("r-{i}"), &nats.url(), 2, "ack_wait = \"20s\""))
         .collect();
     let ids: Vec<String> = (0..12).map(|i| format!("outage-{i}")).collect();
@@ -393,10 +393,26 @@ async fn a_nats_server_restart_mid_run_loses_no_job_and_no_event() {
         }
     }
     nats.kill9();
-    tokio::time::sleep(Duration::from_secs(2)).await; // the outage itself, not a synchronisation
+    // The outage itself (not a synchronisation): longer than the client's
+    // 5 s wait for a publish's confirmation, so that publishing fails and
+    // is tried again, and copies whose confirmation was lost are dropped.
+    tokio::time::sleep(Duration::from_secs(7)).await;
     nats.launch();
     let js = connect(&nats.url()).await;
     wait_all_final(&js, &ids, Duration::from_secs(180)).await;
+    // Events were held back during the outage (in the jobs' event logs)
+    // and published after it; the agents saw the server go.
+    wait_for(
+        "an agent that held events back and published them later",
+        Duration::from_secs(30),
+        || {
+            agents.iter().any(|a| {
+                let log = a.log();
+                log.contains("cannot publish the job's events")
+                    && log.contains("publishing the job's events again")
+            })
+        },
+    );
     for id in &ids {
         let events = events_of(&js, id).await;
         let finals = final_states(&events);
