@@ -565,3 +565,37 @@ async fn a_job_given_out_max_deliver_times_ends_lost() {
         .clone();
     assert_eq!(jobs.state.messages, 0, "the LOST job is removed from the queue");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_back_from_a_kill_runs_its_lost_job_again_as_the_next_attempt() {
+    require!(Root, Nats);
+    let nats = NatsServer::start();
+    let mut agent = fleet_agent("phoenix", &nats.url(), 1, "ack_wait = \"2s\"");
+    let js = connect(&nats.url()).await;
+    publish(&js, &job("again", &["sleep 2; echo done"])).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !events_of(&js, "again")
+        .await
+        .iter()
+        .any(|p| matches!(&p.event.event, Some(pb::job_event::Event::StepStarted(_))))
+    {
+        assert!(Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent.kill9();
+    // Back on the same state directory: the job is LOST here first, then
+    // given out again, to this agent, whose record of attempt 1 makes way.
+    agent.launch();
+    wait_for_line(&agent, "job marked LOST after an agent restart");
+    wait_all_final(&js, &["again".to_string()], Duration::from_secs(60)).await;
+    let finals = final_states(&events_of(&js, "again").await);
+    assert_eq!(finals.len(), 1, "{finals:?}");
+    assert_eq!(state(&finals[0].0), pb::JobState::Succeeded);
+    assert_eq!((finals[0].0.attempt, finals[0].1.as_str()), (2, "phoenix"));
+    wait_for_line(&agent, "replacing the record of an earlier attempt");
+    let mut c = agent.operator().await;
+    let status = get_job(&mut c, "again").await.unwrap();
+    assert_eq!((state(&status), status.attempt), (pb::JobState::Succeeded, 2));
+    let events = watch(&mut c, "again", 0).await;
+    assert_eq!(output(&events, pb::Stream::Stdout), "done\n");
+}
