@@ -245,16 +245,17 @@ pub async fn last_event(events: &stream::Stream, job_id: &str) -> Result<Option<
 
 /// Follows a job's events in the events stream from the stream sequence
 /// after `after` (0: from its first), until an event ends the job (with
-/// `follow`) or what is stored is read. The consumer is an ordered one:
-/// after a dropped connection it is made again from the last sequence
-/// seen, so nothing is missed and nothing comes twice.
+/// `follow`) or what is stored is read. The consumer is an ordered one,
+/// made again from the last sequence seen whenever it fails (a dropped
+/// connection, a server restart, a cluster electing a leader): nothing is
+/// missed and nothing comes twice. Gives up after a minute without
+/// reaching the stream.
 pub async fn follow(
     js: &jetstream::Context,
     job_id: &str,
     after: u64,
     follow: bool,
 ) -> Result<impl Stream<Item = Result<Published, FleetError>> + use<>, FleetError> {
-    use jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
     let events = js.get_stream(EVENTS_STREAM).await.map_err(|e| {
         js_err(format!(
             "cannot find the stream {EVENTS_STREAM} (has an agent with [intake.nats] run yet?)"
@@ -267,13 +268,51 @@ pub async fn follow(
         Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => 0,
         Err(e) => return Err(js_err(format!("cannot read the events of job {job_id}"))(&e)),
     };
-    if !follow && stored_until <= after {
-        return Ok(futures::stream::empty().boxed());
+    let mut follower = Follower {
+        events,
+        subject,
+        follow,
+        stored_until,
+        last: after,
+        messages: None,
+        done: !follow && stored_until <= after,
+    };
+    if !follower.done {
+        follower.messages = Some(open_events(&follower.events, &follower.subject, after).await?);
     }
+    Ok(futures::stream::unfold(follower, |mut f| async move {
+        let item = f.next().await?;
+        Some((item, f))
+    })
+    .boxed())
+}
+
+/// How long a follower keeps trying to reach the events stream.
+const FOLLOW_PATIENCE: Duration = Duration::from_secs(60);
+
+struct Follower {
+    events: stream::Stream,
+    subject: String,
+    follow: bool,
+    stored_until: u64,
+    /// The last stream sequence seen.
+    last: u64,
+    messages: Option<jetstream::consumer::pull::Ordered>,
+    done: bool,
+}
+
+/// An ordered consumer of `subject` from the sequence after `last`.
+async fn open_events(
+    events: &stream::Stream,
+    subject: &str,
+    last: u64,
+) -> Result<jetstream::consumer::pull::Ordered, FleetError> {
+    use jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    let what = || format!("cannot follow {subject}");
     let consumer = events
         .create_consumer(OrderedConfig {
-            filter_subject: subject,
-            deliver_policy: match after {
+            filter_subject: subject.to_string(),
+            deliver_policy: match last {
                 0 => DeliverPolicy::All,
                 n => DeliverPolicy::ByStartSequence {
                     start_sequence: n + 1,
@@ -282,28 +321,53 @@ pub async fn follow(
             ..Default::default()
         })
         .await
-        .map_err(|e| js_err(format!("cannot follow the events of job {job_id}"))(&e))?;
-    let messages = consumer
-        .messages()
-        .await
-        .map_err(|e| js_err(format!("cannot follow the events of job {job_id}"))(&e))?;
-    let stream = futures::stream::unfold((messages, false), move |(mut messages, done)| async move {
-        if done {
-            return None;
-        }
+        .map_err(|e| js_err(what())(&e))?;
+    consumer.messages().await.map_err(|e| js_err(what())(&e))
+}
+
+impl Follower {
+    async fn next(&mut self) -> Option<Result<Published, FleetError>> {
+        let mut failing_since: Option<std::time::Instant> = None;
         loop {
-            let m = match messages.next().await? {
-                Ok(m) => m,
-                Err(e) => {
-                    let err = js_err("the events stream")(&e);
-                    return Some((Err(err), (messages, true)));
+            if self.done {
+                return None;
+            }
+            let Some(messages) = self.messages.as_mut() else {
+                match open_events(&self.events, &self.subject, self.last).await {
+                    Ok(m) => self.messages = Some(m),
+                    Err(e) => {
+                        let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() > FOLLOW_PATIENCE {
+                            self.done = true;
+                            return Some(Err(e));
+                        }
+                        tracing::warn!(error = %e, after = self.last, "the events stream is out of reach; trying again");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+                continue;
+            };
+            let m = match messages.next().await {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, after = self.last, "lost the events stream; resuming after the last event seen");
+                    self.messages = None;
+                    continue;
+                }
+                None => {
+                    self.messages = None;
+                    continue;
                 }
             };
+            failing_since = None;
             let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+            if seq <= self.last {
+                continue;
+            }
+            self.last = seq;
             let Some(p) = decode_event(&m, seq) else { continue };
-            let end = (follow && is_final(&p.event)) || (!follow && seq >= stored_until);
-            return Some((Ok(p), (messages, end)));
+            self.done = (self.follow && is_final(&p.event)) || (!self.follow && seq >= self.stored_until);
+            return Some(Ok(p));
         }
-    });
-    Ok(stream.boxed())
+    }
 }

@@ -375,8 +375,17 @@ async fn a_nats_server_restart_mid_run_loses_no_job_and_no_event() {
         .map(|i| fleet_agent(&format!("r-{i}"), &nats.url(), 2, "ack_wait = \"20s\""))
         .collect();
     let ids: Vec<String> = (0..12).map(|i| format!("outage-{i}")).collect();
+    // An operator follows one job through the outage.
+    let follower = std::process::Command::new(runnel_bin())
+        .args(["logs", "-f", "outage-followed", "--nats", &nats.url()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     {
         let js = connect(&nats.url()).await;
+        let lines = "for i in $(seq 1 12); do echo $i; sleep 0.5; done";
+        publish(&js, &job("outage-followed", &[lines])).await;
         for id in &ids {
             publish(
                 &js,
