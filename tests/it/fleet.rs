@@ -74,6 +74,41 @@ fn final_states(events: &[Published]) -> Vec<(pb::JobStatus, String)> {
         .collect()
 }
 
+/// What the job's steps wrote to stdout.
+fn stdout_of(events: &[Published]) -> String {
+    events
+        .iter()
+        .filter_map(|p| match &p.event.event {
+            Some(pb::job_event::Event::Log(l)) if l.stream == pb::Stream::Stdout as i32 => {
+                Some(String::from_utf8_lossy(&l.data).into_owned())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// One run's events: seq 1, 2, 3, ... each once.
+fn assert_each_event_once_in_order(id: &str, events: &[Published]) {
+    let seqs: Vec<u64> = events.iter().map(|p| p.event.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{id}");
+}
+
+/// Waits until a step of `job` has started (on `agent`, when named).
+async fn wait_started(js: &jetstream::Context, job: &str, agent: Option<&str>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let started = events_of(js, job).await.iter().any(|p| {
+            agent.is_none_or(|a| p.agent == a)
+                && matches!(&p.event.event, Some(pb::job_event::Event::StepStarted(_)))
+        });
+        if started {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{job} never started on {agent:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until every job in `ids` has a final event in the stream.
 async fn wait_all_final(js: &jetstream::Context, ids: &[String], timeout: Duration) {
     let events = events_stream(js).await;
@@ -159,19 +194,9 @@ async fn three_agents_take_sixty_jobs_each_once_spread_and_never_more_than_max_j
         let (status, agent) = &finals[0];
         assert_eq!(state(status), pb::JobState::Succeeded, "{id}: {status:?}");
         assert_eq!(status.attempt, 1, "{id}");
-        let out: String = events
-            .iter()
-            .filter_map(|p| match &p.event.event {
-                Some(pb::job_event::Event::Log(l)) if l.stream == pb::Stream::Stdout as i32 => {
-                    Some(String::from_utf8_lossy(&l.data).into_owned())
-                }
-                _ => None,
-            })
-            .collect();
+        let out = stdout_of(&events);
         assert_eq!(out, format!("ran {id}\n"));
-        // Each event once, in order.
-        let seqs: Vec<u64> = events.iter().map(|p| p.event.seq).collect();
-        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{id}");
+        assert_each_event_once_in_order(id, &events);
         per_agent
             .entry(agent.clone())
             .or_default()
@@ -409,8 +434,21 @@ async fn a_nats_server_restart_mid_run_loses_no_job_and_no_event() {
     nats.launch();
     let js = connect(&nats.url()).await;
     wait_all_final(&js, &ids, Duration::from_secs(180)).await;
+    // The operator saw every line once, across the outage.
+    let out = tokio::task::spawn_blocking(move || follower.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let want: String = (1..=12).map(|i| format!("{i}\n")).collect();
+    assert_eq!(stdout, want, "{stderr}");
     // Events were held back during the outage (in the jobs' event logs)
     // and published after it; the agents saw the server go.
+    wait_for_line(&agents[0], "NATS event=disconnected");
     wait_for(
         "an agent that held events back and published them later",
         Duration::from_secs(30),
@@ -428,19 +466,9 @@ async fn a_nats_server_restart_mid_run_loses_no_job_and_no_event() {
         assert_eq!(finals.len(), 1, "{id}: {finals:?}");
         assert_eq!(state(&finals[0].0), pb::JobState::Succeeded, "{id}");
         assert_eq!(finals[0].0.attempt, 1, "{id}: ran again after the outage");
-        // Every event of the run, once, in order.
-        let seqs: Vec<u64> = events.iter().map(|p| p.event.seq).collect();
-        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{id}");
-        assert_eq!(finals[0].0.last_seq, seqs.len() as u64, "{id}");
-        let out: String = events
-            .iter()
-            .filter_map(|p| match &p.event.event {
-                Some(pb::job_event::Event::Log(l)) if l.stream == pb::Stream::Stdout as i32 => {
-                    Some(String::from_utf8_lossy(&l.data).into_owned())
-                }
-                _ => None,
-            })
-            .collect();
+        assert_each_event_once_in_order(id, &events);
+        assert_eq!(finals[0].0.last_seq, events.len() as u64, "{id}");
+        let out = stdout_of(&events);
         assert_eq!(out, "1\n2\n3\n4\n5\n", "{id}");
     }
 }
@@ -531,26 +559,10 @@ async fn a_job_given_out_max_deliver_times_ends_lost() {
     let mut first = fleet_agent("lost-1", &nats.url(), 1, config);
     let js = connect(&nats.url()).await;
     publish(&js, &job("doomed", &["sleep 60"])).await;
-    let started_by = |agent: &'static str| {
-        let js = js.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let events = events_of(&js, "doomed").await;
-                if events.iter().any(|p| {
-                    p.agent == agent && matches!(&p.event.event, Some(pb::job_event::Event::StepStarted(_)))
-                }) {
-                    return;
-                }
-                assert!(Instant::now() < deadline, "the job never started on {agent}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
-    started_by("lost-1").await;
+    wait_started(&js, "doomed", Some("lost-1")).await;
     first.kill9();
     let mut second = fleet_agent("lost-2", &nats.url(), 1, config);
-    started_by("lost-2").await;
+    wait_started(&js, "doomed", Some("lost-2")).await;
     second.kill9();
     // An agent that does not run it hears that it was given out twice.
     let _third = fleet_agent("lost-3", &nats.url(), 1, config);
@@ -582,15 +594,7 @@ async fn an_agent_back_from_a_kill_runs_its_lost_job_again_as_the_next_attempt()
     let mut agent = fleet_agent("phoenix", &nats.url(), 1, "ack_wait = \"2s\"");
     let js = connect(&nats.url()).await;
     publish(&js, &job("again", &["sleep 2; echo done"])).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !events_of(&js, "again")
-        .await
-        .iter()
-        .any(|p| matches!(&p.event.event, Some(pb::job_event::Event::StepStarted(_))))
-    {
-        assert!(Instant::now() < deadline, "the job never started");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_started(&js, "again", None).await;
     agent.kill9();
     // Back on the same state directory: the job is LOST here first, then
     // given out again, to this agent, whose record of attempt 1 makes way.
