@@ -1378,6 +1378,48 @@ async fn bench_fleet(r: &mut Report, jobs: usize) {
     }
     let (pull_rate, pull_wait) = pull.figures();
     let (push_rate, push_wait) = push.figures();
+
+    // An idle fleet: one job at a time, each published (pushed) once the
+    // last has ended: the wait is the queue's (the API's) own.
+    const ONE_BY_ONE: usize = 50;
+    let mut pull_idle = Vec::new();
+    for i in 0..ONE_BY_ONE {
+        let id = format!("pull-idle-{i}");
+        let t0 = SystemTime::now();
+        runnel::fleet::publish_job(&js, "runnel.jobs.default", &job(&id, &["true"]))
+            .await
+            .unwrap();
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(60), finals.next())
+                .await
+                .expect("the fleet finishes its job")
+                .unwrap();
+            let e: pb::JobEvent = prost::Message::decode(m.payload.as_ref()).unwrap();
+            if let Some(pb::job_event::Event::State(s)) = &e.event
+                && s.job_id == id
+                && runnel::fleet::is_final(&e)
+            {
+                let taken = status_times(s).0;
+                pull_idle.push(taken.duration_since(t0).unwrap_or_default().as_secs_f64() * 1000.0);
+                break;
+            }
+        }
+    }
+    let mut push_idle = Vec::new();
+    let mut clients = Vec::new();
+    for a in &agents {
+        clients.push(a.scheduler().await);
+    }
+    for i in 0..ONE_BY_ONE {
+        let id = format!("push-idle-{i}");
+        let c = &mut clients[i % 3];
+        let t0 = SystemTime::now();
+        submit(c, job(&id, &["true"])).await;
+        let s = support::final_status(&support::watch(c, &id, 0).await);
+        let taken = status_times(&s).0;
+        push_idle.push(taken.duration_since(t0).unwrap_or_default().as_secs_f64() * 1000.0);
+    }
+    let (pull_idle, push_idle) = (Samples(pull_idle), Samples(push_idle));
     r.row(
         &format!("fleet: {jobs} jobs of `true`, 3 agents × {SLOTS} slots, jobs/s"),
         format!("NATS pull: {pull_rate:.1} jobs/s"),
@@ -1386,11 +1428,20 @@ async fn bench_fleet(r: &mut Report, jobs: usize) {
         "≥ 0.9× push",
     );
     r.row(
-        "fleet: wait from publish (push: queued) to an agent taking the job",
+        &format!("fleet: wait from publish (push: queued) to an agent taking the job, {jobs} at once"),
         format!("NATS pull: {}", pull_wait.show()),
         format!("gRPC push: {}", push_wait.show()),
         format!("p50 {}", signed_ms(pull_wait.p50() - push_wait.p50())),
-        "p50 within +50 ms of push",
+        "— (the backlog's drain)",
+    );
+    r.row(
+        &format!(
+            "fleet: wait from publish (push: SubmitJob) to an agent taking the job, {ONE_BY_ONE} one by one"
+        ),
+        format!("NATS pull: {}", pull_idle.show()),
+        format!("gRPC push: {}", push_idle.show()),
+        format!("p50 {}", signed_ms(pull_idle.p50() - push_idle.p50())),
+        "p50 within +10 ms of push",
     );
     r.note(format!(
         "fleet: the pull run's jobs are all published at once (publishing {jobs} took part of the run); the push \

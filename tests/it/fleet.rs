@@ -109,6 +109,30 @@ async fn wait_started(js: &jetstream::Context, job: &str, agent: Option<&str>) {
     }
 }
 
+/// `runnel logs -f JOB --nats URL`, started.
+fn follow_logs(url: &str, job: &str) -> std::process::Child {
+    std::process::Command::new(runnel_bin())
+        .args(["logs", "-f", job, "--nats", url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// What a follower printed (stdout, stderr), once it exited 0.
+async fn followed(follower: std::process::Child) -> (String, String) {
+    let out = tokio::task::spawn_blocking(move || follower.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    (stdout, stderr)
+}
+
 /// Waits until every job in `ids` has a final event in the stream.
 async fn wait_all_final(js: &jetstream::Context, ids: &[String], timeout: Duration) {
     let events = events_stream(js).await;
@@ -163,6 +187,11 @@ fn most_at_once(intervals: &[(SystemTime, SystemTime)]) -> usize {
 
 fn time(t: Option<prost_types::Timestamp>) -> SystemTime {
     SystemTime::try_from(t.expect("a time")).unwrap()
+}
+
+async fn jobs_stream_info(js: &jetstream::Context) -> jetstream::stream::Info {
+    let mut stream = js.get_stream(fleet::JOBS_STREAM).await.unwrap();
+    stream.info().await.unwrap().clone()
 }
 
 async fn consumer_info(js: &jetstream::Context) -> jetstream::consumer::Info {
@@ -339,12 +368,7 @@ async fn an_operator_follows_a_job_through_the_events_stream_without_knowing_its
     )
     .unwrap();
     // The operator starts following before the job exists anywhere.
-    let follower = std::process::Command::new(runnel_bin())
-        .args(["logs", "-f", "followed", "--nats", &nats.url()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let follower = follow_logs(&nats.url(), "followed");
     let submit = std::process::Command::new(runnel_bin())
         .args(["submit", "--nats", &nats.url()])
         .arg(&job_file)
@@ -355,15 +379,7 @@ async fn an_operator_follows_a_job_through_the_events_stream_without_knowing_its
         "{}",
         String::from_utf8_lossy(&submit.stderr)
     );
-    let out = tokio::task::spawn_blocking(move || follower.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (stdout, stderr) = followed(follower).await;
     assert_eq!(stdout, "line 1\nline 2\nline 3\ntoken is [MASKED]\n");
     assert!(stderr.contains("attempt 1 on agent op-"), "{stderr}");
     assert!(stderr.contains("SUCCEEDED"), "{stderr}");
@@ -401,12 +417,7 @@ async fn a_nats_server_restart_mid_run_loses_no_job_and_no_event() {
         .collect();
     let ids: Vec<String> = (0..12).map(|i| format!("outage-{i}")).collect();
     // An operator follows one job through the outage.
-    let follower = std::process::Command::new(runnel_bin())
-        .args(["logs", "-f", "outage-followed", "--nats", &nats.url()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let follower = follow_logs(&nats.url(), "outage-followed");
     {
         let js = connect(&nats.url()).await;
         let lines = "for i in $(seq 1 12); do echo $i; sleep 0.5; done";
@@ -435,15 +446,7 @@ async fn a_nats_server_restart_mid_run_loses_no_job_and_no_event() {
     let js = connect(&nats.url()).await;
     wait_all_final(&js, &ids, Duration::from_secs(180)).await;
     // The operator saw every line once, across the outage.
-    let out = tokio::task::spawn_blocking(move || follower.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (stdout, stderr) = followed(follower).await;
     let want: String = (1..=12).map(|i| format!("{i}\n")).collect();
     assert_eq!(stdout, want, "{stderr}");
     // Events were held back during the outage (in the jobs' event logs)
@@ -482,14 +485,7 @@ async fn a_three_node_cluster_with_a_node_killed_keeps_the_fleet_taking_and_fini
         .map(|i| fleet_agent(&format!("c-{i}"), &urls, 2, "replicas = 3\nack_wait = \"10s\""))
         .collect();
     let js = connect(&urls).await;
-    let info = js
-        .get_stream(fleet::JOBS_STREAM)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .clone();
+    let info = jobs_stream_info(&js).await;
     assert_eq!(info.config.num_replicas, 3);
     let before: Vec<String> = (0..6).map(|i| format!("cluster-a{i}")).collect();
     for id in &before {
@@ -576,14 +572,7 @@ async fn a_job_given_out_max_deliver_times_ends_lost() {
     assert!(status.message.contains("max_deliver"), "{}", status.message);
     let info = consumer_info(&js).await;
     assert_eq!((info.num_pending, info.num_ack_pending), (0, 0), "{info:?}");
-    let jobs = js
-        .get_stream(fleet::JOBS_STREAM)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .clone();
+    let jobs = jobs_stream_info(&js).await;
     assert_eq!(jobs.state.messages, 0, "the LOST job is removed from the queue");
 }
 
