@@ -349,6 +349,8 @@ async fn a_malformed_message_is_terminated_with_a_reason_and_never_redelivered()
         (0, 0, 0),
         "{info:?}"
     );
+    // And the job messages (which carry keys and secrets) are gone.
+    assert_eq!(jobs_stream_info(&js).await.state.messages, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
