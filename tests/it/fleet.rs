@@ -603,3 +603,52 @@ async fn an_agent_back_from_a_kill_runs_its_lost_job_again_as_the_next_attempt()
     let events = watch(&mut c, "again", 0).await;
     assert_eq!(output(&events, pb::Stream::Stdout), "done\n");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_reach_nats_over_mutual_tls_with_the_configured_files() {
+    require!(Root, Nats);
+    let ca = crate::tls::Ca::new("nats test CA");
+    let (server_cert, server_key) = ca.issue("nats-server", &["127.0.0.1", "localhost"]);
+    let (client_cert, client_key) = ca.issue("runnel-agent", &["runnel-agent"]);
+    let path = |p: &std::path::Path| p.display().to_string();
+    let nats = NatsServer::start_with(vec![
+        "--tls".into(),
+        "--tlscert".into(),
+        path(&server_cert),
+        "--tlskey".into(),
+        path(&server_key),
+        "--tlsverify".into(),
+        "--tlscacert".into(),
+        path(&ca.ca_path()),
+    ]);
+    let tls = format!(
+        "tls_ca = {:?}\ntls_cert = {:?}\ntls_key = {:?}",
+        path(&ca.ca_path()),
+        path(&client_cert),
+        path(&client_key)
+    );
+    let _agent = fleet_agent("tls", &nats.tls_url(), 1, &tls);
+    let client = async_nats::ConnectOptions::new()
+        .add_root_certificates(ca.ca_path())
+        .add_client_certificate(client_cert.clone(), client_key.clone())
+        .require_tls(true)
+        .connect(nats.tls_url())
+        .await
+        .unwrap();
+    let js = jetstream::new(client);
+    publish(&js, &job("over-tls", &["echo private"])).await;
+    wait_all_final(&js, &["over-tls".to_string()], Duration::from_secs(60)).await;
+    let events = events_of(&js, "over-tls").await;
+    assert_eq!(state(&final_states(&events)[0].0), pb::JobState::Succeeded);
+    assert_eq!(stdout_of(&events), "private\n");
+    // Without a client certificate the server does not let a client in.
+    let refused = runnel::fleet::Servers {
+        urls: vec![nats.tls_url()],
+        tls_ca: Some(ca.ca_path()),
+        name: "no certificate".into(),
+        ..Default::default()
+    }
+    .connect(false)
+    .await;
+    assert!(refused.is_err(), "a client without a certificate was let in");
+}

@@ -23,7 +23,7 @@ pub fn free_port() -> u16 {
 pub struct NatsServer {
     pub port: u16,
     name: String,
-    /// `--cluster` and `--routes` of a cluster's node.
+    /// More options: `--cluster` and `--routes` of a cluster's node, TLS.
     cluster: Vec<String>,
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -32,7 +32,12 @@ pub struct NatsServer {
 impl NatsServer {
     /// One server with JetStream, on a free port.
     pub fn start() -> NatsServer {
-        let mut s = NatsServer::new("n0", Vec::new());
+        NatsServer::start_with(Vec::new())
+    }
+
+    /// One server with JetStream and these options too (`--tls ...`).
+    pub fn start_with(options: Vec<String>) -> NatsServer {
+        let mut s = NatsServer::new("n0", options);
         s.launch();
         s
     }
@@ -84,6 +89,11 @@ impl NatsServer {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The same, for a server started with `--tls`.
+    pub fn tls_url(&self) -> String {
+        format!("tls://127.0.0.1:{}", self.port)
     }
 
     fn log_path(&self) -> PathBuf {
