@@ -19,6 +19,7 @@
 //! event is in the stream.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, stream};
@@ -67,10 +68,13 @@ pub async fn run(registry: Arc<Registry>, config: NatsConfig, stop: Cancellation
     ));
     tracing::info!(subjects = ?config.subjects, servers = ?config.servers, "taking jobs from NATS");
     let intake = Intake {
-        registry,
-        js,
-        events,
-        ack_wait: config.ack_wait,
+        taker: Taker {
+            registry,
+            js,
+            events,
+            ack_wait: config.ack_wait,
+            waiting: Arc::default(),
+        },
         jobs: JoinSet::new(),
     };
     intake.pull(consumers, stop).await;
@@ -134,12 +138,38 @@ async fn try_set_up(
 }
 
 struct Intake {
+    taker: Taker,
+    /// A task per message taken: its slot, then the job's progress, events
+    /// and final acknowledgement.
+    jobs: JoinSet<()>,
+}
+
+/// What a message's task needs.
+#[derive(Clone)]
+struct Taker {
     registry: Arc<Registry>,
     js: jetstream::Context,
     events: stream::Stream,
     ack_wait: Duration,
-    /// A task per job taken: progress, events, the final acknowledgement.
-    jobs: JoinSet<()>,
+    /// Messages in hand that wait for a slot (a gRPC submission took the
+    /// one they were asked for): the next pull asks for that many fewer.
+    waiting: Arc<AtomicU32>,
+}
+
+/// A message counted in [`Taker::waiting`] until dropped.
+struct Waiting(Arc<AtomicU32>);
+
+impl Waiting {
+    fn new(count: &Arc<AtomicU32>) -> Waiting {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Intake {
@@ -148,12 +178,13 @@ impl Intake {
         let mut retry = Duration::from_millis(100);
         while !stop.is_cancelled() {
             while self.jobs.try_join_next().is_some() {}
-            let info = self.registry.info();
-            let free = info.max_jobs - info.running_jobs;
+            let info = self.taker.registry.info();
+            let waiting = self.taker.waiting.load(Ordering::SeqCst);
+            let free = (info.max_jobs - info.running_jobs).saturating_sub(waiting);
             if free == 0 || info.draining {
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = self.registry.slot_freed() => {}
+                    _ = self.taker.registry.slot_freed() => {}
                     // A draining registry frees no slot for us: look again now and then.
                     _ = tokio::time::sleep(FETCH_WAIT) => {}
                 }
@@ -191,7 +222,14 @@ impl Intake {
                             tracing::warn!(error = %e, "cannot give a job back to the queue");
                         }
                     }
-                    Ok(m) => self.take(m, &stop).await,
+                    Ok(m) => {
+                        // Each message in a task of its own: one that waits
+                        // for a slot holds up no other.
+                        let (taker, stop) = (self.taker.clone(), stop.clone());
+                        let waiting = Waiting::new(&taker.waiting);
+                        self.jobs
+                            .spawn(async move { taker.take(m, &stop, waiting).await });
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "a pull for jobs failed");
                         break;
@@ -205,9 +243,11 @@ impl Intake {
         );
         while self.jobs.join_next().await.is_some() {}
     }
+}
 
+impl Taker {
     /// Runs one message's job, or says why not and settles the message.
-    async fn take(&mut self, m: jetstream::Message, stop: &CancellationToken) {
+    async fn take(self, m: jetstream::Message, stop: &CancellationToken, waiting: Waiting) {
         use prost::Message as _;
         let (delivered, stream_seq) = match m.info() {
             Ok(i) => (u32::try_from(i.delivered).unwrap_or(u32::MAX), i.stream_sequence),
@@ -255,6 +295,7 @@ impl Intake {
             settle(&acker, AckKind::Nak(None)).await;
             return;
         };
+        drop(waiting);
         match self.registry.submit_attempt(spec, delivered, reservation) {
             Ok(Accepted::Started(job)) => {
                 let work = JobWork {
@@ -265,7 +306,7 @@ impl Intake {
                     attempt: delivered,
                     progress_every: self.ack_wait / 3,
                 };
-                self.jobs.spawn(work.run());
+                work.run().await;
             }
             Ok(Accepted::Known(job)) if !job.status().state.is_final() => {
                 // Runs here already (its earlier delivery is kept in
