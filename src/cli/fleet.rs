@@ -75,6 +75,18 @@ async fn logs(
             break;
         }
     }
+    if run.is_none() && !follow {
+        return Err(Failure::remote(format!(
+            "the events stream {} holds no event of job {job}{}: was it published to the fleet, \
+             and is it younger than the stream's max age?",
+            fleet::EVENTS_STREAM,
+            if after > 0 {
+                format!(" after sequence {after}")
+            } else {
+                String::new()
+            },
+        )));
+    }
     match (follow, end) {
         (false, _) | (true, Some(pb::JobState::Succeeded)) => Ok(()),
         _ => Err(Failure::job_failed()),

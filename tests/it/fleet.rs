@@ -407,6 +407,14 @@ async fn an_operator_follows_a_job_through_the_events_stream_without_knowing_its
         .unwrap();
     assert!(resumed.status.success());
     assert_eq!(String::from_utf8_lossy(&resumed.stdout), "");
+    // A job the stream does not know is said to be unknown, with a failure.
+    let unknown = std::process::Command::new(runnel_bin())
+        .args(["logs", "never-published", "--nats", &nats.url()])
+        .output()
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(3));
+    let said = String::from_utf8_lossy(&unknown.stderr);
+    assert!(said.contains("holds no event of job never-published"), "{said}");
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("SUCCEEDED"));
 }
 
