@@ -4,7 +4,7 @@
 //! docker.io, runc, sshd, a registry) or, on a prepared machine, with
 //! `cargo bench --bench suite`. `RUNNEL_BENCH_ONLY=start,checkout` runs some
 //! sections (start overhead latency throughput checkout checkout-wide concurrent
-//! rootfs sandbox); `RUNNEL_BENCH_N` sets the number of samples (default 50).
+//! rootfs sandbox network fleet); `RUNNEL_BENCH_N` sets the number of samples (default 50).
 //!
 //! It starts the real `runnel` binary (release build) as an agent and drives
 //! it over gRPC, exactly as the integration tests do (tests/it/support).
@@ -1260,6 +1260,196 @@ fn proc_meminfo_gib() -> f64 {
         / (1024.0 * 1024.0)
 }
 
+/// When each job was published (or queued by the push scheduler), taken
+/// by an agent and finished, by job id.
+#[derive(Default)]
+struct FleetRun {
+    queued: std::collections::HashMap<String, SystemTime>,
+    taken: std::collections::HashMap<String, (SystemTime, SystemTime)>,
+}
+
+impl FleetRun {
+    /// Jobs per second from the first queued to the last finished, and the
+    /// waits from queued to taken.
+    fn figures(&self) -> (f64, Samples) {
+        let first = self.queued.values().min().copied().unwrap();
+        let last = self.taken.values().map(|t| t.1).max().unwrap();
+        let secs = last.duration_since(first).unwrap_or_default().as_secs_f64();
+        let waits = self
+            .taken
+            .iter()
+            .map(|(id, (taken, _))| {
+                taken
+                    .duration_since(self.queued[id])
+                    .unwrap_or_default()
+                    .as_secs_f64()
+                    * 1000.0
+            })
+            .collect();
+        (self.taken.len() as f64 / secs, Samples(waits))
+    }
+}
+
+fn status_times(s: &pb::JobStatus) -> (SystemTime, SystemTime) {
+    let t = |t: Option<prost_types::Timestamp>| SystemTime::try_from(t.unwrap()).unwrap();
+    (t(s.created), t(s.finished))
+}
+
+/// `jobs` jobs of `true` through three agents: published to NATS JetStream
+/// (the agents pull), then the same jobs pushed over gRPC to the same
+/// agents by a scheduler that knows every agent and keeps one submitter
+/// per slot (the push model at its best: it never asks a full agent).
+async fn bench_fleet(r: &mut Report, jobs: usize) {
+    use async_nats::jetstream;
+    println!("== fleet: {jobs} jobs of `true` through three agents, NATS pull vs gRPC push");
+    const SLOTS: usize = 4;
+    let nats = support::nats::NatsServer::start();
+    let agents: Vec<Agent> = (0..3)
+        .map(|i| {
+            Agent::start(&format!(
+                "agent_id = \"bench-{i}\"\nmax_jobs = {SLOTS}\n[intake.nats]\nurl = \"{}\"\n[runtime]\nnetwork = \"none\"\n",
+                nats.url()
+            ))
+        })
+        .collect();
+    for a in &agents {
+        support::wait_for("the agent's NATS intake", Duration::from_secs(60), || {
+            a.log().contains("taking jobs from NATS")
+        });
+    }
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+
+    // Pull: every final state seen on the events stream's subjects.
+    let mut pull = FleetRun::default();
+    let mut finals = client.subscribe("runnel.events.>").await.unwrap();
+    for i in 0..jobs {
+        let id = format!("pull-{i}");
+        pull.queued.insert(id.clone(), SystemTime::now());
+        runnel::fleet::publish_job(&js, "runnel.jobs.default", &job(&id, &["true"]))
+            .await
+            .unwrap();
+    }
+    while pull.taken.len() < jobs {
+        let m = tokio::time::timeout(Duration::from_secs(120), finals.next())
+            .await
+            .expect("the fleet finishes its jobs")
+            .unwrap();
+        let e: pb::JobEvent = prost::Message::decode(m.payload.as_ref()).unwrap();
+        if let Some(pb::job_event::Event::State(s)) = &e.event
+            && runnel::fleet::is_final(&e)
+        {
+            assert_eq!(s.state, pb::JobState::Succeeded as i32, "{s:?}");
+            pull.taken.insert(s.job_id.clone(), status_times(s));
+        }
+    }
+
+    // Push: one submitter per slot, each on its agent.
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(
+        (0..jobs).map(|i| format!("push-{i}")).collect::<Vec<_>>(),
+    ));
+    let queued_at = SystemTime::now();
+    let mut submitters = tokio::task::JoinSet::new();
+    for a in &agents {
+        for _ in 0..SLOTS {
+            let mut c = a.scheduler().await;
+            let queue = queue.clone();
+            submitters.spawn(async move {
+                let mut done = Vec::new();
+                loop {
+                    let Some(id) = queue.lock().unwrap().pop() else {
+                        return done;
+                    };
+                    submit(&mut c, job(&id, &["true"])).await;
+                    let events = support::watch(&mut c, &id, 0).await;
+                    let s = support::final_status(&events);
+                    assert_eq!(s.state, pb::JobState::Succeeded as i32, "{s:?}");
+                    done.push((id, status_times(&s)));
+                }
+            });
+        }
+    }
+    let mut push = FleetRun::default();
+    while let Some(done) = submitters.join_next().await {
+        for (id, times) in done.unwrap() {
+            push.queued.insert(id.clone(), queued_at);
+            push.taken.insert(id, times);
+        }
+    }
+    let (pull_rate, pull_wait) = pull.figures();
+    let (push_rate, push_wait) = push.figures();
+
+    // An idle fleet: one job at a time, each published (pushed) once the
+    // last has ended: the wait is the queue's (the API's) own.
+    const ONE_BY_ONE: usize = 50;
+    let mut pull_idle = Vec::new();
+    for i in 0..ONE_BY_ONE {
+        let id = format!("pull-idle-{i}");
+        let t0 = SystemTime::now();
+        runnel::fleet::publish_job(&js, "runnel.jobs.default", &job(&id, &["true"]))
+            .await
+            .unwrap();
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(60), finals.next())
+                .await
+                .expect("the fleet finishes its job")
+                .unwrap();
+            let e: pb::JobEvent = prost::Message::decode(m.payload.as_ref()).unwrap();
+            if let Some(pb::job_event::Event::State(s)) = &e.event
+                && s.job_id == id
+                && runnel::fleet::is_final(&e)
+            {
+                let taken = status_times(s).0;
+                pull_idle.push(taken.duration_since(t0).unwrap_or_default().as_secs_f64() * 1000.0);
+                break;
+            }
+        }
+    }
+    let mut push_idle = Vec::new();
+    let mut clients = Vec::new();
+    for a in &agents {
+        clients.push(a.scheduler().await);
+    }
+    for i in 0..ONE_BY_ONE {
+        let id = format!("push-idle-{i}");
+        let c = &mut clients[i % 3];
+        let t0 = SystemTime::now();
+        submit(c, job(&id, &["true"])).await;
+        let s = support::final_status(&support::watch(c, &id, 0).await);
+        let taken = status_times(&s).0;
+        push_idle.push(taken.duration_since(t0).unwrap_or_default().as_secs_f64() * 1000.0);
+    }
+    let (pull_idle, push_idle) = (Samples(pull_idle), Samples(push_idle));
+    r.row(
+        &format!("fleet: {jobs} jobs of `true`, 3 agents × {SLOTS} slots, jobs/s"),
+        format!("NATS pull: {pull_rate:.1} jobs/s"),
+        format!("gRPC push, a submitter per slot: {push_rate:.1} jobs/s"),
+        format!("{:.2}× push", pull_rate / push_rate),
+        "≥ 0.9× push",
+    );
+    r.row(
+        &format!("fleet: wait from publish (push: queued) to an agent taking the job, {jobs} at once"),
+        format!("NATS pull: {}", pull_wait.show()),
+        format!("gRPC push: {}", push_wait.show()),
+        format!("p50 {}", signed_ms(pull_wait.p50() - push_wait.p50())),
+        "— (the backlog's drain)",
+    );
+    r.row(
+        &format!(
+            "fleet: wait from publish (push: SubmitJob) to an agent taking the job, {ONE_BY_ONE} one by one"
+        ),
+        format!("NATS pull: {}", pull_idle.show()),
+        format!("gRPC push: {}", push_idle.show()),
+        format!("p50 {}", signed_ms(pull_idle.p50() - push_idle.p50())),
+        "p50 within +10 ms of push",
+    );
+    r.note(format!(
+        "fleet: the pull run's jobs are all published at once (publishing {jobs} took part of the run); the push \
+         run's are all queued at its start, so both waits include the time the queue took to drain"
+    ));
+    drop(agents);
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is taken from argv.
     if let Some(reason) = support::unmet(&[support::Need::Root]) {
@@ -1312,6 +1502,9 @@ fn main() {
         if wanted("network") {
             bench_network(&mut r, n, dir.path()).await;
             bench_download(&mut r).await;
+        }
+        if wanted("fleet") {
+            bench_fleet(&mut r, 500).await;
         }
     });
     let date = sh(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));

@@ -75,6 +75,38 @@ struct RawConfig {
     network: RawNetwork,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    intake: RawIntake,
+}
+
+/// Where jobs come from besides the gRPC API.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIntake {
+    nats: Option<RawNats>,
+}
+
+/// A server's URL, or several (a cluster).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNats {
+    url: OneOrMany,
+    creds_file: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    subjects: Option<Vec<String>>,
+    ack_wait: Option<String>,
+    max_deliver: Option<u32>,
+    replicas: Option<u32>,
+    events_max_age: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -280,6 +312,8 @@ pub struct Config {
     /// How often a long image pull says how far it has come.
     pub progress_interval: Duration,
     pub labels: BTreeMap<String, String>,
+    /// `[intake.nats]`: take jobs from a NATS JetStream queue too.
+    pub nats: Option<NatsConfig>,
     /// Paths on the host that hold agent secrets (token files): hidden from
     /// containers that see the host's root filesystem.
     pub private_paths: Vec<PathBuf>,
@@ -525,6 +559,10 @@ impl Config {
                 }
                 Some(b) => Some(b),
             },
+            nats: match raw.intake.nats {
+                None => None,
+                Some(n) => Some(read_nats(n, &raw.labels, &mut private_paths)?),
+            },
             labels: raw.labels,
             private_paths,
         })
@@ -611,6 +649,156 @@ fn parse_duration(text: Option<&str>, key: &'static str, default: &str) -> Resul
     let text = text.unwrap_or(default);
     humantime::parse_duration(text)
         .map_err(|e| invalid(key, format!("{text:?} is not a duration such as \"30s\": {e}")))
+}
+
+/// Where the JetStream streams' subjects begin.
+pub const NATS_JOBS_PREFIX: &str = "runnel.jobs.";
+
+/// `[intake.nats]`, validated.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// `nats://HOST:PORT` (or `tls://`), one per server of a cluster.
+    pub servers: Vec<String>,
+    /// A NATS credentials file (JWT and NKey seed).
+    pub creds_file: Option<PathBuf>,
+    /// CA certificates (PEM) to trust for the servers' TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate and its key (PEM), for servers that ask.
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+    /// The subjects jobs are taken from, each under `runnel.jobs.`; agents
+    /// with the same subject share its durable consumer.
+    pub subjects: Vec<String>,
+    /// How long a job may go without word from its agent before the queue
+    /// gives it to another.
+    pub ack_wait: Duration,
+    /// How many times a job is given out before it ends LOST.
+    pub max_deliver: u32,
+    /// Replicas of the streams this agent creates (a cluster: 3).
+    pub replicas: u32,
+    /// How long the events stream keeps a job's events.
+    pub events_max_age: Duration,
+}
+
+/// The subject a set of labels takes jobs from: `runnel.jobs.` and the
+/// labels as `KEY=VALUE` tokens in key order, or `runnel.jobs.default`.
+fn subject_of_labels(labels: &BTreeMap<String, String>) -> Result<String, ConfigError> {
+    if labels.is_empty() {
+        return Ok(format!("{NATS_JOBS_PREFIX}default"));
+    }
+    let tokens: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let subject = format!("{NATS_JOBS_PREFIX}{}", tokens.join("."));
+    check_subject(&subject).map_err(|why| {
+        invalid(
+            "intake.nats.subjects",
+            format!(
+                "the default subject, made of [labels] ({subject:?}), {why}; set intake.nats.subjects, e.g. [\"{NATS_JOBS_PREFIX}linux\"]"
+            ),
+        )
+    })?;
+    Ok(subject)
+}
+
+/// Why `subject` cannot name a queue of jobs.
+fn check_subject(subject: &str) -> Result<(), String> {
+    let Some(rest) = subject.strip_prefix(NATS_JOBS_PREFIX) else {
+        return Err(format!("is not under \"{NATS_JOBS_PREFIX}\""));
+    };
+    if subject.len() > 200 {
+        return Err("is longer than 200 characters".into());
+    }
+    let fine = |t: &str| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || "_-=".contains(c));
+    if !rest.split('.').all(fine) {
+        return Err(
+            "has a token that is empty or holds a character other than letters, digits, '_', '-' and '=' \
+             (no wildcards)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+fn read_nats(
+    raw: RawNats,
+    labels: &BTreeMap<String, String>,
+    private_paths: &mut Vec<PathBuf>,
+) -> Result<NatsConfig, ConfigError> {
+    let servers = match raw.url {
+        OneOrMany::One(u) => vec![u],
+        OneOrMany::Many(u) => u,
+    };
+    if servers.is_empty() {
+        return Err(invalid(
+            "intake.nats.url",
+            "names no server: give \"nats://HOST:4222\"",
+        ));
+    }
+    for s in &servers {
+        let scheme = s.split_once("://").map(|(s, _)| s);
+        if !matches!(scheme, Some("nats" | "tls")) || s.split_once("://").is_some_and(|(_, h)| h.is_empty()) {
+            return Err(invalid(
+                "intake.nats.url",
+                format!("{s:?} is not a server URL such as \"nats://127.0.0.1:4222\" or \"tls://HOST:4222\""),
+            ));
+        }
+    }
+    let subjects = match raw.subjects {
+        Some(s) if s.is_empty() => {
+            return Err(invalid(
+                "intake.nats.subjects",
+                "is empty: name at least one subject, or remove the key",
+            ));
+        }
+        Some(s) => s,
+        None => vec![subject_of_labels(labels)?],
+    };
+    for s in &subjects {
+        check_subject(s).map_err(|why| invalid("intake.nats.subjects", format!("{s:?} {why}")))?;
+    }
+    let tls_client = match (raw.tls_cert, raw.tls_key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => {
+            return Err(invalid(
+                "intake.nats.tls_cert",
+                "and intake.nats.tls_key go together: give both or neither",
+            ));
+        }
+    };
+    for p in [&raw.creds_file, &tls_client.as_ref().map(|c| c.1.clone())]
+        .into_iter()
+        .flatten()
+    {
+        private_paths.push(p.clone());
+    }
+    let max_deliver = raw.max_deliver.unwrap_or(3);
+    if max_deliver == 0 {
+        return Err(invalid("intake.nats.max_deliver", "must be at least 1"));
+    }
+    let replicas = raw.replicas.unwrap_or(1);
+    if !(1..=5).contains(&replicas) {
+        return Err(invalid(
+            "intake.nats.replicas",
+            "must be between 1 and 5 (JetStream's limit)",
+        ));
+    }
+    let ack_wait = positive_duration(raw.ack_wait.as_deref(), "intake.nats.ack_wait", "30s")?;
+    if ack_wait < Duration::from_secs(1) {
+        return Err(invalid(
+            "intake.nats.ack_wait",
+            "must be at least 1s: the agent tells the queue a job is in progress every third of it",
+        ));
+    }
+    Ok(NatsConfig {
+        servers,
+        creds_file: raw.creds_file,
+        tls_ca: raw.tls_ca,
+        tls_client,
+        subjects,
+        ack_wait,
+        max_deliver,
+        replicas,
+        events_max_age: positive_duration(raw.events_max_age.as_deref(), "intake.nats.events_max_age", "7d")?,
+    })
 }
 
 fn read_tls(raw: RawTls, private_paths: &mut Vec<PathBuf>) -> Result<TlsConfig, ConfigError> {
@@ -785,7 +973,61 @@ mod tests {
         "network.deny",
         "network.allow",
         "labels.pool",
+        // [intake.nats] is off unless configured: each key is an example.
+        "intake.nats.url",
+        "intake.nats.creds_file",
+        "intake.nats.tls_ca",
+        "intake.nats.tls_cert",
+        "intake.nats.tls_key",
+        "intake.nats.subjects",
+        "intake.nats.ack_wait",
+        "intake.nats.max_deliver",
+        "intake.nats.replicas",
+        "intake.nats.events_max_age",
     ];
+
+    #[test]
+    fn the_nats_intake_takes_jobs_from_the_subject_of_its_labels_unless_told() {
+        let c = Config::from_toml("[intake.nats]\nurl = \"nats://127.0.0.1:4222\"\n").unwrap();
+        let n = c.nats.unwrap();
+        assert_eq!(n.subjects, ["runnel.jobs.default"]);
+        assert_eq!(
+            (n.ack_wait, n.max_deliver, n.replicas),
+            (Duration::from_secs(30), 3, 1)
+        );
+        let c = Config::from_toml(
+            "[labels]\npool = \"linux\"\narch = \"x86_64\"\n[intake.nats]\nurl = [\"nats://a:4222\", \"tls://b:4222\"]\n",
+        )
+        .unwrap();
+        let n = c.nats.unwrap();
+        assert_eq!(n.subjects, ["runnel.jobs.arch=x86_64.pool=linux"]);
+        assert_eq!(n.servers, ["nats://a:4222", "tls://b:4222"]);
+    }
+
+    #[test]
+    fn a_bad_nats_intake_is_refused_naming_the_key_and_the_fix() {
+        let err = |text: &str| Config::from_toml(text).unwrap_err().to_string();
+        let e = err("[labels]\npool = \"linux x86\"\n[intake.nats]\nurl = \"nats://a:4222\"\n");
+        assert!(
+            e.contains("intake.nats.subjects") && e.contains("set intake.nats.subjects"),
+            "{e}"
+        );
+        let e = err("[intake.nats]\nurl = \"nats://a:4222\"\nsubjects = [\"jobs.linux\"]\n");
+        assert!(e.contains("is not under \"runnel.jobs.\""), "{e}");
+        let e = err("[intake.nats]\nurl = \"nats://a:4222\"\nsubjects = [\"runnel.jobs.*\"]\n");
+        assert!(e.contains("no wildcards"), "{e}");
+        let e = err("[intake.nats]\nurl = \"http://a:4222\"\n");
+        assert!(
+            e.contains("intake.nats.url") && e.contains("nats://127.0.0.1:4222"),
+            "{e}"
+        );
+        let e = err("[intake.nats]\nurl = \"nats://a:4222\"\ntls_cert = \"/c.pem\"\n");
+        assert!(e.contains("tls_key go together"), "{e}");
+        let e = err("[intake.nats]\nurl = \"nats://a:4222\"\nack_wait = \"100ms\"\n");
+        assert!(e.contains("intake.nats.ack_wait"), "{e}");
+        let e = err("[intake.nats]\nurl = \"nats://a:4222\"\nmax_deliver = 0\n");
+        assert!(e.contains("intake.nats.max_deliver"), "{e}");
+    }
 
     /// `(section, key, the line uncommented)` of every `#key = value` line
     /// of the packaged config, in the section (`[x]` or `#[x]`) it sits in.

@@ -8,6 +8,7 @@ pub mod checkout;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod fleet;
 pub mod job;
 pub mod logs;
 pub mod metrics;
@@ -27,6 +28,7 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
     &["job"],
     &["api"],
+    &["fleet"],
     &["daemon"],
     &["cli"],
 ];

@@ -410,6 +410,7 @@ impl From<&JobStatus> for pb::JobStatus {
             finished: s.finished.map(time_out),
             last_seq: s.last_seq,
             steps: s.steps.iter().map(Into::into).collect(),
+            attempt: s.attempt,
             test_results: s.test_results.as_ref().map(Into::into),
         }
     }

@@ -59,7 +59,14 @@ fn stderr_is_journal() -> bool {
 /// Sets up the process's tracing: `RUNNEL_LOG` (an env-filter) or
 /// `default_filter`, in `format`.
 pub fn init(default_filter: &str, format: LogFormat) {
-    let filter = EnvFilter::try_from_env("RUNNEL_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let mut filter = EnvFilter::try_from_env("RUNNEL_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // The NATS client's own lines repeat the agent's (see fleet::Servers)
+    // unless asked for by name.
+    if !std::env::var("RUNNEL_LOG").is_ok_and(|f| f.contains("async_nats"))
+        && let Ok(quiet) = "async_nats=warn".parse()
+    {
+        filter = filter.add_directive(quiet);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -2,6 +2,7 @@
 //! over the library. Errors become exit codes here, in one place.
 
 mod client;
+mod fleet;
 mod logging;
 mod print;
 mod run;
@@ -53,6 +54,15 @@ pub struct Remote {
     tls_domain: Option<String>,
 }
 
+/// The fleet's NATS servers, instead of one agent.
+#[derive(Debug, clap::Args)]
+pub struct Nats {
+    /// NATS server URL(s), comma-separated (nats://HOST:4222): publish to
+    /// the fleet's queue, read the fleet's events stream.
+    #[arg(long = "nats", env = "RUNNEL_NATS", value_name = "URL")]
+    url: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent daemon.
@@ -72,12 +82,18 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
-    /// Submit a job file to a running agent.
+    /// Submit a job file to a running agent, or with --nats to the fleet's queue.
     Submit {
         job: PathBuf,
         /// Follow the job's output until it ends.
         #[arg(short, long)]
         follow: bool,
+        #[command(flatten)]
+        nats: Nats,
+        /// With --nats: the subject of the agents to run it (theirs is
+        /// runnel.jobs. and their labels, KEY=VALUE tokens in key order).
+        #[arg(long, default_value = "runnel.jobs.default", requires = "url")]
+        subject: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -95,9 +111,12 @@ enum Command {
         /// Each line with the time the agent read it (RFC 3339, UTC).
         #[arg(short, long)]
         timestamps: bool,
-        /// Start after this event seq.
+        /// Start after this event seq (with --nats: this sequence of the
+        /// events stream).
         #[arg(long, default_value_t = 0)]
         after: u64,
+        #[command(flatten)]
+        nats: Nats,
         #[command(flatten)]
         remote: Remote,
     },
@@ -243,9 +262,16 @@ pub fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(run::local(&job, config, state_dir)))
         }
         Command::Keyscan { host, timeout } => keyscan(&host, timeout),
-        Command::Submit { job, follow, remote } => {
-            runtime().and_then(|rt| rt.block_on(client::submit(&remote, &job, follow)))
-        }
+        Command::Submit {
+            job,
+            follow,
+            nats: Nats { url: Some(url) },
+            subject,
+            ..
+        } => runtime().and_then(|rt| rt.block_on(fleet::submit(&url, &subject, &job, follow))),
+        Command::Submit {
+            job, follow, remote, ..
+        } => runtime().and_then(|rt| rt.block_on(client::submit(&remote, &job, follow))),
         Command::Jobs { job: None, remote } => runtime().and_then(|rt| rt.block_on(client::jobs(&remote))),
         Command::Jobs {
             job: Some(job),
@@ -256,7 +282,16 @@ pub fn main() -> ExitCode {
             follow,
             timestamps,
             after,
+            nats: Nats { url: Some(url) },
+            ..
+        } => runtime().and_then(|rt| rt.block_on(fleet::logs_cmd(&url, &job, after, follow, timestamps))),
+        Command::Logs {
+            job,
+            follow,
+            timestamps,
+            after,
             remote,
+            ..
         } => runtime().and_then(|rt| rt.block_on(client::logs(&remote, &job, after, follow, timestamps))),
         Command::Cancel { job, remote } => {
             runtime().and_then(|rt| rt.block_on(client::cancel(&remote, &job)))

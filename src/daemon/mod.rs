@@ -1,8 +1,10 @@
 //! The daemon: the agent's wiring while it runs. Binds nothing itself;
 //! given listeners it serves the gRPC API (with health, reflection and TLS),
-//! the metrics endpoint and the retention sweep, tells systemd when it is
-//! ready, and on shutdown drains: new jobs are refused, running jobs get the
-//! drain timeout, the rest are cancelled. It owns every task it starts.
+//! the metrics endpoint, the retention sweep and, with `[intake.nats]`, the
+//! fleet's pull intake, tells systemd when it is ready, and on shutdown
+//! drains: the intake stops pulling, new jobs are refused, running jobs get
+//! the drain timeout, the rest are cancelled, and the intake publishes and
+//! acknowledges what it took. It owns every task it starts.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -152,6 +154,16 @@ pub async fn serve(
         None => None,
     };
     helpers.spawn(keep_tidy(registry.clone(), helpers_stop.clone()));
+    // The NATS intake stops taking jobs first, and ends last: once the
+    // jobs it took have ended and are acknowledged.
+    let intake_stop = CancellationToken::new();
+    let mut intake = config.nats.clone().map(|nats| {
+        tokio::spawn(crate::fleet::intake::run(
+            registry.clone(),
+            nats,
+            intake_stop.clone(),
+        ))
+    });
     tracing::info!(
         %addr,
         tls = config.tls.is_some(),
@@ -173,7 +185,9 @@ pub async fn serve(
     };
     if let Some(why) = server_failed {
         tracing::error!(error = %why, "stopping");
+        intake_stop.cancel();
         registry.shutdown().await;
+        finish_intake(intake.take()).await;
         helpers_stop.cancel();
         while helpers.join_next().await.is_some() {}
         return Err(why.into());
@@ -186,6 +200,7 @@ pub async fn serve(
         &format!("draining: {running} jobs running"),
         drain + config.runtime.grace_period + Duration::from_secs(30),
     );
+    intake_stop.cancel();
     registry.drain();
     health.set_not_serving::<AgentServer<AgentService>>().await;
     health
@@ -197,6 +212,7 @@ pub async fn serve(
         _ = hurry.cancelled() => tracing::warn!("asked again to stop; cancelling the jobs still running"),
     }
     registry.shutdown().await;
+    finish_intake(intake.take()).await;
     notify.status("every job has ended; stopping");
     server_stop.cancel();
     helpers_stop.cancel();
@@ -206,6 +222,23 @@ pub async fn serve(
         let _ = std::fs::remove_file(path);
     }
     Ok(())
+}
+
+/// How long a stopping agent waits for NATS to take the last events and
+/// acknowledgements of the jobs it took from there (past that, the queue
+/// gives those jobs out again after their ack wait).
+const INTAKE_FINISH: Duration = Duration::from_secs(30);
+
+/// Waits for the NATS intake to publish and settle what it took.
+async fn finish_intake(intake: Option<tokio::task::JoinHandle<()>>) {
+    let Some(mut intake) = intake else { return };
+    tokio::select! {
+        _ = &mut intake => {}
+        _ = tokio::time::sleep(INTAKE_FINISH) => {
+            tracing::warn!("NATS did not take the last events of the jobs in time; stopping without");
+            intake.abort();
+        }
+    }
 }
 
 /// Serves `GET /metrics` on `listener` until `stop` fires, with what

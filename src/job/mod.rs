@@ -381,17 +381,7 @@ impl Registry {
     /// Accepts a validated job and starts it; a job id already known
     /// returns that job's status and runs nothing.
     pub fn submit(self: &Arc<Self>, spec: JobSpec) -> Result<JobStatus, SubmitError> {
-        self.check_image(&spec)?;
-        let network = match spec.container.network {
-            crate::model::Network::Default => self.config.runtime.network,
-            n => n,
-        };
-        if spec.container.network == crate::model::Network::Host && !self.config.runtime.allow_host_network {
-            return Err(SubmitError::HostNetworkNotAllowed);
-        }
-        if network == crate::model::Network::Host && !spec.container.services.is_empty() {
-            return Err(SubmitError::ServicesOnHostNetwork);
-        }
+        self.check_spec(&spec)?;
         // Submissions take turns, so that one job id is created once; the
         // job map's lock is not held while the job's files are made, so
         // readers (watchers, listings, metrics) never wait on the disk.
@@ -403,9 +393,97 @@ impl Registry {
             return Err(SubmitError::Draining);
         }
         let slot = Slots::take(&self.slots).ok_or(SubmitError::Busy(self.config.max_jobs))?;
+        Ok(self.start(spec, slot, 1)?.status())
+    }
+
+    /// Sets a slot aside for a job not received yet; `None` when every
+    /// slot is busy or the agent drains. The fleet's intake asks its queue
+    /// for one job per reservation, so it never takes more than it can run.
+    pub fn reserve(&self) -> Option<Reservation> {
+        if self.draining.load(Ordering::SeqCst) {
+            return None;
+        }
+        Slots::take(&self.slots).map(Reservation)
+    }
+
+    /// Returns when a slot may have been given back since the last call.
+    pub async fn slot_freed(&self) {
+        self.slots.freed.notified().await;
+    }
+
+    /// Starts attempt `attempt` of a job taken from a queue, in the slot
+    /// `reservation` holds. A job id this agent knows is run again only
+    /// when its record here is of an earlier attempt and has ended (the
+    /// agent ran it before and was killed, or the job was LOST at the
+    /// agent's restart): that record — status and events of the earlier
+    /// run — is replaced by the new run's. Otherwise the known job is
+    /// returned and nothing runs, as [`Registry::submit`] does.
+    pub fn submit_attempt(
+        self: &Arc<Self>,
+        spec: JobSpec,
+        attempt: u32,
+        reservation: Reservation,
+    ) -> Result<Accepted, SubmitError> {
+        self.check_spec(&spec)?;
+        let _turn = self.submitting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(job) = self.get(&spec.job_id) {
+            let status = job.status();
+            if !status.state.is_final() || status.attempt >= attempt {
+                return Ok(Accepted::Known(job));
+            }
+            self.forget(&job).map_err(|e| {
+                SubmitError::Internal(format!("cannot move the earlier attempt's record aside: {e}"))
+            })?;
+            tracing::info!(job_id = %job.id, earlier = status.attempt, attempt, "replacing the record of an earlier attempt");
+        }
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(SubmitError::Draining);
+        }
+        Ok(Accepted::Started(self.start(spec, reservation.0, attempt)?))
+    }
+
+    /// Removes an ended job from the registry and its directory from disk.
+    fn forget(&self, job: &Job) -> io::Result<()> {
+        let removed = self.removed_dir();
+        std::fs::create_dir_all(&removed)?;
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let to = removed.join(format!("{}.{nanos}", job.id));
+        std::fs::rename(&job.dir, &to)?;
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&job.id);
+        if let Err(e) = std::fs::remove_dir_all(&to) {
+            tracing::error!(path = %to.display(), error = %e, "cannot remove an earlier attempt's directory");
+        }
+        Ok(())
+    }
+
+    /// What the agent's config refuses in a valid spec.
+    fn check_spec(&self, spec: &JobSpec) -> Result<(), SubmitError> {
+        self.check_image(spec)?;
+        let network = match spec.container.network {
+            crate::model::Network::Default => self.config.runtime.network,
+            n => n,
+        };
+        if spec.container.network == crate::model::Network::Host && !self.config.runtime.allow_host_network {
+            return Err(SubmitError::HostNetworkNotAllowed);
+        }
+        if network == crate::model::Network::Host && !spec.container.services.is_empty() {
+            return Err(SubmitError::ServicesOnHostNetwork);
+        }
+        Ok(())
+    }
+
+    /// Makes the job's record and starts its lifecycle in `slot`. Called
+    /// with `submitting` held.
+    fn start(self: &Arc<Self>, spec: JobSpec, slot: Slot, attempt: u32) -> Result<Arc<Job>, SubmitError> {
         let dir = self.config.state_dir.join("jobs").join(&spec.job_id);
         let mode = dir_mode(self.config.runtime.userns_base.is_some());
-        let job = create_job(&dir, &spec.job_id, mode, &self.metrics).map_err(|e| {
+        let job = create_job(&dir, &spec.job_id, mode, attempt, &self.metrics).map_err(|e| {
             SubmitError::Internal(format!("cannot create the job directory {}: {e}", dir.display()))
         })?;
         let job = Arc::new(job);
@@ -413,15 +491,15 @@ impl Registry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(spec.job_id.clone(), job.clone());
-        tracing::info!(job_id = %job.id, steps = spec.steps.len(), "job accepted");
-        let status = job.status();
+        tracing::info!(job_id = %job.id, steps = spec.steps.len(), attempt, "job accepted");
         let registry = self.clone();
+        let running = job.clone();
         self.tasks.spawn(async move {
-            lifecycle::run(&registry, &job, spec, slot.index).await;
-            registry.metrics.job_ended(job.status().state);
+            lifecycle::run(&registry, &running, spec, slot.index).await;
+            registry.metrics.job_ended(running.status().state);
             drop(slot);
         });
-        Ok(status)
+        Ok(job)
     }
 
     /// Refuses the `host` image where the config does not allow it.
@@ -518,7 +596,26 @@ impl Registry {
 /// while it runs; its number picks the job's user namespace ids, so two
 /// jobs at once never share ids.
 #[derive(Debug)]
-struct Slots(Mutex<std::collections::BTreeSet<u32>>);
+struct Slots {
+    free: Mutex<std::collections::BTreeSet<u32>>,
+    /// Told each time a slot is given back.
+    freed: tokio::sync::Notify,
+}
+
+/// A slot set aside by [`Registry::reserve`]; given back on drop unless a
+/// job takes it.
+#[derive(Debug)]
+pub struct Reservation(Slot);
+
+/// What [`Registry::submit_attempt`] did.
+#[derive(Debug)]
+pub enum Accepted {
+    /// The job runs, as a new attempt.
+    Started(Arc<Job>),
+    /// The agent knows this job id (running, or ended at this attempt or
+    /// a later one): nothing new runs.
+    Known(Arc<Job>),
+}
 
 /// A slot taken; given back on drop.
 #[derive(Debug)]
@@ -529,12 +626,15 @@ struct Slot {
 
 impl Slots {
     fn new(count: u32) -> Slots {
-        Slots(Mutex::new((0..count).collect()))
+        Slots {
+            free: Mutex::new((0..count).collect()),
+            freed: tokio::sync::Notify::new(),
+        }
     }
 
     /// The lowest free slot.
     fn take(slots: &Arc<Slots>) -> Option<Slot> {
-        let index = slots.0.lock().unwrap_or_else(|e| e.into_inner()).pop_first()?;
+        let index = slots.free.lock().unwrap_or_else(|e| e.into_inner()).pop_first()?;
         Some(Slot {
             index,
             slots: slots.clone(),
@@ -542,17 +642,18 @@ impl Slots {
     }
 
     fn free(&self) -> u32 {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).len() as u32
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).len() as u32
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.slots
-            .0
+            .free
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(self.index);
+        self.slots.freed.notify_one();
     }
 }
 
@@ -576,10 +677,12 @@ fn idmap_works(dir: &Path) -> bool {
     }
 }
 
-fn create_job(dir: &Path, id: &str, mode: u32, metrics: &Arc<Metrics>) -> io::Result<Job> {
+fn create_job(dir: &Path, id: &str, mode: u32, attempt: u32, metrics: &Arc<Metrics>) -> io::Result<Job> {
     std::fs::DirBuilder::new().mode(mode).create(dir)?;
     let log = EventLog::create(&dir.join(EVENTS_FILE))?;
-    let job = Job::new(dir, id, JobStatus::new(id.to_string()), log, metrics);
+    let mut status = JobStatus::new(id.to_string());
+    status.attempt = attempt;
+    let job = Job::new(dir, id, status, log, metrics);
     job.transition(|_| {});
     Ok(job)
 }
@@ -640,7 +743,7 @@ mod tests {
     fn no_nul_byte_reaches_a_jobs_message() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("j");
-        let job = create_job(&dir, "j", 0o700, &Arc::new(Metrics::default())).unwrap();
+        let job = create_job(&dir, "j", 0o700, 1, &Arc::new(Metrics::default())).unwrap();
         job.transition(|s| {
             s.state = JobState::Failed;
             s.message = "step \"s\" failed: failed to execute workload\0".into();

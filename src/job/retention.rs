@@ -156,7 +156,7 @@ impl Registry {
         }
     }
 
-    fn removed_dir(&self) -> PathBuf {
+    pub(super) fn removed_dir(&self) -> PathBuf {
         self.config.state_dir.join(REMOVED_DIR)
     }
 

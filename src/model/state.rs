@@ -128,6 +128,14 @@ pub struct JobStatus {
     /// What its store_test_results steps found, all of them together.
     #[serde(default)]
     pub test_results: Option<TestResults>,
+    /// Which run of the job this is: 1, or the delivery a job taken from
+    /// the fleet's queue came with.
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+}
+
+fn first_attempt() -> u32 {
+    1
 }
 
 /// JUnit results: totals over every file read, and the tests that failed.
@@ -186,6 +194,7 @@ impl JobStatus {
             last_seq: 0,
             steps: Vec::new(),
             test_results: None,
+            attempt: 1,
         }
     }
 }

@@ -21,6 +21,7 @@ mod checkout;
 mod cli;
 mod disk;
 mod fidelity;
+mod fleet;
 mod fuzz_corpus;
 mod hostimg;
 mod images;

@@ -11,15 +11,16 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use runnel::api::pb;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
-/// A CA, and PEM files of certificates it signed.
-struct Ca {
+/// A CA, and PEM files of certificates it signed (the fleet's tests use
+/// it for NATS too).
+pub(crate) struct Ca {
     dir: tempfile::TempDir,
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
 }
 
 impl Ca {
-    fn new(name: &str) -> Ca {
+    pub(crate) fn new(name: &str) -> Ca {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -34,12 +35,12 @@ impl Ca {
         }
     }
 
-    fn ca_path(&self) -> PathBuf {
+    pub(crate) fn ca_path(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
     }
 
     /// Writes `NAME.pem` and `NAME.key` for a certificate valid for `names`.
-    fn issue(&self, name: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    pub(crate) fn issue(&self, name: &str, names: &[&str]) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().unwrap();
         let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();

@@ -7,6 +7,7 @@ pub mod garage;
 pub mod image;
 pub mod internet;
 pub mod lfs;
+pub mod nats;
 pub mod sshd;
 
 use std::io::{BufRead, BufReader};
@@ -48,6 +49,8 @@ pub enum Need {
     Postgres,
     /// Garage, a real S3 server (scripts/test-servers installs it).
     Garage,
+    /// Debian's nats-server (JetStream), for the fleet.
+    Nats,
 }
 
 impl Need {
@@ -79,6 +82,7 @@ impl Need {
                     garage::GARAGE
                 )
             }),
+            Need::Nats => program(nats::NATS_SERVER, "nats-server"),
             Need::Postgres => program("psql", "postgresql").or_else(|| {
                 let server = std::fs::read_dir("/usr/lib/postgresql")
                     .into_iter()
