@@ -31,6 +31,7 @@ mod sandbox;
 mod service;
 mod services;
 mod steps;
+mod store;
 mod support;
 mod tls;
 mod userns;

@@ -1,0 +1,616 @@
+//! Caches, workspaces, artifacts and test results (issue 15), through the
+//! real binary and runtime, on the `file://` backend and on a real S3
+//! server (Garage): two agents with state of their own share the store;
+//! templates, prefix fallback, immutable keys, projects kept apart,
+//! digests checked, workspaces layered; and attacks: a step that
+//! symlinks what it saves to the host's files, and archives crafted and
+//! planted in the store with valid digests.
+
+use std::path::{Path, PathBuf};
+
+use crate::support::*;
+use runnel::api::pb;
+use runnel::store::{Store, StoreSettings};
+
+/// The store two agents of a test share.
+struct Shared {
+    /// The `[storage]` section of both agents' config.
+    toml: String,
+    settings: StoreSettings,
+    /// For file://: the directory.
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Shared {
+    fn file() -> Shared {
+        let dir = tempfile::Builder::new()
+            .prefix("runnel-store.")
+            .tempdir()
+            .unwrap();
+        let url = format!("file://{}", dir.path().display());
+        Shared {
+            toml: format!("[storage]\nurl = \"{url}\"\n"),
+            settings: StoreSettings {
+                url,
+                endpoint: None,
+                region: None,
+                credentials_file: None,
+                allow_http: false,
+            },
+            dir: Some(dir),
+        }
+    }
+
+    fn agent(&self) -> Agent {
+        Agent::start(&self.toml)
+    }
+
+    fn store(&self) -> Store {
+        Store::open(&self.settings).unwrap()
+    }
+
+    /// Plants `bytes` as cache `key` of `project`, with a manifest that
+    /// matches them (as another job of the project could).
+    async fn plant_cache(&self, project: &str, key: &str, bytes: &[u8]) {
+        let store = self.store();
+        let stem = Store::cache_stem(key);
+        let p = runnel::store::Progress::default();
+        let (sha, size) = store.upload(project, &stem, bytes, &p).await.unwrap();
+        store.commit(project, &stem, "planted", sha, size).await.unwrap();
+    }
+
+    /// Replaces the bytes of cache `key` of `project`, its manifest kept.
+    async fn corrupt_cache(&self, project: &str, key: &str) {
+        let p = runnel::store::Progress::default();
+        self.store()
+            .upload(project, &Store::cache_stem(key), &b"not what was saved"[..], &p)
+            .await
+            .unwrap();
+    }
+}
+
+fn run(name: &str, script: &str) -> pb::Step {
+    pb::Step {
+        name: name.into(),
+        kind: Some(pb::step::Kind::Run(script.into())),
+        ..Default::default()
+    }
+}
+
+fn kind(name: &str, kind: pb::step::Kind) -> pb::Step {
+    pb::Step {
+        name: name.into(),
+        kind: Some(kind),
+        ..Default::default()
+    }
+}
+
+fn save(key: &str, paths: &[&str]) -> pb::Step {
+    kind(
+        "save",
+        pb::step::Kind::SaveCache(pb::SaveCache {
+            key: key.into(),
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+        }),
+    )
+}
+
+fn restore(keys: &[&str]) -> pb::Step {
+    kind(
+        "restore",
+        pb::step::Kind::RestoreCache(pb::RestoreCache {
+            keys: keys.iter().map(|p| p.to_string()).collect(),
+        }),
+    )
+}
+
+fn persist(root: &str, paths: &[&str]) -> pb::Step {
+    kind(
+        "persist",
+        pb::step::Kind::PersistToWorkspace(pb::PersistToWorkspace {
+            root: root.into(),
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+        }),
+    )
+}
+
+fn attach(at: &str) -> pb::Step {
+    kind(
+        "attach",
+        pb::step::Kind::AttachWorkspace(pb::AttachWorkspace { at: at.into() }),
+    )
+}
+
+fn job_in(project: &str, workflow: &str, id: &str, steps: Vec<pb::Step>) -> pb::JobSpec {
+    pb::JobSpec {
+        job_id: id.into(),
+        project: project.into(),
+        workflow_id: workflow.into(),
+        steps,
+        container: Some(pb::Container {
+            image: "host".into(),
+            network: pb::Network::None as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The job succeeded; else its status and whole log.
+fn ok(status: &pb::JobStatus, events: &[pb::JobEvent]) {
+    assert_eq!(
+        state(status),
+        pb::JobState::Succeeded,
+        "{status:?}\n{}\n{}",
+        system(events),
+        output(events, pb::Stream::Stderr)
+    );
+}
+
+fn system(events: &[pb::JobEvent]) -> String {
+    output(events, pb::Stream::System)
+}
+
+/// A unique name for this run of a test (jobs and projects).
+fn unique(prefix: &str) -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let n = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    format!("{prefix}-{n}")
+}
+
+async fn caches_are_shared_with_templates_fallback_and_immutable_keys(shared: &Shared) {
+    let (a, b) = (shared.agent(), shared.agent());
+    let project = unique("p");
+    // Agent A saves v1-deps-<checksum of lock one>, then tries to save
+    // it again with other content: the first save wins.
+    let spec = job_in(
+        &project,
+        "",
+        &unique("save"),
+        vec![
+            run(
+                "deps",
+                "echo one > lock && mkdir -p node_modules/a ~/.npm && echo first > node_modules/a/index.js && echo npm > ~/.npm/c",
+            ),
+            save("v1-deps-{{ checksum \"lock\" }}", &["node_modules", "~/.npm"]),
+            run("change", "echo second > node_modules/a/index.js"),
+            save("v1-deps-{{ checksum \"lock\" }}", &["node_modules"]),
+        ],
+    );
+    let (status, events) = run_job(&a, spec).await;
+    ok(&status, &events);
+    let log = system(&events);
+    assert!(log.contains("runnel: saving cache v1-deps-"), "{log}");
+    assert!(log.contains("exists, skipped"), "{log}");
+    // Agent B (state of its own) has another lock file: its exact key
+    // misses, the prefix finds A's cache.
+    let spec = job_in(
+        &project,
+        "",
+        &unique("restore"),
+        vec![
+            run("lock", "echo two > lock"),
+            restore(&["v1-deps-{{ checksum \"lock\" }}", "v1-deps-"]),
+            run("check", "cat node_modules/a/index.js ~/.npm/c"),
+        ],
+    );
+    let (status, events) = run_job(&b, spec).await;
+    ok(&status, &events);
+    assert_eq!(
+        output(&events, pb::Stream::Stdout),
+        "first\nnpm\n",
+        "{}",
+        system(&events)
+    );
+    assert!(
+        system(&events).contains("runnel: restoring cache v1-deps-"),
+        "{}",
+        system(&events)
+    );
+    // Project B names the same key: nothing of A's.
+    let spec = job_in(
+        &unique("other"),
+        "",
+        &unique("thief"),
+        vec![
+            restore(&["v1-deps-", "v1"]),
+            run("check", "test ! -e node_modules && echo none"),
+        ],
+    );
+    let (status, events) = run_job(&b, spec).await;
+    ok(&status, &events);
+    assert_eq!(output(&events, pb::Stream::Stdout), "none\n");
+    assert!(
+        system(&events).contains("no cache found for keys v1-deps-, v1"),
+        "{}",
+        system(&events)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_caches_are_shared_by_two_agents_with_templates_fallback_and_immutable_keys() {
+    require!(Root);
+    caches_are_shared_with_templates_fallback_and_immutable_keys(&Shared::file()).await;
+}
+
+async fn a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails(shared: &Shared) {
+    let agent = shared.agent();
+    let project = unique("p");
+    let spec = job_in(
+        &project,
+        "wf",
+        &unique("save"),
+        vec![
+            run("make", "mkdir -p out && echo built > out/file"),
+            save("v1-x", &["out"]),
+            persist("/workspace", &["out"]),
+        ],
+    );
+    let (status, events) = run_job(&agent, spec).await;
+    ok(&status, &events);
+    shared.corrupt_cache(&project, "v1-x").await;
+    let spec = job_in(
+        &project,
+        "",
+        &unique("restore"),
+        vec![restore(&["v1-x"]), run("check", "test ! -e out && echo absent")],
+    );
+    let (status, events) = run_job(&agent, spec).await;
+    ok(&status, &events);
+    assert_eq!(output(&events, pb::Stream::Stdout), "absent\n");
+    let log = system(&events);
+    assert!(
+        log.contains("runnel: warning:") && log.contains("corrupted or replaced"),
+        "{log}"
+    );
+    // The workspace layer: corrupt its bytes in place.
+    let store = shared.store();
+    let (object, _) = store.workspace_layers(&project, "wf").await.unwrap().remove(0);
+    let stem = object
+        .split(&format!("{project}/"))
+        .nth(1)
+        .unwrap()
+        .strip_suffix(runnel::store::TAR_ZST)
+        .unwrap()
+        .to_string();
+    let p = runnel::store::Progress::default();
+    store.upload(&project, &stem, &b"garbage"[..], &p).await.unwrap();
+    let spec = job_in(&project, "wf", &unique("attach"), vec![attach("/workspace")]);
+    let (status, events) = run_job(&agent, spec).await;
+    assert_eq!(
+        failure(&status),
+        pb::FailureKind::Storage,
+        "{status:?}\n{}",
+        system(&events)
+    );
+    assert!(
+        status.message.contains("corrupted or replaced"),
+        "{}",
+        status.message
+    );
+    assert!(
+        status.message.contains(&stem),
+        "names the key: {}",
+        status.message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails() {
+    require!(Root);
+    a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails(&Shared::file()).await;
+}
+
+async fn workspace_layers_stack_in_order(shared: &Shared) {
+    let (a, b) = (shared.agent(), shared.agent());
+    let project = unique("p");
+    let wf = unique("wf");
+    let one = job_in(
+        &project,
+        &wf,
+        &unique("one"),
+        vec![
+            run("build", "mkdir -p dist && echo one > dist/a && echo one > dist/b"),
+            persist("/workspace", &["dist"]),
+        ],
+    );
+    let (status, events) = run_job(&a, one).await;
+    ok(&status, &events);
+    let two = job_in(
+        &project,
+        &wf,
+        &unique("two"),
+        vec![
+            attach("/workspace"),
+            run(
+                "more",
+                "echo two > dist/b && mkdir -p /tmp/r && echo two > /tmp/r/c",
+            ),
+            persist("/tmp/r", &["c"]),
+            persist("/workspace", &["dist/b"]),
+        ],
+    );
+    let (status, events) = run_job(&b, two).await;
+    ok(&status, &events);
+    let three = job_in(
+        &project,
+        &wf,
+        &unique("three"),
+        vec![attach("ws"), run("check", "cat ws/dist/a ws/dist/b ws/c")],
+    );
+    let (status, events) = run_job(&a, three).await;
+    ok(&status, &events);
+    assert_eq!(
+        output(&events, pb::Stream::Stdout),
+        "one\ntwo\ntwo\n",
+        "{}",
+        system(&events)
+    );
+    // Another workflow sees none of it.
+    let other = job_in(&project, &unique("wf"), &unique("four"), vec![attach("ws")]);
+    let (status, _) = run_job(&a, other).await;
+    assert_eq!(failure(&status), pb::FailureKind::Storage);
+    assert!(status.message.contains("has no workspace"), "{}", status.message);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_workspace_layers_of_a_workflow_stack_in_order() {
+    require!(Root);
+    workspace_layers_stack_in_order(&Shared::file()).await;
+}
+
+/// A tar + zstd archive of raw entries: (name, kind, body or link
+/// target), names as a hostile archive writes them.
+fn crafted(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    for (name, kind, body) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(*kind);
+        h.set_mode(0o644);
+        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+        let data: &[u8] = if *kind == tar::EntryType::Symlink {
+            h.set_link_name(body).unwrap();
+            &[]
+        } else {
+            body.as_bytes()
+        };
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        tar.append(&h, data).unwrap();
+    }
+    zstd::encode_all(&tar.into_inner().unwrap()[..], 1).unwrap()
+}
+
+async fn a_planted_archive_writes_nothing_outside_its_target(shared: &Shared) {
+    let agent = shared.agent();
+    let project = unique("p");
+    // A directory of the host, by absolute path: in a container that
+    // sees the host's root (the host image), as a path of its own.
+    let host = tempfile::Builder::new()
+        .prefix("runnel-victim.")
+        .tempdir()
+        .unwrap();
+    let victim = host.path().display().to_string();
+    let agent_pid = agent.pid();
+    let archive = crafted(&[
+        ("ok/file", tar::EntryType::Regular, "fine"),
+        ("../../../../../../escaped", tar::EntryType::Regular, "no"),
+        (&format!("{victim}/absolute"), tar::EntryType::Regular, "no"),
+        ("tmp/link", tar::EntryType::Symlink, &victim),
+        ("tmp/link/through", tar::EntryType::Regular, "no"),
+        (
+            "tmp/proc",
+            tar::EntryType::Symlink,
+            &format!("/proc/{agent_pid}/root{victim}"),
+        ),
+        ("tmp/proc/through", tar::EntryType::Regular, "no"),
+    ]);
+    shared.plant_cache(&project, "evil", &archive).await;
+    let store = shared.store();
+    let p = runnel::store::Progress::default();
+    let stem = format!("workspaces/wf/{:020}-planted-0", 1);
+    let (sha, size) = store.upload(&project, &stem, &archive[..], &p).await.unwrap();
+    store.commit(&project, &stem, "planted", sha, size).await.unwrap();
+    let spec = job_in(
+        &project,
+        "",
+        &unique("victim"),
+        vec![
+            restore(&["evil"]),
+            run(
+                "check",
+                "cat /ok/file; echo; ls /tmp/link/ /tmp/proc/ 2>&1 | grep -c through || true",
+            ),
+        ],
+    );
+    let (status, events) = run_job(&agent, spec).await;
+    ok(&status, &events);
+    let log = system(&events);
+    for refused in ["escaped", "/absolute", "tmp/link/through", "tmp/proc/through"] {
+        assert!(
+            log.lines().any(|l| l.contains("refused:") && l.contains(refused)),
+            "{refused} was not refused:\n{log}"
+        );
+    }
+    assert_eq!(output(&events, pb::Stream::Stdout), "fine\n0\n", "{log}");
+    // As a workspace: refused entries fail the step, and nothing lands.
+    let spec = job_in(&project, "wf", &unique("attach"), vec![attach("/workspace/at")]);
+    let (status, events) = run_job(&agent, spec).await;
+    assert_eq!(
+        failure(&status),
+        pb::FailureKind::Storage,
+        "{status:?}\n{}",
+        system(&events)
+    );
+    assert!(status.message.contains("refused"), "{}", status.message);
+    assert_eq!(
+        std::fs::read_dir(host.path()).unwrap().count(),
+        0,
+        "the host's directory was written"
+    );
+    for p in ["/escaped", "/workspace/escaped"] {
+        assert!(!Path::new(p).exists(), "{p} exists on the host");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_a_planted_archive_writes_nothing_outside_its_target() {
+    require!(Root);
+    a_planted_archive_writes_nothing_outside_its_target(&Shared::file()).await;
+}
+
+/// Every file of a tar + zstd archive: (name, content or link target).
+fn entries_of(archive: &[u8]) -> Vec<(String, String)> {
+    let tar = zstd::decode_all(archive).unwrap();
+    let mut ar = tar::Archive::new(&tar[..]);
+    let mut out = Vec::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        let body = match e.link_name().unwrap() {
+            Some(l) => l.display().to_string(),
+            None => {
+                let mut s = String::new();
+                let _ = std::io::Read::read_to_string(&mut e, &mut s);
+                s
+            }
+        };
+        out.push((name, body));
+    }
+    out
+}
+
+async fn a_saved_symlink_to_a_host_file_saves_no_host_bytes(shared: &Shared) {
+    let agent = shared.agent();
+    let project = unique("p");
+    // A secret of the host, in the agent's own state directory (where
+    // other jobs' keys live).
+    let secret_dir = agent.state_dir().join("jobs").join("other-job");
+    std::fs::create_dir_all(&secret_dir).unwrap();
+    let secret = secret_dir.join("id_ed25519");
+    std::fs::write(&secret, "HOST-SECRET-KEY-BYTES").unwrap();
+    let s = secret.display();
+    let spec = job_in(
+        &project,
+        "",
+        &unique("thief"),
+        vec![
+            run(
+                "links",
+                &format!(
+                    "mkdir -p dist && ln -s {s} dist/key && ln -s /proc/{}/root{s} dist/viaproc && ln -s {} keys",
+                    agent.pid(),
+                    secret_dir.display()
+                ),
+            ),
+            save(
+                "stolen",
+                &["dist", "keys", "keys/", "keys/id_ed25519", "dist/key"],
+            ),
+        ],
+    );
+    let (status, events) = run_job(&agent, spec).await;
+    ok(&status, &events);
+    let m = shared.store().cache_manifest(&project, "stolen").await.unwrap();
+    let Some(_) = m else {
+        // Nothing saved at all is as good.
+        return;
+    };
+    let object = shared.store().cache_object(&project, "stolen");
+    let bytes = match &shared.dir {
+        Some(d) => std::fs::read(d.path().join(&object)).unwrap(),
+        None => download(shared, &object).await,
+    };
+    let entries = entries_of(&bytes);
+    assert!(
+        !entries.iter().any(|(_, body)| body.contains("HOST-SECRET")),
+        "the host's secret is in the cache: {entries:?}"
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|(n, b)| n.ends_with("dist/key") && b == &s.to_string()),
+        "{entries:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_a_saved_symlink_to_a_host_file_saves_no_host_bytes() {
+    require!(Root);
+    a_saved_symlink_to_a_host_file_saves_no_host_bytes(&Shared::file()).await;
+}
+
+/// The bytes of `object` (a full key of the store).
+async fn download(shared: &Shared, object: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().join("o");
+    let store = shared.store();
+    let project = object.split('/').next().unwrap_or_default().to_string();
+    let _ = project;
+    let m = runnel::store::Manifest {
+        sha256: String::new(),
+        size: 0,
+        created: 0,
+        job_id: String::new(),
+    };
+    let mut f = tokio::fs::File::create(&path).await.unwrap();
+    let p = runnel::store::Progress::default();
+    // The digest differs from the empty manifest's: the bytes are there.
+    let _ = store.download_verified(object, &m, &mut f, &p).await;
+    std::fs::read(&path).unwrap()
+}
+
+async fn artifacts_and_test_results_are_kept(shared: &Shared) {
+    let agent = shared.agent();
+    let project = unique("p");
+    let id = unique("tests");
+    let xml = r#"<testsuite name="unit" tests="3" failures="1"><testcase classname="a" name="ok"/><testcase classname="a" name="bad"><failure message="expected 1, got 2"/></testcase><testcase classname="a" name="ok2"/></testsuite>"#;
+    let spec = job_in(
+        &project,
+        "",
+        &id,
+        vec![
+            run(
+                "write",
+                &format!(
+                    "mkdir -p reports/unit build && echo '{xml}' > reports/unit/results.xml && echo bin > build/app"
+                ),
+            ),
+            kind(
+                "artifacts",
+                pb::step::Kind::StoreArtifacts(pb::StoreArtifacts {
+                    path: "build".into(),
+                    destination: "out".into(),
+                }),
+            ),
+            kind(
+                "results",
+                pb::step::Kind::StoreTestResults(pb::StoreTestResults {
+                    path: "reports".into(),
+                }),
+            ),
+        ],
+    );
+    let (status, events) = run_job(&agent, spec).await;
+    ok(&status, &events);
+    if let Some(d) = &shared.dir {
+        let base = d.path().join(&project).join("artifacts").join(&id);
+        assert_eq!(std::fs::read_to_string(base.join("out/app")).unwrap(), "bin\n");
+        assert!(base.join("test-results/unit/results.xml").is_file());
+    }
+    let r = status.test_results.clone().expect("test results in the status");
+    assert_eq!(
+        (r.tests, r.failures, r.files),
+        (3, 1, 1),
+        "{r:?}\n{}",
+        system(&events)
+    );
+    assert_eq!(r.failed[0].name, "bad");
+    assert_eq!(r.failed[0].message, "expected 1, got 2");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_artifacts_and_test_results_are_kept() {
+    require!(Root);
+    artifacts_and_test_results_are_kept(&Shared::file()).await;
+}
