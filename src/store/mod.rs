@@ -168,7 +168,12 @@ impl Store {
                 name,
             });
         }
-        let mut options: Vec<(String, String)> = Vec::new();
+        // The backends' usual environment first (AWS_*, GOOGLE_*, AZURE_*);
+        // the config's own settings override it.
+        let mut options: Vec<(String, String)> = std::env::vars()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .filter(|(k, _)| ["aws_", "google_", "azure_"].iter().any(|p| k.starts_with(p)))
+            .collect();
         let scheme = url.scheme().to_string();
         let s3 = matches!(scheme.as_str(), "s3" | "s3a");
         if let Some(e) = &settings.endpoint {
