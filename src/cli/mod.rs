@@ -273,6 +273,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 /// Runs the command line; the process's exit code.
 pub fn main() -> ExitCode {
     crate::sys::tls::install_crypto_provider();
+    crate::sys::malloc::return_large_blocks();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Oci { root, op } => return oci(&root, op),

@@ -129,10 +129,11 @@ impl Progress {
 
 /// Multipart uploads go in parts of this size, this many at once: the
 /// agent holds at most their product of an upload.
-const PART_BYTES: usize = 8 << 20;
+/// (S3's smallest part is 5 MiB.)
+const PART_BYTES: usize = 5 << 20;
 const PARTS_AT_ONCE: usize = 4;
 /// Downloads: ranges of this size, this many at once.
-const RANGE_BYTES: u64 = 8 << 20;
+const RANGE_BYTES: u64 = 4 << 20;
 const RANGES_AT_ONCE: usize = 4;
 
 pub const TAR_ZST: &str = ".tar.zst";

@@ -614,3 +614,227 @@ async fn file_artifacts_and_test_results_are_kept() {
     require!(Root);
     artifacts_and_test_results_are_kept(&Shared::file()).await;
 }
+
+/// A busybox image whose steps run as 1000:1000.
+fn user_image() -> tempfile::TempDir {
+    use crate::support::image::{busybox_layer, write_layout};
+    let layout = tempfile::tempdir().unwrap();
+    write_layout(
+        layout.path(),
+        "v1",
+        &[busybox_layer()],
+        &["PATH=/bin:/usr/bin"],
+        "1000:1000",
+    );
+    layout
+}
+
+/// Both runtimes: a cache saved and restored as a step user that is not
+/// root; what is restored is that user's, in the container and on the
+/// host (the job's range of ids), and the workspace too.
+async fn restored_files_belong_to_the_step_user(runtime: &str) {
+    let shared = Shared::file();
+    let agent = Agent::start(&format!("{}\n[runtime]\nkind = \"{runtime}\"\n", shared.toml));
+    let image = user_image();
+    let in_image = |mut spec: pb::JobSpec| {
+        spec.container = Some(pb::Container {
+            image: format!("oci:{}:v1", image.path().display()),
+            network: pb::Network::None as i32,
+            ..Default::default()
+        });
+        spec
+    };
+    let project = unique("p");
+    let spec = in_image(job_in(
+        &project,
+        "wf",
+        &unique("save"),
+        vec![
+            run(
+                "make",
+                "mkdir -p /tmp/c/d && echo mine > /tmp/c/d/f && echo ws > out",
+            ),
+            save("v1", &["/tmp/c"]),
+            persist(".", &["out"]),
+        ],
+    ));
+    let (status, events) = run_job(&agent, spec).await;
+    ok(&status, &events);
+    let spec = in_image(job_in(
+        &project,
+        "wf",
+        &unique("restore"),
+        vec![
+            restore(&["v1"]),
+            attach("/tmp/ws"),
+            run(
+                "check",
+                "stat -c '%u:%g %n' /tmp/c/d/f /tmp/c/d /tmp/ws/out; cat /tmp/c/d/f /tmp/ws/out",
+            ),
+        ],
+    ));
+    let (status, events) = run_job(&agent, spec).await;
+    ok(&status, &events);
+    let out = output(&events, pb::Stream::Stdout);
+    assert_eq!(
+        out,
+        "1000:1000 /tmp/c/d/f\n1000:1000 /tmp/c/d\n1000:1000 /tmp/ws/out\nmine\nws\n",
+        "{}",
+        system(&events)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restored_files_belong_to_the_step_user_with_the_embedded_runtime() {
+    require!(Root, Busybox);
+    restored_files_belong_to_the_step_user("libcontainer").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restored_files_belong_to_the_step_user_with_runc() {
+    require!(Root, Busybox, Runc);
+    restored_files_belong_to_the_step_user("runc").await;
+}
+
+/// The agent's peak resident set size (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_cache_streams_with_progress_lines_and_the_agent_stays_small() {
+    require!(Root);
+    let shared = Shared::file();
+    let agent = Agent::start(&format!(
+        "{}\n[logs]\nprogress_interval = \"200ms\"\n",
+        shared.toml
+    ));
+    let project = unique("p");
+    let (status, events) = run_job(
+        &agent,
+        job_in(&project, "", &unique("warm"), vec![run("warm", "true")]),
+    )
+    .await;
+    ok(&status, &events);
+    let before = peak_rss(agent.pid());
+    // 200 MB that zstd cannot shrink, in 200 files.
+    let spec = job_in(
+        &project,
+        "",
+        &unique("big"),
+        vec![
+            run(
+                "make",
+                "mkdir -p big && for i in $(seq 200); do head -c 1000000 /dev/urandom > big/$i; done",
+            ),
+            save("big", &["big"]),
+            run("drop", "rm -rf big"),
+            restore(&["big"]),
+            run("check", "ls big | wc -l; du -sk big | cut -f1"),
+        ],
+    );
+    let (status, events) = run_job(&agent, spec).await;
+    ok(&status, &events);
+    let out = output(&events, pb::Stream::Stdout);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("200"));
+    let kb: u64 = lines.next().unwrap().trim().parse().unwrap();
+    assert!(kb >= 195_000, "{out}");
+    let log = system(&events);
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("runnel: saving cache big: ") && l.contains("MB/s")),
+        "no progress line while saving:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("runnel: saving cache big: ") && l.contains(" in ")),
+        "no summary line:\n{log}"
+    );
+    // What the store holds at once is its parts and ranges in flight, not
+    // the cache: the agent grows by a fixed amount (bench/run measures the
+    // release build's whole RSS with a 1 GB cache).
+    let peak = peak_rss(agent.pid());
+    assert!(
+        peak.saturating_sub(before) < 36 << 20,
+        "the agent's peak RSS went from {} to {} MiB\n{log}",
+        before >> 20,
+        peak >> 20
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn old_caches_and_artifacts_are_swept_and_operators_list_and_remove_caches() {
+    require!(Root);
+    let shared = Shared::file();
+    let project = unique("p");
+    for key in ["v1-old", "v1-new", "v2-other"] {
+        shared
+            .plant_cache(&project, key, &crafted(&[("f", tar::EntryType::Regular, key)]))
+            .await;
+    }
+    let store = shared.store();
+    let p = runnel::store::Progress::default();
+    let artifact = store
+        .put_artifact(&project, "job1", "out/app", &b"bin"[..], &p)
+        .await
+        .unwrap();
+    let root = shared.dir.as_ref().unwrap().path();
+    // Two hours old: the cache and the artifact.
+    for f in [
+        store.cache_object(&project, "v1-old"),
+        format!("{project}/caches/v1-old.json"),
+        artifact.clone(),
+    ] {
+        let status = std::process::Command::new("touch")
+            .args(["-d", "2 hours ago"])
+            .arg(root.join(&f))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let agent = Agent::start(&format!(
+        "{}cache_max_age = \"1h\"\nartifact_max_age = \"1h\"\n",
+        shared.toml
+    ));
+    wait_for("the sweep", std::time::Duration::from_secs(30), || {
+        !root.join(format!("{project}/caches/v1-old.json")).exists() && !root.join(&artifact).exists()
+    });
+    assert!(root.join(format!("{project}/caches/v1-new.json")).exists());
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(runnel_bin())
+            .arg("cache")
+            .args(args)
+            .arg("--config")
+            .arg(&agent.config_path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = cli(&["ls", &project]);
+    assert_eq!(code, Some(0), "{err}");
+    let keys: Vec<&str> = out.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    assert_eq!(keys, ["v1-new", "v2-other"], "{out}");
+    let (_, out, _) = cli(&["ls", &project, "v1-"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let (code, _, err) = cli(&["rm", &project, "v1-new"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = cli(&["rm", &project, "v1-new"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("has no cache \"v1-new\""), "{err}");
+    let (code, _, err) = cli(&["rm", &project, "../x"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("\"..\" segment"), "{err}");
+    let (_, out, _) = cli(&["ls", &project]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+}
