@@ -268,7 +268,9 @@ impl Io<'_, '_> {
             .arg("store-io")
             .args(["--pid", &self.pid.to_string()])
             .args(["--uid", &user.uid.to_string(), "--gid", &user.gid.to_string()])
-            .args(["--cwd", &self.cwd, "--home", &user.home])
+            // `--x=VALUE`: a value the step chose may begin with "-".
+            .arg(format!("--cwd={}", self.cwd))
+            .arg(format!("--home={}", user.home))
             .args(args)
             .env_clear()
             .stdin(stdin)
@@ -332,7 +334,7 @@ impl Io<'_, '_> {
         }
         let mut checksums = BTreeMap::new();
         if !files.is_empty() {
-            let mut args = vec!["checksum"];
+            let mut args = vec!["checksum", "--"];
             args.extend(files.iter().map(String::as_str));
             let mut child = self.helper(&args, Stdio::null())?;
             let mut out = String::new();
@@ -374,7 +376,8 @@ impl Io<'_, '_> {
         paths: &[String],
         stem: &str,
     ) -> Result<Option<crate::store::Manifest>, String> {
-        let mut args = vec!["pack", "--base", base, "--zstd", "--"];
+        let base = format!("--base={base}");
+        let mut args = vec!["pack", &base, "--zstd", "--"];
         args.extend(paths.iter().map(String::as_str));
         let mut child = self.helper(&args, Stdio::null())?;
         let stdout = child.stdout.take().ok_or("runnel store-io has no stdout")?;
@@ -419,6 +422,13 @@ impl Io<'_, '_> {
         m: &crate::store::Manifest,
         into: &str,
     ) -> Result<(), String> {
+        if let Some(disk) = self.steps.resources.disk_bytes.filter(|d| m.size > *d) {
+            return Err(format!(
+                "{what}: {object} is {} bytes, more than the job's disk of {disk} \
+                 (container.resources.disk_bytes): not downloaded",
+                m.size
+            ));
+        }
         let spool = self.cx().spool.join(format!("store-{}.tar.zst", self.index));
         let result = async {
             let mut file = tokio::fs::File::create(&spool)
@@ -436,7 +446,7 @@ impl Io<'_, '_> {
             drop(file);
             let file =
                 std::fs::File::open(&spool).map_err(|e| format!("cannot read {}: {e}", spool.display()))?;
-            let child = self.helper(&["unpack", "--into", into], Stdio::from(file))?;
+            let child = self.helper(&["unpack", &format!("--into={into}")], Stdio::from(file))?;
             let end = self.finish(child).await;
             if let Some(e) = end.error() {
                 return Err(format!("{what}: {object}: {e}"));
@@ -574,7 +584,7 @@ impl Io<'_, '_> {
     /// artifact under `destination`; with `junit`, each `*.xml` also read
     /// as JUnit results into the job's status.
     async fn store_files(&self, path: &str, destination: &str, junit: bool) -> Result<(), String> {
-        let mut child = self.helper(&["pack", "--base", path, "--", "."], Stdio::null())?;
+        let mut child = self.helper(&["pack", &format!("--base={path}"), "--", "."], Stdio::null())?;
         let stdout = child.stdout.take().ok_or("runnel store-io has no stdout")?;
         let progress = Arc::new(Progress::default());
         let what = if junit {
