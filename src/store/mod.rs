@@ -518,6 +518,14 @@ impl Store {
         Ok(())
     }
 
+    /// The whole of object `key` (a full object path of this store), in
+    /// memory: for small objects (manifests, a test's look).
+    pub async fn read(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        let at = ObjectPath::from(key);
+        let r = self.backend.get(&at).await.map_err(self.backend_err(&at))?;
+        Ok(r.bytes().await.map_err(self.backend_err(&at))?.to_vec())
+    }
+
     /// Removes the caches older than `cache_max_age` and the artifacts
     /// and workspace layers older than `artifact_max_age`, of every
     /// project. How many objects were removed.

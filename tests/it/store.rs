@@ -6,7 +6,7 @@
 //! symlinks what it saves to the host's files, and archives crafted and
 //! planted in the store with valid digests.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::support::*;
 use runnel::api::pb;
@@ -17,6 +17,8 @@ struct Shared {
     /// The `[storage]` section of both agents' config.
     toml: String,
     settings: StoreSettings,
+    /// Before each object's project: "" or "PREFIX/".
+    prefix: String,
     /// For file://: the directory.
     dir: Option<tempfile::TempDir>,
 }
@@ -37,6 +39,7 @@ impl Shared {
                 credentials_file: None,
                 allow_http: false,
             },
+            prefix: String::new(),
             dir: Some(dir),
         }
     }
@@ -517,10 +520,7 @@ async fn a_saved_symlink_to_a_host_file_saves_no_host_bytes(shared: &Shared) {
         return;
     };
     let object = shared.store().cache_object(&project, "stolen");
-    let bytes = match &shared.dir {
-        Some(d) => std::fs::read(d.path().join(&object)).unwrap(),
-        None => download(shared, &object).await,
-    };
+    let bytes = shared.store().read(&object).await.unwrap();
     let entries = entries_of(&bytes);
     assert!(
         !entries.iter().any(|(_, body)| body.contains("HOST-SECRET")),
@@ -538,26 +538,6 @@ async fn a_saved_symlink_to_a_host_file_saves_no_host_bytes(shared: &Shared) {
 async fn file_a_saved_symlink_to_a_host_file_saves_no_host_bytes() {
     require!(Root);
     a_saved_symlink_to_a_host_file_saves_no_host_bytes(&Shared::file()).await;
-}
-
-/// The bytes of `object` (a full key of the store).
-async fn download(shared: &Shared, object: &str) -> Vec<u8> {
-    let dir = tempfile::tempdir().unwrap();
-    let path: PathBuf = dir.path().join("o");
-    let store = shared.store();
-    let project = object.split('/').next().unwrap_or_default().to_string();
-    let _ = project;
-    let m = runnel::store::Manifest {
-        sha256: String::new(),
-        size: 0,
-        created: 0,
-        job_id: String::new(),
-    };
-    let mut f = tokio::fs::File::create(&path).await.unwrap();
-    let p = runnel::store::Progress::default();
-    // The digest differs from the empty manifest's: the bytes are there.
-    let _ = store.download_verified(object, &m, &mut f, &p).await;
-    std::fs::read(&path).unwrap()
 }
 
 async fn artifacts_and_test_results_are_kept(shared: &Shared) {
@@ -593,11 +573,11 @@ async fn artifacts_and_test_results_are_kept(shared: &Shared) {
     );
     let (status, events) = run_job(&agent, spec).await;
     ok(&status, &events);
-    if let Some(d) = &shared.dir {
-        let base = d.path().join(&project).join("artifacts").join(&id);
-        assert_eq!(std::fs::read_to_string(base.join("out/app")).unwrap(), "bin\n");
-        assert!(base.join("test-results/unit/results.xml").is_file());
-    }
+    let store = shared.store();
+    let base = format!("{}{project}/artifacts/{id}", shared.prefix);
+    assert_eq!(store.read(&format!("{base}/out/app")).await.unwrap(), b"bin\n");
+    let xml_kept = store.read(&format!("{base}/test-results/unit/results.xml")).await.unwrap();
+    assert!(xml_kept.starts_with(b"<testsuite"));
     let r = status.test_results.clone().expect("test results in the status");
     assert_eq!(
         (r.tests, r.failures, r.files),
