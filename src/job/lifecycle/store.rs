@@ -161,7 +161,19 @@ impl Steps<'_> {
         });
         let started = Instant::now();
         let mut result = self.result(index, step);
-        let outcome = self.store_step(&*container, index, step).await;
+        let step_limit = step.timeout.map(|t| (started + t, t));
+        // A timeout or a cancel drops the work: its `runnel store-io` is
+        // killed, its upload left uncommitted (no manifest).
+        let outcome = tokio::select! {
+            outcome = self.store_step(&*container, index, step) => outcome,
+            why = self.limits.interrupted(step_limit) => {
+                let end = why.end(&format!("step {:?}", step.name));
+                self.job.system_line(index, &format!("runnel: {}", end.message));
+                result.duration = started.elapsed();
+                result.state = end.state;
+                return (result, Some(end));
+            }
+        };
         result.duration = started.elapsed();
         match outcome {
             Ok(()) => {
