@@ -46,17 +46,78 @@ pub fn join(pid: i32, uid: u32, gid: u32) -> Result<(), String> {
     nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("cannot become group {gid}: {e}"))?;
     let uid = nix::unistd::Uid::from_raw(uid);
     nix::unistd::setresuid(uid, uid, uid).map_err(|e| format!("cannot become user {uid}: {e}"))?;
+    // The agent's root is not mapped in the container's namespace, so
+    // the kernel's "root becomes a user: capabilities cleared" does not
+    // apply: the join left every capability of the namespace in place
+    // (a save as uid 1000 read a root-only 0600 file). Set them as the
+    // step's would be: none for a user, a root's file rights for root.
+    let caps: u32 = if uid.is_root() {
+        // CAP_CHOWN 0, CAP_DAC_OVERRIDE 1, CAP_FOWNER 3, CAP_FSETID 4.
+        [0u32, 1, 3, 4].iter().fold(0, |m, c| m | 1 << c)
+    } else {
+        0
+    };
+    set_capabilities(caps)?;
     // SAFETY: prctl with integer arguments.
     unsafe {
-        // Not inspectable by the container's processes; no setuid gains.
+        // Not inspectable by the container's processes; no setuid gains;
+        // gone with the agent (a change of ids cleared the death signal).
         if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0
             || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
         {
             return Err(format!(
                 "cannot restrict the process: {}",
                 std::io::Error::last_os_error()
             ));
         }
+    }
+    Ok(())
+}
+
+/// Effective and permitted capabilities exactly `mask` (of the first 32),
+/// none inheritable or ambient.
+fn set_capabilities(mask: u32) -> Result<(), String> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        Data {
+            effective: mask,
+            permitted: mask,
+            inheritable: 0,
+        },
+        Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset reads a version-3 header and two data structs, both
+    // alive for the call; prctl takes integers.
+    let r = unsafe {
+        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+        libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr())
+    };
+    if r != 0 {
+        return Err(format!(
+            "cannot drop capabilities: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }

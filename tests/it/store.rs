@@ -576,7 +576,10 @@ async fn artifacts_and_test_results_are_kept(shared: &Shared) {
     let store = shared.store();
     let base = format!("{}{project}/artifacts/{id}", shared.prefix);
     assert_eq!(store.read(&format!("{base}/out/app")).await.unwrap(), b"bin\n");
-    let xml_kept = store.read(&format!("{base}/test-results/unit/results.xml")).await.unwrap();
+    let xml_kept = store
+        .read(&format!("{base}/test-results/unit/results.xml"))
+        .await
+        .unwrap();
     assert!(xml_kept.starts_with(b"<testsuite"));
     let r = status.test_results.clone().expect("test results in the status");
     assert_eq!(
@@ -597,12 +600,14 @@ async fn file_artifacts_and_test_results_are_kept() {
 
 /// A busybox image whose steps run as 1000:1000.
 fn user_image() -> tempfile::TempDir {
-    use crate::support::image::{busybox_layer, write_layout};
+    use crate::support::image::{Entry, busybox_layer, write_layout};
     let layout = tempfile::tempdir().unwrap();
+    let mut layer = busybox_layer();
+    layer.push(Entry::File("etc/root-only", b"ROOT-ONLY-SECRET".to_vec(), 0o600));
     write_layout(
         layout.path(),
         "v1",
-        &[busybox_layer()],
+        &[layer],
         &["PATH=/bin:/usr/bin"],
         "1000:1000",
     );
@@ -817,4 +822,59 @@ async fn old_caches_and_artifacts_are_swept_and_operators_list_and_remove_caches
     assert!(err.contains("\"..\" segment"), "{err}");
     let (_, out, _) = cli(&["ls", &project]);
     assert_eq!(out.lines().count(), 1, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cache_is_saved_with_the_step_users_rights_not_the_agents() {
+    require!(Root, Busybox);
+    let shared = Shared::file();
+    let agent = shared.agent();
+    let image = user_image();
+    let project = unique("p");
+    let mut spec = job_in(
+        &project,
+        "",
+        &unique("steal"),
+        vec![
+            run(
+                "link",
+                "mkdir -p /tmp/c && ln -s /etc/root-only /tmp/c/leak && cat /etc/root-only || true",
+            ),
+            save("via-link", &["/tmp/c"]),
+            save("direct", &["/etc/root-only"]),
+        ],
+    );
+    spec.container = Some(pb::Container {
+        image: format!("oci:{}:v1", image.path().display()),
+        network: pb::Network::None as i32,
+        ..Default::default()
+    });
+    let (status, events) = run_job(&agent, spec).await;
+    ok(&status, &events);
+    let log = system(&events);
+    // The step itself cannot read it, nor can its save.
+    assert!(output(&events, pb::Stream::Stdout).is_empty());
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("runnel: warning:") && l.contains("Permission denied")),
+        "{log}"
+    );
+    let store = shared.store();
+    assert_eq!(store.cache_manifest(&project, "direct").await.unwrap(), None);
+    // The link was saved as a link.
+    let bytes = store
+        .read(&store.cache_object(&project, "via-link"))
+        .await
+        .unwrap();
+    let entries = entries_of(&bytes);
+    assert!(
+        !entries.iter().any(|(_, b)| b.contains("ROOT-ONLY")),
+        "{entries:?}"
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|(n, b)| n.ends_with("c/leak") && b == "/etc/root-only"),
+        "{entries:?}"
+    );
 }
