@@ -158,7 +158,9 @@ impl Store {
         let url = url::Url::parse(&settings.url).map_err(|e| url_err(format!("not a url: {e}")))?;
         let name = settings.url.clone();
         if url.scheme() == "file" {
-            let dir = PathBuf::from(url.path());
+            let dir = url
+                .to_file_path()
+                .map_err(|()| url_err("a file:// url names an absolute local directory".into()))?;
             std::fs::create_dir_all(&dir)
                 .map_err(|e| url_err(format!("cannot make the directory {}: {e}", dir.display())))?;
             let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
