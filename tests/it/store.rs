@@ -878,3 +878,45 @@ async fn a_cache_is_saved_with_the_step_users_rights_not_the_agents() {
         "{entries:?}"
     );
 }
+
+#[test]
+fn runnel_run_saves_and_restores_a_cache_through_its_configs_store() {
+    require!(Root);
+    let shared = Shared::file();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, &shared.toml).unwrap();
+    let job = |name: &str, body: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            format!("project = \"cli\"\n[container]\nnetwork = \"none\"\n{body}"),
+        )
+        .unwrap();
+        p
+    };
+    let save = job(
+        "save.toml",
+        "[[steps]]\nrun = \"mkdir -p deps && echo cached > deps/x\"\n\
+         [[steps]]\nsave_cache = { key = \"deps-{{ arch }}\", paths = [\"deps\"] }\n",
+    );
+    let restore = job(
+        "restore.toml",
+        "[[steps]]\nrestore_cache = { keys = [\"deps-\"] }\n[[steps]]\nrun = \"cat deps/x\"\n",
+    );
+    for (file, want) in [(&save, ""), (&restore, "cached\n")] {
+        let out = std::process::Command::new(runnel_bin())
+            .arg("run")
+            .arg(file)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        assert_eq!(stdout, want, "{stderr}");
+    }
+}
