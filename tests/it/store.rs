@@ -216,17 +216,27 @@ async fn caches_are_shared_with_templates_fallback_and_immutable_keys(shared: &S
         "",
         &unique("thief"),
         vec![
-            restore(&["v1-deps-", "v1"]),
+            restore(&[
+                "v1-deps-",
+                &format!("../{project}/caches/v1-deps-"),
+                "/{{ .Branch }}",
+                "v1",
+            ]),
             run("check", "test ! -e node_modules && echo none"),
         ],
     );
     let (status, events) = run_job(&b, spec).await;
     ok(&status, &events);
     assert_eq!(output(&events, pb::Stream::Stdout), "none\n");
+    let log = system(&events);
+    assert!(log.contains("no cache found for keys v1-deps-, v1"), "{log}");
     assert!(
-        system(&events).contains("no cache found for keys v1-deps-, v1"),
-        "{}",
-        system(&events)
+        log.contains("restore.restore_cache.keys[1]: the key") && log.contains("\"..\" segment"),
+        "{log}"
+    );
+    assert!(
+        log.contains("restore.restore_cache.keys[2]: the key \"/\" is absolute"),
+        "{log}"
     );
 }
 
