@@ -132,6 +132,8 @@ impl Progress {
 /// (S3's smallest part is 5 MiB.)
 const PART_BYTES: usize = 5 << 20;
 const PARTS_AT_ONCE: usize = 4;
+/// What an upload reads at a time (a fifth of a part).
+const BLOCK_BYTES: usize = 1 << 20;
 /// Downloads: ranges of this size, this many at once.
 const RANGE_BYTES: u64 = 4 << 20;
 const RANGES_AT_ONCE: usize = 4;
@@ -452,9 +454,12 @@ impl Store {
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
         let mut hash = Sha256::new();
         let mut size = 0u64;
-        let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = match from.read(&mut buf).await {
+            // Whole 1 MiB blocks, handed over as they are: a part is five
+            // of them, each its own mapping (see sys::malloc), not a pile
+            // of small blocks freed on other threads.
+            let mut block = vec![0u8; BLOCK_BYTES];
+            let n = match fill(&mut from, &mut block).await {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => {
@@ -462,13 +467,17 @@ impl Store {
                     return Err(self.io_err(at, "cannot read what to store")(e));
                 }
             };
-            hash.update(&buf[..n]);
+            block.truncate(n);
+            hash.update(&block);
             size += n as u64;
             progress.add(n as u64);
             if let Err(e) = writer.wait_for_capacity(PARTS_AT_ONCE).await {
                 return Err(self.backend_err(at)(e));
             }
-            writer.write(&buf[..n]);
+            writer.put(bytes::Bytes::from(block));
+            if n < BLOCK_BYTES {
+                break;
+            }
         }
         writer.finish().await.map_err(self.backend_err(at))?;
         Ok((hex(&hash.finalize()), size))
@@ -572,6 +581,18 @@ impl Store {
         }
         Ok(removed)
     }
+}
+
+/// Reads into `block` until it is full or `from` ends: how much it read.
+async fn fill(from: &mut (impl AsyncRead + Unpin), block: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < block.len() {
+        match from.read(&mut block[n..]).await? {
+            0 => break,
+            m => n += m,
+        }
+    }
+    Ok(n)
 }
 
 /// The `[default]` keys (and those before any section) of an INI file.
