@@ -191,6 +191,7 @@ impl Steps<'_> {
             Err(Failed::Storage(why)) => {
                 let message = format!("step {:?}: {why}", step.name);
                 self.job.system_line(index, &format!("runnel: {message}"));
+                result.note = format!("STORAGE: {why}");
                 (result, Some(End::failed(FailureKind::Storage, message)))
             }
         }
