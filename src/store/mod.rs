@@ -32,7 +32,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Where the store is and how to reach it: `[storage]` of the agent's
 /// config.
@@ -103,6 +103,21 @@ pub struct Manifest {
     /// Seconds since the epoch.
     pub created: u64,
     pub job_id: String,
+    /// sha256 (hex) of each [`CHUNK_BYTES`] of the object, in order: a
+    /// restore checks each before a byte of it is used.
+    #[serde(default)]
+    pub chunks: Vec<String>,
+}
+
+/// The unit of a manifest's digests and of a download's ranges.
+pub const CHUNK_BYTES: u64 = 4 << 20;
+
+/// What an upload stored: the digests of its object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uploaded {
+    pub sha256: String,
+    pub size: u64,
+    pub chunks: Vec<String>,
 }
 
 /// A cache as `runnel cache ls` shows it.
@@ -134,8 +149,7 @@ const PART_BYTES: usize = 5 << 20;
 const PARTS_AT_ONCE: usize = 4;
 /// What an upload reads at a time (a fifth of a part).
 const BLOCK_BYTES: usize = 1 << 20;
-/// Downloads: ranges of this size, this many at once.
-const RANGE_BYTES: u64 = 4 << 20;
+/// Downloads: this many ranges ([`CHUNK_BYTES`] each) at once.
 const RANGES_AT_ONCE: usize = 4;
 
 pub const TAR_ZST: &str = ".tar.zst";
@@ -384,15 +398,14 @@ impl Store {
     }
 
     /// Streams what `from` reads to object `STEM.tar.zst` of `project`;
-    /// its sha256 and size. Not yet visible to a restore: see
-    /// [`Store::commit`].
+    /// its digests. Not yet visible to a restore: see [`Store::commit`].
     pub async fn upload(
         &self,
         project: &str,
         stem: &str,
         from: impl AsyncRead + Unpin,
         progress: &Progress,
-    ) -> Result<(String, u64), StoreError> {
+    ) -> Result<Uploaded, StoreError> {
         let data = self.path(project, &format!("{stem}{TAR_ZST}"));
         self.upload_to(&data, from, progress).await
     }
@@ -403,17 +416,17 @@ impl Store {
         project: &str,
         stem: &str,
         job_id: &str,
-        sha256: String,
-        size: u64,
+        uploaded: Uploaded,
     ) -> Result<Manifest, StoreError> {
         let manifest = Manifest {
-            sha256,
-            size,
+            sha256: uploaded.sha256,
+            size: uploaded.size,
             created: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs(),
             job_id: job_id.to_string(),
+            chunks: uploaded.chunks,
         };
         let at = self.path(project, &format!("{stem}{MANIFEST}"));
         let json = serde_json::to_vec(&manifest).unwrap_or_default();
@@ -438,14 +451,13 @@ impl Store {
         Ok(at.to_string())
     }
 
-    /// Streams `from` to `at` in parts, several at once; its sha256 (hex)
-    /// and size.
+    /// Streams `from` to `at` in parts, several at once; its digests.
     async fn upload_to(
         &self,
         at: &ObjectPath,
         mut from: impl AsyncRead + Unpin,
         progress: &Progress,
-    ) -> Result<(String, u64), StoreError> {
+    ) -> Result<Uploaded, StoreError> {
         let upload = self
             .backend
             .put_multipart(at)
@@ -453,11 +465,14 @@ impl Store {
             .map_err(self.backend_err(at))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
         let mut hash = Sha256::new();
+        let mut chunk = Sha256::new();
+        let mut chunks = Vec::new();
         let mut size = 0u64;
         loop {
             // Whole 1 MiB blocks, handed over as they are: a part is five
             // of them, each its own mapping (see sys::malloc), not a pile
-            // of small blocks freed on other threads.
+            // of small blocks freed on other threads. Full blocks until
+            // the last, so chunks (4 blocks) end on block boundaries.
             let mut block = vec![0u8; BLOCK_BYTES];
             let n = match fill(&mut from, &mut block).await {
                 Ok(0) => break,
@@ -469,7 +484,11 @@ impl Store {
             };
             block.truncate(n);
             hash.update(&block);
+            chunk.update(&block);
             size += n as u64;
+            if size % CHUNK_BYTES == 0 {
+                chunks.push(hex(&std::mem::take(&mut chunk).finalize()));
+            }
             progress.add(n as u64);
             if let Err(e) = writer.wait_for_capacity(PARTS_AT_ONCE).await {
                 return Err(self.backend_err(at)(e));
@@ -479,25 +498,44 @@ impl Store {
                 break;
             }
         }
+        if size % CHUNK_BYTES != 0 {
+            chunks.push(hex(&chunk.finalize()));
+        }
         writer.finish().await.map_err(self.backend_err(at))?;
-        Ok((hex(&hash.finalize()), size))
+        Ok(Uploaded {
+            sha256: hex(&hash.finalize()),
+            size,
+            chunks,
+        })
     }
 
-    /// Downloads object `key` (a full object path from this store) into
-    /// `to`, several ranges at once, and checks it against `manifest`:
-    /// nothing of an object whose digest differs is to be used.
+    /// Streams object `key` (a full object path of this store) into `to`,
+    /// several ranges at once, each checked against `manifest` before a
+    /// byte of it is written: nothing of a range that differs is used,
+    /// and the whole is checked at the end too.
     pub async fn download_verified(
         &self,
         key: &str,
         manifest: &Manifest,
-        to: &mut tokio::fs::File,
+        mut to: impl AsyncWrite + Unpin,
         progress: &Progress,
     ) -> Result<(), StoreError> {
         let at = ObjectPath::from(key);
+        let digest_err = |expected: &str, actual: String| StoreError::Digest {
+            backend: self.name.clone(),
+            key: key.to_string(),
+            expected: expected.to_string(),
+            actual,
+        };
         let size = self.backend.head(&at).await.map_err(self.backend_err(&at))?.size;
-        let ranges: Vec<std::ops::Range<u64>> = (0..size.div_ceil(RANGE_BYTES))
-            .map(|i| i * RANGE_BYTES..((i + 1) * RANGE_BYTES).min(size))
-            .collect();
+        let count = size.div_ceil(CHUNK_BYTES) as usize;
+        if size != manifest.size || count != manifest.chunks.len() {
+            return Err(digest_err(
+                &format!("{} bytes in {} chunks", manifest.size, manifest.chunks.len()),
+                format!("{size} bytes"),
+            ));
+        }
+        let ranges = (0..count as u64).map(|i| i * CHUNK_BYTES..((i + 1) * CHUNK_BYTES).min(size));
         let mut parts = futures::stream::iter(ranges)
             .map(|r| {
                 let at = at.clone();
@@ -506,25 +544,29 @@ impl Store {
             })
             .buffered(RANGES_AT_ONCE);
         let mut hash = Sha256::new();
+        let mut i = 0;
         while let Some(part) = parts.next().await {
             let part = part.map_err(self.backend_err(&at))?;
+            let actual = hex(&Sha256::digest(&part));
+            if actual != manifest.chunks[i] {
+                return Err(digest_err(
+                    &manifest.chunks[i],
+                    format!("{actual} (bytes {} on)", i as u64 * CHUNK_BYTES),
+                ));
+            }
             hash.update(&part);
             progress.add(part.len() as u64);
             to.write_all(&part)
                 .await
-                .map_err(self.io_err(&at, "cannot write the download"))?;
+                .map_err(self.io_err(&at, "cannot pass on the download"))?;
+            i += 1;
         }
         to.flush()
             .await
-            .map_err(self.io_err(&at, "cannot write the download"))?;
+            .map_err(self.io_err(&at, "cannot pass on the download"))?;
         let actual = hex(&hash.finalize());
-        if actual != manifest.sha256 || size != manifest.size {
-            return Err(StoreError::Digest {
-                backend: self.name.clone(),
-                key: key.to_string(),
-                expected: manifest.sha256.clone(),
-                actual,
-            });
+        if actual != manifest.sha256 {
+            return Err(digest_err(&manifest.sha256, actual));
         }
         Ok(())
     }
@@ -674,8 +716,8 @@ mod tests {
         let data = vec![7u8; 20 << 20];
         for (key, data) in [("v1-deps-a", &data[..]), ("v1-deps-b", &b"x"[..])] {
             let stem = Store::cache_stem(key);
-            let (sha, size) = store.upload("proj", &stem, data, &p).await.unwrap();
-            store.commit("proj", &stem, "j1", sha, size).await.unwrap();
+            let uploaded = store.upload("proj", &stem, data, &p).await.unwrap();
+            store.commit("proj", &stem, "j1", uploaded).await.unwrap();
         }
         assert_eq!(
             store.find_cache("proj", "v1-deps-a").await.unwrap().as_deref(),

@@ -58,8 +58,8 @@ impl Shared {
         let store = self.store();
         let stem = Store::cache_stem(key);
         let p = runnel::store::Progress::default();
-        let (sha, size) = store.upload(project, &stem, bytes, &p).await.unwrap();
-        store.commit(project, &stem, "planted", sha, size).await.unwrap();
+        let uploaded = store.upload(project, &stem, bytes, &p).await.unwrap();
+        store.commit(project, &stem, "planted", uploaded).await.unwrap();
     }
 
     /// Replaces the bytes of cache `key` of `project`, its manifest kept.
@@ -422,8 +422,8 @@ async fn a_planted_archive_writes_nothing_outside_its_target(shared: &Shared) {
     let store = shared.store();
     let p = runnel::store::Progress::default();
     let stem = format!("workspaces/wf/{:020}-planted-0", 1);
-    let (sha, size) = store.upload(&project, &stem, &archive[..], &p).await.unwrap();
-    store.commit(&project, &stem, "planted", sha, size).await.unwrap();
+    let uploaded = store.upload(&project, &stem, &archive[..], &p).await.unwrap();
+    store.commit(&project, &stem, "planted", uploaded).await.unwrap();
     let spec = job_in(
         &project,
         "",

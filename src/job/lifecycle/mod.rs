@@ -311,7 +311,7 @@ impl Phases<'_> {
             resources,
             disk: held.disk.as_ref().map(|d| d.limit()),
             runtime: &self.registry.runtime,
-            store: store::StoreCx::new(self.registry, self.spec, commit, held.run_dir()),
+            store: store::StoreCx::new(self.registry, self.spec, commit),
         };
         let container = held.container.as_deref_mut().expect("started above");
         Ok(steps.run_all(container, &self.spec.steps).await)

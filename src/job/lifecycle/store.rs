@@ -12,7 +12,7 @@
 //! a STORAGE failure naming the backend and the key.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -38,8 +38,6 @@ pub(super) struct StoreCx {
     job_id: String,
     branch: String,
     revision: String,
-    /// Where a download waits for its digest check (the job's run dir).
-    spool: PathBuf,
     progress_interval: Duration,
 }
 
@@ -57,7 +55,7 @@ const MAX_JUNIT_BYTES: u64 = 32 << 20;
 const MAX_HELPER_LINES: usize = 40;
 
 impl StoreCx {
-    pub fn new(registry: &Registry, spec: &JobSpec, commit: Option<String>, run_dir: &Path) -> StoreCx {
+    pub fn new(registry: &Registry, spec: &JobSpec, commit: Option<String>) -> StoreCx {
         let revision = spec
             .checkout
             .as_ref()
@@ -86,7 +84,6 @@ impl StoreCx {
             job_id: spec.job_id.clone(),
             branch,
             revision: commit.unwrap_or(revision),
-            spool: run_dir.to_path_buf(),
             progress_interval: registry.config().progress_interval,
         }
     }
@@ -101,10 +98,15 @@ impl StoreCx {
             job_id: String::new(),
             branch: String::new(),
             revision: String::new(),
-            spool: PathBuf::from("/nonexistent"),
             progress_interval: Duration::from_secs(1),
         }
     }
+}
+
+/// A running `runnel store-io`, and the task reading its stderr.
+struct Helper {
+    child: Child,
+    stderr: tokio::task::JoinHandle<String>,
 }
 
 /// A finished `runnel store-io`: its status and what it said.
@@ -273,11 +275,12 @@ impl Io<'_, '_> {
         &self.steps.store
     }
 
-    /// `runnel store-io ... ARGS` in the container, as the step's user.
-    fn helper(&self, args: &[&str], stdin: Stdio) -> Result<Child, String> {
+    /// `runnel store-io ... ARGS` in the container, as the step's user;
+    /// its stderr read as it comes (a chatty one never blocks).
+    fn helper(&self, args: &[&str], stdin: Stdio) -> Result<Helper, String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find the runnel binary: {e}"))?;
         let user = &self.steps.user;
-        Command::new(exe)
+        let mut child = Command::new(exe)
             .arg("store-io")
             .args(["--pid", &self.pid.to_string()])
             .args(["--uid", &user.uid.to_string(), "--gid", &user.gid.to_string()])
@@ -291,17 +294,26 @@ impl Io<'_, '_> {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("cannot start runnel store-io: {e}"))
+            .map_err(|e| format!("cannot start runnel store-io: {e}"))?;
+        let err = child.stderr.take();
+        let stderr = tokio::spawn(async move {
+            let mut kept = Vec::new();
+            if let Some(mut err) = err {
+                let _ = (&mut err).take(1 << 20).read_to_end(&mut kept).await;
+                let _ = tokio::io::copy(&mut err, &mut tokio::io::sink()).await;
+            }
+            String::from_utf8_lossy(&kept).into_owned()
+        });
+        Ok(Helper { child, stderr })
     }
 
     /// Waits for a helper, its stderr lines put in the log (warnings
     /// and refusals), the first [`MAX_HELPER_LINES`].
-    async fn finish(&self, mut child: Child) -> HelperEnd {
-        let mut text = String::new();
-        if let Some(mut err) = child.stderr.take() {
-            let _ = (&mut err).take(1 << 20).read_to_string(&mut text).await;
-        }
+    async fn finish(&self, helper: Helper) -> HelperEnd {
+        let Helper { mut child, stderr } = helper;
+        drop(child.stdin.take());
         let code = child.wait().await.ok().and_then(|s| s.code());
+        let text = stderr.await.unwrap_or_default();
         let lines: Vec<String> = text.lines().map(str::to_string).collect();
         for l in lines
             .iter()
@@ -351,7 +363,7 @@ impl Io<'_, '_> {
             args.extend(files.iter().map(String::as_str));
             let mut child = self.helper(&args, Stdio::null())?;
             let mut out = String::new();
-            if let Some(mut o) = child.stdout.take() {
+            if let Some(mut o) = child.child.stdout.take() {
                 let _ = (&mut o).take(1 << 20).read_to_string(&mut out).await;
             }
             let end = self.finish(child).await;
@@ -393,7 +405,7 @@ impl Io<'_, '_> {
         let mut args = vec!["pack", &base, "--zstd", "--"];
         args.extend(paths.iter().map(String::as_str));
         let mut child = self.helper(&args, Stdio::null())?;
-        let stdout = child.stdout.take().ok_or("runnel store-io has no stdout")?;
+        let stdout = child.child.stdout.take().ok_or("runnel store-io has no stdout")?;
         let progress = Progress::default();
         let started = Instant::now();
         let project = &self.cx().project;
@@ -408,13 +420,14 @@ impl Io<'_, '_> {
         if let Some(e) = end.error() {
             return Err(format!("{what}: cannot pack the files: {e}"));
         }
-        let (sha256, size) = uploaded.map_err(|e| e.to_string())?;
+        let uploaded = uploaded.map_err(|e| e.to_string())?;
         if end.count("packed:") == Some(0) {
             return Ok(None);
         }
+        let size = uploaded.size;
         let m = self
             .store
-            .commit(project, stem, &self.cx().job_id, sha256, size)
+            .commit(project, stem, &self.cx().job_id, uploaded)
             .await
             .map_err(|e| e.to_string())?;
         self.line(&format!(
@@ -426,8 +439,9 @@ impl Io<'_, '_> {
         Ok(Some(m))
     }
 
-    /// Downloads `object`, checks its digest, and only then unpacks it
-    /// into `into` in the container.
+    /// Streams `object` into `runnel store-io unpack` into `into` in the
+    /// container, each range checked against the manifest before the
+    /// helper sees a byte of it. A range that differs ends the helper there.
     async fn download_and_unpack(
         &self,
         what: &str,
@@ -442,40 +456,35 @@ impl Io<'_, '_> {
                 m.size
             ));
         }
-        let spool = self.cx().spool.join(format!("store-{}.tar.zst", self.index));
-        let result = async {
-            let mut file = tokio::fs::File::create(&spool)
-                .await
-                .map_err(|e| format!("cannot make {}: {e}", spool.display()))?;
-            let progress = Progress::default();
-            let started = Instant::now();
-            self.with_progress(
+        let mut helper = self.helper(&["unpack", &format!("--into={into}")], Stdio::piped())?;
+        let stdin = helper.child.stdin.take().ok_or("runnel store-io has no stdin")?;
+        let progress = Progress::default();
+        let started = Instant::now();
+        let downloaded = self
+            .with_progress(
                 what,
                 &progress,
-                self.store.download_verified(object, m, &mut file, &progress),
+                self.store.download_verified(object, m, stdin, &progress),
             )
-            .await
-            .map_err(|e| e.to_string())?;
-            drop(file);
-            let file =
-                std::fs::File::open(&spool).map_err(|e| format!("cannot read {}: {e}", spool.display()))?;
-            let child = self.helper(&["unpack", &format!("--into={into}")], Stdio::from(file))?;
-            let end = self.finish(child).await;
-            if let Some(e) = end.error() {
-                return Err(format!("{what}: {object}: {e}"));
-            }
-            self.line(&format!(
-                "{what}: {} files from {} in {:.1} s ({})",
-                end.count("unpacked:").unwrap_or(0),
-                megabytes(m.size),
-                started.elapsed().as_secs_f64(),
-                rate(m.size, started)
-            ));
-            Ok(())
+            .await;
+        if let Err(e) = downloaded {
+            // Killed before it reads past what was checked.
+            let _ = helper.child.start_kill();
+            let _ = self.finish(helper).await;
+            return Err(e.to_string());
         }
-        .await;
-        let _ = std::fs::remove_file(&spool);
-        result
+        let end = self.finish(helper).await;
+        if let Some(e) = end.error() {
+            return Err(format!("{what}: {object}: {e}"));
+        }
+        self.line(&format!(
+            "{what}: {} files from {} in {:.1} s ({})",
+            end.count("unpacked:").unwrap_or(0),
+            megabytes(m.size),
+            started.elapsed().as_secs_f64(),
+            rate(m.size, started)
+        ));
+        Ok(())
     }
 
     async fn save_cache(&self, step: &Step, template: &str, paths: &[String]) -> Result<(), String> {
@@ -598,7 +607,7 @@ impl Io<'_, '_> {
     /// as JUnit results into the job's status.
     async fn store_files(&self, path: &str, destination: &str, junit: bool) -> Result<(), String> {
         let mut child = self.helper(&["pack", &format!("--base={path}"), "--", "."], Stdio::null())?;
-        let stdout = child.stdout.take().ok_or("runnel store-io has no stdout")?;
+        let stdout = child.child.stdout.take().ok_or("runnel store-io has no stdout")?;
         let progress = Arc::new(Progress::default());
         let what = if junit {
             "storing test results"
