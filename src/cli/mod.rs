@@ -412,7 +412,7 @@ async fn cache(op: CacheOp, config: Option<PathBuf>) -> Result<(), Failure> {
         CacheOp::Ls { project, key } => {
             crate::model::spec::validate_name("PROJECT", &project).map_err(Failure::input)?;
             let caches = store
-                .caches(&project, key.as_deref().unwrap_or(""))
+                .caches_with_sizes(&project, key.as_deref().unwrap_or(""))
                 .await
                 .map_err(Failure::remote)?;
             for c in caches {

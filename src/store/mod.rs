@@ -107,6 +107,10 @@ pub struct Manifest {
     /// restore checks each before a byte of it is used.
     #[serde(default)]
     pub chunks: Vec<String>,
+    /// The object's name, beside the manifest: unique to its upload, so
+    /// that two jobs saving one key at once never mix their bytes.
+    #[serde(default)]
+    pub data: String,
 }
 
 /// The unit of a manifest's digests and of a download's ranges.
@@ -118,6 +122,8 @@ pub struct Uploaded {
     pub sha256: String,
     pub size: u64,
     pub chunks: Vec<String>,
+    /// The object's name (its last segment).
+    pub data: String,
 }
 
 /// A cache as `runnel cache ls` shows it.
@@ -230,12 +236,16 @@ impl Store {
 
     /// `PROJECT/REST` under the prefix; `rest` is checked already.
     fn path(&self, project: &str, rest: &str) -> ObjectPath {
-        let full = if self.prefix.is_empty() {
-            format!("{project}/{rest}")
-        } else {
-            format!("{}/{project}/{rest}", self.prefix)
-        };
-        ObjectPath::from_iter(full.split('/').filter(|s| !s.is_empty()))
+        // The prefix is a path already; each segment of ours is encoded
+        // once, as its own part.
+        let mut at = ObjectPath::parse(&self.prefix).unwrap_or_default();
+        for part in std::iter::once(project)
+            .chain(rest.split('/'))
+            .filter(|s| !s.is_empty())
+        {
+            at = at.join(part);
+        }
+        at
     }
 
     fn backend_err(&self, key: &ObjectPath) -> impl FnOnce(object_store::Error) -> StoreError + '_ {
@@ -257,9 +267,32 @@ impl Store {
         }
     }
 
-    /// Where cache `key` of `project` is, for messages.
-    pub fn cache_object(&self, project: &str, key: &str) -> String {
-        self.path(project, &format!("caches/{key}{TAR_ZST}")).to_string()
+    /// The object cache `key` of `project` is, by its manifest.
+    pub fn cache_object(&self, project: &str, key: &str, m: &Manifest) -> Result<String, StoreError> {
+        self.data_beside(&self.path(project, &format!("caches/{key}{MANIFEST}")), m)
+    }
+
+    /// The object manifest `m` (at `at`) names: beside it, its name the
+    /// manifest's own stem and an upload's suffix. A manifest naming
+    /// anything else (another directory, another project) is refused.
+    fn data_beside(&self, at: &ObjectPath, m: &Manifest) -> Result<String, StoreError> {
+        let text = at.to_string();
+        let (dir, name) = text.rsplit_once('/').unwrap_or(("", &text));
+        let stem = name.strip_suffix(MANIFEST).unwrap_or(name);
+        let ok = m
+            .data
+            .strip_prefix(stem)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|rest| rest.strip_suffix(TAR_ZST))
+            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()));
+        if !ok {
+            return Err(StoreError::Manifest {
+                backend: self.name.clone(),
+                key: text.clone(),
+                message: format!("it names {:?}, not an object beside it", m.data),
+            });
+        }
+        Ok(format!("{dir}/{}", m.data))
     }
 
     /// The manifest of cache `key`, if it was saved.
@@ -324,32 +357,54 @@ impl Store {
                 });
             }
         }
-        for c in &mut out {
-            if let Ok(m) = self
-                .backend
-                .head(&self.path(project, &format!("caches/{}{TAR_ZST}", c.key)))
-                .await
-            {
-                c.size = m.size;
-            }
-        }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
 
-    /// Removes cache `key` of `project` (both objects). False when it
-    /// was not there.
-    pub async fn remove_cache(&self, project: &str, key: &str) -> Result<bool, StoreError> {
-        let manifest = self.path(project, &format!("caches/{key}{MANIFEST}"));
-        let data = self.path(project, &format!("caches/{key}{TAR_ZST}"));
-        let existed = self.backend.head(&manifest).await.is_ok();
-        for at in [&manifest, &data] {
-            match self.backend.delete(at).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(self.backend_err(at)(e)),
+    /// [`Store::caches`] with each one's size, from its manifest.
+    pub async fn caches_with_sizes(
+        &self,
+        project: &str,
+        prefix: &str,
+    ) -> Result<Vec<CacheEntry>, StoreError> {
+        let mut out = self.caches(project, prefix).await?;
+        for c in &mut out {
+            if let Some(m) = self.cache_manifest(project, &c.key).await? {
+                c.size = m.size;
             }
         }
-        Ok(existed)
+        Ok(out)
+    }
+
+    /// Removes cache `key` of `project`: its manifest (from then on it
+    /// is not restored), then its object. False when it was not there.
+    pub async fn remove_cache(&self, project: &str, key: &str) -> Result<bool, StoreError> {
+        let manifest = self.path(project, &format!("caches/{key}{MANIFEST}"));
+        let m = match self.manifest(&manifest).await {
+            Ok(None) => return Ok(false),
+            Ok(Some(m)) => Some(m),
+            // An unreadable manifest goes too.
+            Err(StoreError::Manifest { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let data = m.and_then(|m| self.data_beside(&manifest, &m).ok());
+        let data = data.and_then(|d| ObjectPath::parse(d).ok());
+        for at in std::iter::once(manifest.clone()).chain(data) {
+            match self.backend.delete(&at).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.backend_err(&at)(e)),
+            }
+        }
+        Ok(true)
+    }
+
+    /// A full object path as this store printed it (already encoded).
+    fn object(&self, key: &str) -> Result<ObjectPath, StoreError> {
+        ObjectPath::parse(key).map_err(|e| StoreError::Manifest {
+            backend: self.name.clone(),
+            key: key.to_string(),
+            message: e.to_string(),
+        })
     }
 
     /// Where cache `key`'s objects are, under its project (for
@@ -390,15 +445,14 @@ impl Store {
             let Some(m) = self.manifest(&at).await? else {
                 continue;
             };
-            let text = at.to_string();
-            let data = format!("{}{TAR_ZST}", text.strip_suffix(MANIFEST).unwrap_or(&text));
-            out.push((data, m));
+            out.push((self.data_beside(&at, &m)?, m));
         }
         Ok(out)
     }
 
-    /// Streams what `from` reads to object `STEM.tar.zst` of `project`;
-    /// its digests. Not yet visible to a restore: see [`Store::commit`].
+    /// Streams what `from` reads to a new object `STEM.ID.tar.zst` of
+    /// `project`; its digests and name. Not yet visible to a restore:
+    /// see [`Store::commit`].
     pub async fn upload(
         &self,
         project: &str,
@@ -406,8 +460,25 @@ impl Store {
         from: impl AsyncRead + Unpin,
         progress: &Progress,
     ) -> Result<Uploaded, StoreError> {
-        let data = self.path(project, &format!("{stem}{TAR_ZST}"));
-        self.upload_to(&data, from, progress).await
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let at = self.path(project, &format!("{stem}.{nanos}{TAR_ZST}"));
+        let mut uploaded = self.upload_to(&at, from, progress).await?;
+        uploaded.data = at.filename().unwrap_or_default().to_string();
+        Ok(uploaded)
+    }
+
+    /// Replaces object `key` (a full object path of this store) with
+    /// `bytes`: for tests, and operators repairing by hand.
+    pub async fn write(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        let at = self.object(key)?;
+        self.backend
+            .put(&at, PutPayload::from(bytes))
+            .await
+            .map(drop)
+            .map_err(self.backend_err(&at))
     }
 
     /// Writes the manifest of `STEM.tar.zst`: from now on it is restored.
@@ -427,6 +498,7 @@ impl Store {
                 .as_secs(),
             job_id: job_id.to_string(),
             chunks: uploaded.chunks,
+            data: uploaded.data,
         };
         let at = self.path(project, &format!("{stem}{MANIFEST}"));
         let json = serde_json::to_vec(&manifest).unwrap_or_default();
@@ -506,6 +578,7 @@ impl Store {
             sha256: hex(&hash.finalize()),
             size,
             chunks,
+            data: String::new(),
         })
     }
 
@@ -520,7 +593,7 @@ impl Store {
         mut to: impl AsyncWrite + Unpin,
         progress: &Progress,
     ) -> Result<(), StoreError> {
-        let at = ObjectPath::from(key);
+        let at = self.object(key)?;
         let digest_err = |expected: &str, actual: String| StoreError::Digest {
             backend: self.name.clone(),
             key: key.to_string(),
@@ -574,7 +647,7 @@ impl Store {
     /// The whole of object `key` (a full object path of this store), in
     /// memory: for small objects (manifests, a test's look).
     pub async fn read(&self, key: &str) -> Result<Vec<u8>, StoreError> {
-        let at = ObjectPath::from(key);
+        let at = self.object(key)?;
         let r = self.backend.get(&at).await.map_err(self.backend_err(&at))?;
         Ok(r.bytes().await.map_err(self.backend_err(&at))?.to_vec())
     }
@@ -587,7 +660,7 @@ impl Store {
         cache_max_age: Duration,
         artifact_max_age: Duration,
     ) -> Result<usize, StoreError> {
-        let root = ObjectPath::from(self.prefix.as_str());
+        let root = ObjectPath::parse(&self.prefix).unwrap_or_default();
         let now = SystemTime::now();
         let expired: Vec<ObjectPath> = self
             .backend
@@ -729,7 +802,14 @@ mod tests {
         assert_eq!(m.size, 20 << 20);
         let out = dir.path().join("out");
         let mut f = tokio::fs::File::create(&out).await.unwrap();
-        let key = store.cache_object("proj", "v1-deps-a");
+        let key = store.cache_object("proj", "v1-deps-a", &m).unwrap();
+        let mut forged = m.clone();
+        forged.data = "../../other/caches/x.1.tar.zst".into();
+        let e = store
+            .cache_object("proj", "v1-deps-a", &forged)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not an object beside it"), "{e}");
         store.download_verified(&key, &m, &mut f, &p).await.unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), data);
         std::fs::write(dir.path().join(&key), b"corrupt").unwrap();

@@ -64,9 +64,13 @@ impl Shared {
 
     /// Replaces the bytes of cache `key` of `project`, its manifest kept.
     async fn corrupt_cache(&self, project: &str, key: &str) {
-        let p = runnel::store::Progress::default();
-        self.store()
-            .upload(project, &Store::cache_stem(key), &b"not what was saved"[..], &p)
+        let store = self.store();
+        let m = store.cache_manifest(project, key).await.unwrap().unwrap();
+        store
+            .write(
+                &store.cache_object(project, key, &m).unwrap(),
+                b"not what was saved".to_vec(),
+            )
             .await
             .unwrap();
     }
@@ -279,15 +283,7 @@ async fn a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails(shared: 
     // The workspace layer: corrupt its bytes in place.
     let store = shared.store();
     let (object, _) = store.workspace_layers(&project, "wf").await.unwrap().remove(0);
-    let stem = object
-        .split(&format!("{project}/"))
-        .nth(1)
-        .unwrap()
-        .strip_suffix(runnel::store::TAR_ZST)
-        .unwrap()
-        .to_string();
-    let p = runnel::store::Progress::default();
-    store.upload(&project, &stem, &b"garbage"[..], &p).await.unwrap();
+    store.write(&object, b"garbage".to_vec()).await.unwrap();
     let spec = job_in(&project, "wf", &unique("attach"), vec![attach("/workspace")]);
     let (status, events) = run_job(&agent, spec).await;
     assert_eq!(
@@ -302,7 +298,7 @@ async fn a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails(shared: 
         status.message
     );
     assert!(
-        status.message.contains(&stem),
+        status.message.contains(&object),
         "names the key: {}",
         status.message
     );
@@ -525,11 +521,11 @@ async fn a_saved_symlink_to_a_host_file_saves_no_host_bytes(shared: &Shared) {
     let (status, events) = run_job(&agent, spec).await;
     ok(&status, &events);
     let m = shared.store().cache_manifest(&project, "stolen").await.unwrap();
-    let Some(_) = m else {
+    let Some(m) = m else {
         // Nothing saved at all is as good.
         return;
     };
-    let object = shared.store().cache_object(&project, "stolen");
+    let object = shared.store().cache_object(&project, "stolen", &m).unwrap();
     let bytes = shared.store().read(&object).await.unwrap();
     let entries = entries_of(&bytes);
     assert!(
@@ -782,8 +778,9 @@ async fn old_caches_and_artifacts_are_swept_and_operators_list_and_remove_caches
         .unwrap();
     let root = shared.dir.as_ref().unwrap().path();
     // Two hours old: the cache and the artifact.
+    let old = store.cache_manifest(&project, "v1-old").await.unwrap().unwrap();
     for f in [
-        store.cache_object(&project, "v1-old"),
+        store.cache_object(&project, "v1-old", &old).unwrap(),
         format!("{project}/caches/v1-old.json"),
         artifact.clone(),
     ] {
@@ -872,8 +869,9 @@ async fn a_cache_is_saved_with_the_step_users_rights_not_the_agents() {
     let store = shared.store();
     assert_eq!(store.cache_manifest(&project, "direct").await.unwrap(), None);
     // The link was saved as a link.
+    let m = store.cache_manifest(&project, "via-link").await.unwrap().unwrap();
     let bytes = store
-        .read(&store.cache_object(&project, "via-link"))
+        .read(&store.cache_object(&project, "via-link", &m).unwrap())
         .await
         .unwrap();
     let entries = entries_of(&bytes);

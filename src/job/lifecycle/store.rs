@@ -555,7 +555,15 @@ impl Io<'_, '_> {
             let what = format!("restoring cache {found}");
             self.line(&format!("{what} (key {key})"));
             return self
-                .download_and_unpack(&what, &self.store.cache_object(project, &found), &m, "/")
+                .download_and_unpack(
+                    &what,
+                    &self
+                        .store
+                        .cache_object(project, &found, &m)
+                        .map_err(|e| e.to_string())?,
+                    &m,
+                    "/",
+                )
                 .await;
         }
         self.line(&format!("no cache found for keys {}", tried.join(", ")));
