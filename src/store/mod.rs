@@ -195,6 +195,8 @@ impl Store {
         }
         // The backends' usual environment first (AWS_*, GOOGLE_*, AZURE_*);
         // the config's own settings override it.
+        // reqwest (without a provider of its own) panics without one.
+        crate::sys::tls::install_crypto_provider();
         let mut options: Vec<(String, String)> = std::env::vars()
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .filter(|(k, _)| ["aws_", "google_", "azure_"].iter().any(|p| k.starts_with(p)))

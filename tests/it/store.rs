@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use crate::support::s3::Garage;
 use crate::support::*;
 use runnel::api::pb;
 use runnel::store::{Store, StoreSettings};
@@ -21,6 +22,8 @@ struct Shared {
     prefix: String,
     /// For file://: the directory.
     dir: Option<tempfile::TempDir>,
+    /// For s3://: the server, and the directory of its credentials file.
+    _garage: Option<(Garage, tempfile::TempDir)>,
 }
 
 impl Shared {
@@ -41,6 +44,33 @@ impl Shared {
             },
             prefix: String::new(),
             dir: Some(dir),
+            _garage: None,
+        }
+    }
+
+    /// A Garage node of its own; the store under the prefix "ci".
+    fn garage() -> Shared {
+        let garage = Garage::start();
+        let dir = tempfile::tempdir().unwrap();
+        let creds = garage.credentials_file(dir.path());
+        let url = format!("s3://{}/ci", garage.bucket);
+        Shared {
+            toml: format!(
+                "[storage]\nurl = \"{url}\"\nendpoint = \"{}\"\nregion = \"{}\"\ncredentials_file = \"{}\"\nallow_http = true\n",
+                garage.endpoint,
+                garage.region,
+                creds.display()
+            ),
+            settings: StoreSettings {
+                url,
+                endpoint: Some(garage.endpoint.clone()),
+                region: Some(garage.region.clone()),
+                credentials_file: Some(creds),
+                allow_http: true,
+            },
+            prefix: "ci/".into(),
+            dir: None,
+            _garage: Some((garage, dir)),
         }
     }
 
@@ -927,4 +957,71 @@ fn runnel_run_saves_and_restores_a_cache_through_its_configs_store() {
         assert!(out.status.success(), "{stdout}\n{stderr}");
         assert_eq!(stdout, want, "{stderr}");
     }
+}
+
+/// Skips (or, with CI set, fails) a test when Garage is not installed.
+fn no_garage(test: &str) -> bool {
+    let garage = crate::support::s3::GARAGE;
+    if Path::new(garage).is_file() {
+        return false;
+    }
+    skip(
+        &format!("it::store::s3_{test}"),
+        &format!("needs Garage at {garage} (scripts/test-servers installs it)"),
+    );
+    true
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_caches_are_shared_by_two_agents_with_templates_fallback_and_immutable_keys() {
+    require!(Root);
+    if no_garage("caches_are_shared_by_two_agents_with_templates_fallback_and_immutable_keys") {
+        return;
+    }
+    caches_are_shared_with_templates_fallback_and_immutable_keys(&Shared::garage()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails() {
+    require!(Root);
+    if no_garage("a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails") {
+        return;
+    }
+    a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails(&Shared::garage()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_workspace_layers_of_a_workflow_stack_in_order() {
+    require!(Root);
+    if no_garage("workspace_layers_of_a_workflow_stack_in_order") {
+        return;
+    }
+    workspace_layers_stack_in_order(&Shared::garage()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_a_planted_archive_writes_nothing_outside_its_target() {
+    require!(Root);
+    if no_garage("a_planted_archive_writes_nothing_outside_its_target") {
+        return;
+    }
+    a_planted_archive_writes_nothing_outside_its_target(&Shared::garage()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_a_saved_symlink_to_a_host_file_saves_no_host_bytes() {
+    require!(Root);
+    if no_garage("a_saved_symlink_to_a_host_file_saves_no_host_bytes") {
+        return;
+    }
+    a_saved_symlink_to_a_host_file_saves_no_host_bytes(&Shared::garage()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_artifacts_and_test_results_are_kept() {
+    require!(Root);
+    if no_garage("artifacts_and_test_results_are_kept") {
+        return;
+    }
+    artifacts_and_test_results_are_kept(&Shared::garage()).await;
 }
