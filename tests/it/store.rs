@@ -274,12 +274,6 @@ async fn caches_are_shared_with_templates_fallback_and_immutable_keys(shared: &S
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn file_caches_are_shared_by_two_agents_with_templates_fallback_and_immutable_keys() {
-    require!(Root);
-    caches_are_shared_with_templates_fallback_and_immutable_keys(&Shared::file()).await;
-}
-
 async fn a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails(shared: &Shared) {
     let agent = shared.agent();
     let project = unique("p");
@@ -334,12 +328,6 @@ async fn a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails(shared: 
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn file_a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails() {
-    require!(Root);
-    a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails(&Shared::file()).await;
-}
-
 async fn workspace_layers_stack_in_order(shared: &Shared) {
     let (a, b) = (shared.agent(), shared.agent());
     let project = unique("p");
@@ -390,12 +378,6 @@ async fn workspace_layers_stack_in_order(shared: &Shared) {
     let (status, _) = run_job(&a, other).await;
     assert_eq!(failure(&status), pb::FailureKind::Storage);
     assert!(status.message.contains("has no workspace"), "{}", status.message);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn file_workspace_layers_of_a_workflow_stack_in_order() {
-    require!(Root);
-    workspace_layers_stack_in_order(&Shared::file()).await;
 }
 
 /// A tar + zstd archive of raw entries: (name, kind, body or link
@@ -492,12 +474,6 @@ async fn a_planted_archive_writes_nothing_outside_its_target(shared: &Shared) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn file_a_planted_archive_writes_nothing_outside_its_target() {
-    require!(Root);
-    a_planted_archive_writes_nothing_outside_its_target(&Shared::file()).await;
-}
-
 /// Every file of a tar + zstd archive: (name, content or link target).
 fn entries_of(archive: &[u8]) -> Vec<(String, String)> {
     let tar = zstd::decode_all(archive).unwrap();
@@ -570,12 +546,6 @@ async fn a_saved_symlink_to_a_host_file_saves_no_host_bytes(shared: &Shared) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn file_a_saved_symlink_to_a_host_file_saves_no_host_bytes() {
-    require!(Root);
-    a_saved_symlink_to_a_host_file_saves_no_host_bytes(&Shared::file()).await;
-}
-
 async fn artifacts_and_test_results_are_kept(shared: &Shared) {
     let agent = shared.agent();
     let project = unique("p");
@@ -626,12 +596,6 @@ async fn artifacts_and_test_results_are_kept(shared: &Shared) {
     );
     assert_eq!(r.failed[0].name, "bad");
     assert_eq!(r.failed[0].message, "expected 1, got 2");
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn file_artifacts_and_test_results_are_kept() {
-    require!(Root);
-    artifacts_and_test_results_are_kept(&Shared::file()).await;
 }
 
 /// A busybox image whose steps run as 1000:1000.
@@ -966,62 +930,47 @@ fn no_garage(test: &str) -> bool {
         return false;
     }
     skip(
-        &format!("it::store::s3_{test}"),
+        &format!("it::store::{test}"),
         &format!("needs Garage at {garage} (scripts/test-servers installs it)"),
     );
     true
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn s3_caches_are_shared_by_two_agents_with_templates_fallback_and_immutable_keys() {
-    require!(Root);
-    if no_garage("caches_are_shared_by_two_agents_with_templates_fallback_and_immutable_keys") {
-        return;
-    }
-    caches_are_shared_with_templates_fallback_and_immutable_keys(&Shared::garage()).await;
+/// Each of these suites twice: `file_NAME` on a `file://` store, and
+/// `s3_NAME` on a Garage node of its own.
+macro_rules! on_both_backends {
+    ($($name:ident: $suite:ident;)*) => {
+        mod file_backend {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    require!(Root);
+                    super::$suite(&Shared::file()).await;
+                }
+            )*
+        }
+        mod s3_backend {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    require!(Root);
+                    if no_garage(concat!("s3_backend::", stringify!($name))) {
+                        return;
+                    }
+                    super::$suite(&Shared::garage()).await;
+                }
+            )*
+        }
+    };
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn s3_a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails() {
-    require!(Root);
-    if no_garage("a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails") {
-        return;
-    }
-    a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails(&Shared::garage()).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn s3_workspace_layers_of_a_workflow_stack_in_order() {
-    require!(Root);
-    if no_garage("workspace_layers_of_a_workflow_stack_in_order") {
-        return;
-    }
-    workspace_layers_stack_in_order(&Shared::garage()).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn s3_a_planted_archive_writes_nothing_outside_its_target() {
-    require!(Root);
-    if no_garage("a_planted_archive_writes_nothing_outside_its_target") {
-        return;
-    }
-    a_planted_archive_writes_nothing_outside_its_target(&Shared::garage()).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn s3_a_saved_symlink_to_a_host_file_saves_no_host_bytes() {
-    require!(Root);
-    if no_garage("a_saved_symlink_to_a_host_file_saves_no_host_bytes") {
-        return;
-    }
-    a_saved_symlink_to_a_host_file_saves_no_host_bytes(&Shared::garage()).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn s3_artifacts_and_test_results_are_kept() {
-    require!(Root);
-    if no_garage("artifacts_and_test_results_are_kept") {
-        return;
-    }
-    artifacts_and_test_results_are_kept(&Shared::garage()).await;
+on_both_backends! {
+    caches_are_shared_by_two_agents_with_templates_fallback_and_immutable_keys: caches_are_shared_with_templates_fallback_and_immutable_keys;
+    a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails: a_corrupted_cache_is_a_warning_and_a_corrupted_workspace_fails;
+    workspace_layers_of_a_workflow_stack_in_order: workspace_layers_stack_in_order;
+    a_planted_archive_writes_nothing_outside_its_target: a_planted_archive_writes_nothing_outside_its_target;
+    a_saved_symlink_to_a_host_file_saves_no_host_bytes: a_saved_symlink_to_a_host_file_saves_no_host_bytes;
+    artifacts_and_test_results_are_kept: artifacts_and_test_results_are_kept;
 }
