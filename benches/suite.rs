@@ -4,7 +4,7 @@
 //! docker.io, runc, sshd, a registry) or, on a prepared machine, with
 //! `cargo bench --bench suite`. `RUNNEL_BENCH_ONLY=start,checkout` runs some
 //! sections (start overhead latency throughput checkout checkout-wide concurrent
-//! rootfs sandbox network fleet); `RUNNEL_BENCH_N` sets the number of samples (default 50).
+//! rootfs sandbox network fleet store); `RUNNEL_BENCH_N` sets the number of samples (default 50).
 //!
 //! It starts the real `runnel` binary (release build) as an agent and drives
 //! it over gRPC, exactly as the integration tests do (tests/it/support).
@@ -129,6 +129,178 @@ fn ratio(peer: f64, ours: f64) -> String {
 
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Writes `files` files of `total` bytes in all under DIR/node_modules
+/// (the same bytes for the same seed): base64 of random bytes, as
+/// compressible as minified code. Python, on the host or in a step.
+const NODE_MODULES: &str = r#"
+import base64, os, random, sys
+root, files, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+random.seed(15)
+per = total // files
+for i in range(files):
+    d = os.path.join(root, "node_modules", "pkg%d" % (i // 40), "lib")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "f%d.js" % (i % 40)), "wb") as f:
+        f.write(base64.b64encode(random.randbytes(per * 3 // 4)))
+"#;
+
+/// The seconds step `name` of a job took.
+fn step_secs(status: &pb::JobStatus, name: &str) -> f64 {
+    let s = status
+        .steps
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no step {name}: {status:?}"));
+    let d = s.duration.unwrap_or_default();
+    d.seconds as f64 + d.nanos as f64 / 1e9
+}
+
+/// Save and restore of a 1 GB cache of 20,000 files through Garage:
+/// runnel's steps against `tar -I zstd` piped to and from `aws s3 cp`,
+/// to the same server in the same run.
+async fn bench_store(r: &mut Report, dir: &Path) {
+    const FILES: usize = 20_000;
+    const BYTES: u64 = 1_000_000_000;
+    println!("== store: 1 GB cache of {FILES} files, save + restore via Garage");
+    if !Path::new(support::garage::GARAGE).is_file() {
+        r.note("store: skipped, Garage is not installed (scripts/test-servers)".into());
+        return;
+    }
+    let garage = support::garage::Garage::start();
+    let creds = garage.credentials_file(dir);
+    let agent = Agent::start(&format!(
+        "[storage]\nurl = \"s3://{}/runnel\"\nendpoint = \"{}\"\nregion = \"{}\"\ncredentials_file = \"{}\"\nallow_http = true\n",
+        garage.bucket,
+        garage.endpoint,
+        garage.region,
+        creds.display()
+    ));
+    let mut c = agent.scheduler().await;
+    let step = |name: &str, kind: pb::step::Kind| pb::Step {
+        name: name.into(),
+        kind: Some(kind),
+        ..Default::default()
+    };
+    let spec = |id: &str, steps: Vec<pb::Step>| pb::JobSpec {
+        job_id: id.into(),
+        project: "bench".into(),
+        steps,
+        container: Some(pb::Container {
+            image: "host".into(),
+            network: pb::Network::None as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let script = NODE_MODULES.replace('\'', "'\\''");
+    let save = spec(
+        "store-save",
+        vec![
+            step(
+                "make",
+                pb::step::Kind::Run(format!("python3 -c '{script}' app {FILES} {BYTES}")),
+            ),
+            step(
+                "save",
+                pb::step::Kind::SaveCache(pb::SaveCache {
+                    key: "node-{{ epoch }}".into(),
+                    paths: vec!["app/node_modules".into()],
+                }),
+            ),
+        ],
+    );
+    submit(&mut c, save).await;
+    let events = support::watch(&mut c, "store-save", 0).await;
+    let status = support::final_status(&events);
+    assert_eq!(
+        support::state(&status),
+        pb::JobState::Succeeded,
+        "{status:?}\n{}",
+        support::output(&events, pb::Stream::System)
+    );
+    let saved = step_secs(&status, "save");
+    let restore = spec(
+        "store-restore",
+        vec![
+            step(
+                "restore",
+                pb::step::Kind::RestoreCache(pb::RestoreCache {
+                    keys: vec!["node-".into()],
+                }),
+            ),
+            step(
+                "count",
+                pb::step::Kind::Run("find app/node_modules -type f | wc -l".into()),
+            ),
+        ],
+    );
+    submit(&mut c, restore).await;
+    let events = support::watch(&mut c, "store-restore", 0).await;
+    let status = support::final_status(&events);
+    assert_eq!(support::state(&status), pb::JobState::Succeeded, "{status:?}");
+    assert_eq!(
+        support::output(&events, pb::Stream::Stdout).trim(),
+        FILES.to_string()
+    );
+    let restored = step_secs(&status, "restore");
+    let peak = proc_kb(agent.pid(), "VmHWM");
+
+    // The peer: the same files on the host, tar + zstd into aws s3 cp.
+    let host = dir.join("peer");
+    run_quiet(
+        Command::new("python3")
+            .args(["-c", NODE_MODULES])
+            .arg(&host)
+            .args([FILES.to_string(), BYTES.to_string()]),
+    );
+    let aws = |args: &str| {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", args])
+            .env("AWS_ACCESS_KEY_ID", &garage.key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &garage.secret)
+            .env("AWS_DEFAULT_REGION", &garage.region);
+        cmd
+    };
+    let (e, b) = (&garage.endpoint, &garage.bucket);
+    let t = Instant::now();
+    run_quiet(&mut aws(&format!(
+        "tar -I zstd -C {} -cf - node_modules | aws s3 cp --endpoint-url {e} - s3://{b}/peer.tar.zst",
+        host.display()
+    )));
+    let peer_saved = t.elapsed().as_secs_f64();
+    let out = dir.join("peer-out");
+    std::fs::create_dir_all(&out).unwrap();
+    let t = Instant::now();
+    run_quiet(&mut aws(&format!(
+        "aws s3 cp --endpoint-url {e} s3://{b}/peer.tar.zst - | tar -I zstd -C {} -xf -",
+        out.display()
+    )));
+    let peer_restored = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&host);
+    let _ = std::fs::remove_dir_all(&out);
+    let verdict = |ours: f64, peer: f64| {
+        if ours <= peer && peak < 64 << 20 {
+            "met"
+        } else {
+            "MISSED"
+        }
+    };
+    r.row(
+        "store: save_cache of 1 GB in 20,000 files → Garage (S3)",
+        format!("{saved:.1} s, agent peak RSS {}", mib(peak)),
+        format!("`tar -I zstd` → `aws s3 cp -`: {peer_saved:.1} s"),
+        ratio(peer_saved, saved),
+        &format!("≤ peer, RSS < 64 MiB ({})", verdict(saved, peer_saved)),
+    );
+    r.row(
+        "store: restore_cache of the same (download, digest check, unpack)",
+        format!("{restored:.1} s, agent peak RSS {}", mib(peak)),
+        format!("`aws s3 cp … -` → `tar -I zstd -x`: {peer_restored:.1} s"),
+        ratio(peer_restored, restored),
+        &format!("≤ peer, RSS < 64 MiB ({})", verdict(restored, peer_restored)),
+    );
 }
 
 /// A field of /proc/PID/status, in bytes (VmRSS, VmHWM).
@@ -1505,6 +1677,9 @@ fn main() {
         }
         if wanted("fleet") {
             bench_fleet(&mut r, 500).await;
+        }
+        if wanted("store") {
+            bench_store(&mut r, dir.path()).await;
         }
     });
     let date = sh(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));

@@ -74,6 +74,8 @@ struct RawConfig {
     #[serde(default)]
     network: RawNetwork,
     #[serde(default)]
+    storage: RawStorage,
+    #[serde(default)]
     labels: BTreeMap<String, String>,
     #[serde(default)]
     intake: RawIntake,
@@ -139,6 +141,18 @@ struct RawRetention {
     max_bytes: Option<u64>,
     interval: Option<String>,
     cache_max_age: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    url: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    credentials_file: Option<PathBuf>,
+    allow_http: Option<bool>,
+    cache_max_age: Option<String>,
+    artifact_max_age: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -274,6 +288,22 @@ pub struct RetentionConfig {
     pub cache_max_age: Duration,
 }
 
+/// Where caches, workspaces, artifacts and test results are kept
+/// (`[storage]`), and for how long.
+///
+/// `credentials_file` is an INI file; its `[default]` section's keys are
+/// the backend's own (for S3: `aws_access_key_id`,
+/// `aws_secret_access_key`, optionally `aws_session_token`), as awscli's
+/// credentials file; for `gs://` it is a service account's JSON key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageConfig {
+    pub settings: crate::store::StoreSettings,
+    /// A cache saved longer ago than this is removed by the sweep.
+    pub cache_max_age: Duration,
+    /// Artifacts and workspace layers older than this are removed.
+    pub artifact_max_age: Duration,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct AuthConfig {
     pub scheduler_tokens: Vec<Secret>,
@@ -299,6 +329,7 @@ pub struct Config {
     pub metrics_tokens: Vec<Secret>,
     pub log_format: LogFormat,
     pub retention: RetentionConfig,
+    pub storage: StorageConfig,
     pub auth: AuthConfig,
     pub runtime: RuntimeConfig,
     /// Private job networks: the subnet, resolvers, denied and allowed
@@ -439,6 +470,7 @@ impl Config {
             ));
         }
         let retention = read_retention(raw.retention)?;
+        let storage = read_storage(raw.storage, &state_dir, &mut private_paths)?;
         let mut auth = AuthConfig::default();
         if let Some(p) = &raw.auth.scheduler_tokens_file {
             auth.scheduler_tokens = read_tokens(p, "auth.scheduler_tokens_file")?;
@@ -523,6 +555,7 @@ impl Config {
             metrics_tokens,
             log_format,
             retention,
+            storage,
             auth,
             runtime: RuntimeConfig {
                 settings: RuntimeSettings { kind, path: r.path },
@@ -887,6 +920,84 @@ fn read_retention(r: RawRetention) -> Result<RetentionConfig, ConfigError> {
     })
 }
 
+fn read_storage(
+    s: RawStorage,
+    state_dir: &Path,
+    private_paths: &mut Vec<PathBuf>,
+) -> Result<StorageConfig, ConfigError> {
+    let url = s
+        .url
+        .unwrap_or_else(|| format!("file://{}", state_dir.join("store").display()));
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+    if !matches!(
+        scheme,
+        "file" | "s3" | "s3a" | "gs" | "gcs" | "az" | "azure" | "abfs" | "abfss"
+    ) {
+        return Err(invalid(
+            "storage.url",
+            format!(
+                "{url:?}: the store is file:///DIR, s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or \
+                 az://CONTAINER[/PREFIX]"
+            ),
+        ));
+    }
+    if scheme == "file" && !url["file://".len()..].starts_with('/') {
+        return Err(invalid(
+            "storage.url",
+            format!("{url:?}: a file:// url names an absolute directory: file:///var/lib/runnel/store"),
+        ));
+    }
+    if let Some(e) = &s.endpoint {
+        let http = e.starts_with("http://");
+        if !http && !e.starts_with("https://") {
+            return Err(invalid(
+                "storage.endpoint",
+                format!("{e:?} is not an http(s):// address"),
+            ));
+        }
+        if http && s.allow_http != Some(true) {
+            return Err(invalid(
+                "storage.endpoint",
+                format!(
+                    "{e:?} is plain HTTP: credentials and objects would cross the network in clear; set allow_http = true if it is on loopback or a trusted network"
+                ),
+            ));
+        }
+    }
+    if let Some(p) = &s.credentials_file {
+        if !p.is_file() {
+            return Err(invalid(
+                "storage.credentials_file",
+                format!("{} is not a readable file", p.display()),
+            ));
+        }
+        private_paths.push(p.clone());
+    }
+    if url::Url::parse(&url).is_err() {
+        return Err(invalid("storage.url", format!("{url:?} is not a url")));
+    }
+    let settings = crate::store::StoreSettings {
+        url: url.clone(),
+        endpoint: s.endpoint,
+        region: s.region,
+        credentials_file: s.credentials_file,
+        allow_http: s.allow_http.unwrap_or(false),
+    };
+    if let Some(dir) = url.strip_prefix("file://") {
+        // A host image's container must not see other projects' caches.
+        private_paths.push(PathBuf::from(dir));
+    }
+    Ok(StorageConfig {
+        settings,
+        cache_max_age: positive_duration(s.cache_max_age.as_deref(), "storage.cache_max_age", "15d")?,
+        artifact_max_age: positive_duration(
+            s.artifact_max_age.as_deref(),
+            "storage.artifact_max_age",
+            "30d",
+        )?,
+    })
+}
+
 fn positive_duration(text: Option<&str>, key: &'static str, default: &str) -> Result<Duration, ConfigError> {
     let d = parse_duration(text, key, default)?;
     if d.is_zero() {
@@ -972,6 +1083,9 @@ mod tests {
         "network.dns",
         "network.deny",
         "network.allow",
+        "storage.endpoint",
+        "storage.region",
+        "storage.credentials_file",
         "labels.pool",
         // [intake.nats] is off unless configured: each key is an example.
         "intake.nats.url",

@@ -147,6 +147,33 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         timeout: u64,
     },
+    /// The store's caches of a project (the agent's [storage]): list them,
+    /// or remove one.
+    Cache {
+        #[command(subcommand)]
+        op: CacheOp,
+        /// Agent config naming the store (default /etc/runnel/agent.toml).
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+    },
+    /// Files out of and into a job's container (used by the agent itself).
+    #[command(hide = true)]
+    StoreIo {
+        /// The container's init, as the host sees it.
+        #[arg(long)]
+        pid: i32,
+        #[arg(long)]
+        uid: u32,
+        #[arg(long)]
+        gid: u32,
+        /// The step's working directory and home, for relative and ~ paths.
+        #[arg(long)]
+        cwd: String,
+        #[arg(long)]
+        home: String,
+        #[command(subcommand)]
+        op: StoreIoOp,
+    },
     /// The embedded OCI runtime (used by the agent itself).
     #[command(hide = true)]
     Oci {
@@ -184,6 +211,34 @@ enum OciOp {
     State {
         id: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheOp {
+    /// The project's caches (with a KEY, those whose keys start with it):
+    /// key, size, when saved.
+    Ls { project: String, key: Option<String> },
+    /// Removes the project's cache KEY.
+    Rm { project: String, key: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreIoOp {
+    /// PATHs (under --base) as a tar on stdout.
+    Pack {
+        #[arg(long)]
+        base: String,
+        #[arg(long)]
+        zstd: bool,
+        paths: Vec<String>,
+    },
+    /// A tar + zstd stream on stdin, into DIR.
+    Unpack {
+        #[arg(long)]
+        into: String,
+    },
+    /// The sha256 of each FILE, a line each ("-" for one that cannot be read).
+    Checksum { files: Vec<String> },
 }
 
 /// A failure of the command itself, with its exit code.
@@ -237,9 +292,22 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 /// Runs the command line; the process's exit code.
 pub fn main() -> ExitCode {
     crate::sys::tls::install_crypto_provider();
+    crate::sys::malloc::return_large_blocks();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Oci { root, op } => return oci(&root, op),
+        Command::StoreIo {
+            pid,
+            uid,
+            gid,
+            cwd,
+            home,
+            op,
+        } => return store_io(pid, uid, gid, &cwd, &home, op),
+        Command::Cache { op, config } => {
+            logging::init("warn", crate::config::LogFormat::Text);
+            runtime().and_then(|rt| rt.block_on(cache(op, config)))
+        }
         Command::Agent { config } => {
             // SAFETY: no other thread exists yet: the async runtime starts below.
             let notify = unsafe { crate::sys::sd_notify::Notifier::take_from_env() };
@@ -321,6 +389,93 @@ fn keyscan(host: &str, timeout: u64) -> Result<(), Failure> {
         println!("{l}");
     }
     Ok(())
+}
+
+/// `runnel store-io`: joins the container first, while this process has
+/// one thread (see `store::archive`). Exit 0, 1 on an error (said on
+/// stderr), 3 when an unpack refused entries.
+fn store_io(pid: i32, uid: u32, gid: u32, cwd: &str, home: &str, op: StoreIoOp) -> ExitCode {
+    use crate::store::archive;
+    if let Err(e) = archive::join(pid, uid, gid) {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
+    let resolve = |p: &str| archive::resolve(p, cwd, home);
+    let result = match op {
+        StoreIoOp::Pack { base, zstd, paths } => {
+            let base = resolve(&base);
+            let paths: Vec<_> = paths
+                .iter()
+                .map(|p| archive::resolve(p, &base.to_string_lossy(), home))
+                .collect();
+            archive::pack(&base, &paths, zstd, std::io::stdout().lock()).map(|c| {
+                eprintln!("packed: {}", c.paths);
+                0
+            })
+        }
+        StoreIoOp::Unpack { into } => archive::unpack(&resolve(&into), std::io::stdin().lock()).map(|c| {
+            eprintln!("unpacked: {}", c.paths);
+            if c.refused > 0 { 3 } else { 0 }
+        }),
+        StoreIoOp::Checksum { files } => {
+            for f in files {
+                match archive::checksum(&resolve(&f)) {
+                    Ok(sum) => println!("{sum}"),
+                    Err(e) => {
+                        eprintln!("warning: {e}");
+                        println!("-");
+                    }
+                }
+            }
+            Ok(0)
+        }
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `runnel cache ls|rm`: the store the agent's config names.
+async fn cache(op: CacheOp, config: Option<PathBuf>) -> Result<(), Failure> {
+    let config = crate::config::Config::load(config.as_deref()).map_err(Failure::input)?;
+    let store = crate::store::Store::open(&config.storage.settings).map_err(Failure::input)?;
+    match op {
+        CacheOp::Ls { project, key } => {
+            crate::model::spec::validate_name("PROJECT", &project).map_err(Failure::input)?;
+            let caches = store
+                .caches_with_sizes(&project, key.as_deref().unwrap_or(""))
+                .await
+                .map_err(Failure::remote)?;
+            for c in caches {
+                println!(
+                    "{}\t{}\t{}",
+                    c.key,
+                    c.size,
+                    humantime::format_rfc3339_seconds(c.created)
+                );
+            }
+            Ok(())
+        }
+        CacheOp::Rm { project, key } => {
+            crate::model::spec::validate_name("PROJECT", &project).map_err(Failure::input)?;
+            crate::store::key::check("KEY", &key).map_err(Failure::input)?;
+            match store
+                .remove_cache(&project, &key)
+                .await
+                .map_err(Failure::remote)?
+            {
+                true => Ok(()),
+                false => Err(Failure::input(format!(
+                    "project {project:?} has no cache {key:?} in {} (runnel cache ls {project} lists them)",
+                    store.name()
+                ))),
+            }
+        }
+    }
 }
 
 fn oci(root: &std::path::Path, op: OciOp) -> ExitCode {

@@ -287,12 +287,24 @@ async fn serve_metrics(
 }
 
 /// Runs the retention sweep ([`Registry::sweep`]) now and then every
-/// `retention.interval`, off the async threads, until `stop` fires.
+/// `retention.interval`, off the async threads, until `stop` fires. The
+/// store's (a listing of the whole bucket, shared by the fleet) runs at
+/// start and then at most every [`STORE_SWEEP_EVERY`].
+const STORE_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
 async fn keep_tidy(registry: Arc<Registry>, stop: CancellationToken) {
+    let mut store_swept: Option<tokio::time::Instant> = None;
     loop {
         let r = registry.clone();
         if let Err(e) = tokio::task::spawn_blocking(move || r.sweep()).await {
             tracing::error!(error = %e, "the retention sweep failed");
+        }
+        if store_swept.is_none_or(|t| t.elapsed() >= STORE_SWEEP_EVERY) {
+            store_swept = Some(tokio::time::Instant::now());
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                () = registry.sweep_store() => {}
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -280,6 +280,9 @@ pub struct Registry {
     tasks: TaskTracker,
     draining: AtomicBool,
     metrics: Arc<Metrics>,
+    /// The store of caches, workspaces and artifacts, or why it cannot
+    /// be opened (said by each step that needs it).
+    store: Result<crate::store::Store, String>,
 }
 
 /// What GetAgentInfo reports.
@@ -343,7 +346,12 @@ impl Registry {
         let metrics = Arc::new(Metrics::default());
         let jobs = recover_jobs(&config.state_dir.join("jobs"), &metrics).map_err(state_err)?;
         let slots = Arc::new(Slots::new(config.max_jobs));
+        let store = crate::store::Store::open(&config.storage.settings).map_err(|e| e.to_string());
+        if let Err(e) = &store {
+            tracing::warn!(error = %e, "the store cannot be opened: steps that use it will fail");
+        }
         Ok(Arc::new(Registry {
+            store,
             runtime,
             images,
             mirrors,
@@ -361,6 +369,27 @@ impl Registry {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Removes the store's caches older than `storage.cache_max_age`, and
+    /// its artifacts and workspaces older than `storage.artifact_max_age`.
+    pub async fn sweep_store(&self) {
+        let Ok(store) = &self.store else { return };
+        let s = &self.config.storage;
+        match store.sweep(s.cache_max_age, s.artifact_max_age).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(
+                removed,
+                store = store.name(),
+                "expired caches and artifacts removed"
+            ),
+            Err(e) => tracing::warn!(error = %e, "the store's retention sweep failed"),
+        }
+    }
+
+    /// The store of caches, workspaces and artifacts.
+    pub fn store(&self) -> Result<&crate::store::Store, &str> {
+        self.store.as_ref().map_err(String::as_str)
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

@@ -32,6 +32,7 @@ mod sandbox;
 mod service;
 mod services;
 mod steps;
+mod store;
 mod support;
 mod tls;
 mod userns;

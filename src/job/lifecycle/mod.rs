@@ -279,7 +279,7 @@ impl Phases<'_> {
         timed!("install_keys", self.install_keys(keys, held).await)?;
         // The image first: its user owns the files the checkout writes.
         let image = timed!("prepare_image", self.prepare_image(held).await)?;
-        timed!(
+        let commit = timed!(
             "check_out",
             self.check_out(keys, self.owner(&image.user), held).await
         )?;
@@ -311,6 +311,7 @@ impl Phases<'_> {
             resources,
             disk: held.disk.as_ref().map(|d| d.limit()),
             runtime: &self.registry.runtime,
+            store: store::StoreCx::new(self.registry, self.spec, commit),
         };
         let container = held.container.as_deref_mut().expect("started above");
         Ok(steps.run_all(container, &self.spec.steps).await)
@@ -359,9 +360,9 @@ impl Phases<'_> {
         keys: &PreparedKeys,
         owner: Option<checkout::Owner>,
         held: &mut Held,
-    ) -> Result<(), End> {
+    ) -> Result<Option<String>, End> {
         let Some(co) = &self.spec.checkout else {
-            return Ok(());
+            return Ok(None);
         };
         let (job, registry) = (self.job, self.registry);
         let auth = Auth::new(keys.keys.clone(), keys.known_hosts.clone());
@@ -426,8 +427,9 @@ impl Phases<'_> {
                 ),
             );
         }
+        let commit = done.commit.clone();
         job.emit(EventKind::Checkout(done));
-        Ok(())
+        Ok(Some(commit))
     }
 
     /// The image's layers (or the host's root) under a fresh writable
@@ -581,15 +583,7 @@ impl Phases<'_> {
         line: impl Fn(&T) -> String,
     ) -> std::convert::Infallible {
         let every = self.registry.config().progress_interval;
-        let mut last = None;
-        loop {
-            tokio::time::sleep(every).await;
-            let Some(now) = state() else { continue };
-            if last.as_ref() != Some(&now) {
-                self.job.system_line(0, &line(&now));
-                last = Some(now);
-            }
-        }
+        report_progress(self.job, 0, every, state, line).await
     }
 
     /// The `host` image: the host's software, not its data (see
@@ -749,6 +743,27 @@ impl Phases<'_> {
 /// "12.3 MB".
 fn megabytes(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+/// Every `every`, a line of step `index` saying what `state` reads, when
+/// it reads something (quiet while it says `None`) that has moved since
+/// the last line. Runs until dropped.
+async fn report_progress<T: PartialEq>(
+    job: &Job,
+    index: u32,
+    every: Duration,
+    state: impl Fn() -> Option<T>,
+    line: impl Fn(&T) -> String,
+) -> std::convert::Infallible {
+    let mut last = None;
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(now) = state() else { continue };
+        if last.as_ref() != Some(&now) {
+            job.system_line(index, &line(&now));
+            last = Some(now);
+        }
+    }
 }
 
 /// "4.5 MB/s": `bytes` over the time since `started`.

@@ -45,6 +45,8 @@ pub(super) struct Steps<'a> {
     /// The job's disk, when limited, to explain a step that filled it.
     pub disk: Option<DiskLimit>,
     pub runtime: &'a dyn ContainerRuntime,
+    /// What the store's steps need.
+    pub store: super::store::StoreCx,
 }
 
 /// A step's process: started, its output on the way to the log.
@@ -499,6 +501,7 @@ pub(super) mod tests {
     use tokio::process::Child;
 
     use super::*;
+    use crate::job::lifecycle::store::StoreCx;
     use crate::logs::EventLog;
     use crate::metrics::Metrics;
     use crate::model::JobStatus;
@@ -659,6 +662,7 @@ pub(super) mod tests {
             },
             disk: None,
             runtime,
+            store: StoreCx::none(),
         };
         let mut container = runtime.container();
         let end = s.run_all(&mut container, steps).await;
