@@ -511,6 +511,48 @@ impl Store {
         Ok(manifest)
     }
 
+    /// As [`Store::commit`], but only when no manifest is there yet: of
+    /// two jobs saving one cache key at once, the first to commit wins
+    /// and the other's object is deleted (`None`). On a backend without
+    /// conditional writes the later commit replaces the earlier (each
+    /// manifest names its own whole object, so a restore never mixes them).
+    pub async fn commit_once(
+        &self,
+        project: &str,
+        stem: &str,
+        job_id: &str,
+        uploaded: Uploaded,
+    ) -> Result<Option<Manifest>, StoreError> {
+        let manifest = Manifest {
+            sha256: uploaded.sha256.clone(),
+            size: uploaded.size,
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+            job_id: job_id.to_string(),
+            chunks: uploaded.chunks.clone(),
+            data: uploaded.data.clone(),
+        };
+        let at = self.path(project, &format!("{stem}{MANIFEST}"));
+        let json = serde_json::to_vec(&manifest).unwrap_or_default();
+        let opts = object_store::PutOptions::from(object_store::PutMode::Create);
+        match self.backend.put_opts(&at, PutPayload::from(json), opts).await {
+            Ok(_) => Ok(Some(manifest)),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let data = self.data_beside(&at, &manifest).and_then(|d| self.object(&d))?;
+                match self.backend.delete(&data).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(self.backend_err(&data)(e)),
+                }
+            }
+            Err(object_store::Error::NotImplemented { .. }) => {
+                self.commit(project, stem, job_id, uploaded).await.map(Some)
+            }
+            Err(e) => Err(self.backend_err(&at)(e)),
+        }
+    }
+
     /// Uploads file `rel` of job `job_id`'s artifacts of `project`.
     pub async fn put_artifact(
         &self,

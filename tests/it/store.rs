@@ -923,6 +923,72 @@ fn runnel_run_saves_and_restores_a_cache_through_its_configs_store() {
     }
 }
 
+async fn two_jobs_saving_one_key_at_once_leave_one_whole_cache(shared: &Shared) {
+    let (a, b) = (shared.agent(), shared.agent());
+    let project = unique("p");
+    // 8 MB each: both jobs are still uploading when the other looks for
+    // the key, so both pass the "exists" check and race to commit.
+    let saver = |who: &str| {
+        job_in(
+            &project,
+            "",
+            &unique(who),
+            vec![
+                run(
+                    "make",
+                    &format!(
+                        "mkdir -p out && echo {who} > out/who && head -c 8000000 /dev/urandom > out/blob \
+                         && sha256sum out/blob > out/sum"
+                    ),
+                ),
+                save("race", &["out"]),
+            ],
+        )
+    };
+    let ((s1, e1), (s2, e2)) = tokio::join!(run_job(&a, saver("one")), run_job(&b, saver("two")));
+    ok(&s1, &e1);
+    ok(&s2, &e2);
+    let lost = |events: &[pb::JobEvent]| {
+        let log = system(events);
+        log.contains("exists, skipped") || log.contains("another job saved this key meanwhile")
+    };
+    // What a restore finds is one job's files, whole: its blob matches
+    // its own sum, and its name says whose.
+    let spec = job_in(
+        &project,
+        "",
+        &unique("restore"),
+        vec![
+            restore(&["race"]),
+            run("check", "sha256sum -c out/sum >/dev/null && cat out/who"),
+        ],
+    );
+    let (status, events) = run_job(&a, spec).await;
+    ok(&status, &events);
+    let who = output(&events, pb::Stream::Stdout);
+    assert!(who == "one\n" || who == "two\n", "{who:?}");
+    // file:// creates a manifest only if none is there: one save won, the
+    // other said so, and its object is gone. (An S3 store without
+    // conditional writes lets the later commit replace the earlier.)
+    if let Some(dir) = &shared.dir {
+        assert_eq!(
+            [lost(&e1), lost(&e2)].iter().filter(|l| **l).count(),
+            1,
+            "{}\n{}",
+            system(&e1),
+            system(&e2)
+        );
+        let winner = if lost(&e1) { "two\n" } else { "one\n" };
+        assert_eq!(who, winner);
+        let objects: Vec<String> = std::fs::read_dir(dir.path().join(&project).join("caches"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tar.zst"))
+            .collect();
+        assert_eq!(objects.len(), 1, "{objects:?}");
+    }
+}
+
 /// Each of these suites twice: `file_NAME` on a `file://` store, and
 /// `s3_NAME` on a Garage node of its own.
 macro_rules! on_both_backends {
@@ -957,4 +1023,5 @@ on_both_backends! {
     a_planted_archive_writes_nothing_outside_its_target: a_planted_archive_writes_nothing_outside_its_target;
     a_saved_symlink_to_a_host_file_saves_no_host_bytes: a_saved_symlink_to_a_host_file_saves_no_host_bytes;
     artifacts_and_test_results_are_kept: artifacts_and_test_results_are_kept;
+    two_jobs_saving_one_key_at_once_leave_one_whole_cache: two_jobs_saving_one_key_at_once_leave_one_whole_cache;
 }

@@ -54,6 +54,14 @@ const MAX_JUNIT_BYTES: u64 = 32 << 20;
 /// Lines of `runnel store-io`'s stderr that reach the log.
 const MAX_HELPER_LINES: usize = 40;
 
+/// Whether an upload's manifest may only be created, never replaced (a
+/// cache key's first save wins, even against a save running beside it).
+#[derive(Clone, Copy)]
+enum Once {
+    Yes,
+    No,
+}
+
 impl StoreCx {
     pub fn new(registry: &Registry, spec: &JobSpec, commit: Option<String>) -> StoreCx {
         let revision = spec
@@ -400,6 +408,7 @@ impl Io<'_, '_> {
         base: &str,
         paths: &[String],
         stem: &str,
+        once: Once,
     ) -> Result<Option<crate::store::Manifest>, String> {
         let base = format!("--base={base}");
         let mut args = vec!["pack", &base, "--zstd", "--"];
@@ -425,11 +434,26 @@ impl Io<'_, '_> {
             return Ok(None);
         }
         let size = uploaded.size;
-        let m = self
-            .store
-            .commit(project, stem, &self.cx().job_id, uploaded)
-            .await
-            .map_err(|e| e.to_string())?;
+        let job_id = &self.cx().job_id;
+        let m = match once {
+            Once::No => self.store.commit(project, stem, job_id, uploaded).await,
+            Once::Yes => match self.store.commit_once(project, stem, job_id, uploaded).await {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => {
+                    self.line(&format!(
+                        "{what}: another job saved this key meanwhile; its cache is kept and this one \
+                         was discarded (cache keys are immutable)"
+                    ));
+                    return self
+                        .store
+                        .cache_manifest(project, stem.strip_prefix("caches/").unwrap_or(stem))
+                        .await
+                        .map_err(|e| e.to_string());
+                }
+                Err(e) => Err(e),
+            },
+        }
+        .map_err(|e| e.to_string())?;
         self.line(&format!(
             "{what}: {} in {:.1} s ({})",
             megabytes(size),
@@ -512,7 +536,7 @@ impl Io<'_, '_> {
             .map(|p| archive::resolve(p, &self.cwd, home).display().to_string())
             .collect();
         match self
-            .pack_and_upload(&format!("saving cache {key}"), "/", &paths, &stem)
+            .pack_and_upload(&format!("saving cache {key}"), "/", &paths, &stem, Once::Yes)
             .await?
         {
             Some(_) => Ok(()),
@@ -574,7 +598,7 @@ impl Io<'_, '_> {
         let cx = self.cx();
         let stem = Store::workspace_stem(&cx.workflow, &cx.job_id, self.index);
         let what = format!("persisting to workspace {}", cx.workflow);
-        match self.pack_and_upload(&what, root, paths, &stem).await? {
+        match self.pack_and_upload(&what, root, paths, &stem, Once::No).await? {
             Some(_) => Ok(()),
             None => Err(format!(
                 "{what}: none of its paths exist under {root} ({}/{stem})",
