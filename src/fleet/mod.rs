@@ -258,14 +258,35 @@ pub async fn last_event(events: &stream::Stream, job_id: &str) -> Result<Option<
 /// whichever comes first. Resuming from the last sequence seen after a
 /// failure (a dropped connection, a server restart, a cluster electing a
 /// leader) misses nothing and gives nothing twice. Gives up after a minute
-/// without reaching the stream.
+/// without reaching the stream (from the start too: a follower started
+/// while a cluster elects a leader waits for it), at once if the stream is
+/// not there.
 pub async fn follow(
     js: &jetstream::Context,
     job_id: &str,
     after: u64,
     follow: bool,
 ) -> Result<impl Stream<Item = Result<Published, FleetError>> + use<>, FleetError> {
-    let events = js.get_stream(EVENTS_STREAM).await.map_err(|e| {
+    let patience = std::time::Instant::now() + FOLLOW_PATIENCE;
+    let events = with_patience(patience, "finding the events stream", || async {
+        match js.get_stream(EVENTS_STREAM).await {
+            Ok(s) => Ok(Ok(s)),
+            // A stream that is not there will not come by waiting.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                ) =>
+            {
+                Ok(Err(e))
+            }
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .and_then(|r| r)
+    .map_err(|e| {
         js_err(format!(
             "cannot find the stream {EVENTS_STREAM} (has an agent with [intake.nats] run yet?)"
         ))(&e)
@@ -283,11 +304,15 @@ pub async fn follow(
         None
     };
     // Where the stored events end, for a follower that does not follow.
-    let stored_until = match events.get_last_raw_message_by_subject(&subject).await {
-        Ok(m) => m.sequence,
-        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => 0,
-        Err(e) => return Err(js_err(format!("cannot read the events of job {job_id}"))(&e)),
-    };
+    let stored_until = with_patience(patience, "reading the last event", || async {
+        match events.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .map_err(|e| js_err(format!("cannot read the events of job {job_id}"))(&e))?;
     let follower = Follower {
         events,
         subject,
@@ -302,6 +327,25 @@ pub async fn follow(
         Some((item, f))
     })
     .boxed())
+}
+
+/// `attempt` again every half second while it fails (a cluster electing a
+/// leader does not answer for a few seconds), until `deadline`.
+async fn with_patience<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    deadline: std::time::Instant,
+    what: &str,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, E> {
+    loop {
+        match attempt().await {
+            Ok(t) => return Ok(t),
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "{what}: the events stream is out of reach; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// How long a follower keeps trying to reach the events stream.
