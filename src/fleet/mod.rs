@@ -17,7 +17,7 @@ pub mod intake;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 
 use crate::api::pb;
 
@@ -197,17 +197,16 @@ pub struct Published {
     pub event: pb::JobEvent,
 }
 
-fn decode_event(m: &async_nats::Message, stream_seq: u64) -> Option<Published> {
+fn decode_event(m: &async_nats::jetstream::message::StreamMessage) -> Option<Published> {
     use prost::Message;
     let header = |name: &str| {
         m.headers
-            .as_ref()
-            .and_then(|h| h.get(name))
+            .get(name)
             .map(|v| v.as_str().to_string())
             .unwrap_or_default()
     };
     Some(Published {
-        stream_seq,
+        stream_seq: m.sequence,
         agent: header(AGENT_HEADER),
         attempt: header(ATTEMPT_HEADER).parse().unwrap_or(0),
         event: pb::JobEvent::decode(m.payload.as_ref()).ok()?,
@@ -245,41 +244,84 @@ pub async fn last_event(events: &stream::Stream, job_id: &str) -> Result<Option<
 
 /// Follows a job's events in the events stream from the stream sequence
 /// after `after` (0: from its first), until an event ends the job (with
-/// `follow`) or what is stored is read. The consumer is an ordered one,
-/// made again from the last sequence seen whenever it fails (a dropped
-/// connection, a server restart, a cluster electing a leader): nothing is
-/// missed and nothing comes twice. Gives up after a minute without
-/// reaching the stream.
+/// `follow`) or what is stored is read.
+///
+/// Each event is asked of the stream's leader by sequence ("the next
+/// message of this subject at or after N", `$JS.API.STREAM.MSG.GET`), not
+/// through a consumer: nothing is made on the servers, so nothing can be
+/// placed on a dead one. (nats-server 2.9 puts an R1 ephemeral consumer,
+/// such as an ordered one, on a random peer of the stream, dead or alive:
+/// on a cluster that lost one of three nodes, a third of them were never
+/// made and their request timed out.) A follower that reached the end
+/// waits for the next publish on the subject (a core subscription, only a
+/// wake-up: the event itself is then read from the stream) or two seconds,
+/// whichever comes first. Resuming from the last sequence seen after a
+/// failure (a dropped connection, a server restart, a cluster electing a
+/// leader) misses nothing and gives nothing twice. Gives up after a minute
+/// without reaching the stream (from the start too: a follower started
+/// while a cluster elects a leader waits for it), at once if the stream is
+/// not there.
 pub async fn follow(
     js: &jetstream::Context,
     job_id: &str,
     after: u64,
     follow: bool,
 ) -> Result<impl Stream<Item = Result<Published, FleetError>> + use<>, FleetError> {
-    let events = js.get_stream(EVENTS_STREAM).await.map_err(|e| {
+    let patience = std::time::Instant::now() + FOLLOW_PATIENCE;
+    let events = with_patience(patience, "finding the events stream", || async {
+        match js.get_stream(EVENTS_STREAM).await {
+            Ok(s) => Ok(Ok(s)),
+            // A stream that is not there will not come by waiting.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                ) =>
+            {
+                Ok(Err(e))
+            }
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .and_then(|r| r)
+    .map_err(|e| {
         js_err(format!(
             "cannot find the stream {EVENTS_STREAM} (has an agent with [intake.nats] run yet?)"
         ))(&e)
     })?;
     let subject = events_subject(job_id);
-    // Where the stored events end, for a follower that does not follow.
-    let stored_until = match events.get_last_raw_message_by_subject(&subject).await {
-        Ok(m) => m.sequence,
-        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => 0,
-        Err(e) => return Err(js_err(format!("cannot read the events of job {job_id}"))(&e)),
+    // Subscribed before the first read, so that no publish after it is missed.
+    let wake = if follow {
+        Some(
+            js.client()
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| js_err(format!("cannot follow {subject}"))(&e))?,
+        )
+    } else {
+        None
     };
-    let mut follower = Follower {
+    // Where the stored events end, for a follower that does not follow.
+    let stored_until = with_patience(patience, "reading the last event", || async {
+        match events.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .map_err(|e| js_err(format!("cannot read the events of job {job_id}"))(&e))?;
+    let follower = Follower {
         events,
         subject,
         follow,
         stored_until,
         last: after,
-        messages: None,
+        wake,
         done: !follow && stored_until <= after,
     };
-    if !follower.done {
-        follower.messages = Some(open_events(&follower.events, &follower.subject, after).await?);
-    }
     Ok(futures::stream::unfold(follower, |mut f| async move {
         let item = f.next().await?;
         Some((item, f))
@@ -287,8 +329,30 @@ pub async fn follow(
     .boxed())
 }
 
+/// `attempt` again every half second while it fails (a cluster electing a
+/// leader does not answer for a few seconds), until `deadline`.
+async fn with_patience<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    deadline: std::time::Instant,
+    what: &str,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, E> {
+    loop {
+        match attempt().await {
+            Ok(t) => return Ok(t),
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "{what}: the events stream is out of reach; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// How long a follower keeps trying to reach the events stream.
 const FOLLOW_PATIENCE: Duration = Duration::from_secs(60);
+/// How long a follower at the end waits without a wake-up before it asks
+/// again (a publish while the connection was down wakes no one).
+const FOLLOW_POLL: Duration = Duration::from_secs(2);
 
 struct Follower {
     events: stream::Stream,
@@ -297,77 +361,72 @@ struct Follower {
     stored_until: u64,
     /// The last stream sequence seen.
     last: u64,
-    messages: Option<jetstream::consumer::pull::Ordered>,
+    /// Publishes on the subject, with `follow`: wake-ups only.
+    wake: Option<async_nats::Subscriber>,
     done: bool,
-}
-
-/// An ordered consumer of `subject` from the sequence after `last`.
-async fn open_events(
-    events: &stream::Stream,
-    subject: &str,
-    last: u64,
-) -> Result<jetstream::consumer::pull::Ordered, FleetError> {
-    use jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-    let what = || format!("cannot follow {subject}");
-    let consumer = events
-        .create_consumer(OrderedConfig {
-            filter_subject: subject.to_string(),
-            deliver_policy: match last {
-                0 => DeliverPolicy::All,
-                n => DeliverPolicy::ByStartSequence {
-                    start_sequence: n + 1,
-                },
-            },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| js_err(what())(&e))?;
-    consumer.messages().await.map_err(|e| js_err(what())(&e))
 }
 
 impl Follower {
     async fn next(&mut self) -> Option<Result<Published, FleetError>> {
         let mut failing_since: Option<std::time::Instant> = None;
         loop {
-            if self.done {
+            if self.done || (!self.follow && self.last >= self.stored_until) {
+                self.done = true;
                 return None;
             }
-            let Some(messages) = self.messages.as_mut() else {
-                match open_events(&self.events, &self.subject, self.last).await {
-                    Ok(m) => self.messages = Some(m),
-                    Err(e) => {
-                        let since = *failing_since.get_or_insert_with(std::time::Instant::now);
-                        if since.elapsed() > FOLLOW_PATIENCE {
-                            self.done = true;
-                            return Some(Err(e));
-                        }
-                        tracing::warn!(error = %e, after = self.last, "the events stream is out of reach; trying again");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+            let m = match self
+                .events
+                .get_first_raw_message_by_subject(&self.subject, self.last + 1)
+                .await
+            {
+                Ok(m) => m,
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                    failing_since = None;
+                    if !self.follow {
+                        // The stream no longer holds what was stored (its
+                        // max_age passed meanwhile).
+                        self.done = true;
+                        return None;
                     }
-                }
-                continue;
-            };
-            let m = match messages.next().await {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, after = self.last, "lost the events stream; resuming after the last event seen");
-                    self.messages = None;
+                    self.wait_for_more().await;
                     continue;
                 }
-                None => {
-                    self.messages = None;
+                Err(e) => {
+                    let e = js_err(format!("cannot follow {}", self.subject))(&e);
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > FOLLOW_PATIENCE {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                    tracing::warn!(error = %e, after = self.last, "the events stream is out of reach; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
             };
             failing_since = None;
-            let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-            if seq <= self.last {
+            if m.sequence <= self.last {
                 continue;
             }
-            self.last = seq;
-            let Some(p) = decode_event(&m, seq) else { continue };
-            self.done = (self.follow && is_final(&p.event)) || (!self.follow && seq >= self.stored_until);
+            self.last = m.sequence;
+            let Some(p) = decode_event(&m) else { continue };
+            self.done =
+                (self.follow && is_final(&p.event)) || (!self.follow && p.stream_seq >= self.stored_until);
             return Some(Ok(p));
+        }
+    }
+
+    /// Until an event is published on the subject (or a while passed).
+    async fn wait_for_more(&mut self) {
+        let Some(wake) = self.wake.as_mut() else {
+            tokio::time::sleep(FOLLOW_POLL).await;
+            return;
+        };
+        match tokio::time::timeout(FOLLOW_POLL, wake.next()).await {
+            // Wake-ups already here are for events the next read returns too.
+            Ok(Some(_)) => while let Some(Some(_)) = wake.next().now_or_never() {},
+            // The subscription ended (the client closed): polling it is.
+            Ok(None) => self.wake = None,
+            Err(_) => {}
         }
     }
 }
