@@ -989,6 +989,43 @@ async fn two_jobs_saving_one_key_at_once_leave_one_whole_cache(shared: &Shared) 
     }
 }
 
+async fn a_save_cut_short_by_its_timeout_commits_nothing(shared: &Shared) {
+    let agent = shared.agent();
+    let project = unique("p");
+    let mut slow = save("cut", &["big"]);
+    slow.timeout = Some(prost_types::Duration { seconds: 1, nanos: 0 });
+    let spec = job_in(
+        &project,
+        "",
+        &unique("cut"),
+        vec![
+            // 600 MB that do not compress: more than a second to save.
+            run("make", "head -c 600000000 /dev/urandom > big"),
+            slow,
+        ],
+    );
+    let (status, events) = run_job(&agent, spec).await;
+    assert_eq!(
+        state(&status),
+        pb::JobState::TimedOut,
+        "{status:?}\n{}",
+        system(&events)
+    );
+    assert_eq!(status.steps[1].state, pb::JobState::TimedOut as i32, "{status:?}");
+    // No manifest: the key is free, and a restore finds nothing.
+    assert_eq!(
+        shared.store().cache_manifest(&project, "cut").await.unwrap(),
+        None
+    );
+    let (status, events) = run_job(
+        &agent,
+        job_in(&project, "", &unique("after"), vec![restore(&["cut"])]),
+    )
+    .await;
+    ok(&status, &events);
+    assert!(system(&events).contains("no cache"), "{}", system(&events));
+}
+
 /// Each of these suites twice: `file_NAME` on a `file://` store, and
 /// `s3_NAME` on a Garage node of its own.
 macro_rules! on_both_backends {
@@ -1024,4 +1061,5 @@ on_both_backends! {
     a_saved_symlink_to_a_host_file_saves_no_host_bytes: a_saved_symlink_to_a_host_file_saves_no_host_bytes;
     artifacts_and_test_results_are_kept: artifacts_and_test_results_are_kept;
     two_jobs_saving_one_key_at_once_leave_one_whole_cache: two_jobs_saving_one_key_at_once_leave_one_whole_cache;
+    a_save_cut_short_by_its_timeout_commits_nothing: a_save_cut_short_by_its_timeout_commits_nothing;
 }
