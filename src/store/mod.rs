@@ -113,6 +113,23 @@ pub struct Manifest {
     pub data: String,
 }
 
+impl Manifest {
+    /// The manifest of what `job_id` just uploaded.
+    fn of(uploaded: Uploaded, job_id: &str) -> Manifest {
+        Manifest {
+            sha256: uploaded.sha256,
+            size: uploaded.size,
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+            job_id: job_id.to_string(),
+            chunks: uploaded.chunks,
+            data: uploaded.data,
+        }
+    }
+}
+
 /// The unit of a manifest's digests and of a download's ranges.
 pub const CHUNK_BYTES: u64 = 4 << 20;
 
@@ -491,17 +508,7 @@ impl Store {
         job_id: &str,
         uploaded: Uploaded,
     ) -> Result<Manifest, StoreError> {
-        let manifest = Manifest {
-            sha256: uploaded.sha256,
-            size: uploaded.size,
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs(),
-            job_id: job_id.to_string(),
-            chunks: uploaded.chunks,
-            data: uploaded.data,
-        };
+        let manifest = Manifest::of(uploaded, job_id);
         let at = self.path(project, &format!("{stem}{MANIFEST}"));
         let json = serde_json::to_vec(&manifest).unwrap_or_default();
         self.backend
@@ -523,17 +530,7 @@ impl Store {
         job_id: &str,
         uploaded: Uploaded,
     ) -> Result<Option<Manifest>, StoreError> {
-        let manifest = Manifest {
-            sha256: uploaded.sha256.clone(),
-            size: uploaded.size,
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs(),
-            job_id: job_id.to_string(),
-            chunks: uploaded.chunks.clone(),
-            data: uploaded.data.clone(),
-        };
+        let manifest = Manifest::of(uploaded.clone(), job_id);
         let at = self.path(project, &format!("{stem}{MANIFEST}"));
         let json = serde_json::to_vec(&manifest).unwrap_or_default();
         let opts = object_store::PutOptions::from(object_store::PutMode::Create);
