@@ -3,7 +3,7 @@
 //! `{{ epoch }}`, `{{ arch }}`) rendered, and the result checked to be a
 //! name under the project: it can never climb out of it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Longest key, in bytes, after rendering.
 pub const MAX_KEY_BYTES: usize = 512;
@@ -17,6 +17,9 @@ pub struct Context {
     pub epoch: u64,
     /// sha256 (hex) of each file a `checksum` names, as the step sees it.
     pub checksums: BTreeMap<String, String>,
+    /// Variables that hold secrets: a key never takes their values (keys
+    /// are names in the store, listed in the clear).
+    pub secrets: BTreeSet<String>,
 }
 
 /// `{{ arch }}`: the agent's OS and architecture, as CircleCI's words.
@@ -110,6 +113,12 @@ pub fn render(field: &str, template: &str, cx: &Context) -> Result<String, Strin
             }
             Part::Branch => out.push_str(&cx.branch),
             Part::Revision => out.push_str(&cx.revision),
+            Part::Env(v) if cx.secrets.contains(v) => {
+                return Err(format!(
+                    "{field}: {{{{ .Environment.{v} }}}} names a secret, and a key is a name the store \
+                     keeps and lists in the clear: key on a checksum of a file instead"
+                ));
+            }
             Part::Env(v) => out.push_str(cx.env.get(v).map(String::as_str).unwrap_or("")),
             Part::Epoch => out.push_str(&cx.epoch.to_string()),
             Part::Arch => out.push_str(&arch()),
@@ -156,7 +165,20 @@ mod tests {
             env: [("NODE".to_string(), "22".to_string())].into(),
             epoch: 1700000000,
             checksums: [("package-lock.json".to_string(), "f00d".to_string())].into(),
+            secrets: ["NPM_TOKEN".to_string()].into(),
         }
+    }
+
+    #[test]
+    fn a_secret_is_never_rendered_into_a_key() {
+        let mut c = cx();
+        c.env.insert("NPM_TOKEN".into(), "s3cr3t".into());
+        let e = render("steps[1].save_cache.key", "v1-{{ .Environment.NPM_TOKEN }}", &c).unwrap_err();
+        assert!(
+            e.starts_with("steps[1].save_cache.key: {{ .Environment.NPM_TOKEN }} names a secret"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cr3t"), "{e}");
     }
 
     #[test]

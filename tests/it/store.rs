@@ -1026,6 +1026,35 @@ async fn a_save_cut_short_by_its_timeout_commits_nothing(shared: &Shared) {
     assert!(system(&events).contains("no cache"), "{}", system(&events));
 }
 
+async fn a_key_that_names_a_secret_is_refused_and_the_secret_stored_nowhere(shared: &Shared) {
+    let agent = shared.agent();
+    let project = unique("p");
+    let mut spec = job_in(
+        &project,
+        "",
+        &unique("leak"),
+        vec![
+            run("make", "mkdir -p out && echo x > out/x"),
+            save("deps-{{ .Environment.NPM_TOKEN }}", &["out"]),
+        ],
+    );
+    spec.secrets.push(pb::Secret {
+        name: "NPM_TOKEN".into(),
+        value: "npm_s3cr3t_value".into(),
+    });
+    let (status, events) = run_job(&agent, spec).await;
+    // A cache save that fails is a warning, as on CircleCI.
+    ok(&status, &events);
+    let log = system(&events);
+    assert!(
+        log.contains("{{ .Environment.NPM_TOKEN }} names a secret"),
+        "{log}"
+    );
+    assert!(!log.contains("npm_s3cr3t_value"), "{log}");
+    let caches = shared.store().caches(&project, "").await.unwrap();
+    assert!(caches.is_empty(), "{caches:?}");
+}
+
 /// Each of these suites twice: `file_NAME` on a `file://` store, and
 /// `s3_NAME` on a Garage node of its own.
 macro_rules! on_both_backends {
@@ -1062,4 +1091,5 @@ on_both_backends! {
     artifacts_and_test_results_are_kept: artifacts_and_test_results_are_kept;
     two_jobs_saving_one_key_at_once_leave_one_whole_cache: two_jobs_saving_one_key_at_once_leave_one_whole_cache;
     a_save_cut_short_by_its_timeout_commits_nothing: a_save_cut_short_by_its_timeout_commits_nothing;
+    a_key_that_names_a_secret_is_refused_and_the_secret_stored_nowhere: a_key_that_names_a_secret_is_refused_and_the_secret_stored_nowhere;
 }

@@ -11,7 +11,7 @@
 //! is a warning; a workspace, artifact or test result that cannot be is
 //! a STORAGE failure naming the backend and the key.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -39,6 +39,8 @@ pub(super) struct StoreCx {
     branch: String,
     revision: String,
     progress_interval: Duration,
+    /// The names of the job's secrets: never rendered into a key.
+    secrets: BTreeSet<String>,
 }
 
 /// How a store step did not succeed.
@@ -93,6 +95,7 @@ impl StoreCx {
             branch,
             revision: commit.unwrap_or(revision),
             progress_interval: registry.config().progress_interval,
+            secrets: spec.secrets.iter().map(|s| s.name.clone()).collect(),
         }
     }
 
@@ -107,6 +110,7 @@ impl StoreCx {
             branch: String::new(),
             revision: String::new(),
             progress_interval: Duration::from_secs(1),
+            secrets: BTreeSet::new(),
         }
     }
 }
@@ -395,6 +399,7 @@ impl Io<'_, '_> {
                 .unwrap_or_default()
                 .as_secs(),
             checksums,
+            secrets: self.cx().secrets.clone(),
         })
     }
 
