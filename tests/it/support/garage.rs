@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use super::sshd::free_port;
-use super::wait_for;
+use super::{free_port, wait_for};
 
 pub const GARAGE: &str = "/var/cache/runnel-test/garage/bin/garage";
 /// The region Garage's S3 API answers to (its config's `s3_region`).

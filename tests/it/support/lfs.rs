@@ -4,7 +4,7 @@
 //! as its only authentication. The test sshd's `git-lfs-authenticate`
 //! answers with its address and a token ([`Giftless::authenticate_json`]).
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -74,11 +74,7 @@ impl Giftless {
             .tempdir()
             .unwrap();
         let secret = format!("test-secret-{}", std::process::id());
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = super::free_port();
         let config = dir.path().join("giftless.yaml");
         std::fs::write(
             &config,

@@ -7,18 +7,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{Need, expect, wait_for};
+use super::{Need, expect, free_port, wait_for};
 
 pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
-
-/// A port nothing listens on now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 pub struct NatsServer {
     pub port: u16,

@@ -4,13 +4,13 @@
 //! reaches every repository. Keys and repositories are made at test time.
 
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{Need, expect, wait_for};
+use super::{Need, expect, free_port, wait_for};
 
 /// Runs a command; panics with its output when it fails. Returns stdout.
 pub fn sh(cmd: &mut Command) -> String {
@@ -94,15 +94,6 @@ pub struct GitServer {
     /// The server's host key as a known_hosts line for `[127.0.0.1]:port`.
     pub known_hosts_line: String,
     pub host_key_fingerprint: String,
-}
-
-/// A loopback port nothing listens on now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl GitServer {
