@@ -337,16 +337,27 @@ impl Store {
 
     /// The newest cache of `project` whose key is `key` or, failing that,
     /// starts with it.
-    pub async fn find_cache(&self, project: &str, key: &str) -> Result<Option<String>, StoreError> {
-        if self.cache_manifest(project, key).await?.is_some() {
-            return Ok(Some(key.to_string()));
+    /// Its manifest comes with it, read once.
+    pub async fn find_cache(
+        &self,
+        project: &str,
+        key: &str,
+    ) -> Result<Option<(String, Manifest)>, StoreError> {
+        if let Some(m) = self.cache_manifest(project, key).await? {
+            return Ok(Some((key.to_string(), m)));
         }
         let newest = self
             .caches(project, key)
             .await?
             .into_iter()
             .max_by_key(|c| (c.created, c.key.clone()));
-        Ok(newest.map(|c| c.key))
+        let Some(newest) = newest else {
+            return Ok(None);
+        };
+        Ok(self
+            .cache_manifest(project, &newest.key)
+            .await?
+            .map(|m| (newest.key, m)))
     }
 
     /// The caches of `project` whose keys start with `prefix`.
@@ -834,8 +845,12 @@ mod tests {
             store.commit("proj", &stem, "j1", uploaded).await.unwrap();
         }
         assert_eq!(
-            store.find_cache("proj", "v1-deps-a").await.unwrap().as_deref(),
-            Some("v1-deps-a")
+            store
+                .find_cache("proj", "v1-deps-a")
+                .await
+                .unwrap()
+                .map(|(k, m)| (k, m.size)),
+            Some(("v1-deps-a".to_string(), 20 << 20))
         );
         assert!(store.find_cache("proj", "v1-deps-").await.unwrap().is_some());
         assert_eq!(store.find_cache("other", "v1-deps-").await.unwrap(), None);

@@ -566,7 +566,7 @@ impl Io<'_, '_> {
                     continue;
                 }
             };
-            let Some(found) = self
+            let Some((found, m)) = self
                 .store
                 .find_cache(project, &key)
                 .await
@@ -575,12 +575,6 @@ impl Io<'_, '_> {
                 tried.push(key);
                 continue;
             };
-            let m = self
-                .store
-                .cache_manifest(project, &found)
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("cache {found} went away while it was being restored"))?;
             let what = format!("restoring cache {found}");
             self.line(&format!("{what} (key {key})"));
             return self
