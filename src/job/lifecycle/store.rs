@@ -405,8 +405,8 @@ impl Io<'_, '_> {
 
     /// Packs `paths` under `base` in the container and uploads the
     /// stream to `stem`; committed (its manifest written) only when the
-    /// pack succeeded. Returns the manifest, or `None` when no path
-    /// existed.
+    /// pack succeeded. Returns whether any path existed (a save that
+    /// lost a race for its cache key counts: the other job's cache is kept).
     async fn pack_and_upload(
         &self,
         what: &str,
@@ -414,7 +414,7 @@ impl Io<'_, '_> {
         paths: &[String],
         stem: &str,
         once: Once,
-    ) -> Result<Option<crate::store::Manifest>, String> {
+    ) -> Result<bool, String> {
         let base = format!("--base={base}");
         let mut args = vec!["pack", &base, "--zstd", "--"];
         args.extend(paths.iter().map(String::as_str));
@@ -436,36 +436,29 @@ impl Io<'_, '_> {
         }
         let uploaded = uploaded.map_err(|e| e.to_string())?;
         if end.count("packed:") == Some(0) {
-            return Ok(None);
+            return Ok(false);
         }
         let size = uploaded.size;
         let job_id = &self.cx().job_id;
-        let m = match once {
-            Once::No => self.store.commit(project, stem, job_id, uploaded).await,
-            Once::Yes => match self.store.commit_once(project, stem, job_id, uploaded).await {
-                Ok(Some(m)) => Ok(m),
-                Ok(None) => {
-                    self.line(&format!(
-                        "{what}: another job saved this key meanwhile; its cache is kept and this one \
-                         was discarded (cache keys are immutable)"
-                    ));
-                    return self
-                        .store
-                        .cache_manifest(project, stem.strip_prefix("caches/").unwrap_or(stem))
-                        .await
-                        .map_err(|e| e.to_string());
-                }
-                Err(e) => Err(e),
-            },
+        let committed = match once {
+            Once::No => self.store.commit(project, stem, job_id, uploaded).await.map(Some),
+            Once::Yes => self.store.commit_once(project, stem, job_id, uploaded).await,
         }
         .map_err(|e| e.to_string())?;
+        if committed.is_none() {
+            self.line(&format!(
+                "{what}: another job saved this key meanwhile; its cache is kept and this one \
+                 was discarded (cache keys are immutable)"
+            ));
+            return Ok(true);
+        }
         self.line(&format!(
             "{what}: {} in {:.1} s ({})",
             megabytes(size),
             started.elapsed().as_secs_f64(),
             rate(size, started)
         ));
-        Ok(Some(m))
+        Ok(true)
     }
 
     /// Streams `object` into `runnel store-io unpack` into `into` in the
@@ -540,12 +533,13 @@ impl Io<'_, '_> {
             .iter()
             .map(|p| archive::resolve(p, &self.cwd, home).display().to_string())
             .collect();
-        match self
+        if self
             .pack_and_upload(&format!("saving cache {key}"), "/", &paths, &stem, Once::Yes)
             .await?
         {
-            Some(_) => Ok(()),
-            None => Err(format!("cache {key}: none of its paths exist; nothing saved")),
+            Ok(())
+        } else {
+            Err(format!("cache {key}: none of its paths exist; nothing saved"))
         }
     }
 
@@ -597,12 +591,13 @@ impl Io<'_, '_> {
         let cx = self.cx();
         let stem = Store::workspace_stem(&cx.workflow, &cx.job_id, self.index);
         let what = format!("persisting to workspace {}", cx.workflow);
-        match self.pack_and_upload(&what, root, paths, &stem, Once::No).await? {
-            Some(_) => Ok(()),
-            None => Err(format!(
+        if self.pack_and_upload(&what, root, paths, &stem, Once::No).await? {
+            Ok(())
+        } else {
+            Err(format!(
                 "{what}: none of its paths exist under {root} ({}/{stem})",
                 self.store.name()
-            )),
+            ))
         }
     }
 
