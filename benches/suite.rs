@@ -184,15 +184,8 @@ async fn bench_store(r: &mut Report, dir: &Path) {
         ..Default::default()
     };
     let spec = |id: &str, steps: Vec<pb::Step>| pb::JobSpec {
-        job_id: id.into(),
         project: "bench".into(),
-        steps,
-        container: Some(pb::Container {
-            image: "host".into(),
-            network: pb::Network::None as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
+        ..support::host_job(id, steps)
     };
     let script = NODE_MODULES.replace('\'', "'\\''");
     let save = spec(

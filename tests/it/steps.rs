@@ -14,19 +14,6 @@ fn step(name: &str, run: &str) -> pb::Step {
     }
 }
 
-fn job_of(id: &str, steps: Vec<pb::Step>) -> pb::JobSpec {
-    pb::JobSpec {
-        job_id: id.into(),
-        steps,
-        container: Some(pb::Container {
-            image: "host".into(),
-            network: pb::Network::None as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 fn with_when(mut s: pb::Step, when: pb::StepWhen) -> pb::Step {
     s.when = when as i32;
     s
@@ -36,7 +23,7 @@ fn with_when(mut s: pb::Step, when: pb::StepWhen) -> pb::Step {
 async fn on_fail_and_always_steps_run_after_a_failure_and_the_first_failure_is_the_jobs() {
     require!(Root);
     let agent = Agent::start("");
-    let spec = job_of(
+    let spec = host_job(
         "when-steps",
         vec![
             step("build", "echo building; exit 3"),
@@ -79,7 +66,7 @@ async fn on_fail_and_always_steps_run_after_a_failure_and_the_first_failure_is_t
     );
 
     // Without a failure: on_fail is skipped, always runs.
-    let spec = job_of(
+    let spec = host_job(
         "when-ok",
         vec![
             step("build", "echo building"),
@@ -108,7 +95,7 @@ async fn a_background_server_serves_the_next_steps_and_is_stopped_with_the_job()
         "client",
         "for i in $(seq 100); do python3 -c 'import urllib.request,sys; sys.stdout.write(urllib.request.urlopen(\"http://127.0.0.1:7731/index.txt\").read().decode())' 2>/dev/null && exit 0; sleep 0.1; done; exit 1",
     );
-    let (status, events) = run_job(&agent, job_of("background", vec![server, client])).await;
+    let (status, events) = run_job(&agent, host_job("background", vec![server, client])).await;
     assert_succeeded(&status, &events);
     assert_eq!(output(&events, pb::Stream::Stdout), "served\n");
     // The server's own log lines are under its step.
@@ -142,7 +129,7 @@ async fn a_background_server_serves_the_next_steps_and_is_stopped_with_the_job()
     broken.background = true;
     let (status, _) = run_job(
         &agent,
-        job_of("background-fails", vec![broken, step("slow", "sleep 2")]),
+        host_job("background-fails", vec![broken, step("slow", "sleep 2")]),
     )
     .await;
     assert_eq!(failure(&status), pb::FailureKind::Step, "{status:?}");
@@ -155,7 +142,7 @@ async fn a_step_silent_for_its_no_output_timeout_fails_the_job_with_no_output() 
     let agent = Agent::start("");
     let mut silent = step("silent", "echo started; sleep 60.4471");
     silent.no_output_timeout = Some(prost_types::Duration { seconds: 1, nanos: 0 });
-    let (status, events) = run_job(&agent, job_of("no-output", vec![silent])).await;
+    let (status, events) = run_job(&agent, host_job("no-output", vec![silent])).await;
     assert_eq!(failure(&status), pb::FailureKind::NoOutput, "{status:?}");
     assert_eq!(
         status.message,
@@ -166,7 +153,7 @@ async fn a_step_silent_for_its_no_output_timeout_fails_the_job_with_no_output() 
 
     // The job's default applies to a step without its own; output resets
     // the clock.
-    let mut spec = job_of(
+    let mut spec = host_job(
         "no-output-job-default",
         vec![step("ticks", "for i in 1 2 3 4 5 6; do echo $i; sleep 0.3; done")],
     );
@@ -189,7 +176,7 @@ async fn a_step_runs_in_its_working_directory_with_its_shell() {
     pipefail.shell = "/bin/bash -eo pipefail".into();
     let (status, events) = run_job(
         &agent,
-        job_of("cwd-shell", vec![relative, absolute, listing, pipefail]),
+        host_job("cwd-shell", vec![relative, absolute, listing, pipefail]),
     )
     .await;
     assert_eq!(failure(&status), pb::FailureKind::Step, "{status:?}");
@@ -201,7 +188,11 @@ async fn a_step_runs_in_its_working_directory_with_its_shell() {
 
     // The default shell is /bin/sh -e: the first failing command ends the
     // step.
-    let (status, events) = run_job(&agent, job_of("sh-e", vec![step("e", "false; echo not-reached")])).await;
+    let (status, events) = run_job(
+        &agent,
+        host_job("sh-e", vec![step("e", "false; echo not-reached")]),
+    )
+    .await;
     assert_eq!(failure(&status), pb::FailureKind::Step, "{status:?}");
     assert_eq!(output(&events, pb::Stream::Stdout), "");
 }
@@ -215,7 +206,7 @@ async fn a_shell_that_is_not_an_absolute_path_is_refused_at_submit() {
     s.shell = "bash -e".into();
     let e = c
         .submit_job(pb::SubmitJobRequest {
-            job: Some(job_of("bad-shell", vec![s])),
+            job: Some(host_job("bad-shell", vec![s])),
         })
         .await
         .unwrap_err();
@@ -228,7 +219,7 @@ async fn a_log_over_its_limit_keeps_head_and_tail_with_a_marker_and_the_agent_st
     require!(Root);
     let agent = Agent::start("[logs]\nmax_bytes = 1048576");
     // 100 MB of numbered lines: the head and the tail are recognisable.
-    let spec = job_of(
+    let spec = host_job(
         "big-log",
         vec![step(
             "loud",

@@ -160,16 +160,9 @@ fn attach(at: &str) -> pb::Step {
 
 fn job_in(project: &str, workflow: &str, id: &str, steps: Vec<pb::Step>) -> pb::JobSpec {
     pb::JobSpec {
-        job_id: id.into(),
         project: project.into(),
         workflow_id: workflow.into(),
-        steps,
-        container: Some(pb::Container {
-            image: "host".into(),
-            network: pb::Network::None as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
+        ..host_job(id, steps)
     }
 }
 

@@ -794,6 +794,20 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// A job of `steps` on the host image, without a network.
+pub fn host_job(id: &str, steps: Vec<pb::Step>) -> pb::JobSpec {
+    pb::JobSpec {
+        job_id: id.into(),
+        steps,
+        container: Some(pb::Container {
+            image: "host".into(),
+            network: pb::Network::None as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// A loopback port nothing listens on now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
